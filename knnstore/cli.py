@@ -153,6 +153,7 @@ def add_corpus(store, name, paths, split_on_heading, text_field, max_documents, 
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     s = _open(store)
+    s.check_new_corpus(name, paths)  # fail fast, before the model loads
     _load_model(s)
     options = SourceOptions(text_field=text_field, split_on_heading=split_on_heading,
                             max_documents=max_documents)

@@ -87,12 +87,11 @@ def _split_articles(text: str) -> Iterator[tuple[int, str | None, str]]:
     """(first line number, title, text) of each `` = Title = `` article."""
     start, title, lines = 1, None, []
     for lineno, line in enumerate(text.splitlines(keepends=True), start=1):
-        match = _HEADING.match(line.rstrip("\n"))
-        if match and any(l.strip() for l in lines):
-            yield start, title, "".join(lines)
-            lines = []
-        if match and not lines:
-            start, title = lineno, match.group(1).strip()
+        match = _HEADING.match(line.rstrip("\r\n"))
+        if match:  # a new article starts; blank lines before it belong to nobody
+            if any(l.strip() for l in lines):
+                yield start, title, "".join(lines)
+            start, title, lines = lineno, match.group(1).strip(), []
         lines.append(line)
     if any(l.strip() for l in lines):
         yield start, title, "".join(lines)

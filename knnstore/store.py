@@ -398,17 +398,9 @@ class Store:
         ``remove_corpus(name)`` finishes the job.
         """
         settings = settings or IngestSettings.resolve()
-        name = name.strip()
-        if not name:
-            raise InputError("a corpus needs a non-empty name")
-        paths = [str(Path(p).resolve()) for p in paths]
-        if not paths:
-            raise InputError("give at least one PATH to read documents from")
-        for p in paths:
-            if not Path(p).exists():
-                raise InputError(f"no such file or directory: {p}")
+        name, paths = self.check_new_corpus(name, paths)
         with self._write_lock():
-            self._check_new_name(name)
+            self.check_new_corpus(name, paths)  # again, now that no one else writes
             scan = ingest.scan(paths, options, self.encoder.tokenize)
             spec = {"paths": paths, "options": dataclasses.asdict(options),
                     "settings": dataclasses.asdict(settings),
@@ -419,7 +411,6 @@ class Store:
                 s.flush()
                 corpus_id = row.id
             self._ingest(corpus_id, name, "add", scan.n_tokens, progress)
-        self.refresh()
         return self.corpus(name)
 
     def resume_corpus(self, name: str, progress: ProgressFn | None = None) -> CorpusInfo:
@@ -435,7 +426,6 @@ class Store:
             options = SourceOptions(**spec["options"])
             scan = ingest.scan(spec["paths"], options, self.encoder.tokenize)
             self._ingest(info.id, name, "resume", scan.n_tokens, progress)
-        self.refresh()
         return self.corpus(name)
 
     def remove_corpus(self, name: str) -> None:
@@ -451,6 +441,23 @@ class Store:
                 s.execute(delete(catalog.Corpus).where(catalog.Corpus.id == info.id))
             self._finish_run(run, "ok", n_documents=info.documents, n_pairs=info.pairs)
         self.refresh()
+
+    def check_new_corpus(self, name: str, paths: Sequence[str | os.PathLike]) -> tuple[str, list[str]]:
+        """Cheap checks of an add, before any model is loaded: name free, paths present.
+
+        Returns the stripped name and the absolute paths.
+        """
+        name = name.strip()
+        if not name:
+            raise InputError("a corpus needs a non-empty name")
+        if not paths:
+            raise InputError("give at least one PATH to read documents from")
+        resolved = [str(Path(p).resolve()) for p in paths]
+        for given, p in zip(paths, resolved):
+            if not Path(p).exists():
+                raise InputError(f"no such file or directory: {given}")
+        self._check_new_name(name)
+        return name, resolved
 
     def _check_new_name(self, name: str) -> None:
         try:
@@ -482,7 +489,18 @@ class Store:
 
     def _ingest(self, corpus_id: int, name: str, kind: str, total_tokens: int,
                 progress: ProgressFn | None) -> None:
-        """Encode the corpus's documents not yet committed, commit by commit."""
+        """Encode the corpus's documents not yet committed, commit by commit.
+
+        This handle hides the corpus from its own searches until it is ready.
+        """
+        self.refresh()
+        try:
+            self._ingest_documents(corpus_id, name, kind, total_tokens, progress)
+        finally:
+            self.refresh()
+
+    def _ingest_documents(self, corpus_id: int, name: str, kind: str, total_tokens: int,
+                          progress: ProgressFn | None) -> None:
         run = self._start_run(corpus_id, name, kind)
         started, encoded_tokens, run_pairs, run_docs = time.monotonic(), 0, 0, 0
         try:

@@ -1,0 +1,110 @@
+"""Shared fixtures.
+
+Unit tests use tiny random-weight models (hidden 32, 2 layers) with a small BPE tokenizer
+trained here, saved to a directory so they load through the same code path as any local
+model. Tests marked `slow` load the real default model (SmolLM2-135M) once per session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from knnstore import Encoder, IngestSettings, Store
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+if not SHARED.exists():  # a checkout at ../main next to ../shared, or the repo itself
+    SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+TRAIN_TEXT = """\
+The European lobster is a species of clawed lobster from the eastern Atlantic Ocean.
+It is closely related to the American lobster and may grow to a length of sixty centimetres.
+In life the lobsters are blue, only becoming lobster red on cooking.
+To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer
+the slings and arrows of outrageous fortune, or to take arms against a sea of troubles.
+First Citizen: Before we proceed any further, hear me speak. All: Speak, speak.
+0123456789 = Title = , . ; : ! ? ( ) " ' @-@ @.@
+"""
+
+
+def _train_tokenizer(directory: Path, vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TRAIN_TEXT] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def make_tiny_model(directory: Path, seed: int = 0, vocab_size: int = 300, arch: str = "llama") -> Path:
+    """A random-weight causal LM + tokenizer saved in ``directory``; returns it."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer(directory, vocab_size)
+    n = len(tokenizer)
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    elif arch == "gpt2":
+        config = GPT2Config(vocab_size=n, n_embd=32, n_layer=2, n_head=4, n_positions=256)
+    else:
+        config = GPTNeoXConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model_dir) -> Encoder:
+    return Encoder.load(str(tiny_model_dir))
+
+
+@pytest.fixture
+def small_settings() -> IngestSettings:
+    """Small windows so that even short test documents span several windows."""
+    return IngestSettings(window=16, stride=12, batch_size=4, commit_every=64)
+
+
+@pytest.fixture
+def store(tmp_path, tiny_encoder) -> Store:
+    s = Store.create(tmp_path / "store", model=tiny_encoder.name, encoder=tiny_encoder)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def text_dir(tmp_path) -> Path:
+    """A directory tree of three small text documents."""
+    root = tmp_path / "docs"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("The European lobster is a species of clawed lobster. " * 6)
+    (root / "b.md").write_text("To be, or not to be, that is the question. " * 8)
+    (root / "sub" / "c.txt").write_text("First Citizen: Before we proceed any further, hear me speak. " * 5)
+    return root
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes (the write lock file excluded)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != "write.lock"}
+
+
+def replace_settings(settings: IngestSettings, **changes) -> IngestSettings:
+    return dataclasses.replace(settings, **changes)
