@@ -18,8 +18,8 @@ from rich.text import Text
 from .config import DEFAULT_MODEL, DTYPES, KEY_SITES, IngestSettings, SourceOptions
 from .errors import KnnstoreError
 
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 class _TokensPerSecond(ProgressColumn):
@@ -93,7 +93,7 @@ def cli():
 
 
 @cli.command()
-@click.argument("store", type=click.Path(file_okay=False))
+@click.argument("store", type=click.Path())
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Model alias (smollm2-135m), Hugging Face id or local directory.")
 @click.option("--key-layer", default=-1, show_default=True, type=int,
@@ -121,7 +121,7 @@ def init(store, model, key_layer, key_site, dtype, catalog_url):
 
 
 @cli.command("add-corpus")
-@click.argument("store", type=click.Path(file_okay=False))
+@click.argument("store", type=click.Path())
 @click.argument("name")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--split-on-heading", is_flag=True,
@@ -163,7 +163,7 @@ def add_corpus(store, name, paths, split_on_heading, text_field, max_documents, 
 
 
 @cli.command("resume-corpus")
-@click.argument("store", type=click.Path(file_okay=False))
+@click.argument("store", type=click.Path())
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the corpus as JSON.")
 def resume_corpus(store, name, as_json):
@@ -189,14 +189,14 @@ def _print_added(info, as_json: bool) -> None:
                   + ", ".join(f"{p} ({why})" for p, why in info.skipped[:5])
                   + (" ..." if len(info.skipped) > 5 else ""))
     if as_json:
-        out.print_json(json.dumps(info.to_dict()))
+        _echo_json(info.to_dict())
     else:
         out.print(f"Corpus {info.name}: {info.documents:,} documents, {info.tokens:,} tokens, "
                   f"{info.pairs:,} pairs ({info.status})")
 
 
 @cli.command("remove-corpus")
-@click.argument("store", type=click.Path(file_okay=False))
+@click.argument("store", type=click.Path())
 @click.argument("name")
 def remove_corpus(store, name):
     """Delete corpus NAME: its pairs and catalog rows. The index is not rebuilt.
@@ -212,7 +212,7 @@ def remove_corpus(store, name):
 
 
 @cli.command("list")
-@click.argument("store", type=click.Path(file_okay=False))
+@click.argument("store", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per corpus, in a list.")
 def list_(store, as_json):
     """List the corpora of a store with status, documents, pairs and bytes.
@@ -223,7 +223,7 @@ def list_(store, as_json):
     """
     corpora = _open(store).corpora()
     if as_json:
-        out.print_json(json.dumps([c.to_dict() for c in corpora]))
+        _echo_json([c.to_dict() for c in corpora])
         return
     if not corpora:
         out.print(f"{store} holds no corpus yet: add one with `knnstore add-corpus {store} NAME PATH`")
@@ -241,7 +241,7 @@ def list_(store, as_json):
 
 
 @cli.command()
-@click.argument("store", type=click.Path(file_okay=False))
+@click.argument("store", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def stats(store, as_json):
     """Show the model, key site, sizes and index state of a store.
@@ -252,7 +252,7 @@ def stats(store, as_json):
     """
     st = _open(store).stats()
     if as_json:
-        out.print_json(json.dumps(st.to_dict()))
+        _echo_json(st.to_dict())
         return
     table = Table(show_header=False, box=None)
     index = st.index
@@ -270,6 +270,10 @@ def stats(store, as_json):
     ]:
         table.add_row(f"[bold]{key}[/bold]", value)
     out.print(table)
+
+
+def _echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2))
 
 
 def _human(n: int) -> str:

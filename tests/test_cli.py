@@ -1,0 +1,104 @@
+"""The CLI end to end with a tiny model: exit codes, output, and the store afterwards."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from knnstore import Store
+from knnstore.cli import cli
+
+from .conftest import snapshot
+
+SMALL = ["--window", "16", "--stride", "12", "--batch-size", "4"]
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture
+def cli_store(tmp_path, runner, tiny_model_dir):
+    path = tmp_path / "store"
+    result = runner.invoke(cli, ["init", str(path), "--model", str(tiny_model_dir), "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert "key = layer 1 ffn_input, dim 32, float32" in result.output
+    return path
+
+
+def test_init_add_list_stats_remove(runner, cli_store, text_dir):
+    result = runner.invoke(cli, ["add-corpus", str(cli_store), "docs", str(text_dir), *SMALL])
+    assert result.exit_code == 0, result.output
+    assert "Corpus docs: 3 documents" in result.output
+
+    listed = json.loads(runner.invoke(cli, ["list", str(cli_store), "--json"]).output)
+    assert [(c["name"], c["status"], c["documents"]) for c in listed] == [("docs", "ready", 3)]
+    assert listed[0]["pairs"] == listed[0]["tokens"] - 3 and listed[0]["bytes"] > 0
+
+    stats = json.loads(runner.invoke(cli, ["stats", str(cli_store), "--json"]).output)
+    assert stats["pairs"] == listed[0]["pairs"] == stats["table_rows"]
+    assert (stats["dim"], stats["dtype"], stats["key_site"]) == (32, "float32", "ffn_input")
+
+    table = runner.invoke(cli, ["list", str(cli_store)])
+    assert "docs" in table.output and "ready" in table.output
+    assert "bytes per pair" in runner.invoke(cli, ["stats", str(cli_store)]).output
+
+    result = runner.invoke(cli, ["remove-corpus", str(cli_store), "docs"])
+    assert result.exit_code == 0 and "Removed corpus docs" in result.output
+    assert json.loads(runner.invoke(cli, ["list", str(cli_store), "--json"]).output) == []
+    assert Store.open(cli_store).table.count() == 0
+
+
+def test_skipped_files_are_reported(runner, cli_store, text_dir):
+    (text_dir / "x.txt").write_bytes(b"\x00\x00")
+    result = runner.invoke(cli, ["add-corpus", str(cli_store), "docs", str(text_dir), *SMALL])
+    assert result.exit_code == 0
+    assert "skipped 1 file(s)" in result.output and "x.txt (binary)" in result.output
+
+
+def _write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize("args,message", [
+    (lambda s, t: ["add-corpus", s, "x", str(t / "missing.txt")], "no such file or directory"),
+    (lambda s, t: ["add-corpus", s, "x", _write(t, "e.txt", b"")], "the corpus is empty"),
+    (lambda s, t: ["add-corpus", s, "x", _write(t, "b.bin", b"\x00\x01")], "binary"),
+    (lambda s, t: ["add-corpus", s, "x", _write(t, "l.txt", b"caf\xe9 au lait")], "not UTF-8"),
+    (lambda s, t: ["add-corpus", s, "x", _write(t, "j.jsonl", b'{"body": 1}\n')], "no 'text' field"),
+    (lambda s, t: ["add-corpus", s, "dup", _write(t, "ok.txt", b"lobsters are blue")], "already in"),
+    (lambda s, t: ["remove-corpus", s, "nope"], "no corpus named 'nope'"),
+    (lambda s, t: ["list", str(t / "nowhere")], "no store at"),
+    (lambda s, t: ["stats", _write(t, "plain", b"x")], "is not a knnstore store"),
+    (lambda s, t: ["init", s], "already a knnstore store"),
+    (lambda s, t: ["add-corpus", s, "x", _write(t, "ok2.txt", b"a b c"), "--window", "8", "--stride", "99"], "stride must be"),
+])
+def test_user_mistakes_get_one_line_a_nonzero_exit_and_change_nothing(runner, cli_store, tmp_path, args, message):
+    runner.invoke(cli, ["add-corpus", str(cli_store), "dup", _write(tmp_path, "dup.txt", b"lobsters are blue"), *SMALL])
+    before = snapshot(cli_store)
+    result = runner.invoke(cli, args(str(cli_store), tmp_path))
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(error_lines) == 1
+    after = snapshot(cli_store)
+    changed = {k for k in before.keys() | after.keys()
+               if before.get(k) != after.get(k) and not k.endswith(("-shm", "-wal"))}
+    assert changed == set()
+
+
+def test_a_model_that_cannot_be_loaded_is_a_one_line_error(runner, tmp_path):
+    result = runner.invoke(cli, ["init", str(tmp_path / "s"), "--model", str(tmp_path / "no-such-model")])
+    assert result.exit_code == 1 and "could not load model" in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_every_command_has_help_with_an_example(runner):
+    for name, command in cli.commands.items():
+        result = runner.invoke(cli, [name, "--help"])
+        assert result.exit_code == 0
+        assert command.help and "Example" in command.help, f"{name} lacks help or an example"
