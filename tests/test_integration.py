@@ -1,0 +1,94 @@
+"""The real default model (SmolLM2-135M) on a few thousand tokens of real text.
+
+Loaded once per session; marked slow (`pytest -m "not slow"` skips this file).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from knnstore import Encoder, IngestSettings, SourceOptions, Store
+from knnstore.ingest import iter_documents
+
+from .conftest import SHARED
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = IngestSettings(window=256, stride=192, batch_size=4, commit_every=1024)
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return Encoder.load("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    if not (SHARED / "wikitext-2" / "test.txt").exists():
+        pytest.skip(f"shared corpora not found at {SHARED}")
+    root = tmp_path_factory.mktemp("texts")
+    # The first two WikiText articles, cut to about 1,500 tokens each, one file each.
+    articles = iter_documents([SHARED / "wikitext-2" / "test.txt"], SourceOptions(split_on_heading=True))
+    (root / "wiki").mkdir()
+    for doc, _ in zip(articles, range(2)):
+        (root / "wiki" / f"{doc.ordinal}.txt").write_text(doc.text[:6000])
+    shakespeare = (SHARED / "tinyshakespeare" / "train.txt").read_text(encoding="utf-8")
+    (root / "shakespeare.txt").write_text(shakespeare[:6000])
+    return root
+
+
+@pytest.fixture(scope="module")
+def real_store(tmp_path_factory, smollm, texts):
+    store = Store.create(tmp_path_factory.mktemp("real") / "store", encoder=smollm)
+    wiki = store.add_corpus("wiki", [texts / "wiki"], settings=SETTINGS)
+    bard = store.add_corpus("bard", [texts / "shakespeare.txt"], settings=SETTINGS)
+    return store, wiki, bard
+
+
+def test_the_default_model_is_recorded_with_its_key_site(real_store):
+    store, _, _ = real_store
+    ident = store.identity
+    assert (ident.model, ident.dim, ident.key_layer, ident.key_site, ident.vocab_size) == (
+        "smollm2-135m", 576, 29, "ffn_input", 49152)
+
+
+def test_catalog_counts_and_table_rows_agree(real_store):
+    store, wiki, bard = real_store
+    assert wiki.documents == 2 and bard.documents == 1
+    assert wiki.tokens > 2000 and bard.tokens > 1000
+    assert store.table.counts_by_corpus() == {wiki.id: wiki.pairs, bard.id: bard.pairs}
+    assert store.stats().pairs == wiki.pairs + bard.pairs
+
+
+def test_stored_keys_equal_the_keys_the_model_computes_and_values_are_next_tokens(real_store, texts, smollm):
+    store, wiki, _ = real_store
+    table = store.table._table.to_arrow()
+    rows = table.filter(table.column("corpus_id").to_numpy() == wiki.id)
+    docs = {d.id: d for d in store.documents("wiki")}
+    texts_by_ordinal = {d.ordinal: d.text for d in iter_documents([texts / "wiki"], SourceOptions())}
+    rng = np.random.default_rng(1)
+    positions = rows.column("position").to_numpy()
+    # Samples from the first window and from later windows.
+    picks = list(rng.choice(np.flatnonzero(positions < 256), 4, replace=False))
+    picks += list(rng.choice(np.flatnonzero(positions >= 400), 4, replace=False))
+    for i in picks:
+        doc = docs[rows.column("document_id")[i].as_py()]
+        pos = int(positions[i])
+        tokens = smollm.tokenize(texts_by_ordinal[doc.ordinal])
+        assert rows.column("next_token")[i].as_py() == tokens[pos + 1]
+        begin = max(0, ((pos - SETTINGS.window) // SETTINGS.stride + 1) * SETTINGS.stride)
+        keys, _ = smollm.forward(torch.tensor([tokens[begin: pos + 1]]))
+        stored = np.asarray(rows.column("vector")[i].as_py(), dtype=np.float32)
+        np.testing.assert_allclose(stored, keys[0, -1].numpy(), rtol=1e-2, atol=5e-2)
+
+
+def test_a_removed_corpus_never_comes_back_from_search(real_store):
+    store, wiki, bard = real_store
+    table = store.table._table.to_arrow()
+    bard_rows = table.filter(table.column("corpus_id").to_numpy() == bard.id)
+    queries = np.asarray(bard_rows.column("vector").to_pylist()[::50], dtype=np.float32)
+    assert store.search(queries, k=1).corpus_ids[:, 0].tolist() == [bard.id] * len(queries)
+    store.remove_corpus("bard")
+    found = store.search(queries, k=32)
+    assert set(found.corpus_ids.ravel()) == {wiki.id}
+    assert Store.open(store.path).stats().pairs == wiki.pairs
