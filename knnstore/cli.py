@@ -19,7 +19,8 @@ from .config import DEFAULT_MODEL, DTYPES, KEY_SITES, IngestSettings, SourceOpti
 from .errors import KnnstoreError
 
 err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+# Piped output (scripts, CI logs) gets tables at their natural width, never squeezed.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 class _TokensPerSecond(ProgressColumn):
@@ -228,7 +229,10 @@ def list_(store, as_json):
     if not corpora:
         out.print(f"{store} holds no corpus yet: add one with `knnstore add-corpus {store} NAME PATH`")
         return
-    table = Table("corpus", "status", "documents", "tokens", "pairs", "bytes", "added")
+    table = Table()
+    for column in ("corpus", "status", "documents", "tokens", "pairs", "bytes", "added"):
+        numeric = column in ("documents", "tokens", "pairs", "bytes")
+        table.add_column(column, justify="right" if numeric else "left")
     for c in corpora:
         status = c.status if c.status == "ready" else f"[red]{c.status}[/red]"
         table.add_row(c.name, status, f"{c.documents:,}", f"{c.tokens:,}", f"{c.pairs:,}",

@@ -327,6 +327,23 @@ class Store:
                 .order_by(catalog.Document.ordinal)
             ))
 
+    def snippet(self, document_id: int, position: int, before: int = 24, after: int = 8) -> str:
+        """Source text around one stored pair, decoded from the stored tokens.
+
+        The pair's token (position) and next token are marked with ``[[...]]``.
+        """
+        lo = max(0, position - before)
+        ids = ingest.pair_id(document_id, np.arange(lo, position + after + 1))
+        rows = self.table.take(ids.tolist(), columns=["position", "token", "next_token"]).to_pydict()
+        by_pos = dict(zip(rows["position"], zip(rows["token"], rows["next_token"])))
+        decode = self.encoder.tokenizer.decode
+        left = [by_pos[p][0] for p in range(lo, position) if p in by_pos]
+        here, nxt = by_pos.get(position, (None, None))
+        right = [by_pos[p][0] for p in range(position + 2, position + after + 1) if p in by_pos]
+        if here is None:
+            return ""
+        return f"{decode(left)}{decode([here])}[[{decode([nxt])}]]{decode(right)}"
+
     def stats(self) -> StoreStats:
         rows = self._corpus_rows()
         ready = [c for c in rows if c.status == READY]
