@@ -264,3 +264,15 @@ def test_split_on_heading_option_makes_articles_documents(store, tmp_path, small
     path.write_text(" = First = \n lobsters are blue . \n = Second = \n to be or not to be . \n")
     store.add_corpus("w", [path], options=SourceOptions(split_on_heading=True), settings=small_settings)
     assert [d.title for d in store.documents("w")] == ["First", "Second"]
+
+
+def test_a_catalog_url_puts_the_catalog_outside_the_store(tmp_path, tiny_encoder, text_dir, small_settings):
+    url = f"sqlite:///{tmp_path / 'shared-catalog.db'}"
+    store = Store.create(tmp_path / "s", catalog_url=url, encoder=tiny_encoder)
+    store.add_corpus("docs", [text_dir], settings=small_settings)
+    assert not (tmp_path / "s" / "catalog.db").exists() and (tmp_path / "shared-catalog.db").exists()
+    reopened = Store.open(tmp_path / "s")
+    assert reopened.catalog_url == url and reopened.corpus("docs").documents == 3
+    with pytest.raises(StoreExistsError, match="already holds a store"):
+        Store.create(tmp_path / "s2", catalog_url=url, encoder=tiny_encoder)
+    assert not (tmp_path / "s2").exists()
