@@ -185,8 +185,8 @@ def resume_corpus(store, name, as_json):
 
 def _print_added(info, as_json: bool) -> None:
     if info.skipped:
-        err.print(f"[yellow]Note:[/yellow] skipped {len(info.skipped)} file(s) that are not "
-                  f"UTF-8 text or are empty: "
+        err.print(f"[yellow]Note:[/yellow] skipped {len(info.skipped)} file(s) that are binary, "
+                  f"not UTF-8 or empty (left out of the corpus, unchanged on disk): "
                   + ", ".join(f"{p} ({why})" for p, why in info.skipped[:5])
                   + (" ..." if len(info.skipped) > 5 else ""))
     if as_json:

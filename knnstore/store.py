@@ -167,7 +167,8 @@ class Store:
                     f.name: getattr(identity, f.name)
                     for f in dataclasses.fields(identity) if f.name != "created_at"}))
                 s.execute(catalog.Vocab.__table__.insert(), _vocab_rows(encoder.tokenizer))
-            table = PairsTable.create(path / VECTORS_DIR, identity.dim, dtype)
+            PairsTable.create(path / VECTORS_DIR, identity.dim, dtype)
+            (path / LOCK_FILE).touch()
             marker = {"format_version": FORMAT_VERSION, "catalog_url": catalog_url}
             tmp = path / (MARKER_FILE + ".tmp")
             tmp.write_text(json.dumps(marker, indent=2) + "\n")
@@ -276,7 +277,10 @@ class Store:
             return list(s.scalars(select(catalog.Corpus).order_by(catalog.Corpus.id)))
 
     def _writer_active(self) -> bool:
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # read-only probe: readers never create files in the store
+            fd = os.open(self.path / LOCK_FILE, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             return False
