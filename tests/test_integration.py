@@ -3,6 +3,8 @@
 Loaded once per session; marked slow (`pytest -m "not slow"` skips this file).
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +94,18 @@ def test_a_removed_corpus_never_comes_back_from_search(real_store):
     found = store.search(queries, k=32)
     assert set(found.corpus_ids.ravel()) == {wiki.id}
     assert Store.open(store.path).stats().pairs == wiki.pairs
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo.parent / "shared" / "data").exists():
+        pytest.skip("../shared/data is not beside the checkout")
+    monkeypatch.chdir(repo)
+    code = code.replace('"wiki-store"', repr(str(tmp_path / "wiki-store")))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    store = namespace["store"]
+    assert namespace["found"].next_tokens.shape[1] == 8
+    assert store.corpora() == []  # the example ends by removing its corpus

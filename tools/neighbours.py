@@ -37,7 +37,8 @@ def main() -> None:
         nxt = enc.tokenizer.decode([int(found.next_tokens[0, j])])
         print(f"  {j + 1}. next {nxt!r:14} distance {found.distances[0, j]:7.2f}  "
               f"{names[int(found.corpus_ids[0, j])]} / {doc.title or doc.source} @ {found.positions[0, j]}")
-        print(f"     ...{store.snippet(doc.id, int(found.positions[0, j])).strip()}...")
+        snippet = " ".join(store.snippet(doc.id, int(found.positions[0, j])).split())
+        print(f"     ...{snippet}...")
 
 
 if __name__ == "__main__":
