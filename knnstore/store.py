@@ -63,6 +63,7 @@ from .errors import (
 from .vectors import Neighbours, PairsTable
 
 ProgressFn = Callable[[int, int], None]  # (tokens done so far, total tokens)
+_MAX_DOCS_PER_COMMIT = 10_000
 
 
 @dataclass
@@ -574,7 +575,9 @@ class Store:
                 encoded_tokens += sum(len(t) for _, t in fresh)
                 # The last token of each document adds no pair; count it as done.
                 done_tokens += len(fresh)
-                if sum(b.num_rows for b in pending) >= settings.commit_every:
+                # Bounded in pairs, and in documents (SQL parameter limits with tiny ones).
+                if (sum(b.num_rows for b in pending) >= settings.commit_every
+                        or len(pending_docs) >= _MAX_DOCS_PER_COMMIT):
                     run_pairs += self._commit(corpus_id, pending, pending_docs)
                     run_docs += len(pending_docs)
                     pending, pending_docs = [], []
