@@ -184,11 +184,12 @@ def resume_corpus(store, name, as_json):
 
 
 def _print_added(info, as_json: bool) -> None:
+    from .ingest import describe_skipped
+
     if info.skipped:
         err.print(f"[yellow]Note:[/yellow] skipped {len(info.skipped)} file(s) that are binary, "
                   f"not UTF-8 or empty (left out of the corpus, unchanged on disk): "
-                  + ", ".join(f"{p} ({why})" for p, why in info.skipped[:5])
-                  + (" ..." if len(info.skipped) > 5 else ""))
+                  f"{describe_skipped(info.skipped)}")
     if as_json:
         _echo_json(info.to_dict())
     else:

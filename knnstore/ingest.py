@@ -58,10 +58,14 @@ class SourceScan:
     n_tokens: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
-    def skipped_summary(self, limit: int = 5) -> str:
-        shown = ", ".join(f"{p} ({why})" for p, why in self.skipped[:limit])
-        more = f" and {len(self.skipped) - limit} more" if len(self.skipped) > limit else ""
-        return f"skipped {len(self.skipped)} file(s): {shown}{more}"
+    def skipped_summary(self) -> str:
+        return f"skipped {len(self.skipped)} file(s): {describe_skipped(self.skipped)}"
+
+
+def describe_skipped(skipped, limit: int = 5) -> str:
+    """'path (reason), ... and N more' for a list of (path, reason) pairs."""
+    shown = ", ".join(f"{p} ({why})" for p, why in skipped[:limit])
+    return shown + (f" and {len(skipped) - limit} more" if len(skipped) > limit else "")
 
 
 class _NotText(Exception):

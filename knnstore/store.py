@@ -420,9 +420,8 @@ class Store:
         ``remove_corpus(name)`` finishes the job.
         """
         settings = settings or IngestSettings.resolve()
-        name, paths = self.check_new_corpus(name, paths)
         with self._write_lock():
-            self.check_new_corpus(name, paths)  # again, now that no one else writes
+            name, paths = self.check_new_corpus(name, paths)  # before the model loads in scan
             scan = ingest.scan(paths, options, self.encoder.tokenize)
             spec = {"paths": paths, "options": dataclasses.asdict(options),
                     "settings": dataclasses.asdict(settings),
