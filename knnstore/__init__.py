@@ -6,7 +6,7 @@
     ['wiki']
 """
 
-from .config import IngestSettings, SourceOptions, StoreIdentity
+from .config import IngestSettings, KNNSettings, SourceOptions, StoreIdentity
 from .encoder import Encoder
 from .errors import (
     CorpusExistsError,
@@ -27,8 +27,22 @@ from .vectors import Neighbours
 
 __version__ = "0.1.0"
 
+# The adapter imports transformers' generation utilities (slow); load it on first use.
+_LAZY = {"KNNLM": "adapter", "KNNLogitsProcessor": "adapter", "Generation": "adapter",
+         "Source": "adapter", "TokenExplanation": "adapter", "EvalResult": "evaluate"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'knnstore' has no attribute {name!r}")
+
+
 __all__ = [
-    "CorpusExistsError", "CorpusInfo", "CorpusNotFoundError", "Encoder", "IngestSettings",
+    "CorpusExistsError", "CorpusInfo", "EvalResult", "Generation", "KNNLM", "KNNLogitsProcessor",
+    "KNNSettings", "Source", "TokenExplanation", "CorpusNotFoundError", "Encoder", "IngestSettings",
     "InputError", "KnnstoreError", "ModelLoadError", "ModelMismatchError", "Neighbours",
     "ReadOnlyError", "SourceOptions", "Store", "StoreExistsError", "StoreIdentity",
     "StoreLockedError", "StoreNotFoundError", "StoreStats", "StoreVersionError",

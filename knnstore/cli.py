@@ -277,6 +277,256 @@ def stats(store, as_json):
     out.print(table)
 
 
+def _numbers(cast, name):
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            values = [cast(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected a number or a comma-separated list, got {value!r}") from None
+        if not values:
+            raise click.BadParameter("expected at least one value")
+        return values
+    return parse
+
+
+def _knn_options(sweep: bool):
+    """The kNN-LM options shared by eval, generate and explain."""
+    many = " (a comma-separated list sweeps)" if sweep else ""
+
+    def decorate(f):
+        for opt in reversed([
+            click.option("--k", "k", callback=_numbers(int, "k"),
+                         help=f"Neighbours per position [default: 64]{many}."),
+            click.option("--lambda", "lambda_", callback=_numbers(float, "lambda"),
+                         help=f"Weight of p_kNN in the mixture [default: 0.25]{many}."),
+            click.option("--temperature", callback=_numbers(float, "temperature"),
+                         help=f"T in p_kNN ∝ exp(-distance / T) [default: 10]{many}."),
+            click.option("--exact", is_flag=True, default=None,
+                         help="Brute-force search over all stored keys instead of the ANN index."),
+            click.option("--nprobes", type=int, help="ANN: index partitions searched [default: 32]."),
+            click.option("--refine-factor", type=int,
+                         help="ANN: candidates re-ranked with exact distances, times k [default: 4]."),
+            click.option("--skip-above-prob", type=float,
+                         help="Adaptive retrieval: skip the store where the LM's top probability is at least this."),
+            click.option("--skip-below-entropy", type=float,
+                         help="Adaptive retrieval: skip the store where the LM's entropy (nats) is at most this."),
+        ]):
+            f = opt(f)
+        return f
+    return decorate
+
+
+def _knnlm(store, k, lambda_, temperature, exact, nprobes, refine_factor, skip_above_prob,
+           skip_below_entropy, single: bool):
+    from .adapter import KNNLM
+    from .config import KNNSettings
+
+    if single:
+        for name, values in (("--k", k), ("--lambda", lambda_), ("--temperature", temperature)):
+            if values is not None and len(values) > 1:
+                raise click.BadParameter("takes one value here (sweeps are for `knnstore eval`)",
+                                         param_hint=name)
+    first = lambda values: values[0] if values else None  # noqa: E731
+    settings = KNNSettings.resolve(
+        k=first(k), lambda_=first(lambda_), temperature=first(temperature), exact=exact,
+        nprobes=nprobes, refine_factor=refine_factor, skip_above_prob=skip_above_prob,
+        skip_below_entropy=skip_below_entropy)
+    s = _open(store)
+    _load_model(s)
+    return KNNLM.from_store(s, settings)
+
+
+def _read_text_arg(path) -> str:
+    from pathlib import Path
+
+    from .ingest import NotText, read_text_file
+
+    try:
+        text = read_text_file(Path(path))
+    except NotText as exc:
+        raise click.ClickException(f"{path} is not UTF-8 text ({exc}): give a UTF-8 text file") from None
+    if not text.strip():
+        raise click.ClickException(f"{path} is empty: give a text to score")
+    return text
+
+
+@cli.command("eval")
+@click.argument("store", type=click.Path())
+@click.option("--text", "text_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="UTF-8 text file to score (one token stream).")
+@_knn_options(sweep=True)
+@click.option("--max-tokens", type=int, help="Score only the first N tokens of the text.")
+@click.option("--window", default=512, show_default=True, help="Tokens per scoring window.")
+@click.option("--stride", default=384, show_default=True,
+              help="Step between windows; each token is scored once, with at least window - stride tokens of context.")
+@click.option("--sweep-out", default="knnstore-sweep", show_default=True,
+              help="With a sweep: write PREFIX.csv and PREFIX.png.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def eval_(store, text_path, k, lambda_, temperature, exact, nprobes, refine_factor, skip_above_prob,
+          skip_below_entropy, max_tokens, window, stride, sweep_out, as_json):
+    """Perplexity of a text with and without the store, side by side.
+
+    Prints the base LM's perplexity, the kNN-LM's and p_kNN's alone, on the same tokens,
+    with both throughputs. Several values for --lambda, --k or --temperature sweep every
+    combination in one pass and write a CSV and a PNG plot.
+
+    \b
+    Example:
+        knnstore eval wiki-store --text test.txt --max-tokens 20000
+        knnstore eval wiki-store --text test.txt --lambda 0.1,0.25,0.5 --k 8,64,256
+    """
+    text = _read_text_arg(text_path)
+    lm = _knnlm(store, k, lambda_, temperature, exact, nprobes, refine_factor, skip_above_prob,
+                skip_below_entropy, single=False)
+    with _progress("Scoring") as update:
+        result = lm.evaluate(text, lambdas=lambda_, ks=k, temperatures=temperature,
+                             max_tokens=max_tokens, window=window, stride=stride, progress=update)
+    files = None
+    if result.sweep:
+        from .evaluate import write_sweep
+
+        files = write_sweep(result, sweep_out)
+    if as_json:
+        d = result.to_dict()
+        if files:
+            d["sweep_files"] = [str(f) for f in files]
+        _echo_json(d)
+        return
+    _print_eval(result, files)
+
+
+def _print_eval(r, files) -> None:
+    fmt = lambda x: "inf" if x == float("inf") else f"{x:,.2f}"  # noqa: E731
+    table = Table()
+    for column in ("", "perplexity", "tokens/s"):
+        table.add_column(column, justify="left" if not column else "right")
+    table.add_row("base LM", fmt(r.base_ppl), f"{r.base_tokens_per_s:,.0f}")
+    table.add_row(f"kNN-LM (λ={r.lambda_:g}, k={r.k}, T={r.temperature:g})", fmt(r.knn_ppl),
+                  f"{r.knn_tokens_per_s:,.0f}")
+    table.add_row("kNN only", fmt(r.knn_only_ppl), "")
+    out.print(table)
+    change = 100 * (r.knn_ppl / r.base_ppl - 1)
+    out.print(f"{r.tokens:,} tokens, {r.search} search; kNN-LM perplexity {change:+.1f}% vs base; "
+              f"target among the neighbours' next tokens at {100 * r.knn_coverage:.1f}% of positions; "
+              f"retrieved at {100 * r.retrieved_fraction:.1f}% of positions; "
+              f"throughput kNN-LM ÷ base = {r.speed_ratio:.2f}")
+    if r.sweep:
+        table = Table(title="sweep")
+        for column in ("lambda", "k", "T", "perplexity"):
+            table.add_column(column, justify="right")
+        for p in r.sweep:
+            best = p.lambda_ == r.lambda_ and p.k == r.k and p.temperature == r.temperature
+            style = "bold green" if best else None
+            table.add_row(f"{p.lambda_:g}", str(p.k), f"{p.temperature:g}", fmt(p.knn_ppl), style=style)
+        out.print(table)
+    if files:
+        out.print(f"Wrote {files[0]} and {files[1]}")
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=40, show_default=True, help="Tokens to generate.")
+@_knn_options(sweep=False)
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--top-p", type=float, help="With --sample: nucleus sampling over the mixture.")
+@click.option("--num-beams", default=1, show_default=True, help="Beam search with this many beams.")
+@click.option("--seed", type=int, help="Random seed for --sample.")
+@click.option("--explain", is_flag=True, help="Show the source documents of each generated token.")
+@click.option("--sources", "n_sources", default=3, show_default=True,
+              help="With --explain: neighbours shown per token.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def generate(store, prompt, max_new_tokens, k, lambda_, temperature, exact, nprobes, refine_factor,
+             skip_above_prob, skip_below_entropy, sample, top_p, num_beams, seed, explain, n_sources,
+             as_json):
+    """Continue PROMPT with the kNN-LM (greedy unless --sample).
+
+    \b
+    Example:
+        knnstore generate wiki-store "The tower was built in" --max-new-tokens 30 --explain
+    """
+    lm = _knnlm(store, k, lambda_, temperature, exact, nprobes, refine_factor, skip_above_prob,
+                skip_below_entropy, single=True)
+    if explain and num_beams > 1:
+        raise click.BadParameter("--explain works with greedy search and sampling, not beams",
+                                 param_hint="--num-beams")
+    g = lm.generate(prompt, max_new_tokens=max_new_tokens, do_sample=sample, top_p=top_p,
+                    num_beams=num_beams, seed=seed, explain=explain or as_json, n_sources=n_sources)
+    if as_json:
+        _echo_json(g.to_dict())
+        return
+    out.print(Text(prompt, style="bold") + Text(g.text))
+    if explain:
+        _print_explanations(g.tokens)
+    err.print(f"retrieved at {100 * g.retrieved_fraction:.0f}% of steps")
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.argument("text")
+@_knn_options(sweep=False)
+@click.option("--sources", "n_sources", default=3, show_default=True, help="Neighbours shown per token.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per token, in a list.")
+def explain(store, text, k, lambda_, temperature, exact, nprobes, refine_factor, skip_above_prob,
+            skip_below_entropy, n_sources, as_json):
+    """Score TEXT and show, for each token, its probability and the stored sources behind it.
+
+    \b
+    Example:
+        knnstore explain wiki-store "The tower was built in 1889"
+    """
+    lm = _knnlm(store, k, lambda_, temperature, exact, nprobes, refine_factor, skip_above_prob,
+                skip_below_entropy, single=True)
+    tokens = lm.explain(text, n_sources=n_sources)
+    if as_json:
+        _echo_json([t.to_dict() for t in tokens])
+        return
+    _print_explanations(tokens)
+
+
+def _print_explanations(tokens) -> None:
+    table = Table()
+    for column in ("token", "p LM", "p kNN", "p", "top sources (weight)", "nearest stored context"):
+        table.add_column(column, justify="right" if column.startswith("p") else "left")
+    for t in tokens:
+        docs = "; ".join(f"{name} ({w:.2f})" for name, w in t.top_documents(2)) or "-"
+        snippet = t.sources[0].snippet.replace("\n", " ") if t.sources else ""
+        table.add_row(repr(t.text)[1:-1], f"{t.p_lm:.3f}", "-" if t.p_knn is None else f"{t.p_knn:.3f}",
+                      f"{t.p:.3f}", docs, snippet)
+    out.print(table)
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--status", "status_only", is_flag=True, help="Only show the index state.")
+@click.option("--rebuild", is_flag=True, help="Re-train the index even if there is one.")
+@click.option("--partitions", type=int, help="IVF partitions [default: about sqrt(rows)].")
+@click.option("--sub-vectors", type=int, help="PQ sub-vectors [default: dim / 8].")
+def index(store, status_only, rebuild, partitions, sub_vectors):
+    """Train the ANN index (IVF-PQ, squared L2) on the stored keys, or show its state.
+
+    Searches use the index once it exists (rows added later are searched exactly until
+    they are indexed); without one, search is exact brute force.
+
+    \b
+    Example:
+        knnstore index wiki-store
+        knnstore index wiki-store --status
+    """
+    s = _open(store)
+    state = s.stats().index
+    if not status_only and (rebuild or not state["indices"]):
+        with _status(f"Training the index on {s.table.count():,} rows..."):
+            s.create_index(num_partitions=partitions, num_sub_vectors=sub_vectors)
+        state = s.stats().index
+    elif not status_only:
+        err.print("The store already has an index; pass --rebuild to re-train it.")
+    kinds = ", ".join(i["type"] for i in state["indices"]) or "none (exact search)"
+    out.print(f"index: {kinds}; {state['indexed_rows']:,} rows indexed, {state['unindexed_rows']:,} not")
+
+
 def _echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2))
 

@@ -115,3 +115,62 @@ class SourceOptions:
     text_field: str = "text"
     split_on_heading: bool = False
     max_documents: int | None = None
+
+
+@dataclass(frozen=True)
+class KNNSettings:
+    """How the adapter mixes the store into the LM (the kNN-LM parameters).
+
+    Attributes:
+        k: neighbours per position.
+        lambda_: interpolation weight of p_kNN (``--lambda``).
+        temperature: T in p_kNN ∝ exp(-d / T), d the squared L2 distance.
+        exact: brute-force search instead of the ANN index.
+        nprobes, refine_factor: ANN search parameters (IVF partitions probed; candidates
+            re-ranked with exact distances, as a multiple of k).
+        skip_above_prob, skip_below_entropy: adaptive retrieval; a position skips the
+            store when the LM's top probability is at least ``skip_above_prob`` or its
+            entropy (nats) at most ``skip_below_entropy``. None: always retrieve.
+    """
+
+    k: int = 64
+    lambda_: float = 0.25
+    temperature: float = 10.0
+    exact: bool = False
+    nprobes: int = 32
+    refine_factor: int = 4
+    skip_above_prob: float | None = None
+    skip_below_entropy: float | None = None
+
+    def __post_init__(self) -> None:
+        from .errors import InputError
+
+        if self.k < 1:
+            raise InputError(f"k must be at least 1, got {self.k}")
+        if not 0.0 <= self.lambda_ <= 1.0:
+            raise InputError(f"lambda must be between 0 and 1, got {self.lambda_}")
+        if not self.temperature > 0:
+            raise InputError(f"temperature must be positive, got {self.temperature}")
+        if self.nprobes < 1 or self.refine_factor < 1:
+            raise InputError("nprobes and refine_factor must be at least 1")
+        if self.skip_above_prob is not None and not 0.0 < self.skip_above_prob <= 1.0:
+            raise InputError(f"skip_above_prob must be in (0, 1], got {self.skip_above_prob}")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.skip_above_prob is not None or self.skip_below_entropy is not None
+
+    @classmethod
+    def resolve(cls, **given) -> "KNNSettings":
+        """Settings from explicit values, then KNNSTORE_K / _LAMBDA / _TEMPERATURE / ...
+        environment variables, then defaults."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = given.get(f.name)
+            if value is None:
+                env_name = "lambda" if f.name == "lambda_" else f.name
+                cast = {"k": int, "nprobes": int, "refine_factor": int,
+                        "exact": lambda raw: raw.lower() in ("1", "true", "yes")}.get(f.name, float)
+                value = _env(env_name, cast, f.default)
+            values[f.name] = value
+        return cls(**values)

@@ -181,6 +181,16 @@ class Encoder:
         self._module = find_mlp(layer) if key_site == "ffn_input" else layer
         self.dim = int(model.config.hidden_size)
 
+    @property
+    def max_length(self) -> int | None:
+        """The longest sequence the model's positions allow, if its config says."""
+        config = self.model.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 1:
+                return value
+        return None
+
     @classmethod
     def load(cls, name: str, key_layer: int = -1, key_site: str = "ffn_input") -> "Encoder":
         torch.set_num_threads(default_threads())

@@ -68,19 +68,19 @@ def describe_skipped(skipped, limit: int = 5) -> str:
     return shown + (f" and {len(skipped) - limit} more" if len(skipped) > limit else "")
 
 
-class _NotText(Exception):
+class NotText(Exception):
     pass
 
 
 def read_text_file(path: Path) -> str:
-    """A file's text; raises _NotText("binary" / "not UTF-8 ...") otherwise."""
+    """A file's text; raises NotText("binary" / "not UTF-8 ...") otherwise."""
     data = path.read_bytes()
     if b"\x00" in data[:_SNIFF]:
-        raise _NotText("binary")
+        raise NotText("binary")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _NotText(f"not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}") from None
+        raise NotText(f"not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}") from None
 
 
 def _is_hf_dataset_dir(path: Path) -> bool:
@@ -215,7 +215,7 @@ def iter_documents(paths: Iterable[str | Path], options: SourceOptions,
         else:
             try:
                 text = read_text_file(path)
-            except _NotText as exc:
+            except NotText as exc:
                 raise InputError(
                     f"{path}: {exc}; knnstore reads UTF-8 text (.txt, .md, .jsonl, .parquet); "
                     "convert or remove it"
@@ -234,7 +234,7 @@ def _dir_documents(files: list[Path], skipped: list[tuple[str, str]]):
     for f in files:
         try:
             text = read_text_file(f)
-        except _NotText as exc:
+        except NotText as exc:
             skipped.append((str(f), str(exc)))
             continue
         if not text.strip():

@@ -60,7 +60,7 @@ from .errors import (
     StoreNotFoundError,
     StoreVersionError,
 )
-from .vectors import Neighbours, PairsTable
+from .vectors import ExactSearch, Neighbours, PairsTable
 
 ProgressFn = Callable[[int, int], None]  # (tokens done so far, total tokens)
 _MAX_DOCS_PER_COMMIT = 10_000
@@ -111,6 +111,16 @@ class StoreStats:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class DocumentRef:
+    """Where a stored pair came from, as the catalog names it."""
+
+    id: int
+    corpus: str
+    source: str
+    title: str | None
+
+
 def _row_bytes(dim: int, dtype: str) -> int:
     # vector + pair_id(8) corpus_id(4) document_id(8) position(4) token(4) next_token(4)
     return dim * (2 if dtype == "float16" else 4) + 32
@@ -130,6 +140,7 @@ class Store:
         self._encoder = encoder
         self._hidden: frozenset[int] = frozenset()
         self._lock_fd: int | None = None
+        self._exact = ExactSearch(table)
         self.refresh()
 
     # --- creating and opening -----------------------------------------------------
@@ -332,6 +343,20 @@ class Store:
                 .order_by(catalog.Document.ordinal)
             ))
 
+    def document_refs(self, document_ids: Sequence[int]) -> dict[int, DocumentRef]:
+        """Corpus name, source and title of documents, by id (unknown ids are left out)."""
+        ids = sorted({int(d) for d in document_ids})
+        if not ids:
+            return {}
+        with Session(self.engine) as s:
+            rows = s.execute(
+                select(catalog.Document.id, catalog.Corpus.name, catalog.Document.source,
+                       catalog.Document.title)
+                .join(catalog.Corpus, catalog.Corpus.id == catalog.Document.corpus_id)
+                .where(catalog.Document.id.in_(ids))
+            ).all()
+        return {r[0]: DocumentRef(*r) for r in rows}
+
     def snippet(self, document_id: int, position: int, before: int = 24, after: int = 8) -> str:
         """Source text around one stored pair, decoded from the stored tokens.
 
@@ -367,17 +392,30 @@ class Store:
             index=self.table.index_state(),
         )
 
-    def search(self, vectors: np.ndarray, k: int = 16) -> Neighbours:
+    def search(self, vectors: np.ndarray, k: int = 16, *, exact: bool = False,
+               nprobes: int = 32, refine_factor: int = 4) -> Neighbours:
         """The k nearest stored pairs (squared L2) of each row of ``vectors`` [Q, dim].
 
         One batched search for all rows; only pairs of ready corpora are returned.
+        With an ANN index (and ``exact=False``) LanceDB answers, re-ranking
+        ``refine_factor`` x k candidates from ``nprobes`` partitions with exact
+        distances; otherwise a brute-force scan (torch) gives the exact neighbours.
         """
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-        if vectors.shape[1] != self.identity.dim:
+        if vectors.ndim != 2 or vectors.shape[1] != self.identity.dim:
             raise InputError(
-                f"query vectors have dim {vectors.shape[1]}; this store's keys have dim {self.identity.dim}"
+                f"query vectors have dim {vectors.shape[-1]}; this store's keys have dim {self.identity.dim}"
             )
-        return self.table.search(vectors, k, exclude_corpora=self._hidden)
+        if exact or not self.table.has_vector_index():
+            return self._exact.search(vectors, k, exclude_corpora=self._hidden)
+        return self.table.search(vectors, k, exclude_corpora=self._hidden,
+                                 nprobes=nprobes, refine_factor=refine_factor)
+
+    def create_index(self, num_partitions: int | None = None, num_sub_vectors: int | None = None) -> None:
+        """Train the ANN index (IVF-PQ) on the stored keys; searches use it from then on."""
+        with self._write_lock():
+            self.table.create_index(num_partitions=num_partitions, num_sub_vectors=num_sub_vectors)
+        self.refresh()
 
     # --- writing ---------------------------------------------------------------------
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection
+from typing import Collection, Iterator
 
 import lancedb
 import numpy as np
 import pyarrow as pa
+import torch
 
 from .config import PAIRS_TABLE
 from .ingest import pairs_schema
@@ -127,8 +128,44 @@ class PairsTable:
                 state["unindexed_rows"] = stats.num_unindexed_rows
         return state
 
-    def search(self, queries: np.ndarray, k: int, exclude_corpora: Collection[int] = ()) -> Neighbours:
-        """The k nearest pairs of each query row, in one batched search.
+    def has_vector_index(self) -> bool:
+        return any("vector" in index.columns for index in self._table.list_indices())
+
+    def create_index(self, num_partitions: int | None = None, num_sub_vectors: int | None = None) -> None:
+        """Train an IVF-PQ index (squared L2) on the vectors; replaces any previous one.
+
+        Defaults: about sqrt(rows) partitions, and one PQ sub-vector per 8 dimensions.
+        """
+        rows = self._table.count_rows()
+        dim = self.schema.field("vector").type.list_size
+        if num_partitions is None:
+            num_partitions = max(1, min(4096, int(round(rows ** 0.5))))
+        if num_sub_vectors is None:
+            num_sub_vectors = dim // 8 if dim % 8 == 0 else 1
+        from lancedb.index import IvfPq
+
+        self._table.create_index("vector", config=IvfPq(
+            distance_type="l2", num_partitions=num_partitions, num_sub_vectors=num_sub_vectors))
+
+    def scan_vectors(self, batch_rows: int = 32768) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Every row's key (float32 [n, dim]) and result columns, streamed in batches."""
+        dim = self.schema.field("vector").type.list_size
+        ds = self._table.to_lance()
+        for batch in ds.to_batches(columns=["vector"] + _RESULT_COLUMNS, batch_size=batch_rows):
+            n = batch.num_rows
+            if n == 0:
+                continue
+            flat = batch.column("vector").values.to_numpy(zero_copy_only=False)
+            vectors = flat.reshape(n, dim).astype(np.float32, copy=False)
+            yield vectors, {name: batch.column(name).to_numpy() for name in _RESULT_COLUMNS}
+
+    def search(self, queries: np.ndarray, k: int, exclude_corpora: Collection[int] = (), *,
+               nprobes: int = 32, refine_factor: int = 4) -> Neighbours:
+        """The k nearest pairs of each query row, in one batched LanceDB search.
+
+        Uses the ANN index when there is one (rows added since are searched exactly);
+        ``refine_factor`` re-ranks refine_factor x k candidates with exact distances, so
+        the distances returned are always exact.
 
         Args:
             queries: [Q, dim] float array.
@@ -141,6 +178,8 @@ class PairsTable:
         if n_queries == 0 or k <= 0:
             return out
         query = self._table.search(queries if n_queries > 1 else queries[0]).limit(k)
+        if self.has_vector_index():
+            query = query.nprobes(nprobes).refine_factor(max(1, refine_factor))
         if exclude_corpora:
             ids = ", ".join(str(int(c)) for c in sorted(exclude_corpora))
             query = query.where(f"corpus_id NOT IN ({ids})", prefilter=True)
@@ -161,4 +200,74 @@ class PairsTable:
                              ("corpus_id", out.corpus_ids), ("document_id", out.document_ids),
                              ("position", out.positions)):
             target[rows, cols] = result.column(name).to_numpy()[order][keep]
+        return out
+
+
+class ExactSearch:
+    """Brute-force k nearest neighbours over every visible row: the reference for the index.
+
+    Streams the table in batches and keeps a running top-k per query (torch matmul,
+    float32). The float32 keys are kept in memory between searches while they fit in
+    ``cache_bytes``; a larger table is streamed again for each search, so memory stays
+    bounded whatever the store's size.
+    """
+
+    def __init__(self, table: PairsTable, cache_bytes: int = 2 << 30,
+                 batch_rows: int = 32768, query_block: int = 1024) -> None:
+        self.table, self.cache_bytes = table, cache_bytes
+        self.batch_rows, self.query_block = batch_rows, query_block
+        self._cache: list | None = None
+        self._cache_version: int | None = None
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:
+        version = self.table.version
+        if self._cache is not None and self._cache_version == version:
+            yield from self._cache
+            return
+        cache: list | None = []
+        used = 0
+        for vectors, meta in self.table.scan_vectors(self.batch_rows):
+            x = torch.from_numpy(np.ascontiguousarray(vectors))
+            item = (x, (x * x).sum(dim=1), meta)
+            if cache is not None:
+                used += x.nbytes
+                cache = cache + [item] if used <= self.cache_bytes else None
+            yield item
+        self._cache, self._cache_version = cache, (version if cache is not None else None)
+
+    @torch.inference_mode()
+    def search(self, queries: np.ndarray, k: int, exclude_corpora: Collection[int] = ()) -> Neighbours:
+        """Same contract as ``PairsTable.search``, with exact results."""
+        q_all = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32))
+        n_queries = q_all.shape[0]
+        out = Neighbours.empty(n_queries, k)
+        if n_queries == 0 or k <= 0:
+            return out
+        excluded = np.array(sorted(exclude_corpora), dtype=np.int64)
+        best_d = torch.full((n_queries, k), float("inf"))
+        best_rows = {name: torch.full((n_queries, k), -1, dtype=torch.int64) for name in _RESULT_COLUMNS}
+        q_norm = (q_all * q_all).sum(dim=1, keepdim=True)  # [Q, 1]
+        for x, x_norm, meta in self._batches():
+            hidden = torch.from_numpy(np.isin(meta["corpus_id"], excluded)) if len(excluded) else None
+            cols = {name: torch.from_numpy(meta[name].astype(np.int64)) for name in _RESULT_COLUMNS}
+            for lo in range(0, n_queries, self.query_block):
+                hi = min(n_queries, lo + self.query_block)
+                # ||q - x||^2 = ||q||^2 - 2 q.x + ||x||^2, [block, n]
+                d = torch.addmm(x_norm.unsqueeze(0), q_all[lo:hi], x.T, alpha=-2.0)
+                d.add_(q_norm[lo:hi]).clamp_(min=0.0)
+                if hidden is not None:
+                    d[:, hidden] = float("inf")
+                part_d, part_i = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False)
+                merged_d = torch.cat([best_d[lo:hi], part_d], dim=1)
+                best, order = torch.topk(merged_d, k, dim=1, largest=False)
+                best_d[lo:hi] = best
+                for name, target in best_rows.items():
+                    merged = torch.cat([target[lo:hi], cols[name][part_i]], dim=1)
+                    target[lo:hi] = torch.gather(merged, 1, order)
+        missing = torch.isinf(best_d)
+        out.distances[:] = best_d.numpy()
+        for name, field in (("pair_id", "pair_ids"), ("next_token", "next_tokens"),
+                            ("corpus_id", "corpus_ids"), ("document_id", "document_ids"),
+                            ("position", "positions")):
+            getattr(out, field)[:] = best_rows[name].masked_fill(missing, -1).numpy()
         return out

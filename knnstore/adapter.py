@@ -1,0 +1,375 @@
+"""The kNN-LM adapter: a Hugging Face causal LM plus a store.
+
+At each position the adapter reads the key at the store's key site (the same hook the
+store was built with), asks the store for the k nearest stored contexts in one batched
+search per window or decoding step, turns their next tokens into p_kNN and mixes it
+with the LM in log space (``knn.py``). It never patches the model: keys come from a
+hook that lives only inside a ``with`` block.
+
+Example:
+    >>> lm = KNNLM.from_store("wiki-store", k=64, lambda_=0.25)        # doctest: +SKIP
+    >>> out = lm.generate("The Eiffel Tower is", max_new_tokens=20, explain=True)  # doctest: +SKIP
+    >>> out.text, out.tokens[0].sources[0].title                       # doctest: +SKIP
+
+With ``model.generate`` directly, use the processor inside its ``with`` block:
+
+    >>> with lm.logits_processor() as proc:                             # doctest: +SKIP
+    ...     ids = lm.model.generate(**inputs, logits_processor=[proc], do_sample=True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from . import knn
+from .config import KNNSettings
+from .encoder import Encoder
+from .errors import InputError
+from .store import Store
+from .vectors import Neighbours
+
+
+@dataclass
+class Source:
+    """One stored neighbour of a position: where it came from and how much it weighed."""
+
+    next_token: int
+    next_token_text: str
+    distance: float  # squared L2
+    weight: float  # its share of p_kNN (softmax of -distance / T over the k neighbours)
+    corpus: str
+    document_id: int
+    document: str  # the document's source (file path, path#n, external id)
+    title: str | None
+    position: int
+    snippet: str  # the stored text around it; [[next token]] marked
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TokenExplanation:
+    """One scored or generated token, its probabilities and (optionally) its sources."""
+
+    index: int  # position of the token in the sequence
+    token: int
+    text: str
+    p_lm: float
+    p_knn: float | None  # None where the step skipped the store
+    p: float
+    retrieved: bool
+    sources: list[Source] = field(default_factory=list)
+
+    def top_documents(self, n: int = 3) -> list[tuple[str, float]]:
+        """The documents whose neighbours carry the most weight, with their total weight."""
+        totals: dict[str, float] = {}
+        for s in self.sources:
+            label = f"{s.corpus}: {s.title or s.document}"
+            totals[label] = totals.get(label, 0.0) + s.weight
+        return sorted(totals.items(), key=lambda kv: -kv[1])[:n]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["sources"] = [s.to_dict() for s in self.sources]
+        return d
+
+
+@dataclass
+class Generation:
+    """The result of ``KNNLM.generate``."""
+
+    prompt: str
+    text: str  # the generated continuation only
+    token_ids: list[int]
+    retrieved_fraction: float
+    tokens: list[TokenExplanation] = field(default_factory=list)  # with explain=True
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
+                "retrieved_fraction": self.retrieved_fraction,
+                "tokens": [t.to_dict() for t in self.tokens]}
+
+
+@dataclass
+class Step:
+    """What one batched kNN-LM step computed, for rows [N] of a batch."""
+
+    log_probs: torch.Tensor  # [N, V] the mixture
+    lm_log_probs: torch.Tensor  # [N, V]
+    knn_log_probs: torch.Tensor | None  # [N, V] (rows that skipped: all -inf)
+    retrieved: torch.Tensor  # [N] bool
+    neighbours: Neighbours  # [N, k]; rows that skipped hold no neighbours
+
+
+class KNNLM:
+    """A causal LM with a knnstore store: kNN-LM scoring, generation and provenance.
+
+    Args:
+        model: a Hugging Face causal LM; it must be the store's model (checked: tokenizer,
+            weights of the key layer, dimension and key site).
+        tokenizer: its tokenizer.
+        store: an open ``Store`` or the path of one.
+        settings: ``KNNSettings``; keyword arguments (``k``, ``lambda_``,
+            ``temperature``, ``exact``, ``skip_above_prob``, ...) override its fields.
+    """
+
+    def __init__(self, model, tokenizer, store: Store | str | os.PathLike,
+                 settings: KNNSettings | None = None, **overrides) -> None:
+        self.store = store if isinstance(store, Store) else Store.open(store)
+        ident = self.store.identity
+        encoder = Encoder(model, tokenizer, name=getattr(model, "name_or_path", "model"),
+                          key_layer=ident.key_layer, key_site=ident.key_site)
+        self.store.use_encoder(encoder)  # refuses another model, with what differs
+        self.encoder, self.model, self.tokenizer = encoder, model, tokenizer
+        base = settings or KNNSettings.resolve()
+        self.settings = dataclasses.replace(base, **overrides) if overrides else base
+
+    @classmethod
+    def from_store(cls, store: Store | str | os.PathLike, settings: KNNSettings | None = None,
+                   **overrides) -> "KNNLM":
+        """Open a store and load the model it was built with."""
+        store = store if isinstance(store, Store) else Store.open(store)
+        enc = store.encoder
+        return cls(enc.model, enc.tokenizer, store, settings, **overrides)
+
+    def with_settings(self, **overrides) -> "KNNLM":
+        """The same model and store with other kNN parameters."""
+        clone = object.__new__(KNNLM)
+        clone.__dict__.update(self.__dict__)
+        clone.settings = dataclasses.replace(self.settings, **overrides)
+        return clone
+
+    # --- one step --------------------------------------------------------------------
+
+    def search(self, keys: torch.Tensor | np.ndarray, k: int | None = None) -> Neighbours:
+        """The store's neighbours of keys [N, dim], with this adapter's search settings."""
+        s = self.settings
+        queries = keys.detach().float().cpu().numpy() if isinstance(keys, torch.Tensor) else keys
+        return self.store.search(queries, k or s.k, exact=s.exact, nprobes=s.nprobes,
+                                 refine_factor=s.refine_factor)
+
+    def retrieval_mask(self, lm_log_probs: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        return knn.retrieval_mask(lm_log_probs, s.skip_above_prob, s.skip_below_entropy)
+
+    def step(self, keys: torch.Tensor, lm_logits: torch.Tensor) -> Step:
+        """The kNN-LM distribution for rows of keys [N, dim] and LM logits [N, V]."""
+        s = self.settings
+        lm_log_probs = torch.log_softmax(lm_logits.float(), dim=-1)
+        n, vocab = lm_log_probs.shape
+        retrieve = self.retrieval_mask(lm_log_probs)
+        neighbours = Neighbours.empty(n, s.k)
+        rows = retrieve.nonzero().flatten().numpy()
+        if len(rows):
+            found = self.search(keys[retrieve])
+            for f in dataclasses.fields(Neighbours):
+                getattr(neighbours, f.name)[rows] = getattr(found, f.name)
+        knn_lp = knn.knn_log_probs(torch.from_numpy(neighbours.distances),
+                                   torch.from_numpy(neighbours.next_tokens), vocab, s.temperature)
+        mixed = knn.interpolate(lm_log_probs, knn_lp, s.lambda_)
+        return Step(mixed, lm_log_probs, knn_lp, retrieve, neighbours)
+
+    def evaluate(self, text: str | list[int], **kwargs):
+        """Perplexity of ``text`` with and without the store: see ``evaluate.evaluate``."""
+        from .evaluate import evaluate
+
+        return evaluate(self, text, **kwargs)
+
+    # --- provenance ------------------------------------------------------------------
+
+    def sources(self, neighbours: Neighbours, row: int, n: int = 5, snippets: bool = True) -> list[Source]:
+        """The n heaviest neighbours of one row of a search result, with their documents."""
+        d = torch.from_numpy(neighbours.distances[row:row + 1])
+        v = torch.from_numpy(neighbours.next_tokens[row:row + 1])
+        valid = knn.valid_mask(d, v)
+        weights = knn.neighbour_log_weights(d, valid, self.settings.temperature).exp()[0].numpy()
+        order = [i for i in np.argsort(-weights, kind="stable") if valid[0, i]][:n]
+        if not order:
+            return []
+        docs = self.store.document_refs([int(neighbours.document_ids[row, i]) for i in order])
+        out = []
+        for i in order:
+            doc_id, pos = int(neighbours.document_ids[row, i]), int(neighbours.positions[row, i])
+            ref = docs.get(doc_id)
+            tok = int(neighbours.next_tokens[row, i])
+            out.append(Source(
+                next_token=tok, next_token_text=self.tokenizer.decode([tok]),
+                distance=float(neighbours.distances[row, i]), weight=float(weights[i]),
+                corpus=ref.corpus if ref else "?", document_id=doc_id,
+                document=ref.source if ref else "?", title=ref.title if ref else None,
+                position=pos, snippet=self.store.snippet(doc_id, pos) if snippets else "",
+            ))
+        return out
+
+    def _explain_row(self, step: Step, row: int, index: int, token: int, n_sources: int) -> TokenExplanation:
+        retrieved = bool(step.retrieved[row])
+        p_knn = float(step.knn_log_probs[row, token].exp()) if retrieved else None
+        return TokenExplanation(
+            index=index, token=token, text=self.tokenizer.decode([token]),
+            p_lm=float(step.lm_log_probs[row, token].exp()), p_knn=p_knn,
+            p=float(step.log_probs[row, token].exp()), retrieved=retrieved,
+            sources=self.sources(step.neighbours, row, n_sources) if retrieved and n_sources else [],
+        )
+
+    def explain(self, text: str, n_sources: int = 3, window: int = 512) -> list[TokenExplanation]:
+        """Score ``text`` and give, for every token after the first, its sources."""
+        ids = self.encoder.tokenize(text)
+        if len(ids) < 2:
+            raise InputError("text to explain needs at least two tokens")
+        out: list[TokenExplanation] = []
+        for win in scored_windows(self.encoder, ids, window=window, stride=max(1, window * 3 // 4)):
+            step = self.step(win.keys, win.logits)
+            for row, (index, token) in enumerate(zip(win.indices.tolist(), win.targets.tolist())):
+                out.append(self._explain_row(step, row, index, token, n_sources))
+        return out
+
+    # --- generation -------------------------------------------------------------------
+
+    def logits_processor(self, record: bool = False) -> "KNNLogitsProcessor":
+        """A LogitsProcessor for ``model.generate``; use it inside its ``with`` block."""
+        return KNNLogitsProcessor(self, record=record)
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, max_new_tokens: int = 40, *, do_sample: bool = False,
+                 top_p: float | None = None, top_k: int | None = None, num_beams: int = 1,
+                 seed: int | None = None, explain: bool = False, n_sources: int = 3) -> Generation:
+        """Continue ``prompt`` with the kNN-LM (greedy by default).
+
+        The kNN mixture is applied first; sampling filters (top_p, top_k) then act on it.
+        With ``explain=True`` every generated token comes with its sources.
+        """
+        from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if seed is not None:
+            torch.manual_seed(seed)
+        enc = self.tokenizer(prompt, return_tensors="pt")
+        if enc["input_ids"].shape[1] == 0:
+            raise InputError("the prompt is empty: give at least one word")
+        warpers = []
+        if do_sample and top_k:
+            warpers.append(TopKLogitsWarper(top_k))
+        if do_sample and top_p is not None and top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        # generate()'s own sampling warpers would run before the mixture: turn them off
+        # and apply ours after it.
+        sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 0} if do_sample else {}
+        with self.logits_processor(record=explain) as proc:
+            out = self.model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
+                logits_processor=LogitsProcessorList([proc, *warpers]), pad_token_id=pad, **sampling,
+            )
+        new = out[0, enc["input_ids"].shape[1]:].tolist()
+        tokens: list[TokenExplanation] = []
+        if explain and num_beams == 1:
+            start = enc["input_ids"].shape[1]
+            for i, (tok, step) in enumerate(zip(new, proc.steps)):
+                tokens.append(self._explain_row(step, 0, start + i, tok, n_sources))
+        return Generation(prompt=prompt, text=self.tokenizer.decode(new, skip_special_tokens=True),
+                          token_ids=new, retrieved_fraction=proc.retrieved_fraction, tokens=tokens)
+
+
+class KNNLogitsProcessor(LogitsProcessor):
+    """Mixes the store's p_kNN into the scores of each decoding step of ``generate``.
+
+    Works with greedy search, sampling and beam search (each row of the scores is one
+    sequence or beam). It reads the current key with a hook, so it must be used inside
+    its ``with`` block, which adds the hook and always removes it. It returns log
+    probabilities of the mixture; sampling warpers passed after it act on the mixture.
+    """
+
+    def __init__(self, knnlm: KNNLM, record: bool = False) -> None:
+        self.knnlm, self.record = knnlm, record
+        self.steps: list[Step] = []
+        self._stack: contextlib.ExitStack | None = None
+        self._captured: list[torch.Tensor] | None = None
+        self._retrieved = self._total = 0
+
+    @property
+    def retrieved_fraction(self) -> float:
+        return self._retrieved / self._total if self._total else 0.0
+
+    def __enter__(self) -> "KNNLogitsProcessor":
+        self._stack = contextlib.ExitStack()
+        self._captured = self._stack.enter_context(self.knnlm.encoder.capture())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack, self._stack, self._captured = self._stack, None, None
+        if stack is not None:
+            stack.close()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._captured is None:
+            raise RuntimeError("use KNNLogitsProcessor inside its `with` block, so that it can "
+                               "read the model's keys: `with lm.logits_processor() as proc: ...`")
+        if not self._captured:
+            raise RuntimeError("no key was captured for this step: is the processor's model "
+                               "the one running generate()?")
+        keys = self._captured[-1][:, -1, :].float()  # the last position of each row
+        self._captured.clear()
+        if keys.shape[0] != scores.shape[0]:
+            raise RuntimeError(f"captured {keys.shape[0]} keys for {scores.shape[0]} rows of scores")
+        step = self.knnlm.step(keys, scores)
+        self._retrieved += int(step.retrieved.sum())
+        self._total += int(step.retrieved.numel())
+        if self.record:
+            self.steps.append(step)
+        return step.log_probs.to(scores.dtype)
+
+
+@dataclass
+class ScoredWindow:
+    """The positions one window scores: S targets, with the keys and logits before them."""
+
+    indices: np.ndarray  # [S] position of each target token in the text
+    targets: torch.Tensor  # [S] token ids
+    keys: torch.Tensor  # [S, dim] key of the position before each target
+    logits: torch.Tensor  # [S, V] the LM's logits for each target
+
+
+def scored_windows(encoder: Encoder, ids: list[int], window: int = 512, stride: int = 384,
+                   batch_size: int = 4) -> Iterator[ScoredWindow]:
+    """Sliding-window scoring of one token sequence: every token after the first exactly once.
+
+    Windows of ``window`` tokens start ``stride`` apart; each scores only the tokens the
+    previous one did not, so every scored token after the first window saw at least
+    ``window - stride`` tokens of context. A window longer than the model's positions
+    allow is shortened to fit.
+    """
+    if encoder.max_length is not None and window > encoder.max_length:
+        window, stride = encoder.max_length, min(stride, encoder.max_length * 3 // 4)
+    if not 0 < stride <= window - 1:
+        raise InputError(f"stride must be between 1 and window - 1 ({window - 1}), got {stride}")
+    spans = []  # (begin, end, first scored)
+    begin, scored = 0, 1
+    while scored < len(ids):
+        end = min(begin + window, len(ids))
+        spans.append((begin, end, scored))
+        scored, begin = end, begin + stride
+    for lo in range(0, len(spans), batch_size):
+        group = spans[lo:lo + batch_size]
+        width = max(e - b for b, e, _ in group)
+        batch = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, (b, e, _) in enumerate(group):
+            batch[row, :e - b] = torch.tensor(ids[b:e])
+            mask[row, :e - b] = 1
+        keys, logits = encoder.forward(batch, mask, with_logits=True)
+        for row, (b, e, first) in enumerate(group):
+            at = torch.arange(first - 1 - b, e - 1 - b)  # positions predicting first..e-1
+            yield ScoredWindow(indices=np.arange(first, e), targets=batch[row, at + 1],
+                               keys=keys[row, at], logits=logits[row, at])

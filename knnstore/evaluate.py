@@ -1,0 +1,204 @@
+"""Perplexity of a text with and without the store, and sweeps over λ, k and T.
+
+One pass over the text does everything: a sliding-window forward pass gives the LM's
+log probabilities and the keys; one batched search per group of windows gives the
+k_max nearest neighbours; then every (λ, k, T) of the sweep is scored from those
+neighbours (the k nearest are a prefix of the k_max nearest). Only running sums are
+kept, so memory does not grow with the length of the text.
+
+Example:
+    >>> lm = KNNLM.from_store("wiki-store")                         # doctest: +SKIP
+    >>> r = evaluate(lm, open("test.txt").read(), max_tokens=20000)  # doctest: +SKIP
+    >>> r.base_ppl, r.knn_ppl                                        # doctest: +SKIP
+    (22.2, 20.8)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import knn
+from .adapter import KNNLM, scored_windows
+from .errors import InputError
+
+ProgressFn = Callable[[int, int], None]
+
+
+def _ppl(nll_sum: float, n: int) -> float:
+    if n == 0:
+        return float("nan")
+    mean = nll_sum / n
+    return math.exp(mean) if mean < 700 else float("inf")
+
+
+@dataclass
+class SweepPoint:
+    lambda_: float
+    k: int
+    temperature: float
+    knn_ppl: float
+
+
+@dataclass
+class EvalResult:
+    """Perplexities of one text, base LM vs kNN-LM, with the settings and speeds.
+
+    ``knn_only_ppl`` is the perplexity of p_kNN alone over the positions that searched
+    the store; it is infinite when some target is not the next token of any of its k
+    neighbours (``knn_coverage`` is the fraction that is). With a sweep, ``knn_ppl`` and
+    the settings are those of the best point.
+    """
+
+    tokens: int
+    base_ppl: float
+    knn_ppl: float
+    knn_only_ppl: float
+    knn_coverage: float
+    retrieved_fraction: float
+    lambda_: float
+    k: int
+    temperature: float
+    search: str  # "exact" or "ann"
+    base_tokens_per_s: float
+    knn_tokens_per_s: float
+    sweep: list[SweepPoint] = field(default_factory=list)
+
+    @property
+    def speed_ratio(self) -> float:
+        """kNN-LM eval throughput ÷ base LM eval throughput."""
+        return self.knn_tokens_per_s / self.base_tokens_per_s if self.base_tokens_per_s else float("nan")
+
+    def to_dict(self) -> dict:
+        """JSON-ready: infinite or undefined numbers become None, `lambda_` is `lambda`."""
+        def clean(value):
+            if isinstance(value, float):
+                return round(value, 4) if math.isfinite(value) else None
+            return value
+        d = {k: clean(v) for k, v in asdict(self).items() if k != "sweep"}
+        d["lambda"] = d.pop("lambda_")
+        d["speed_ratio"] = clean(self.speed_ratio)
+        d["sweep"] = [{"lambda": p.lambda_, "k": p.k, "temperature": p.temperature,
+                       "knn_ppl": clean(p.knn_ppl)} for p in self.sweep]
+        return d
+
+
+def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float] | None = None,
+             ks: Sequence[int] | None = None, temperatures: Sequence[float] | None = None,
+             max_tokens: int | None = None, window: int = 512, stride: int = 384,
+             batch_size: int = 4, progress: ProgressFn | None = None) -> EvalResult:
+    """Perplexity of ``text`` (a string or token ids) with and without the store.
+
+    Args:
+        knnlm: the adapter; its settings give λ, k and T unless a sweep overrides them.
+        lambdas, ks, temperatures: sweep values (default: the adapter's own).
+        max_tokens: score at most this many tokens (the first ones).
+        window, stride: sliding-window scoring (each token scored once, with at least
+            window - stride tokens of context after the first window).
+    """
+    s = knnlm.settings
+    ids = list(text) if not isinstance(text, str) else knnlm.encoder.tokenize(text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens + 1]
+    if len(ids) < 2:
+        raise InputError("the text to evaluate has fewer than two tokens: give a longer text")
+    grid = list(itertools.product(lambdas or [s.lambda_], ks or [s.k], temperatures or [s.temperature]))
+    for lam, k, t in grid:
+        dataclasses.replace(s, lambda_=lam, k=k, temperature=t)  # validates each point
+    k_max = max(k for _, k, _ in grid)
+    total = len(ids) - 1
+
+    n = n_retrieved = n_covered = 0
+    base_nll = knn_only_nll = 0.0
+    mix_nll = np.zeros(len(grid))
+    t_base = t_knn = 0.0
+    windows = scored_windows(knnlm.encoder, ids, window=window, stride=stride, batch_size=batch_size)
+    while True:
+        t0 = time.perf_counter()
+        win = next(windows, None)
+        if win is None:
+            break
+        lm_log_probs = torch.log_softmax(win.logits.float(), dim=-1)  # [S, V]
+        target_lm = lm_log_probs.gather(1, win.targets.unsqueeze(1)).squeeze(1).double()
+        t1 = time.perf_counter()
+
+        retrieve = knnlm.retrieval_mask(lm_log_probs)
+        d = torch.full((len(win.targets), k_max), math.inf, dtype=torch.float32)
+        matches = torch.zeros(len(win.targets), k_max, dtype=torch.bool)
+        valid = torch.zeros_like(matches)
+        if retrieve.any():
+            found = knnlm.search(win.keys[retrieve], k=k_max)
+            nt = torch.from_numpy(found.next_tokens)
+            dist = torch.from_numpy(found.distances)
+            d[retrieve] = dist
+            matches[retrieve] = nt == win.targets[retrieve].unsqueeze(1)
+            valid[retrieve] = knn.valid_mask(dist, nt)
+        for i, (lam, k, t) in enumerate(grid):
+            knn_t = knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t)
+            has = valid[:, :k].any(dim=1)
+            mix_nll[i] -= float(knn.interpolate(target_lm, knn_t, lam, has_knn=has).sum())
+            if i == 0:
+                t_knn += time.perf_counter() - t1  # search + one mixture: the kNN-LM's extra cost
+                sel = knn_t[retrieve]
+                knn_only_nll -= float(sel.sum())
+                n_covered += int(torch.isfinite(sel).sum())
+        t_base += t1 - t0
+        base_nll -= float(target_lm.sum())
+        n += len(win.targets)
+        n_retrieved += int(retrieve.sum())
+        if progress:
+            progress(n, total)
+
+    points = [SweepPoint(lam, k, t, _ppl(nll, n)) for (lam, k, t), nll in zip(grid, mix_nll)]
+    best = min(points, key=lambda p: p.knn_ppl)
+    return EvalResult(
+        tokens=n, base_ppl=_ppl(base_nll, n), knn_ppl=best.knn_ppl,
+        knn_only_ppl=_ppl(knn_only_nll, n_retrieved) if n_covered == n_retrieved else float("inf"),
+        knn_coverage=n_covered / n_retrieved if n_retrieved else 0.0,
+        retrieved_fraction=n_retrieved / n if n else 0.0,
+        lambda_=best.lambda_, k=best.k, temperature=best.temperature,
+        search="exact" if knnlm.settings.exact or not knnlm.store.table.has_vector_index() else "ann",
+        base_tokens_per_s=n / t_base if t_base else float("nan"),
+        knn_tokens_per_s=n / (t_base + t_knn) if t_base + t_knn else float("nan"),
+        sweep=points if len(points) > 1 else [],
+    )
+
+
+def write_sweep(result: EvalResult, prefix: str | Path) -> tuple[Path, Path]:
+    """Write a sweep as CSV and as a PNG plot (perplexity vs λ, one line per k and T)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prefix = Path(prefix)
+    csv_path, png_path = prefix.with_suffix(".csv"), prefix.with_suffix(".png")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["lambda", "k", "temperature", "knn_ppl", "base_ppl", "tokens"])
+        for p in result.sweep:
+            w.writerow([p.lambda_, p.k, p.temperature, f"{p.knn_ppl:.4f}", f"{result.base_ppl:.4f}", result.tokens])
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    lines = sorted({(p.k, p.temperature) for p in result.sweep})
+    for k, t in lines:
+        pts = sorted((p.lambda_, p.knn_ppl) for p in result.sweep if p.k == k and p.temperature == t)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"kNN-LM, k={k}, T={t:g}")
+    ax.axhline(result.base_ppl, color="black", linestyle="--", label=f"base LM ({result.base_ppl:.2f})")
+    ax.set_xlabel("λ (weight of p_kNN)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"kNN-LM perplexity on {result.tokens:,} tokens ({result.search} search)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return csv_path, png_path
