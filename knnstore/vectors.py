@@ -227,6 +227,8 @@ class ExactSearch:
         cache: list | None = []
         used = 0
         for vectors, meta in self.table.scan_vectors(self.batch_rows):
+            if not vectors.flags.writeable:  # zero-copy from Arrow (float32 stores)
+                vectors = vectors.copy()
             x = torch.from_numpy(np.ascontiguousarray(vectors))
             item = (x, (x * x).sum(dim=1), meta)
             if cache is not None:

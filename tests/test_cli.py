@@ -102,3 +102,80 @@ def test_every_command_has_help_with_an_example(runner):
         result = runner.invoke(cli, [name, "--help"])
         assert result.exit_code == 0
         assert command.help and "Example" in command.help, f"{name} lacks help or an example"
+
+
+@pytest.fixture
+def filled_store(runner, cli_store, text_dir):
+    result = runner.invoke(cli, ["add-corpus", str(cli_store), "docs", str(text_dir), *SMALL])
+    assert result.exit_code == 0, result.output
+    return cli_store
+
+
+def test_eval_prints_base_and_knn_perplexity_side_by_side(runner, filled_store, text_dir):
+    text = str(text_dir / "b.md")
+    result = runner.invoke(cli, ["eval", str(filled_store), "--text", text, "--json",
+                                 "--k", "8", "--lambda", "0.5", "--temperature", "1"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert {"base_ppl", "knn_ppl", "knn_only_ppl", "tokens"} <= r.keys()
+    assert r["knn_ppl"] < r["base_ppl"] / 5 and r["search"] == "exact"
+    assert (r["k"], r["lambda"], r["temperature"], r["retrieved_fraction"]) == (8, 0.5, 1.0, 1.0)
+    table = runner.invoke(cli, ["eval", str(filled_store), "--text", text, "--max-tokens", "20"])
+    assert table.exit_code == 0 and "base LM" in table.output and "kNN-LM (λ=0.25" in table.output
+    assert "20 tokens" in table.output
+
+
+def test_eval_sweep_writes_a_csv_and_a_plot(runner, filled_store, text_dir, tmp_path):
+    prefix = tmp_path / "sweep"
+    result = runner.invoke(cli, ["eval", str(filled_store), "--text", str(text_dir / "a.txt"),
+                                 "--lambda", "0.1,0.5", "--k", "4,8", "--sweep-out", str(prefix), "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert len(r["sweep"]) == 4 and r["sweep_files"] == [str(prefix) + ".csv", str(prefix) + ".png"]
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert rows[0] == "lambda,k,temperature,knn_ppl,base_ppl,tokens" and len(rows) == 5
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_generate_and_explain_show_the_sources(runner, filled_store):
+    result = runner.invoke(cli, ["generate", str(filled_store), "To be, or", "--max-new-tokens", "5",
+                                 "--lambda", "0.9", "--temperature", "1", "--explain"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("To be, or not to")
+    assert "docs: b" in result.output  # the source document of the neighbours
+    g = json.loads(runner.invoke(cli, ["generate", str(filled_store), "To be, or", "--max-new-tokens", "3",
+                                       "--sample", "--seed", "1", "--json"]).stdout)
+    assert len(g["token_ids"]) == 3 and len(g["tokens"]) == 3
+    assert {"corpus", "document", "title", "position", "snippet", "weight", "distance"} <= g["tokens"][0]["sources"][0].keys()
+    ex = runner.invoke(cli, ["explain", str(filled_store), "First Citizen: Before we", "--json"])
+    assert ex.exit_code == 0, ex.output
+    tokens = json.loads(ex.stdout)
+    assert tokens[-1]["sources"][0]["document"].endswith("c.txt")
+
+
+def test_index_trains_and_reports_the_ann_index(runner, filled_store, tmp_path):
+    status = runner.invoke(cli, ["index", str(filled_store), "--status"])
+    assert status.exit_code == 0 and "none (exact search)" in status.output
+    # too few rows here for a real index; train a tiny one
+    result = runner.invoke(cli, ["index", str(filled_store), "--partitions", "2", "--sub-vectors", "2"])
+    assert result.exit_code == 0, result.output
+    assert "IvfPq" in result.output or "IVF_PQ" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (lambda s, t: ["eval", s, "--text", _write(t, "bin.txt", b"\x00\x01")], "not UTF-8 text"),
+    (lambda s, t: ["eval", s, "--text", _write(t, "empty.txt", b"  ")], "is empty"),
+    (lambda s, t: ["eval", s, "--text", _write(t, "one.txt", b"x"), "--lambda", "1.5"], "lambda must be between 0 and 1"),
+    (lambda s, t: ["eval", s, "--text", _write(t, "two.txt", b"x"), "--k", "a,b"], "comma-separated"),
+    (lambda s, t: ["generate", s, "To be", "--k", "4,8"], "takes one value here"),
+    (lambda s, t: ["generate", s, "To be", "--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+    (lambda s, t: ["explain", s, "x", "--temperature", "0"], "temperature must be positive"),
+])
+def test_eval_and_generate_mistakes_get_one_line_and_change_nothing(runner, filled_store, tmp_path, args, message):
+    before = snapshot(filled_store)
+    result = runner.invoke(cli, args(str(filled_store), tmp_path))
+    assert result.exit_code != 0
+    assert message in result.output and "Traceback" not in result.output
+    after = snapshot(filled_store)
+    assert {k for k in before.keys() | after.keys()
+            if before.get(k) != after.get(k) and not k.endswith(("-shm", "-wal"))} == set()
