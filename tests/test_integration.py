@@ -84,6 +84,32 @@ def test_stored_keys_equal_the_keys_the_model_computes_and_values_are_next_token
         np.testing.assert_allclose(stored, keys[0, -1].numpy(), rtol=1e-2, atol=5e-2)
 
 
+def test_the_real_knn_lm_scores_stored_text_far_better_and_never_changes_with_lambda_zero(real_store, texts, smollm):
+    from knnstore import KNNLM
+
+    store, _, _ = real_store
+    lm = KNNLM(smollm.model, smollm.tokenizer, store, k=32, lambda_=0.25, temperature=10.0)
+    article = (texts / "wiki" / "0.txt").read_text()[:3000]
+    r = lm.evaluate(article, window=256, stride=192)
+    assert r.tokens > 500 and r.knn_coverage > 0.95
+    assert r.knn_ppl < 0.6 * r.base_ppl
+    assert lm.with_settings(lambda_=0.0).evaluate(article[:800]).knn_ppl == lm.evaluate(article[:800]).base_ppl
+
+
+def test_real_generation_continues_a_stored_article_and_cites_it(real_store, texts, smollm):
+    from knnstore import KNNLM
+
+    store, _, _ = real_store
+    lm = KNNLM(smollm.model, smollm.tokenizer, store, k=32, lambda_=0.6, temperature=10.0)
+    article = (texts / "wiki" / "0.txt").read_text()
+    prompt = " ".join(article.split()[20:40])
+    g = lm.generate(prompt, max_new_tokens=12, explain=True)
+    expected = " ".join(article.split()[40:46])
+    assert " ".join(g.text.split()).startswith(expected[:20])
+    cited = [t.sources[0].document for t in g.tokens if t.sources]
+    assert cited and sum(c.endswith("0.txt") for c in cited) / len(cited) > 0.8
+
+
 def test_a_removed_corpus_never_comes_back_from_search(real_store):
     store, wiki, bard = real_store
     table = store.table._table.to_arrow()
@@ -106,6 +132,7 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     code = code.replace('"wiki-store"', repr(str(tmp_path / "wiki-store")))
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
-    store = namespace["store"]
-    assert namespace["found"].next_tokens.shape[1] == 8
+    store, g, r = namespace["store"], namespace["g"], namespace["r"]
+    assert g.text.strip() and g.tokens[0].sources and g.tokens[0].sources[0].corpus == "wiki"
+    assert r.knn_ppl < r.base_ppl
     assert store.corpora() == []  # the example ends by removing its corpus
