@@ -58,7 +58,11 @@ class Source:
 
 @dataclass
 class TokenExplanation:
-    """One scored or generated token, its probabilities and (optionally) its sources."""
+    """One scored or generated token, its probabilities and (optionally) its sources.
+
+    ``sources`` are the heaviest neighbours of the position, those that voted for this
+    token first.
+    """
 
     index: int  # position of the token in the sequence
     token: int
@@ -186,13 +190,21 @@ class KNNLM:
 
     # --- provenance ------------------------------------------------------------------
 
-    def sources(self, neighbours: Neighbours, row: int, n: int = 5, snippets: bool = True) -> list[Source]:
-        """The n heaviest neighbours of one row of a search result, with their documents."""
+    def sources(self, neighbours: Neighbours, row: int, n: int = 5, token: int | None = None,
+                snippets: bool = True) -> list[Source]:
+        """The n heaviest neighbours of one row of a search result, with their documents.
+
+        With ``token``, the neighbours whose next token is ``token`` (its support) come
+        first, heaviest first, then the others.
+        """
         d = torch.from_numpy(neighbours.distances[row:row + 1])
         v = torch.from_numpy(neighbours.next_tokens[row:row + 1])
         valid = knn.valid_mask(d, v)
         weights = knn.neighbour_log_weights(d, valid, self.settings.temperature).exp()[0].numpy()
-        order = [i for i in np.argsort(-weights, kind="stable") if valid[0, i]][:n]
+        order = [i for i in np.argsort(-weights, kind="stable") if valid[0, i]]
+        if token is not None:
+            order = ([i for i in order if v[0, i] == token] + [i for i in order if v[0, i] != token])
+        order = order[:n]
         if not order:
             return []
         docs = self.store.document_refs([int(neighbours.document_ids[row, i]) for i in order])
@@ -217,7 +229,7 @@ class KNNLM:
             index=index, token=token, text=self.tokenizer.decode([token]),
             p_lm=float(step.lm_log_probs[row, token].exp()), p_knn=p_knn,
             p=float(step.log_probs[row, token].exp()), retrieved=retrieved,
-            sources=self.sources(step.neighbours, row, n_sources) if retrieved and n_sources else [],
+            sources=self.sources(step.neighbours, row, n_sources, token=token) if retrieved and n_sources else [],
         )
 
     def explain(self, text: str, n_sources: int = 3, window: int = 512) -> list[TokenExplanation]:

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.table import Table
 from rich.text import Text
 
-from .config import DEFAULT_MODEL, DTYPES, KEY_SITES, IngestSettings, SourceOptions
+from .config import DEFAULT_MODEL, DTYPES, KEY_SITES, IngestSettings, KNNSettings, SourceOptions
 from .errors import KnnstoreError
 
 err = Console(stderr=True, soft_wrap=True)
@@ -298,16 +298,17 @@ def _knn_options(sweep: bool):
     def decorate(f):
         for opt in reversed([
             click.option("--k", "k", callback=_numbers(int, "k"),
-                         help=f"Neighbours per position [default: 64]{many}."),
+                         help=f"Neighbours per position [default: {KNNSettings.k}]{many}."),
             click.option("--lambda", "lambda_", callback=_numbers(float, "lambda"),
-                         help=f"Weight of p_kNN in the mixture [default: 0.25]{many}."),
+                         help=f"Weight of p_kNN in the mixture [default: {KNNSettings.lambda_}]{many}."),
             click.option("--temperature", callback=_numbers(float, "temperature"),
-                         help=f"T in p_kNN ∝ exp(-distance / T) [default: 10]{many}."),
+                         help=f"T in p_kNN ∝ exp(-distance / T) [default: {KNNSettings.temperature:g}]{many}."),
             click.option("--exact", is_flag=True, default=None,
                          help="Brute-force search over all stored keys instead of the ANN index."),
-            click.option("--nprobes", type=int, help="ANN: index partitions searched [default: 32]."),
+            click.option("--nprobes", type=int,
+                         help=f"ANN: index partitions searched [default: {KNNSettings.nprobes}]."),
             click.option("--refine-factor", type=int,
-                         help="ANN: candidates re-ranked with exact distances, times k [default: 4]."),
+                         help=f"ANN: candidates re-ranked with exact distances, times k [default: {KNNSettings.refine_factor}]."),
             click.option("--skip-above-prob", type=float,
                          help="Adaptive retrieval: skip the store where the LM's top probability is at least this."),
             click.option("--skip-below-entropy", type=float,
@@ -321,7 +322,6 @@ def _knn_options(sweep: bool):
 def _knnlm(store, k, lambda_, temperature, exact, nprobes, refine_factor, skip_above_prob,
            skip_below_entropy, single: bool):
     from .adapter import KNNLM
-    from .config import KNNSettings
 
     if single:
         for name, values in (("--k", k), ("--lambda", lambda_), ("--temperature", temperature)):
@@ -488,13 +488,16 @@ def explain(store, text, k, lambda_, temperature, exact, nprobes, refine_factor,
 
 def _print_explanations(tokens) -> None:
     table = Table()
-    for column in ("token", "p LM", "p kNN", "p", "top sources (weight)", "nearest stored context"):
+    for column in ("token", "p LM", "p kNN", "p", "top sources (weight)", "stored context behind it"):
         table.add_column(column, justify="right" if column.startswith("p") else "left")
     for t in tokens:
         docs = "; ".join(f"{name} ({w:.2f})" for name, w in t.top_documents(2)) or "-"
-        snippet = t.sources[0].snippet.replace("\n", " ") if t.sources else ""
-        table.add_row(repr(t.text)[1:-1], f"{t.p_lm:.3f}", "-" if t.p_knn is None else f"{t.p_knn:.3f}",
-                      f"{t.p:.3f}", docs, snippet)
+        snippet = " ".join(t.sources[0].snippet.split()) if t.sources else ""
+        if t.sources and t.sources[0].next_token != t.token:
+            snippet = f"(no neighbour has this token; nearest:) {snippet}"
+        # Text(), not markup: stored text may hold [brackets]
+        table.add_row(Text(repr(t.text)[1:-1]), f"{t.p_lm:.3f}",
+                      "-" if t.p_knn is None else f"{t.p_knn:.3f}", f"{t.p:.3f}", Text(docs), Text(snippet))
     out.print(table)
 
 

@@ -133,9 +133,10 @@ class KNNSettings:
             entropy (nats) at most ``skip_below_entropy``. None: always retrieve.
     """
 
-    k: int = 64
-    lambda_: float = 0.25
-    temperature: float = 10.0
+    # Defaults measured with SmolLM2-135M and a WikiText-2 store (docs/adapter.md).
+    k: int = 128
+    lambda_: float = 0.15
+    temperature: float = 3.0
     exact: bool = False
     nprobes: int = 32
     refine_factor: int = 4

@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from knnstore import Store
+from knnstore import KNNSettings, Store
 from knnstore.cli import cli
 
 from .conftest import snapshot
@@ -121,7 +121,7 @@ def test_eval_prints_base_and_knn_perplexity_side_by_side(runner, filled_store, 
     assert r["knn_ppl"] < r["base_ppl"] / 5 and r["search"] == "exact"
     assert (r["k"], r["lambda"], r["temperature"], r["retrieved_fraction"]) == (8, 0.5, 1.0, 1.0)
     table = runner.invoke(cli, ["eval", str(filled_store), "--text", text, "--max-tokens", "20"])
-    assert table.exit_code == 0 and "base LM" in table.output and "kNN-LM (λ=0.25" in table.output
+    assert table.exit_code == 0 and "base LM" in table.output and f"kNN-LM (λ={KNNSettings.lambda_:g}, k={KNNSettings.k}" in table.output
     assert "20 tokens" in table.output
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set everything up, then, with the bundled default model (SmolLM2-135M): build a small store
-# from part of Tiny Shakespeare's training text, show the perplexity of Shakespeare's held-out
-# test text with and without it, and generate a sample that cites its sources.
+# from the last chapters of the training part of two Jane Austen novels (Project Gutenberg),
+# show the perplexity of the held-out end of "Emma" with and without the store, and generate
+# a sample without the store (--lambda 0) and with it, citing the stored text behind each token.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
@@ -10,10 +11,12 @@ STORE=${1:-demo-store}
 export PATH="$PWD/.venv/bin:$PATH"
 rm -rf "$STORE" demo-data
 mkdir -p demo-data
-head -c 120000 "$DATA/tinyshakespeare/train.txt" > demo-data/shakespeare-train-part.txt
+tail -c 100000 "$DATA/gutenberg/docs/austen-emma.txt" > demo-data/emma.txt
+tail -c 60000 "$DATA/gutenberg/docs/austen-persuasion.txt" > demo-data/persuasion.txt
 set -x
 knnstore init "$STORE"
-knnstore add-corpus "$STORE" shakespeare demo-data/shakespeare-train-part.txt
+knnstore add-corpus "$STORE" austen demo-data
 knnstore list "$STORE"
-knnstore eval "$STORE" --text "$DATA/tinyshakespeare/test.txt" --max-tokens 4000
-knnstore generate "$STORE" "ROMEO:" --max-new-tokens 24 --explain --sources 1
+knnstore eval "$STORE" --text "$DATA/gutenberg/test.txt" --max-tokens 4000
+knnstore generate "$STORE" "Emma could not forgive Mr." --max-new-tokens 8 --lambda 0
+knnstore generate "$STORE" "Emma could not forgive Mr." --max-new-tokens 8 --explain --sources 1
