@@ -171,6 +171,8 @@ class KNNLM:
         lm_log_probs = torch.log_softmax(lm_logits.float(), dim=-1)
         n, vocab = lm_log_probs.shape
         retrieve = self.retrieval_mask(lm_log_probs)
+        if s.lambda_ == 0.0:  # the plain LM: nothing to look up
+            retrieve = torch.zeros_like(retrieve)
         neighbours = Neighbours.empty(n, s.k)
         rows = retrieve.nonzero().flatten().numpy()
         if len(rows):

@@ -133,6 +133,13 @@ def test_greedy_generate_with_the_processor_matches_a_hand_written_loop(lm):
     assert g.retrieved_fraction == 1.0
 
 
+def test_lambda_zero_generation_is_the_plain_model_and_never_searches(lm):
+    g = lm.with_settings(lambda_=0.0).generate("To be, or", max_new_tokens=5)
+    plain = lm.model.generate(**lm.tokenizer("To be, or", return_tensors="pt"), max_new_tokens=5,
+                              do_sample=False, pad_token_id=1)
+    assert g.token_ids == plain[0, -5:].tolist() and g.retrieved_fraction == 0.0
+
+
 def test_the_store_steers_greedy_generation_to_the_memorised_text(lm):
     g = lm.with_settings(lambda_=0.9).generate("The European", max_new_tokens=6)
     assert g.text.startswith(" lobster is a")
