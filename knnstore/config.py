@@ -133,7 +133,7 @@ class KNNSettings:
             entropy (nats) at most ``skip_below_entropy``. None: always retrieve.
     """
 
-    # Defaults measured with SmolLM2-135M and a WikiText-2 store (docs/adapter.md).
+    # Defaults chosen by a sweep with SmolLM2-135M and a WikiText-2 store (docs/performance.md).
     k: int = 128
     lambda_: float = 0.15
     temperature: float = 3.0
@@ -156,10 +156,6 @@ class KNNSettings:
             raise InputError("nprobes and refine_factor must be at least 1")
         if self.skip_above_prob is not None and not 0.0 < self.skip_above_prob <= 1.0:
             raise InputError(f"skip_above_prob must be in (0, 1], got {self.skip_above_prob}")
-
-    @property
-    def adaptive(self) -> bool:
-        return self.skip_above_prob is not None or self.skip_below_entropy is not None
 
     @classmethod
     def resolve(cls, **given) -> "KNNSettings":

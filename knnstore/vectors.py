@@ -1,8 +1,10 @@
-"""The LanceDB table `pairs`: schema, add, delete, batched nearest-neighbour search.
+"""The LanceDB table `pairs`: schema, add, delete, index, batched nearest-neighbour search.
 
 One row per stored pair: the key vector, the next token and where the pair came from.
 Every ``add`` is one atomic LanceDB commit. Searches run on a pinned snapshot of the
 table (``refresh`` moves it forward), so a reader never sees a write half-done.
+``PairsTable.search`` is LanceDB's search (IVF-PQ with exact re-ranking once an index
+exists); ``ExactSearch`` is the brute-force reference (torch, streaming over the table).
 """
 
 from __future__ import annotations
