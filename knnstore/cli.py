@@ -530,6 +530,102 @@ def index(store, status_only, rebuild, partitions, sub_vectors):
     out.print(f"index: {kinds}; {state['indexed_rows']:,} rows indexed, {state['unindexed_rows']:,} not")
 
 
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.argument("query", required=False)
+@click.option("--format", "fmt", default="table", show_default=True,
+              type=click.Choice(["table", "csv", "json", "parquet"]),
+              help="Output format; json is a list of row objects; parquet needs --output.")
+@click.option("--output", "output", type=click.Path(dir_okay=False),
+              help="Write the result to this file instead of the terminal.")
+@click.option("--max-rows", default=50, show_default=True,
+              help="Rows shown in table format (the other formats write every row).")
+def sql(store, query, fmt, output, max_rows):
+    """Run a read-only SQL query over a store (DuckDB); without QUERY, an interactive prompt.
+
+    \b
+    Views:
+      pairs      pair_id, corpus, corpus_id, document_id, position, token, token_text,
+                 next_token, next_token_text, vector (float32; read only when selected)
+      documents  id, corpus, corpus_id, ordinal, source, title, sha256, n_tokens, n_pairs,
+                 status, metadata
+      corpora    id, name, status, source, n_documents, n_tokens, n_pairs, created_at, ready_at
+      vocab      token_id, piece, text
+      runs       id, corpus_id, corpus_name, kind, status, started_at, finished_at, error, ...
+    Only SELECT runs: anything that would change the store or reach outside it is refused.
+
+    \b
+    Example:
+        knnstore sql wiki-store "SELECT next_token_text, count(*) AS n FROM pairs GROUP BY 1 ORDER BY n DESC LIMIT 10"
+        knnstore sql wiki-store "SELECT title, n_pairs FROM documents ORDER BY n_pairs DESC" --format csv
+    """
+    from .sql import SQLSession
+
+    if fmt == "parquet" and not output:
+        raise click.BadParameter("parquet is binary: give --output FILE", param_hint="--format")
+    session = SQLSession(_open(store))
+    if query is not None:
+        _emit(session.execute(query), fmt, output, max_rows)
+        return
+    _interactive(session, fmt, max_rows)
+
+
+def _emit(table, fmt: str, output, max_rows: int) -> None:
+    from .sql import write_result
+
+    if output:
+        write_result(table, "csv" if fmt == "table" else fmt, output)
+        err.print(f"Wrote {table.num_rows:,} rows to {output}")
+    elif fmt == "table":
+        _print_rows(table, max_rows)
+    else:
+        write_result(table, fmt, sys.stdout.buffer)
+        sys.stdout.flush()
+
+
+def _cell(value) -> Text:
+    if isinstance(value, list):
+        shown = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value[:4])
+        return Text(f"[{shown}{', …' if len(value) > 4 else ''}] ({len(value)})")
+    text = "" if value is None else repr(value)[1:-1] if isinstance(value, str) else str(value)
+    return Text(text if len(text) <= 80 else text[:79] + "…")
+
+
+def _print_rows(table, max_rows: int) -> None:
+    grid = Table()
+    for field in table.schema:
+        numeric = str(field.type).startswith(("int", "uint", "float", "double", "decimal"))
+        grid.add_column(field.name, justify="right" if numeric else "left")
+    for row in table.slice(0, max_rows).to_pylist():
+        grid.add_row(*(_cell(v) for v in row.values()))
+    out.print(grid)
+    more = table.num_rows - max_rows
+    out.print(f"{table.num_rows:,} rows" + (f" ({more:,} not shown: use --max-rows, or --format csv)" if more > 0 else ""))
+
+
+def _interactive(session, fmt: str, max_rows: int) -> None:
+    err.print("knnstore sql: read-only SQL over the views pairs, documents, corpora, vocab, runs. "
+              "End a statement with ';'. Quit with .quit or Ctrl-D.")
+    buffer: list[str] = []
+    while True:
+        try:
+            line = input("knnstore> " if not buffer else "     ...> ")
+        except EOFError:
+            err.print()
+            return
+        if not buffer and line.strip() in (".quit", ".exit", "quit", "exit"):
+            return
+        buffer.append(line)
+        statement = "\n".join(buffer).strip()
+        if not statement.endswith(";"):
+            continue
+        buffer = []
+        try:
+            _emit(session.execute(statement.rstrip(";")), fmt, None, max_rows)
+        except KnnstoreError as exc:
+            err.print(Text(f"Error: {exc}", style="red"))
+
+
 def _echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2))
 

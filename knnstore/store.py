@@ -411,6 +411,20 @@ class Store:
         return self.table.search(vectors, k, exclude_corpora=self._hidden,
                                  nprobes=nprobes, refine_factor=refine_factor)
 
+    def sql(self, query: str):
+        """Run one read-only SQL query over the store's views; returns a pyarrow Table.
+
+        Views: pairs, documents, corpora, vocab, runs (see ``knnstore.sql``). Anything
+        but SELECT is refused with ReadOnlyError, and the store is never changed.
+        """
+        from .sql import SQLSession
+
+        session = SQLSession(self)
+        try:
+            return session.execute(query)
+        finally:
+            session.close()
+
     def create_index(self, num_partitions: int | None = None, num_sub_vectors: int | None = None) -> None:
         """Train the ANN index (IVF-PQ) on the stored keys; searches use it from then on."""
         with self._write_lock():

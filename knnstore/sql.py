@@ -1,0 +1,234 @@
+"""Read-only SQL over a store: DuckDB over the Lance `pairs` table and the catalog.
+
+Views (``knnstore sql STORE "SELECT ..."`` or ``Store.sql(query)``):
+
+* ``pairs``: pair_id, corpus, corpus_id, document_id, position, token, token_text,
+  next_token, next_token_text, vector. Only pairs of ready corpora. The Lance table is
+  scanned in place, with projections and filters pushed down; ``vector`` (float32) is
+  read only when a query selects it.
+* ``documents``: the ready documents of ready corpora (id, corpus, corpus_id, ordinal,
+  source, title, sha256, n_tokens, n_pairs, status, metadata as JSON text).
+* ``corpora``: every corpus with its status (as ``knnstore list`` shows them).
+* ``vocab``: token_id, piece, text.
+* ``runs``: the history of adds, resumes and removals.
+
+Read-only and contained: only SELECT (and EXPLAIN, DESCRIBE, SHOW) statements run; the
+DuckDB connection is in memory, cannot read or write files (``enable_external_access``
+off, configuration locked), and never touches the catalog database except to read it
+through SQLAlchemy before the query runs.
+
+Example:
+    >>> store.sql("SELECT next_token_text, count(*) AS n FROM pairs "
+    ...           "GROUP BY 1 ORDER BY n DESC LIMIT 3")                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import duckdb
+import lance
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from . import catalog
+from .catalog import READY
+from .errors import InputError, ReadOnlyError
+
+if TYPE_CHECKING:
+    from .store import Store
+
+_ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+VIEWS = ("pairs", "documents", "corpora", "vocab", "runs")
+
+
+class _PairsDataset(lance.LanceDataset):
+    """The Lance dataset as DuckDB should see it: only rows of visible corpora, and
+    ``vector`` as float32 (DuckDB cannot read float16), converted only in scans that ask
+    for it. DuckDB's projection and filter are pushed down to Lance."""
+
+    @classmethod
+    def of(cls, dataset: lance.LanceDataset, visible: set[int]) -> "_PairsDataset":
+        view = cls.__new__(cls)
+        view.__dict__.update(dataset.__dict__)  # same dataset, same pinned version
+        view._visible = pc.field("corpus_id").isin(sorted(visible))
+        return view
+
+    @property
+    def schema(self) -> pa.Schema:
+        schema = super().schema
+        i = schema.get_field_index("vector")
+        dim = schema.field("vector").type.list_size
+        return schema.set(i, pa.field("vector", pa.list_(pa.float32(), dim)))
+
+    def scanner(self, *args, **kwargs):
+        columns = kwargs.get("columns") or self.schema.names
+        kwargs["columns"] = list(columns)
+        given = kwargs.get("filter")
+        kwargs["filter"] = self._visible if given is None else (given & self._visible)
+        scan = super().scanner(*args, **kwargs)
+        if "vector" not in columns:
+            return scan
+        target = pa.schema([self.schema.field(c) for c in columns])
+
+        def batches():
+            for batch in scan.to_batches():
+                yield pa.RecordBatch.from_arrays(
+                    [batch.column(c).cast(target.field(c).type) for c in columns], schema=target)
+
+        return pds.Scanner.from_batches(batches(), schema=target)
+
+
+def _catalog_tables(store: "Store", visible: set[int]) -> dict[str, pa.Table]:
+    """The catalog tables as Arrow, read through SQLAlchemy (SQLite or PostgreSQL alike)."""
+    C, D, R, V = catalog.Corpus, catalog.Document, catalog.IngestRun, catalog.Vocab
+    with Session(store.engine) as s:
+        corpora = s.execute(select(
+            C.id, C.name, C.status, C.source, C.n_documents, C.n_tokens, C.n_pairs,
+            C.created_at, C.ready_at).order_by(C.id)).all()
+        names = {r.id: r.name for r in corpora}
+        docs = s.execute(select(
+            D.id, D.corpus_id, D.ordinal, D.source, D.title, D.sha256, D.n_tokens, D.n_pairs,
+            D.status, D.meta).where(D.corpus_id.in_(sorted(visible)), D.status == READY)
+            .order_by(D.corpus_id, D.ordinal)).all()
+        runs = s.execute(select(
+            R.id, R.corpus_id, R.corpus_name, R.kind, R.status, R.started_at, R.finished_at,
+            R.error, R.n_documents, R.n_tokens, R.n_pairs, R.tokens_per_s).order_by(R.id)).all()
+        vocab = s.execute(select(V.token_id, V.piece, V.text).order_by(V.token_id)).all()
+
+    info = {c.id: c for c in store.corpora()}  # statuses as `list` shows them (dead writers: failed)
+
+    def table(rows, schema: pa.Schema) -> pa.Table:
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    ts = pa.timestamp("us")
+    return {
+        "corpora": table([{
+            "id": r.id, "name": r.name, "status": info[r.id].status if r.id in info else r.status,
+            "source": r.source, "n_documents": r.n_documents, "n_tokens": r.n_tokens,
+            "n_pairs": r.n_pairs, "created_at": r.created_at, "ready_at": r.ready_at,
+        } for r in corpora], pa.schema([
+            ("id", pa.int32()), ("name", pa.string()), ("status", pa.string()), ("source", pa.string()),
+            ("n_documents", pa.int64()), ("n_tokens", pa.int64()), ("n_pairs", pa.int64()),
+            ("created_at", ts), ("ready_at", ts)])),
+        "documents": table([{
+            "id": r.id, "corpus": names.get(r.corpus_id), "corpus_id": r.corpus_id,
+            "ordinal": r.ordinal, "source": r.source, "title": r.title, "sha256": r.sha256,
+            "n_tokens": r.n_tokens, "n_pairs": r.n_pairs, "status": r.status,
+            "metadata": None if r.meta is None else json.dumps(r.meta, ensure_ascii=False),
+        } for r in docs], pa.schema([
+            ("id", pa.int64()), ("corpus", pa.string()), ("corpus_id", pa.int32()),
+            ("ordinal", pa.int64()), ("source", pa.string()), ("title", pa.string()),
+            ("sha256", pa.string()), ("n_tokens", pa.int64()), ("n_pairs", pa.int64()),
+            ("status", pa.string()), ("metadata", pa.string())])),
+        "runs": table([dict(r._mapping) for r in runs], pa.schema([
+            ("id", pa.int64()), ("corpus_id", pa.int32()), ("corpus_name", pa.string()),
+            ("kind", pa.string()), ("status", pa.string()), ("started_at", ts), ("finished_at", ts),
+            ("error", pa.string()), ("n_documents", pa.int64()), ("n_tokens", pa.int64()),
+            ("n_pairs", pa.int64()), ("tokens_per_s", pa.float64())])),
+        "vocab": table([dict(r._mapping) for r in vocab], pa.schema([
+            ("token_id", pa.int32()), ("piece", pa.string()), ("text", pa.string())])),
+    }
+
+
+class SQLSession:
+    """A read-only DuckDB connection over one snapshot of a store.
+
+    Args:
+        store: an open store; the session sees the store's current snapshot.
+    """
+
+    def __init__(self, store: "Store") -> None:
+        visible = {c.id for c in store.corpora() if c.status == READY} - set(store._hidden)
+        con = duckdb.connect(":memory:", config={
+            "autoinstall_known_extensions": False, "autoload_known_extensions": False})
+        for name, data in _catalog_tables(store, visible).items():
+            con.register(f"_{name}", data)
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}")
+        # Hidden corpora are filtered inside the scan, so even `_pairs` shows none of them.
+        con.register("_pairs", _PairsDataset.of(store.table._table.to_lance(), visible))
+        con.execute("""
+            CREATE VIEW pairs AS
+            SELECT p.pair_id, c.name AS corpus, p.corpus_id, p.document_id, p.position,
+                   p.token, t.text AS token_text, p.next_token, n.text AS next_token_text, p.vector
+            FROM _pairs p
+            JOIN _corpora c ON c.id = p.corpus_id
+            LEFT JOIN _vocab t ON t.token_id = p.token
+            LEFT JOIN _vocab n ON n.token_id = p.next_token""")
+        # From here on: no files, no extensions, no way to turn either back on.
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+        self._con = con
+
+    def execute(self, query: str) -> pa.Table:
+        """Run one read-only statement and return its rows as a pyarrow Table."""
+        check_read_only(query)
+        try:
+            return self._con.sql(query).to_arrow_table()
+        except duckdb.PermissionException as exc:
+            raise ReadOnlyError(f"knnstore sql reads only the store's views; files and other "
+                                f"databases are out of reach ({_first_line(exc)})") from None
+        except duckdb.Error as exc:
+            raise InputError(f"SQL error: {_first_line(exc)}") from None
+
+    def close(self) -> None:
+        self._con.close()
+
+
+def check_read_only(query: str) -> None:
+    """Refuse anything but one SELECT / EXPLAIN statement, before it reaches DuckDB."""
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise InputError(f"SQL error: {_first_line(exc)}") from None
+    if not statements:
+        raise InputError("no SQL statement given: write a SELECT, e.g. SELECT count(*) FROM pairs")
+    if len(statements) > 1:
+        raise InputError("give one statement at a time (this query holds "
+                         f"{len(statements)}, separated by ';')")
+    kind = statements[0].type
+    if kind not in _ALLOWED:
+        raise ReadOnlyError(
+            f"knnstore sql is read-only: {kind.name} statements are refused; use SELECT "
+            f"over the views {', '.join(VIEWS)} (change a store with the knnstore commands)"
+        )
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def write_result(table: pa.Table, fmt: str, path) -> None:
+    """Write a result as csv, json (a list of row objects) or parquet to ``path``
+    (a file path or a binary file object)."""
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(_printable(table), path)
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    elif fmt == "json":
+        data = json.dumps(table.to_pylist(), ensure_ascii=False, indent=2, default=str).encode() + b"\n"
+        if hasattr(path, "write"):
+            path.write(data)
+        else:
+            with open(path, "wb") as f:
+                f.write(data)
+    else:
+        raise InputError(f"unknown format {fmt!r}: use table, csv, json or parquet")
+
+
+def _printable(table: pa.Table) -> pa.Table:
+    """Lists (key vectors) as JSON text, so that flat formats can hold them."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_list(field.type) or pa.types.is_fixed_size_list(field.type):
+            text = pa.array([None if v is None else json.dumps(v) for v in table.column(i).to_pylist()],
+                            pa.string())
+            table = table.set_column(i, field.name, text)
+    return table
