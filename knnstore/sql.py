@@ -99,6 +99,9 @@ def _catalog_tables(store: "Store", visible: set[int]) -> dict[str, pa.Table]:
             R.id, R.corpus_id, R.corpus_name, R.kind, R.status, R.started_at, R.finished_at,
             R.error, R.n_documents, R.n_tokens, R.n_pairs, R.tokens_per_s).order_by(R.id)).all()
         vocab = s.execute(select(V.token_id, V.piece, V.text).order_by(V.token_id)).all()
+        vocab_table = pa.table({"token_id": pa.array([r[0] for r in vocab], pa.int32()),
+                                "piece": pa.array([r[1] for r in vocab], pa.string()),
+                                "text": pa.array([r[2] for r in vocab], pa.string())})
 
     info = {c.id: c for c in store.corpora()}  # statuses as `list` shows them (dead writers: failed)
 
@@ -130,8 +133,7 @@ def _catalog_tables(store: "Store", visible: set[int]) -> dict[str, pa.Table]:
             ("kind", pa.string()), ("status", pa.string()), ("started_at", ts), ("finished_at", ts),
             ("error", pa.string()), ("n_documents", pa.int64()), ("n_tokens", pa.int64()),
             ("n_pairs", pa.int64()), ("tokens_per_s", pa.float64())])),
-        "vocab": table([dict(r._mapping) for r in vocab], pa.schema([
-            ("token_id", pa.int32()), ("piece", pa.string()), ("text", pa.string())])),
+        "vocab": vocab_table,
     }
 
 

@@ -700,4 +700,6 @@ def _vocab_rows(tokenizer) -> list[dict]:
     ids = list(range(len(tokenizer)))
     pieces = tokenizer.convert_ids_to_tokens(ids)
     texts = tokenizer.batch_decode([[i] for i in ids])
-    return [{"token_id": i, "piece": p or "", "text": t or ""} for i, p, t in zip(ids, pieces, texts)]
+    # SQL text cannot hold NUL (PostgreSQL refuses it): the NUL byte token reads "\x00".
+    clean = lambda s: (s or "").replace("\x00", "\\x00")  # noqa: E731
+    return [{"token_id": i, "piece": clean(p), "text": clean(t)} for i, p, t in zip(ids, pieces, texts)]

@@ -1,0 +1,213 @@
+"""Read-only SQL over a store: views agree with the Python API, nothing can be changed.
+
+The PostgreSQL tests start their own server on loopback (Debian's postgresql package; .ci/run
+installs it) and are skipped, with the reason shown, where no server binaries exist.
+"""
+
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from knnstore import InputError, ReadOnlyError, Store
+from knnstore.cli import cli
+
+from .conftest import snapshot
+from .test_store import _Boom, _fail_after
+
+
+@pytest.fixture
+def filled(store, text_dir, tmp_path, small_settings):
+    store.add_corpus("docs", [text_dir], settings=small_settings)
+    more = tmp_path / "more"
+    more.mkdir()
+    (more / "x.txt").write_text("Speak, speak. We are resolved. " * 5)
+    store.add_corpus("it's; DROP TABLE pairs; --", [more], settings=small_settings)  # a name, not SQL
+    return store
+
+
+def _one(store, query):
+    return store.sql(query).to_pylist()
+
+
+def test_each_view_agrees_with_the_python_api(filled):
+    stats = filled.stats()
+    assert _one(filled, "SELECT count(*) AS n FROM pairs") == [{"n": stats.pairs}]
+    by_corpus = {r["corpus"]: r["n"] for r in _one(filled, "SELECT corpus, count(*) AS n FROM pairs GROUP BY 1")}
+    assert by_corpus == {c.name: c.pairs for c in filled.corpora()}
+    corpora = _one(filled, "SELECT name, status, n_documents, n_pairs FROM corpora ORDER BY id")
+    assert corpora == [{"name": c.name, "status": c.status, "n_documents": c.documents, "n_pairs": c.pairs}
+                       for c in filled.corpora()]
+    docs = _one(filled, "SELECT id, corpus, title, n_pairs FROM documents WHERE corpus = 'docs' ORDER BY ordinal")
+    api = filled.documents("docs")
+    assert [(d["id"], d["title"], d["n_pairs"]) for d in docs] == [(d.id, d.title, d.n_pairs) for d in api]
+    per_doc = {r["document_id"]: r["n"] for r in _one(filled, "SELECT document_id, count(*) AS n FROM pairs GROUP BY 1")}
+    assert per_doc == {d["id"]: d["n_pairs"] for d in _one(filled, "SELECT id, n_pairs FROM documents")}
+    assert _one(filled, "SELECT count(*) AS n FROM vocab") == [{"n": filled.identity.vocab_size}]
+    kinds = [r["kind"] for r in _one(filled, "SELECT kind FROM runs ORDER BY id")]
+    assert kinds == ["add", "add"]
+
+
+def test_token_text_agrees_with_the_tokenizer(filled, tiny_encoder):
+    rows = _one(filled, "SELECT p.position, p.token, p.token_text, p.next_token, p.next_token_text "
+                        "FROM pairs p JOIN documents d ON d.id = p.document_id "
+                        "WHERE d.title = 'a' ORDER BY p.position")
+    decode = tiny_encoder.tokenizer.decode
+    assert rows and all(r["token_text"] == decode([r["token"]]) for r in rows)
+    assert all(r["next_token_text"] == decode([r["next_token"]]) for r in rows)
+    assert [r["position"] for r in rows] == list(range(len(rows)))
+    text = "".join(r["token_text"] for r in rows) + rows[-1]["next_token_text"]
+    assert text == (filled.path.parent / "docs" / "a.txt").read_text()
+
+
+def test_the_key_vector_is_there_when_selected(filled):
+    row = _one(filled, "SELECT pair_id, vector FROM pairs ORDER BY pair_id LIMIT 1")[0]
+    stored = filled.table.take([row["pair_id"]], columns=["vector"]).column("vector")[0].as_py()
+    assert len(row["vector"]) == filled.identity.dim
+    assert row["vector"] == pytest.approx(stored)
+
+
+def test_pairs_of_a_failed_corpus_are_invisible_even_in_the_raw_scan(store, text_dir, tmp_path, small_settings):
+    store.add_corpus("ready", [text_dir], settings=small_settings)
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(12):
+        (big / f"{i:02}.txt").write_text(f"Document {i}: the lobsters are blue, only becoming red. " * 4)
+    with pytest.raises(_Boom):
+        store.add_corpus("big", [big], settings=small_settings, progress=_fail_after(30))
+    store.refresh()
+    assert store.table.count() > store.stats().pairs  # the failed corpus's rows are in the table
+    assert _one(store, "SELECT count(*) AS n FROM pairs") == [{"n": store.stats().pairs}]
+    assert _one(store, "SELECT count(*) AS n FROM _pairs") == [{"n": store.stats().pairs}]
+    assert _one(store, "SELECT count(*) AS n FROM documents WHERE corpus = 'big'") == [{"n": 0}]
+    assert {r["name"]: r["status"] for r in _one(store, "SELECT name, status FROM corpora")} == {
+        "ready": "ready", "big": "failed"}
+
+
+REFUSED = [
+    "INSERT INTO vocab VALUES (1, 'a', 'b')",
+    "UPDATE corpora SET name = 'x'",
+    "DELETE FROM pairs",
+    "CREATE TABLE t AS SELECT * FROM pairs",
+    "DROP VIEW pairs",
+    "COPY pairs TO 'out.csv'",
+    "EXPORT DATABASE 'dump'",
+    "ATTACH 'other.db' AS other",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SET enable_external_access = true",
+    "PRAGMA enable_profiling",
+    "CALL pragma_version()",
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_text('catalog.db')",
+    "SELECT * FROM 'catalog.db'",
+    "SELECT 1; DELETE FROM pairs",
+]
+
+
+@pytest.mark.parametrize("query", REFUSED)
+def test_statements_that_write_or_reach_outside_are_refused_and_change_nothing(filled, query, monkeypatch):
+    monkeypatch.chdir(filled.path)
+    before = snapshot(filled.path)
+    with pytest.raises((ReadOnlyError, InputError)):
+        filled.sql(query)
+    after = snapshot(filled.path)
+    assert {k for k in before.keys() | after.keys()
+            if before.get(k) != after.get(k) and not k.endswith(("-shm", "-wal"))} == set()
+    assert sorted(os.listdir(filled.path)) == sorted({p.split("/")[0] for p in before} | {"write.lock"})
+
+
+def test_the_cli_prints_tables_and_writes_csv_json_and_parquet(filled, tmp_path):
+    runner = CliRunner()
+    s = str(filled.path)
+    table = runner.invoke(cli, ["sql", s, "SELECT corpus, count(*) AS n FROM pairs GROUP BY 1 ORDER BY 1"])
+    assert table.exit_code == 0, table.output
+    assert "docs" in table.stdout and "it's; DROP TABLE pairs; --" in table.stdout and "2 rows" in table.stdout
+    rows = json.loads(runner.invoke(cli, ["sql", s, "SELECT id, name FROM corpora ORDER BY id", "--format", "json"]).stdout)
+    assert rows == [{"id": c.id, "name": c.name} for c in filled.corpora()]
+    csv = runner.invoke(cli, ["sql", s, "SELECT token_id, text FROM vocab ORDER BY token_id LIMIT 3", "--format", "csv"])
+    assert csv.stdout.splitlines()[0] == '"token_id","text"' and len(csv.stdout.splitlines()) == 4
+    out = tmp_path / "pairs.parquet"
+    result = runner.invoke(cli, ["sql", s, "SELECT * FROM pairs", "--format", "parquet", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(out).num_rows == filled.stats().pairs
+    many = runner.invoke(cli, ["sql", s, "SELECT * FROM vocab", "--max-rows", "5"])
+    assert "not shown" in many.stdout
+
+
+def test_the_cli_refuses_a_write_with_one_line_and_exit_1(filled):
+    before = snapshot(filled.path)
+    result = CliRunner().invoke(cli, ["sql", str(filled.path), "DELETE FROM pairs"])
+    assert result.exit_code == 1 and "read-only" in result.output and "Traceback" not in result.output
+    assert snapshot(filled.path).keys() == before.keys()
+
+
+def test_the_interactive_prompt_runs_statements_until_quit(filled):
+    script = "SELECT count(*) AS n\nFROM pairs;\nDELETE FROM pairs;\nSELECT 41 + 1 AS answer;\n.quit\n"
+    result = CliRunner().invoke(cli, ["sql", str(filled.path)], input=script)
+    assert result.exit_code == 0, result.output
+    assert str(filled.stats().pairs) in result.stdout and "42" in result.stdout
+    assert "read-only" in result.output
+
+
+# --- PostgreSQL catalog ----------------------------------------------------------------
+
+def _pg_bin() -> str | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return os.path.dirname(found[-1]) if found else (os.path.dirname(shutil.which("initdb")) if shutil.which("initdb") else None)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL server on 127.0.0.1, started and stopped here."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'knnstore[postgres]')")
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql); .ci/run installs them")
+    # Not under pytest's tmp dir: that is private to root, and a root test runs the server
+    # as the package's `postgres` user (initdb refuses to run as root).
+    root = Path(tempfile.mkdtemp(prefix="knnstore-pg-"))
+    data = root / "data"
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL")
+        as_user = ["runuser", "-u", "postgres", "--"]
+        os.chmod(root, 0o777)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
+    run(f"{bindir}/initdb", "-D", str(data), "-U", "knnstore", "--auth=trust", "-E", "UTF8")
+    run(f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+        f"-c listen_addresses=127.0.0.1 -c port={port} -k {root}", "start")
+    try:
+        run(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "knnstore", "catalog")
+        yield f"postgresql+psycopg://knnstore@127.0.0.1:{port}/catalog"
+    finally:
+        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_postgresql_catalog_serves_the_store_and_sql(postgres_url, tmp_path, tiny_encoder, text_dir, small_settings):
+    store = Store.create(tmp_path / "pg-store", encoder=tiny_encoder, catalog_url=postgres_url)
+    info = store.add_corpus("docs", [text_dir], settings=small_settings)
+    assert not (tmp_path / "pg-store" / "catalog.db").exists()
+    reopened = Store.open(tmp_path / "pg-store")
+    assert reopened.catalog_url == postgres_url and reopened.corpus("docs").pairs == info.pairs
+    assert _one(reopened, "SELECT count(*) AS n FROM pairs") == [{"n": info.pairs}]
+    assert _one(reopened, "SELECT count(*) AS n FROM documents") == [{"n": 3}]
+    assert _one(reopened, "SELECT count(*) AS n FROM vocab") == [{"n": tiny_encoder.tokenizer.__len__()}]
+    with pytest.raises(ReadOnlyError):
+        reopened.sql("DELETE FROM corpora")
+    reopened.remove_corpus("docs")
+    assert _one(Store.open(tmp_path / "pg-store"), "SELECT count(*) AS n FROM corpora") == [{"n": 0}]
