@@ -75,6 +75,25 @@ def test_the_key_vector_is_there_when_selected(filled):
     assert row["vector"] == pytest.approx(stored)
 
 
+def test_the_key_vector_is_never_read_unless_selected(filled, monkeypatch):
+    from knnstore import sql
+
+    asked = []
+    original = sql._PairsDataset.scanner
+
+    def spy(self, *args, **kwargs):
+        scan = original(self, *args, **kwargs)
+        asked.append(list(kwargs["columns"]))
+        return scan
+
+    monkeypatch.setattr(sql._PairsDataset, "scanner", spy)
+    filled.sql("SELECT next_token_text, count(*) FROM pairs GROUP BY 1")
+    filled.sql("SELECT * EXCLUDE (vector) FROM pairs WHERE document_id = 1")
+    assert asked and all("vector" not in cols for cols in asked)
+    filled.sql("SELECT vector FROM pairs LIMIT 1")
+    assert "vector" in asked[-1]
+
+
 def test_pairs_of_a_failed_corpus_are_invisible_even_in_the_raw_scan(store, text_dir, tmp_path, small_settings):
     store.add_corpus("ready", [text_dir], settings=small_settings)
     big = tmp_path / "big"
