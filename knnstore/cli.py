@@ -626,6 +626,42 @@ def _interactive(session, fmt: str, max_rows: int) -> None:
             err.print(Text(f"Error: {exc}", style="red"))
 
 
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--repair", is_flag=True,
+              help="Fix what can be fixed without touching ready corpora (takes the write lock).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def check(store, repair, as_json):
+    """Check that the catalog and the vector table agree; exit 1 if something is wrong.
+
+    Compares pair counts per corpus and per document, looks for rows no catalog entry owns,
+    corpora left half-removed or half-added, the table's schema and the index. With
+    --repair: deletes orphan rows, finishes interrupted removals, marks dead ingests failed
+    and drops unreferenced data files; ready corpora are never touched.
+
+    \b
+    Example:
+        knnstore check wiki-store
+        knnstore check wiki-store --repair
+    """
+    from .check import check as run_check
+
+    report = run_check(_open(store), repair=repair)
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        for p in report.problems:
+            style = "red" if p.severity == "error" and not p.repaired else "yellow"
+            label = "repaired" if p.repaired else p.severity
+            fix = f" [--repair: {p.repair}]" if p.repair and not p.repaired else ""
+            out.print(Text(f"{label}: {p.what}{fix}", style=style))
+        verdict = "OK" if report.ok else "PROBLEMS FOUND"
+        out.print(f"{verdict}: {report.corpora} corpora, {report.documents:,} documents, "
+                  f"{report.table_rows:,} table rows checked")
+    if not report.ok:
+        sys.exit(1)
+
+
 def _echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2))
 

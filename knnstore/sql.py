@@ -145,7 +145,7 @@ class SQLSession:
     """
 
     def __init__(self, store: "Store") -> None:
-        visible = {c.id for c in store.corpora() if c.status == READY} - set(store._hidden)
+        visible = set(store._visible)
         con = duckdb.connect(":memory:", config={
             "autoinstall_known_extensions": False, "autoload_known_extensions": False})
         for name, data in _catalog_tables(store, visible).items():

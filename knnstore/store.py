@@ -138,7 +138,7 @@ class Store:
         self.path, self.catalog_url, self.engine = path, catalog_url, engine
         self.identity, self.table = identity, table
         self._encoder = encoder
-        self._hidden: frozenset[int] = frozenset()
+        self._visible: frozenset[int] = frozenset()  # ready corpora in this snapshot
         self._lock_fd: int | None = None
         self._exact = ExactSearch(table)
         self.refresh()
@@ -282,7 +282,7 @@ class Store:
         ready_before = {c.id for c in self._corpus_rows() if c.status == READY}
         self.table.refresh()
         rows = self._corpus_rows()
-        self._hidden = frozenset(c.id for c in rows if c.status != READY or c.id not in ready_before)
+        self._visible = frozenset(c.id for c in rows if c.status == READY and c.id in ready_before)
 
     def _corpus_rows(self) -> list[catalog.Corpus]:
         with Session(self.engine, expire_on_commit=False) as s:
@@ -407,8 +407,8 @@ class Store:
                 f"query vectors have dim {vectors.shape[-1]}; this store's keys have dim {self.identity.dim}"
             )
         if exact or not self.table.has_vector_index():
-            return self._exact.search(vectors, k, exclude_corpora=self._hidden)
-        return self.table.search(vectors, k, exclude_corpora=self._hidden,
+            return self._exact.search(vectors, k, corpora=self._visible)
+        return self.table.search(vectors, k, corpora=self._visible,
                                  nprobes=nprobes, refine_factor=refine_factor)
 
     def sql(self, query: str):

@@ -100,6 +100,14 @@ class PairsTable:
             where += f" AND document_id IN ({', '.join(str(int(d)) for d in document_ids)})"
         self._table.delete(where)
 
+    def cleanup(self) -> None:
+        """Drop old versions and data files no version references (a killed add leaves
+        some). Run it only under the write lock: a reader pinned to an old version loses it."""
+        from datetime import timedelta
+
+        self._table.to_lance().cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
+        self.refresh()
+
     def count(self, corpus_id: int | None = None) -> int:
         return self._table.count_rows(None if corpus_id is None else f"corpus_id = {int(corpus_id)}")
 
@@ -161,7 +169,7 @@ class PairsTable:
             vectors = flat.reshape(n, dim).astype(np.float32, copy=False)
             yield vectors, {name: batch.column(name).to_numpy() for name in _RESULT_COLUMNS}
 
-    def search(self, queries: np.ndarray, k: int, exclude_corpora: Collection[int] = (), *,
+    def search(self, queries: np.ndarray, k: int, corpora: Collection[int] | None = None, *,
                nprobes: int = 32, refine_factor: int = 4) -> Neighbours:
         """The k nearest pairs of each query row, in one batched LanceDB search.
 
@@ -172,7 +180,7 @@ class PairsTable:
         Args:
             queries: [Q, dim] float array.
             k: neighbours per query.
-            exclude_corpora: corpus ids whose rows must not be returned.
+            corpora: only rows of these corpus ids are returned (None: every row).
         """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         n_queries = queries.shape[0]
@@ -182,9 +190,11 @@ class PairsTable:
         query = self._table.search(queries if n_queries > 1 else queries[0]).limit(k)
         if self.has_vector_index():
             query = query.nprobes(nprobes).refine_factor(max(1, refine_factor))
-        if exclude_corpora:
-            ids = ", ".join(str(int(c)) for c in sorted(exclude_corpora))
-            query = query.where(f"corpus_id NOT IN ({ids})", prefilter=True)
+        if corpora is not None:
+            if not corpora:
+                return out
+            ids = ", ".join(str(int(c)) for c in sorted(corpora))
+            query = query.where(f"corpus_id IN ({ids})", prefilter=True)
         result = query.select(_RESULT_COLUMNS + ["_distance"]).to_arrow()
         if result.num_rows == 0:
             return out
@@ -240,19 +250,19 @@ class ExactSearch:
         self._cache, self._cache_version = cache, (version if cache is not None else None)
 
     @torch.inference_mode()
-    def search(self, queries: np.ndarray, k: int, exclude_corpora: Collection[int] = ()) -> Neighbours:
+    def search(self, queries: np.ndarray, k: int, corpora: Collection[int] | None = None) -> Neighbours:
         """Same contract as ``PairsTable.search``, with exact results."""
         q_all = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32))
         n_queries = q_all.shape[0]
         out = Neighbours.empty(n_queries, k)
         if n_queries == 0 or k <= 0:
             return out
-        excluded = np.array(sorted(exclude_corpora), dtype=np.int64)
+        allowed = None if corpora is None else np.array(sorted(corpora), dtype=np.int64)
         best_d = torch.full((n_queries, k), float("inf"))
         best_rows = {name: torch.full((n_queries, k), -1, dtype=torch.int64) for name in _RESULT_COLUMNS}
         q_norm = (q_all * q_all).sum(dim=1, keepdim=True)  # [Q, 1]
         for x, x_norm, meta in self._batches():
-            hidden = torch.from_numpy(np.isin(meta["corpus_id"], excluded)) if len(excluded) else None
+            hidden = None if allowed is None else torch.from_numpy(~np.isin(meta["corpus_id"], allowed))
             cols = {name: torch.from_numpy(meta[name].astype(np.int64)) for name in _RESULT_COLUMNS}
             for lo in range(0, n_queries, self.query_block):
                 hi = min(n_queries, lo + self.query_block)

@@ -1,0 +1,201 @@
+"""Consistency check of a store: the catalog and the vector table must agree.
+
+``check(store)`` reads everything once and lists problems; ``check(store, repair=True)``
+also fixes what can be fixed without touching ready corpora (under the write lock):
+
+| problem | severity | repair |
+|---|---|---|
+| vector column does not match the store's dim / dtype, a column is missing | error | none |
+| rows whose corpus is not in the catalog (a removal killed half way, a lost catalog row) | error | delete those rows |
+| a corpus left `removing` (remove-corpus was killed) | error | finish the removal |
+| a corpus left `ingesting` with no writer alive | warning | mark it failed |
+| a failed corpus (rows invisible, resumable) | warning | none: resume-corpus or remove-corpus |
+| ready corpus: catalog pairs != table rows, or != sum of its documents | error | none |
+| ready document: catalog pairs != table rows | error | none |
+| rows of documents the catalog does not know, inside a known corpus | error | delete those rows (not in a ready corpus) |
+| rows added since the ANN index was trained | warning | none: `knnstore index` |
+
+Repair also removes data files that no committed version references (a killed add leaves
+them behind) and versions older than the latest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from . import catalog
+from .catalog import FAILED, INGESTING, READY, REMOVING
+from .config import DTYPES
+
+if TYPE_CHECKING:
+    from .store import Store
+
+ERROR, WARNING = "error", "warning"
+
+
+@dataclass
+class Problem:
+    severity: str  # "error" or "warning"
+    what: str
+    repair: str | None = None  # what --repair does about it; None: it cannot
+    repaired: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CheckReport:
+    store: str
+    corpora: int = 0
+    documents: int = 0
+    table_rows: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No error is left (warnings are allowed)."""
+        return not any(p.severity == ERROR and not p.repaired for p in self.problems)
+
+    def to_dict(self) -> dict:
+        return {"store": self.store, "ok": self.ok, "corpora": self.corpora, "documents": self.documents,
+                "table_rows": self.table_rows, "problems": [p.to_dict() for p in self.problems]}
+
+
+def _counts(column: np.ndarray) -> dict[int, int]:
+    ids, counts = np.unique(column, return_counts=True)
+    return {int(i): int(c) for i, c in zip(ids, counts)}
+
+
+def check(store: "Store", repair: bool = False) -> CheckReport:
+    """Check that the catalog and the vector table agree; with ``repair``, fix what is safe."""
+    if repair:
+        with store._write_lock():
+            report = _check(store, repair=True)
+            store.table.cleanup()
+        store.refresh()
+        return report
+    return _check(store, repair=False)
+
+
+def _check(store: "Store", repair: bool) -> CheckReport:
+    report = CheckReport(store=str(store.path))
+    problems = report.problems
+    ident = store.identity
+    store.table.refresh()
+
+    # 1. The table's schema is the store's.
+    schema = store.table.schema
+    for name in ("pair_id", "corpus_id", "document_id", "position", "token", "next_token", "vector"):
+        if name not in schema.names:
+            problems.append(Problem(ERROR, f"the pairs table has no '{name}' column"))
+    if "vector" in schema.names:
+        vtype = schema.field("vector").type
+        want = pa.float16() if ident.dtype == "float16" else pa.float32()
+        if not pa.types.is_fixed_size_list(vtype) or vtype.list_size != ident.dim or vtype.value_type != want:
+            problems.append(Problem(ERROR, f"the vector column is {vtype}; the store records dim "
+                                           f"{ident.dim} {ident.dtype} ({', '.join(DTYPES)} allowed)"))
+    if any(p.severity == ERROR for p in problems):
+        return report
+
+    # 2. Catalog and table agree.
+    cols = store.table._table.to_lance().to_table(columns=["corpus_id", "document_id"])
+    report.table_rows = cols.num_rows
+    rows_by_corpus = _counts(cols.column("corpus_id").to_numpy())
+    rows_by_doc = _counts(cols.column("document_id").to_numpy())
+    writer = store._writer_active() if not repair else False  # repair holds the lock itself
+    with Session(store.engine) as s:
+        corpora = list(s.scalars(select(catalog.Corpus).order_by(catalog.Corpus.id)))
+        docs = list(s.execute(select(catalog.Document.id, catalog.Document.corpus_id,
+                                     catalog.Document.n_pairs, catalog.Document.status)))
+    report.corpora, report.documents = len(corpora), len(docs)
+    docs_by_corpus: dict[int, list] = {}
+    for d in docs:
+        docs_by_corpus.setdefault(d.corpus_id, []).append(d)
+    known = {c.id for c in corpora}
+
+    for cid, n in sorted(rows_by_corpus.items()):
+        if cid not in known:
+            p = Problem(ERROR, f"{n:,} rows belong to corpus id {cid}, which the catalog does not know "
+                               "(a removal that was cut short?)", repair="delete those rows")
+            if repair:
+                store.table.delete_corpus(cid)
+                p.repaired = True
+            problems.append(p)
+
+    for c in corpora:
+        in_table = rows_by_corpus.get(c.id, 0)
+        if c.status == REMOVING:
+            p = Problem(ERROR, f"corpus '{c.name}' was being removed when its writer stopped",
+                        repair="finish the removal")
+            if repair:
+                store.table.delete_corpus(c.id)
+                with Session(store.engine) as s, s.begin():
+                    s.execute(delete(catalog.Document).where(catalog.Document.corpus_id == c.id))
+                    s.execute(delete(catalog.Corpus).where(catalog.Corpus.id == c.id))
+                p.repaired = True
+            problems.append(p)
+            continue
+        if c.status == INGESTING and writer:
+            continue  # being written right now: nothing to compare yet
+        if c.status in (INGESTING, FAILED):
+            p = Problem(WARNING, f"corpus '{c.name}' is incomplete ({in_table:,} rows, invisible to "
+                                 f"readers): `knnstore resume-corpus {store.path} {c.name}` or "
+                                 f"`knnstore remove-corpus {store.path} {c.name}`")
+            if c.status == INGESTING:
+                p.repair = "mark it failed"
+                if repair:
+                    with Session(store.engine) as s, s.begin():
+                        s.execute(update(catalog.Corpus).where(catalog.Corpus.id == c.id).values(status=FAILED))
+                    p.repaired = True
+            problems.append(p)
+            continue
+        # ready: every count must agree
+        mine = docs_by_corpus.get(c.id, [])
+        if in_table != c.n_pairs:
+            problems.append(Problem(ERROR, f"corpus '{c.name}': the catalog counts {c.n_pairs:,} pairs, "
+                                           f"the table holds {in_table:,}"))
+        if sum(d.n_pairs for d in mine) != c.n_pairs or len(mine) != c.n_documents:
+            problems.append(Problem(ERROR, f"corpus '{c.name}': its {len(mine):,} documents do not add "
+                                           f"up to its counts ({c.n_documents:,} documents, {c.n_pairs:,} pairs)"))
+        for d in mine:
+            if d.status != READY:
+                problems.append(Problem(ERROR, f"corpus '{c.name}' is ready but document {d.id} is {d.status}"))
+            elif rows_by_doc.get(d.id, 0) != d.n_pairs:
+                problems.append(Problem(ERROR, f"document {d.id} of '{c.name}': the catalog counts "
+                                               f"{d.n_pairs:,} pairs, the table holds {rows_by_doc.get(d.id, 0):,}"))
+
+    known_docs = {d.id for d in docs}
+    stray = {doc: n for doc, n in rows_by_doc.items() if doc not in known_docs}
+    if stray:
+        # Only corpora that are known (unknown ones were reported above).
+        ds = store.table._table.to_lance()
+        ids = ", ".join(str(d) for d in sorted(stray))
+        owners = ds.to_table(columns=["corpus_id", "document_id"], filter=f"document_id IN ({ids})")
+        by_doc = dict(zip(owners.column("document_id").to_pylist(), owners.column("corpus_id").to_pylist()))
+        status = {c.id: c.status for c in corpora}
+        for doc, n in sorted(stray.items()):
+            cid = by_doc.get(doc)
+            if cid not in known:
+                continue
+            p = Problem(ERROR, f"{n:,} rows of document id {doc} (corpus id {cid}) have no catalog row")
+            if status.get(cid) != READY:
+                p.repair = "delete those rows"
+                if repair:
+                    store.table.delete_corpus(cid, [doc])
+                    p.repaired = True
+            problems.append(p)
+
+    # 3. The index.
+    state = store.table.index_state()
+    if state["indices"] and state["unindexed_rows"]:
+        problems.append(Problem(WARNING, f"{state['unindexed_rows']:,} rows are not in the ANN index yet "
+                                         "(searched exactly meanwhile): `knnstore index` folds them in"))
+    return report

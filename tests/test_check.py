@@ -1,0 +1,107 @@
+"""`knnstore check`: the catalog and the table agree, and --repair fixes what is safe."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import delete, update
+
+from knnstore import Store, catalog
+from knnstore.check import check
+from knnstore.cli import cli
+
+from .test_store import _Boom, _fail_after
+
+
+@pytest.fixture
+def two(store, text_dir, tmp_path, small_settings):
+    store.add_corpus("keep", [text_dir], settings=small_settings)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "o.txt").write_text("All: Speak, speak. First Citizen: You are all resolved. " * 4)
+    store.add_corpus("other", [other], settings=small_settings)
+    return store
+
+
+def _snapshot_of(store, name):
+    """What readers see of a corpus: its counts and the distances to the nearest pairs of its
+    own keys (the test text repeats itself, so tied pair ids may come back in any order)."""
+    store.refresh()
+    info = store.corpus(name)
+    table = store.table._table.to_arrow()
+    rows = table.filter(table.column("corpus_id").to_numpy() == info.id)
+    queries = np.asarray(rows.column("vector").to_pylist()[::7], dtype=np.float32)
+    found = store.search(queries, k=5)
+    return info.pairs, info.documents, np.round(found.distances, 4).tolist()
+
+
+def _sql(store, statement):
+    with store.engine.begin() as conn:
+        conn.execute(statement)
+
+
+def test_a_healthy_store_checks_ok(two):
+    report = check(two)
+    assert report.ok and report.problems == [] and report.corpora == 2
+    assert report.table_rows == two.stats().pairs
+    result = CliRunner().invoke(cli, ["check", str(two.path)])
+    assert result.exit_code == 0 and "OK: 2 corpora" in result.output
+
+
+def test_rows_without_a_corpus_are_invisible_an_error_and_deleted_by_repair(two):
+    other = two.corpus("other")
+    _sql(two, delete(catalog.Document).where(catalog.Document.corpus_id == other.id))
+    _sql(two, delete(catalog.Corpus).where(catalog.Corpus.id == other.id))  # rows are left behind
+    before = _snapshot_of(two, "keep")
+    assert other.id not in set(np.ravel(two.search(np.zeros((4, 32), np.float32), k=50).corpus_ids))
+    assert two.sql("SELECT count(*) AS n FROM pairs").to_pylist() == [{"n": two.corpus("keep").pairs}]
+    report = check(two)
+    assert not report.ok and "which the catalog does not know" in report.problems[0].what
+    result = CliRunner().invoke(cli, ["check", str(two.path), "--json"])
+    assert result.exit_code == 1 and json.loads(result.stdout)["ok"] is False
+    repaired = check(two, repair=True)
+    assert repaired.ok and repaired.problems[0].repaired
+    assert check(Store.open(two.path)).problems == []
+    assert two.table.count() == two.corpus("keep").pairs
+    assert _snapshot_of(two, "keep") == before
+
+
+def test_a_removal_cut_short_is_finished_by_repair(two):
+    other = two.corpus("other")
+    _sql(two, update(catalog.Corpus).where(catalog.Corpus.id == other.id).values(status="removing"))
+    before = _snapshot_of(two, "keep")
+    assert "was being removed" in check(two).problems[0].what and not check(two).ok
+    assert check(two, repair=True).ok
+    assert [c.name for c in two.corpora()] == ["keep"] and check(two).problems == []
+    assert _snapshot_of(two, "keep") == before
+
+
+def test_a_dead_ingest_is_a_warning_and_repair_marks_it_failed(two, text_dir, small_settings):
+    with pytest.raises(_Boom):
+        two.add_corpus("dead", [text_dir], settings=small_settings, progress=_fail_after(2))
+    dead = two.corpus("dead")
+    _sql(two, update(catalog.Corpus).where(catalog.Corpus.id == dead.id).values(status="ingesting"))
+    report = check(two)
+    assert report.ok  # incomplete, not corrupt
+    (warning,) = report.problems
+    assert warning.severity == "warning" and "resume-corpus" in warning.what and warning.repair == "mark it failed"
+    check(two, repair=True)
+    from sqlalchemy.orm import Session
+    with Session(two.engine) as s:
+        assert s.get(catalog.Corpus, dead.id).status == "failed"
+    two.resume_corpus("dead")
+    assert check(two).problems == []
+
+
+def test_counts_that_disagree_in_a_ready_corpus_are_reported_and_never_repaired(two):
+    keep = two.corpus("keep")
+    _sql(two, update(catalog.Corpus).where(catalog.Corpus.id == keep.id).values(n_pairs=keep.pairs + 1))
+    doc = two.documents("keep")[0]
+    _sql(two, update(catalog.Document).where(catalog.Document.id == doc.id).values(n_pairs=doc.n_pairs - 1))
+    report = check(two, repair=True)
+    whats = " | ".join(p.what for p in report.problems)
+    assert not report.ok and "the catalog counts" in whats and f"document {doc.id}" in whats
+    assert not any(p.repaired for p in report.problems)
+    assert two.table.count() == keep.pairs + two.corpus("other").pairs  # no row was touched
+    assert CliRunner().invoke(cli, ["check", str(two.path), "--repair"]).exit_code == 1
