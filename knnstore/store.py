@@ -50,6 +50,7 @@ from .config import (
     StoreIdentity,
 )
 from .encoder import Encoder
+from .faults import crash_point
 from .errors import (
     CorpusExistsError,
     CorpusNotFoundError,
@@ -428,7 +429,9 @@ class Store:
     def create_index(self, num_partitions: int | None = None, num_sub_vectors: int | None = None) -> None:
         """Train the ANN index (IVF-PQ) on the stored keys; searches use it from then on."""
         with self._write_lock():
+            crash_point("index.before")
             self.table.create_index(num_partitions=num_partitions, num_sub_vectors=num_sub_vectors)
+            crash_point("index.after")
         self.refresh()
 
     # --- writing ---------------------------------------------------------------------
@@ -483,6 +486,7 @@ class Store:
                 s.add(row)
                 s.flush()
                 corpus_id = row.id
+            crash_point("add.after_corpus_row")
             self._ingest(corpus_id, name, "add", scan.n_tokens, progress)
         return self.corpus(name)
 
@@ -508,7 +512,9 @@ class Store:
             run = self._start_run(info.id, name, "remove")
             with Session(self.engine) as s, s.begin():
                 s.execute(update(catalog.Corpus).where(catalog.Corpus.id == info.id).values(status=REMOVING))
+            crash_point("remove.after_status")
             self.table.delete_corpus(info.id)
+            crash_point("remove.after_table_delete")
             with Session(self.engine) as s, s.begin():
                 s.execute(delete(catalog.Document).where(catalog.Document.corpus_id == info.id))
                 s.execute(delete(catalog.Corpus).where(catalog.Corpus.id == info.id))
@@ -587,6 +593,8 @@ class Store:
                     catalog.Document.corpus_id == corpus_id, catalog.Document.status == PENDING)))
             # Pairs of documents whose commit never completed: drop them and redo.
             self.table.delete_corpus(corpus_id, pending_ids)
+            if pending_ids:
+                crash_point("resume.after_pending_dropped")
             with Session(self.engine) as s, s.begin():
                 s.execute(delete(catalog.Document).where(catalog.Document.id.in_(pending_ids)))
                 s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(status=INGESTING))
@@ -616,9 +624,11 @@ class Store:
                 if not fresh:
                     continue
                 doc_ids = self._insert_documents(corpus_id, fresh)
+                crash_point("ingest.after_documents_row")
                 pending_docs += doc_ids
                 for batch, n_new in ingest.encode_documents(
                         forward, list(zip(doc_ids, (t for _, t in fresh))), corpus_id, settings, schema):
+                    crash_point("ingest.after_encode")
                     pending.append(batch)
                     done_tokens += n_new
                     if progress:
@@ -634,9 +644,11 @@ class Store:
                     pending, pending_docs = [], []
             run_pairs += self._commit(corpus_id, pending, pending_docs)
             run_docs += len(pending_docs)
+            crash_point("ingest.before_corpus_ready")
             with Session(self.engine) as s, s.begin():
                 s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id)
                           .values(status=READY, ready_at=catalog.utcnow()))
+            crash_point("ingest.after_corpus_ready")
             if progress:
                 progress(total_tokens, total_tokens)
         except BaseException as exc:
@@ -665,8 +677,18 @@ class Store:
         if not doc_ids:
             return 0
         n_pairs = sum(b.num_rows for b in batches)
+        crash_point("commit.before_table_add")
         if batches:
-            self.table.add(pa.Table.from_batches(batches, schema=self.table.schema))
+            schema = self.table.schema
+
+            def stream():  # one commit, streamed batch by batch
+                for i, batch in enumerate(batches):
+                    if i == len(batches) // 2:
+                        crash_point("commit.mid_table_add")
+                    yield batch
+
+            self.table.add(pa.RecordBatchReader.from_batches(schema, stream()))
+        crash_point("commit.after_table_add")
         with Session(self.engine) as s, s.begin():
             s.execute(update(catalog.Document).where(catalog.Document.id.in_(doc_ids)).values(status=READY))
             totals = s.execute(
@@ -676,6 +698,7 @@ class Store:
             ).one()
             s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(
                 n_documents=totals[0], n_tokens=totals[1], n_pairs=totals[2]))
+        crash_point("commit.after_documents_ready")
         return n_pairs
 
 

@@ -87,8 +87,8 @@ class PairsTable:
         """Move this handle's snapshot to the latest committed version."""
         self._table.checkout_latest()
 
-    def add(self, data: pa.Table) -> None:
-        """Append rows in one atomic commit."""
+    def add(self, data: pa.Table | pa.RecordBatchReader) -> None:
+        """Append rows in one atomic commit (a reader streams its batches into it)."""
         self._table.add(data)
 
     def delete_corpus(self, corpus_id: int, document_ids: Collection[int] | None = None) -> None:
