@@ -11,6 +11,7 @@ from .encoder import Encoder
 from .errors import (
     CorpusExistsError,
     CorpusNotFoundError,
+    DiskFullError,
     InputError,
     KnnstoreError,
     ModelLoadError,
@@ -42,7 +43,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CorpusExistsError", "CorpusInfo", "EvalResult", "Generation", "KNNLM", "KNNLogitsProcessor",
-    "KNNSettings", "Source", "TokenExplanation", "CorpusNotFoundError", "Encoder", "IngestSettings",
+    "KNNSettings", "Source", "TokenExplanation", "CorpusNotFoundError", "DiskFullError", "Encoder", "IngestSettings",
     "InputError", "KnnstoreError", "ModelLoadError", "ModelMismatchError", "Neighbours",
     "ReadOnlyError", "SourceOptions", "Store", "StoreExistsError", "StoreIdentity",
     "StoreLockedError", "StoreNotFoundError", "StoreStats", "StoreVersionError",

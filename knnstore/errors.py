@@ -57,3 +57,7 @@ class InputError(KnnstoreError, ValueError):
 
 class ReadOnlyError(KnnstoreError):
     """A write was attempted through a read-only interface."""
+
+
+class DiskFullError(KnnstoreError, OSError):
+    """The disk holding the store has no room for what was asked."""

@@ -18,6 +18,7 @@ filtered out. A store handle reads a consistent snapshot; ``refresh()`` moves it
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import json
 import os
@@ -54,6 +55,7 @@ from .faults import crash_point
 from .errors import (
     CorpusExistsError,
     CorpusNotFoundError,
+    DiskFullError,
     InputError,
     ModelMismatchError,
     StoreExistsError,
@@ -478,6 +480,7 @@ class Store:
         with self._write_lock():
             name, paths = self.check_new_corpus(name, paths)  # before the model loads in scan
             scan = ingest.scan(paths, options, self.encoder.tokenize)
+            self._check_free_space(name, scan.n_tokens)
             spec = {"paths": paths, "options": dataclasses.asdict(options),
                     "settings": dataclasses.asdict(settings),
                     "skipped": scan.skipped[:100]}
@@ -502,6 +505,7 @@ class Store:
                 spec = s.get(catalog.Corpus, info.id).spec
             options = SourceOptions(**spec["options"])
             scan = ingest.scan(spec["paths"], options, self.encoder.tokenize)
+            self._check_free_space(name, scan.n_tokens - info.tokens)
             self._ingest(info.id, name, "resume", scan.n_tokens, progress)
         return self.corpus(name)
 
@@ -520,6 +524,17 @@ class Store:
                 s.execute(delete(catalog.Corpus).where(catalog.Corpus.id == info.id))
             self._finish_run(run, "ok", n_documents=info.documents, n_pairs=info.pairs)
         self.refresh()
+
+    def _check_free_space(self, name: str, n_tokens: int) -> None:
+        """Refuse, before writing anything, a corpus the disk cannot hold."""
+        need = int(n_tokens * _row_bytes(self.identity.dim, self.identity.dtype) * 1.2) + (1 << 20)
+        free = shutil.disk_usage(self.path / VECTORS_DIR).free
+        if free < need:
+            raise DiskFullError(
+                f"the disk holding {self.path} has {free / 2**20:,.1f} MiB free; corpus '{name}' "
+                f"needs about {need / 2**20:,.1f} MiB ({n_tokens:,} pairs): free some space or "
+                "move the store to a bigger disk"
+            )
 
     def check_new_corpus(self, name: str, paths: Sequence[str | os.PathLike]) -> tuple[str, list[str]]:
         """Cheap checks of an add, before any model is loaded: name free, paths present.
@@ -653,10 +668,19 @@ class Store:
                 progress(total_tokens, total_tokens)
         except BaseException as exc:
             message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            with Session(self.engine) as s, s.begin():
-                s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(status=FAILED))
-            self._finish_run(run, "failed", error=message[:2000], n_documents=run_docs,
-                             n_tokens=encoded_tokens, n_pairs=run_pairs)
+            try:
+                with Session(self.engine) as s, s.begin():
+                    s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(status=FAILED))
+                self._finish_run(run, "failed", error=message[:2000], n_documents=run_docs,
+                                 n_tokens=encoded_tokens, n_pairs=run_pairs)
+            except Exception:  # e.g. the disk is full for the catalog too; it reads failed anyway
+                pass
+            if _is_disk_full(exc):
+                raise DiskFullError(
+                    f"the disk holding {self.path} filled up while adding '{name}'; the corpus is "
+                    f"kept as failed and invisible. Free some space, then `knnstore resume-corpus "
+                    f"{self.path} {name}` (or `knnstore remove-corpus {self.path} {name}`)"
+                ) from None
             raise
         elapsed = max(time.monotonic() - started, 1e-9)
         self._finish_run(run, "ok", n_documents=run_docs, n_tokens=encoded_tokens,
@@ -700,6 +724,10 @@ class Store:
                 n_documents=totals[0], n_tokens=totals[1], n_pairs=totals[2]))
         crash_point("commit.after_documents_ready")
         return n_pairs
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left" in str(exc)
 
 
 def _groups(docs, tokenize, settings: IngestSettings):

@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import delete, update
 
 from knnstore import Store, catalog
@@ -105,3 +107,33 @@ def test_counts_that_disagree_in_a_ready_corpus_are_reported_and_never_repaired(
     assert not any(p.repaired for p in report.problems)
     assert two.table.count() == keep.pairs + two.corpus("other").pairs  # no row was touched
     assert CliRunner().invoke(cli, ["check", str(two.path), "--repair"]).exit_code == 1
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["add", "remove", "fail"]), st.integers(0, 3)), min_size=1, max_size=6))
+def test_catalog_and_table_agree_after_any_sequence_of_adds_and_removes(tmp_path_factory, tiny_encoder, small_settings, ops):
+    root = tmp_path_factory.mktemp("seq")
+    sources = []
+    for i in range(4):
+        d = root / f"src{i}"
+        d.mkdir()
+        (d / "t.txt").write_text(f"Source {i}: the lobsters are blue, only becoming red on cooking. " * (i + 2))
+        sources.append(d)
+    store = Store.create(root / "store", model=tiny_encoder.name, encoder=tiny_encoder)
+    expected: dict[str, int] = {}
+    for op, i in ops:
+        name = f"c{i}"
+        exists = name in {c.name for c in store.corpora()}
+        if op == "add" and not exists:
+            expected[name] = store.add_corpus(name, [sources[i]], settings=small_settings).pairs
+        elif op == "fail" and not exists:
+            with pytest.raises(_Boom):
+                store.add_corpus(name, [sources[i]], settings=small_settings, progress=_fail_after(2))
+        elif op == "remove" and exists:
+            store.remove_corpus(name)
+            expected.pop(name, None)
+        report = check(store)
+        assert report.ok and all(p.severity == "warning" for p in report.problems)
+        ready = {c.name: c.pairs for c in store.corpora() if c.status == "ready"}
+        assert ready == expected
+        assert store.sql("SELECT count(*) AS n FROM pairs").to_pylist() == [{"n": sum(expected.values())}]
