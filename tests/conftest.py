@@ -108,3 +108,41 @@ def snapshot(path: Path) -> dict[str, bytes]:
 
 def replace_settings(settings: IngestSettings, **changes) -> IngestSettings:
     return dataclasses.replace(settings, **changes)
+
+
+def write_docs(directory: Path, n: int, repeat: int = 4, template: str =
+               "Document {i}: the lobsters are blue, only becoming red on cooking. ") -> Path:
+    """A directory of n small text documents."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (directory / f"{i:02}.txt").write_text(template.format(i=i) * repeat)
+    return directory
+
+
+class Boom(Exception):
+    """A simulated crash raised from inside an ingest."""
+
+
+def fail_after(n_calls: int):
+    """A progress callback that raises Boom on its n-th call."""
+    calls = {"n": 0}
+
+    def progress(done, total):
+        calls["n"] += 1
+        if calls["n"] == n_calls:
+            raise Boom("simulated crash")
+
+    return progress
+
+
+def reader_view(store: Store, name: str, every: int = 7):
+    """What readers see of a ready corpus: status, pairs, and the distances of the nearest
+    pairs of some of its own keys (test texts repeat, so tied pair ids come back in any order)."""
+    import numpy as np
+
+    store.refresh()
+    info = store.corpus(name)
+    table = store.table._table.to_arrow()
+    rows = table.filter(table.column("corpus_id").to_numpy() == info.id)
+    queries = np.asarray(rows.column("vector").to_pylist()[::every], dtype=np.float32)
+    return info.status, info.pairs, np.round(store.search(queries, k=4).distances, 4).tolist()

@@ -13,29 +13,15 @@ from knnstore import Store, catalog
 from knnstore.check import check
 from knnstore.cli import cli
 
-from .test_store import _Boom, _fail_after
+from .conftest import Boom, fail_after, reader_view, write_docs
 
 
 @pytest.fixture
 def two(store, text_dir, tmp_path, small_settings):
     store.add_corpus("keep", [text_dir], settings=small_settings)
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "o.txt").write_text("All: Speak, speak. First Citizen: You are all resolved. " * 4)
+    other = write_docs(tmp_path / "other", 1, 4, "All: Speak, speak. First Citizen: You are all resolved. ")
     store.add_corpus("other", [other], settings=small_settings)
     return store
-
-
-def _snapshot_of(store, name):
-    """What readers see of a corpus: its counts and the distances to the nearest pairs of its
-    own keys (the test text repeats itself, so tied pair ids may come back in any order)."""
-    store.refresh()
-    info = store.corpus(name)
-    table = store.table._table.to_arrow()
-    rows = table.filter(table.column("corpus_id").to_numpy() == info.id)
-    queries = np.asarray(rows.column("vector").to_pylist()[::7], dtype=np.float32)
-    found = store.search(queries, k=5)
-    return info.pairs, info.documents, np.round(found.distances, 4).tolist()
 
 
 def _sql(store, statement):
@@ -55,7 +41,7 @@ def test_rows_without_a_corpus_are_invisible_an_error_and_deleted_by_repair(two)
     other = two.corpus("other")
     _sql(two, delete(catalog.Document).where(catalog.Document.corpus_id == other.id))
     _sql(two, delete(catalog.Corpus).where(catalog.Corpus.id == other.id))  # rows are left behind
-    before = _snapshot_of(two, "keep")
+    before = reader_view(two, "keep")
     assert other.id not in set(np.ravel(two.search(np.zeros((4, 32), np.float32), k=50).corpus_ids))
     assert two.sql("SELECT count(*) AS n FROM pairs").to_pylist() == [{"n": two.corpus("keep").pairs}]
     report = check(two)
@@ -66,22 +52,22 @@ def test_rows_without_a_corpus_are_invisible_an_error_and_deleted_by_repair(two)
     assert repaired.ok and repaired.problems[0].repaired
     assert check(Store.open(two.path)).problems == []
     assert two.table.count() == two.corpus("keep").pairs
-    assert _snapshot_of(two, "keep") == before
+    assert reader_view(two, "keep") == before
 
 
 def test_a_removal_cut_short_is_finished_by_repair(two):
     other = two.corpus("other")
     _sql(two, update(catalog.Corpus).where(catalog.Corpus.id == other.id).values(status="removing"))
-    before = _snapshot_of(two, "keep")
+    before = reader_view(two, "keep")
     assert "was being removed" in check(two).problems[0].what and not check(two).ok
     assert check(two, repair=True).ok
     assert [c.name for c in two.corpora()] == ["keep"] and check(two).problems == []
-    assert _snapshot_of(two, "keep") == before
+    assert reader_view(two, "keep") == before
 
 
 def test_a_dead_ingest_is_a_warning_and_repair_marks_it_failed(two, text_dir, small_settings):
-    with pytest.raises(_Boom):
-        two.add_corpus("dead", [text_dir], settings=small_settings, progress=_fail_after(2))
+    with pytest.raises(Boom):
+        two.add_corpus("dead", [text_dir], settings=small_settings, progress=fail_after(2))
     dead = two.corpus("dead")
     _sql(two, update(catalog.Corpus).where(catalog.Corpus.id == dead.id).values(status="ingesting"))
     report = check(two)
@@ -113,12 +99,7 @@ def test_counts_that_disagree_in_a_ready_corpus_are_reported_and_never_repaired(
 @given(st.lists(st.tuples(st.sampled_from(["add", "remove", "fail"]), st.integers(0, 3)), min_size=1, max_size=6))
 def test_catalog_and_table_agree_after_any_sequence_of_adds_and_removes(tmp_path_factory, tiny_encoder, small_settings, ops):
     root = tmp_path_factory.mktemp("seq")
-    sources = []
-    for i in range(4):
-        d = root / f"src{i}"
-        d.mkdir()
-        (d / "t.txt").write_text(f"Source {i}: the lobsters are blue, only becoming red on cooking. " * (i + 2))
-        sources.append(d)
+    sources = [write_docs(root / f"src{i}", 1, i + 2, f"Source {i}: the lobsters are blue. ") for i in range(4)]
     store = Store.create(root / "store", model=tiny_encoder.name, encoder=tiny_encoder)
     expected: dict[str, int] = {}
     for op, i in ops:
@@ -127,8 +108,8 @@ def test_catalog_and_table_agree_after_any_sequence_of_adds_and_removes(tmp_path
         if op == "add" and not exists:
             expected[name] = store.add_corpus(name, [sources[i]], settings=small_settings).pairs
         elif op == "fail" and not exists:
-            with pytest.raises(_Boom):
-                store.add_corpus(name, [sources[i]], settings=small_settings, progress=_fail_after(2))
+            with pytest.raises(Boom):
+                store.add_corpus(name, [sources[i]], settings=small_settings, progress=fail_after(2))
         elif op == "remove" and exists:
             store.remove_corpus(name)
             expected.pop(name, None)

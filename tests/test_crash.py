@@ -14,6 +14,8 @@ from knnstore import Store
 from knnstore.check import check
 from knnstore.faults import POINTS
 
+from .conftest import reader_view, write_docs
+
 CHILD = """
 import sys
 from knnstore import Encoder, IngestSettings, Store
@@ -39,28 +41,12 @@ def _child(store, action, arg, tiny_model_dir, crash_at):
     return proc
 
 
-def _view(store, name):
-    """What readers see of a ready corpus: counts and distances of its keys' neighbours."""
-    store.refresh()
-    info = store.corpus(name)
-    table = store.table._table.to_arrow()
-    rows = table.filter(table.column("corpus_id").to_numpy() == info.id)
-    queries = np.asarray(rows.column("vector").to_pylist()[::9], dtype=np.float32)
-    return info.status, info.pairs, np.round(store.search(queries, k=4).distances, 4).tolist()
-
-
 @pytest.fixture
 def crash_store(store, text_dir, tmp_path, small_settings):
     store.add_corpus("keep", [text_dir], settings=small_settings)
-    gone = tmp_path / "gone"
-    gone.mkdir()
-    (gone / "g.txt").write_text("All: Speak, speak. First Citizen: You are all resolved rather to die. " * 3)
+    gone = write_docs(tmp_path / "gone", 1, 3, "All: Speak, speak. First Citizen: You are all resolved to die. ")
     store.add_corpus("gone", [gone], settings=small_settings)
-    big = tmp_path / "big"
-    big.mkdir()
-    for i in range(8):
-        (big / f"{i}.txt").write_text(f"Document {i}: the lobsters are blue, only becoming red on cooking. " * 4)
-    return store, big
+    return store, write_docs(tmp_path / "big", 8)
 
 
 ADD_POINTS = [p for p in POINTS if p.split(".")[0] in ("add", "ingest", "commit")]
@@ -72,7 +58,7 @@ def _expected_pairs(encoder, directory):
 
 def _assert_consistent_after_repair(path, keep_view, visible_pairs, others_changed=False):
     store = Store.open(path)
-    view = _view(store, "keep")  # the ready corpus is intact
+    view = reader_view(store, "keep")  # the ready corpus is intact
     assert view[:2] == keep_view[:2]
     if not others_changed:  # its neighbours move only if another corpus came or went
         assert np.allclose(view[2], keep_view[2], atol=2e-3)  # (an index re-ranks in float16)
@@ -86,7 +72,7 @@ def _assert_consistent_after_repair(path, keep_view, visible_pairs, others_chang
 @pytest.mark.parametrize("point", ADD_POINTS + ["commit.after_documents_ready:2"])
 def test_a_killed_add_leaves_a_store_that_opens_and_one_command_resumes(crash_store, tiny_model_dir, tiny_encoder, point):
     store, big = crash_store
-    keep_view = _view(store, "keep")
+    keep_view = reader_view(store, "keep")
     gone_pairs = store.corpus("gone").pairs
     proc = _child(store, "add", big, tiny_model_dir, point)
     assert proc.returncode == -9, proc.stderr[-2000:]
@@ -110,7 +96,7 @@ def test_a_killed_add_leaves_a_store_that_opens_and_one_command_resumes(crash_st
 
 def test_a_killed_resume_is_resumed_again(crash_store, tiny_model_dir, tiny_encoder):
     store, big = crash_store
-    keep_view = _view(store, "keep")
+    keep_view = reader_view(store, "keep")
     assert _child(store, "add", big, tiny_model_dir, "commit.after_table_add:2").returncode == -9
     proc = _child(store, "resume", "", tiny_model_dir, "resume.after_pending_dropped")
     assert proc.returncode == -9, proc.stderr[-2000:]
@@ -123,7 +109,7 @@ def test_a_killed_resume_is_resumed_again(crash_store, tiny_model_dir, tiny_enco
 @pytest.mark.parametrize("point", ["remove.after_status", "remove.after_table_delete"])
 def test_a_killed_removal_hides_the_corpus_and_one_command_finishes_it(crash_store, tiny_model_dir, point):
     store, _ = crash_store
-    keep_view = _view(store, "keep")
+    keep_view = reader_view(store, "keep")
     proc = _child(store, "remove", "gone", tiny_model_dir, point)
     assert proc.returncode == -9, proc.stderr[-2000:]
     after = Store.open(store.path)
@@ -139,7 +125,7 @@ def test_a_killed_removal_hides_the_corpus_and_one_command_finishes_it(crash_sto
 @pytest.mark.parametrize("point", ["index.before", "index.after"])
 def test_a_killed_index_build_changes_no_result(crash_store, tiny_model_dir, point):
     store, _ = crash_store
-    keep_view = _view(store, "keep")
+    keep_view = reader_view(store, "keep")
     total = store.stats().pairs
     proc = _child(store, "index", "", tiny_model_dir, point)
     assert proc.returncode == -9, proc.stderr[-2000:]

@@ -14,7 +14,7 @@ import pytest
 from knnstore import DiskFullError, Store
 from knnstore.check import check
 
-from .conftest import snapshot
+from .conftest import snapshot, write_docs
 
 
 @pytest.fixture
@@ -120,10 +120,7 @@ WRITER = textwrap.dedent("""
 
 def test_readers_see_only_committed_states_while_a_writer_adds_and_removes(store, text_dir, tmp_path, tiny_model_dir, small_settings):
     store.add_corpus("keep", [text_dir], settings=small_settings)
-    docs = tmp_path / "docs2"
-    docs.mkdir()
-    for i in range(12):
-        (docs / f"{i}.txt").write_text(f"Document {i}: the lobsters are blue, only becoming red on cooking. " * 12)
+    docs = write_docs(tmp_path / "docs2", 12, 12)
     stop = tmp_path / f"stop-{uuid.uuid4().hex}"
     outs = [tmp_path / f"reader{i}.json" for i in range(3)]
     readers = [subprocess.Popen([sys.executable, "-c", READER, str(store.path), str(o), str(stop)]) for o in outs]
@@ -172,10 +169,7 @@ def test_ctrl_c_in_the_cli_exits_130_with_what_to_do(tmp_path, tiny_model_dir, t
     s = tmp_path / "s"
     knnstore = [sys.executable, "-m", "knnstore"]
     subprocess.run([*knnstore, "init", str(s), "--model", str(tiny_model_dir)], check=True, capture_output=True)
-    big = tmp_path / "many"
-    big.mkdir()
-    for i in range(400):
-        (big / f"{i}.txt").write_text(f"Document {i}: the lobsters are blue, only becoming red on cooking. " * 8)
+    big = write_docs(tmp_path / "many", 400, 8)
     env = {**os.environ, "KNNSTORE_WINDOW": "16", "KNNSTORE_STRIDE": "12", "KNNSTORE_BATCH_SIZE": "1"}
     proc = subprocess.Popen([*knnstore, "add-corpus", str(s), "many", str(big)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -20,16 +20,13 @@ from click.testing import CliRunner
 from knnstore import InputError, ReadOnlyError, Store
 from knnstore.cli import cli
 
-from .conftest import snapshot
-from .test_store import _Boom, _fail_after
+from .conftest import Boom, fail_after, snapshot, write_docs
 
 
 @pytest.fixture
 def filled(store, text_dir, tmp_path, small_settings):
     store.add_corpus("docs", [text_dir], settings=small_settings)
-    more = tmp_path / "more"
-    more.mkdir()
-    (more / "x.txt").write_text("Speak, speak. We are resolved. " * 5)
+    more = write_docs(tmp_path / "more", 1, 5, "Speak, speak. We are resolved. ")
     store.add_corpus("it's; DROP TABLE pairs; --", [more], settings=small_settings)  # a name, not SQL
     return store
 
@@ -96,12 +93,9 @@ def test_the_key_vector_is_never_read_unless_selected(filled, monkeypatch):
 
 def test_pairs_of_a_failed_corpus_are_invisible_even_in_the_raw_scan(store, text_dir, tmp_path, small_settings):
     store.add_corpus("ready", [text_dir], settings=small_settings)
-    big = tmp_path / "big"
-    big.mkdir()
-    for i in range(12):
-        (big / f"{i:02}.txt").write_text(f"Document {i}: the lobsters are blue, only becoming red. " * 4)
-    with pytest.raises(_Boom):
-        store.add_corpus("big", [big], settings=small_settings, progress=_fail_after(30))
+    big = write_docs(tmp_path / "big", 12)
+    with pytest.raises(Boom):
+        store.add_corpus("big", [big], settings=small_settings, progress=fail_after(30))
     store.refresh()
     assert store.table.count() > store.stats().pairs  # the failed corpus's rows are in the table
     assert _one(store, "SELECT count(*) AS n FROM pairs") == [{"n": store.stats().pairs}]

@@ -20,7 +20,7 @@ from knnstore import (
 )
 from knnstore.ingest import pair_id
 
-from .conftest import make_tiny_model, snapshot
+from .conftest import Boom, fail_after, make_tiny_model, snapshot, write_docs
 
 
 def _pairs(store, corpus_id=None):
@@ -143,29 +143,11 @@ def test_bad_input_is_refused_and_leaves_the_store_as_it_was(store, tmp_path, sm
     assert store.table.version == before_version
 
 
-class _Boom(Exception):
-    pass
-
-
-def _fail_after(n_calls):
-    calls = {"n": 0}
-
-    def progress(done, total):
-        calls["n"] += 1
-        if calls["n"] == n_calls:
-            raise _Boom("simulated crash")
-
-    return progress
-
-
 def test_an_interrupted_corpus_is_invisible_failed_and_resumable(store, tmp_path, small_settings, text_dir):
     ready = store.add_corpus("ready", [text_dir], settings=small_settings)
-    big = tmp_path / "big"
-    big.mkdir()
-    for i in range(12):
-        (big / f"{i:02}.txt").write_text(f"Document {i}: the lobsters are blue, only becoming red. " * 4)
-    with pytest.raises(_Boom):
-        store.add_corpus("big", [big], settings=small_settings, progress=_fail_after(30))
+    big = write_docs(tmp_path / "big", 12)
+    with pytest.raises(Boom):
+        store.add_corpus("big", [big], settings=small_settings, progress=fail_after(30))
     info = store.corpus("big")
     assert info.status == "failed" and "simulated crash" in info.error
     partial = store.table.count(info.id)
@@ -185,8 +167,8 @@ def test_an_interrupted_corpus_is_invisible_failed_and_resumable(store, tmp_path
 
 
 def test_a_failed_corpus_can_be_removed_with_one_call(store, text_dir, small_settings):
-    with pytest.raises(_Boom):
-        store.add_corpus("x", [text_dir], settings=small_settings, progress=_fail_after(2))
+    with pytest.raises(Boom):
+        store.add_corpus("x", [text_dir], settings=small_settings, progress=fail_after(2))
     store.remove_corpus("x")
     assert store.corpora() == [] and store.table.count() == 0
 
