@@ -51,7 +51,6 @@ from .config import (
     StoreIdentity,
 )
 from .encoder import Encoder
-from .faults import crash_point
 from .errors import (
     CorpusExistsError,
     CorpusNotFoundError,
@@ -63,6 +62,7 @@ from .errors import (
     StoreNotFoundError,
     StoreVersionError,
 )
+from .faults import crash_point
 from .vectors import ExactSearch, Neighbours, PairsTable
 
 ProgressFn = Callable[[int, int], None]  # (tokens done so far, total tokens)
