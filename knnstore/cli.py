@@ -277,7 +277,7 @@ def stats(store, as_json):
     out.print(table)
 
 
-def _numbers(cast, name):
+def _numbers(cast):
     def parse(ctx, param, value):
         if value is None:
             return None
@@ -297,11 +297,11 @@ def _knn_options(sweep: bool):
 
     def decorate(f):
         for opt in reversed([
-            click.option("--k", "k", callback=_numbers(int, "k"),
+            click.option("--k", "k", callback=_numbers(int),
                          help=f"Neighbours per position [default: {KNNSettings.k}]{many}."),
-            click.option("--lambda", "lambda_", callback=_numbers(float, "lambda"),
+            click.option("--lambda", "lambda_", callback=_numbers(float),
                          help=f"Weight of p_kNN in the mixture [default: {KNNSettings.lambda_}]{many}."),
-            click.option("--temperature", callback=_numbers(float, "temperature"),
+            click.option("--temperature", callback=_numbers(float),
                          help=f"T in p_kNN ∝ exp(-distance / T) [default: {KNNSettings.temperature:g}]{many}."),
             click.option("--exact", is_flag=True, default=None,
                          help="Brute-force search over all stored keys instead of the ANN index."),

@@ -64,6 +64,7 @@ class PairsTable:
 
     def __init__(self, uri: Path, table) -> None:
         self.uri, self._table = uri, table
+        self._has_index: tuple[int, bool] | None = None
 
     @classmethod
     def create(cls, uri: Path, dim: int, dtype: str) -> "PairsTable":
@@ -139,7 +140,13 @@ class PairsTable:
         return state
 
     def has_vector_index(self) -> bool:
-        return any("vector" in index.columns for index in self._table.list_indices())
+        """Whether the key column has an ANN index (asked once per table version: every
+        decoding step searches)."""
+        version = self.version
+        if self._has_index is None or self._has_index[0] != version:
+            found = any("vector" in index.columns for index in self._table.list_indices())
+            self._has_index = (version, found)
+        return self._has_index[1]
 
     def create_index(self, num_partitions: int | None = None, num_sub_vectors: int | None = None) -> None:
         """Train an IVF-PQ index (squared L2) on the vectors; replaces any previous one.
