@@ -65,6 +65,7 @@ class PairsTable:
     def __init__(self, uri: Path, table) -> None:
         self.uri, self._table = uri, table
         self._has_index: tuple[int, bool] | None = None
+        self._corpus_ids: tuple[int, frozenset[int]] | None = None
 
     @classmethod
     def create(cls, uri: Path, dim: int, dtype: str) -> "PairsTable":
@@ -148,6 +149,19 @@ class PairsTable:
             self._has_index = (version, found)
         return self._has_index[1]
 
+    def corpus_ids(self) -> frozenset[int]:
+        """The corpus ids that have rows in this version of the table (read once per version)."""
+        version = self.version
+        if self._corpus_ids is None or self._corpus_ids[0] != version:
+            col = self._table.to_lance().to_table(columns=["corpus_id"]).column("corpus_id")
+            self._corpus_ids = (version, frozenset(int(c) for c in np.unique(col.to_numpy())))
+        return self._corpus_ids[1]
+
+    def needs_filter(self, corpora: Collection[int] | None) -> bool:
+        """Whether a search limited to ``corpora`` must filter: not when every row is theirs.
+        (A LanceDB prefilter makes an IVF-PQ search about 4x slower.)"""
+        return corpora is not None and not self.corpus_ids() <= frozenset(corpora)
+
     def create_index(self, num_partitions: int | None = None, num_sub_vectors: int | None = None) -> None:
         """Train an IVF-PQ index (squared L2) on the vectors; replaces any previous one.
 
@@ -197,7 +211,7 @@ class PairsTable:
         query = self._table.search(queries if n_queries > 1 else queries[0]).limit(k)
         if self.has_vector_index():
             query = query.nprobes(nprobes).refine_factor(max(1, refine_factor))
-        if corpora is not None:
+        if self.needs_filter(corpora):
             if not corpora:
                 return out
             ids = ", ".join(str(int(c)) for c in sorted(corpora))
@@ -264,7 +278,7 @@ class ExactSearch:
         out = Neighbours.empty(n_queries, k)
         if n_queries == 0 or k <= 0:
             return out
-        allowed = None if corpora is None else np.array(sorted(corpora), dtype=np.int64)
+        allowed = np.array(sorted(corpora), dtype=np.int64) if self.table.needs_filter(corpora) else None
         best_d = torch.full((n_queries, k), float("inf"))
         best_rows = {name: torch.full((n_queries, k), -1, dtype=torch.int64) for name in _RESULT_COLUMNS}
         q_norm = (q_all * q_all).sum(dim=1, keepdim=True)  # [Q, 1]

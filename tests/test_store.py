@@ -258,3 +258,17 @@ def test_a_catalog_url_puts_the_catalog_outside_the_store(tmp_path, tiny_encoder
     with pytest.raises(StoreExistsError, match="already holds a store"):
         Store.create(tmp_path / "s2", catalog_url=url, encoder=tiny_encoder)
     assert not (tmp_path / "s2").exists()
+
+
+def test_search_skips_the_corpus_filter_only_while_every_row_is_visible(store, text_dir, tmp_path, small_settings):
+    store.add_corpus("a", [text_dir], settings=small_settings)
+    assert not store.table.needs_filter(store._visible)
+    with pytest.raises(Boom):
+        store.add_corpus("b", [write_docs(tmp_path / "big", 12)], settings=small_settings, progress=fail_after(30))
+    store.refresh()
+    assert store.table.needs_filter(store._visible)  # b's rows are in the table, hidden
+    keys = store.table._table.to_arrow().column("vector").to_pylist()
+    found = store.search(np.asarray(keys, dtype=np.float32), k=8)
+    assert set(found.corpus_ids.ravel()) == {store.corpus("a").id}
+    store.remove_corpus("b")
+    assert not store.table.needs_filter(store._visible)
