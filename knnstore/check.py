@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from . import catalog
@@ -136,10 +136,7 @@ def _check(store: "Store", repair: bool) -> CheckReport:
             p = Problem(ERROR, f"corpus '{c.name}' was being removed when its writer stopped",
                         repair="finish the removal")
             if repair:
-                store.table.delete_corpus(c.id)
-                with Session(store.engine) as s, s.begin():
-                    s.execute(delete(catalog.Document).where(catalog.Document.corpus_id == c.id))
-                    s.execute(delete(catalog.Corpus).where(catalog.Corpus.id == c.id))
+                store._drop_corpus(c.id)
                 p.repaired = True
             problems.append(p)
             continue

@@ -517,13 +517,17 @@ class Store:
             with Session(self.engine) as s, s.begin():
                 s.execute(update(catalog.Corpus).where(catalog.Corpus.id == info.id).values(status=REMOVING))
             crash_point("remove.after_status")
-            self.table.delete_corpus(info.id)
-            crash_point("remove.after_table_delete")
-            with Session(self.engine) as s, s.begin():
-                s.execute(delete(catalog.Document).where(catalog.Document.corpus_id == info.id))
-                s.execute(delete(catalog.Corpus).where(catalog.Corpus.id == info.id))
+            self._drop_corpus(info.id)
             self._finish_run(run, "ok", n_documents=info.documents, n_pairs=info.pairs)
         self.refresh()
+
+    def _drop_corpus(self, corpus_id: int) -> None:
+        """Delete a corpus's pairs, then its catalog rows (the caller holds the write lock)."""
+        self.table.delete_corpus(corpus_id)
+        crash_point("remove.after_table_delete")
+        with Session(self.engine) as s, s.begin():
+            s.execute(delete(catalog.Document).where(catalog.Document.corpus_id == corpus_id))
+            s.execute(delete(catalog.Corpus).where(catalog.Corpus.id == corpus_id))
 
     def _check_free_space(self, name: str, n_tokens: int) -> None:
         """Refuse, before writing anything, a corpus the disk cannot hold."""

@@ -153,8 +153,7 @@ class PairsTable:
         """The corpus ids that have rows in this version of the table (read once per version)."""
         version = self.version
         if self._corpus_ids is None or self._corpus_ids[0] != version:
-            col = self._table.to_lance().to_table(columns=["corpus_id"]).column("corpus_id")
-            self._corpus_ids = (version, frozenset(int(c) for c in np.unique(col.to_numpy())))
+            self._corpus_ids = (version, frozenset(self.counts_by_corpus()))
         return self._corpus_ids[1]
 
     def needs_filter(self, corpora: Collection[int] | None) -> bool:
