@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from . import knn
+from . import adaptive, knn
 from .config import KNNSettings
 from .encoder import Encoder
 from .errors import InputError
@@ -72,6 +72,7 @@ class TokenExplanation:
     p: float
     retrieved: bool
     sources: list[Source] = field(default_factory=list)
+    knn_weight: float = 0.0  # the λ p_kNN was mixed with here (per token when adaptive)
 
     def top_documents(self, n: int = 3) -> list[tuple[str, float]]:
         """The documents whose neighbours carry the most weight, with their total weight."""
@@ -112,6 +113,7 @@ class Step:
     knn_log_probs: torch.Tensor | None  # [N, V] (rows that skipped: all -inf)
     retrieved: torch.Tensor  # [N] bool
     neighbours: Neighbours  # [N, k]; rows that skipped hold no neighbours
+    lambdas: float | torch.Tensor = 0.0  # λ, or [N] per row with adaptive interpolation
 
 
 class KNNLM:
@@ -136,6 +138,7 @@ class KNNLM:
         self.encoder, self.model, self.tokenizer = encoder, model, tokenizer
         base = settings or KNNSettings.resolve()
         self.settings = dataclasses.replace(base, **overrides) if overrides else base
+        self._policy: adaptive.Policy | None = None
 
     @classmethod
     def from_store(cls, store: Store | str | os.PathLike, settings: KNNSettings | None = None,
@@ -152,6 +155,16 @@ class KNNLM:
         clone.settings = dataclasses.replace(self.settings, **overrides)
         return clone
 
+    @property
+    def policy(self) -> adaptive.Policy | None:
+        """The adaptive-λ policy (None unless ``settings.adaptive``): the store's latest
+        calibration if it has one, else ``adaptive.Rule()``."""
+        if not self.settings.adaptive:
+            return None
+        if self._policy is None:
+            self._policy = self.store.calibration() or adaptive.Rule()
+        return self._policy
+
     # --- one step --------------------------------------------------------------------
 
     def search(self, keys: torch.Tensor | np.ndarray, k: int | None = None) -> Neighbours:
@@ -163,7 +176,10 @@ class KNNLM:
 
     def retrieval_mask(self, lm_log_probs: torch.Tensor) -> torch.Tensor:
         s = self.settings
-        return knn.retrieval_mask(lm_log_probs, s.skip_above_prob, s.skip_below_entropy)
+        skip_above = s.skip_above_prob
+        if skip_above is None and s.skip_below_entropy is None and self.policy is not None:
+            skip_above = self.policy.skip_above_prob
+        return knn.retrieval_mask(lm_log_probs, skip_above, s.skip_below_entropy)
 
     def step(self, keys: torch.Tensor, lm_logits: torch.Tensor) -> Step:
         """The kNN-LM distribution for rows of keys [N, dim] and LM logits [N, V]."""
@@ -179,10 +195,14 @@ class KNNLM:
             found = self.search(keys[retrieve])
             for f in dataclasses.fields(Neighbours):
                 getattr(neighbours, f.name)[rows] = getattr(found, f.name)
-        knn_lp = knn.knn_log_probs(torch.from_numpy(neighbours.distances),
-                                   torch.from_numpy(neighbours.next_tokens), vocab, s.temperature)
-        mixed = knn.interpolate(lm_log_probs, knn_lp, s.lambda_)
-        return Step(mixed, lm_log_probs, knn_lp, retrieve, neighbours)
+        d, nt = torch.from_numpy(neighbours.distances), torch.from_numpy(neighbours.next_tokens)
+        knn_lp = knn.knn_log_probs(d, nt, vocab, s.temperature)
+        lam: float | torch.Tensor = s.lambda_
+        if self.policy is not None and len(rows):
+            sig = adaptive.signals(d, nt, lm_log_probs, s.temperature)
+            lam = self.policy.lambdas(sig, s.lambda_).clamp(0, 1).to(lm_log_probs.dtype)
+        mixed = knn.interpolate(lm_log_probs, knn_lp, lam)
+        return Step(mixed, lm_log_probs, knn_lp, retrieve, neighbours, lam)
 
     def evaluate(self, text: str | list[int], **kwargs):
         """Perplexity of ``text`` with and without the store: see ``evaluate.evaluate``."""
@@ -227,11 +247,14 @@ class KNNLM:
     def _explain_row(self, step: Step, row: int, index: int, token: int, n_sources: int) -> TokenExplanation:
         retrieved = bool(step.retrieved[row])
         p_knn = float(step.knn_log_probs[row, token].exp()) if retrieved else None
+        lam = step.lambdas
+        weight = float(lam[row]) if isinstance(lam, torch.Tensor) else float(lam)
         return TokenExplanation(
             index=index, token=token, text=self.tokenizer.decode([token]),
             p_lm=float(step.lm_log_probs[row, token].exp()), p_knn=p_knn,
             p=float(step.log_probs[row, token].exp()), retrieved=retrieved,
             sources=self.sources(step.neighbours, row, n_sources, token=token) if retrieved and n_sources else [],
+            knn_weight=weight if retrieved else 0.0,
         )
 
     def explain(self, text: str, n_sources: int = 3, window: int = 512) -> list[TokenExplanation]:

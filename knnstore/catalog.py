@@ -128,6 +128,21 @@ class IngestRun(Base):
     tokens_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class Calibration(Base):
+    """A fitted adaptive-λ map (``knnstore calibrate``); the newest one is used."""
+
+    __tablename__ = "calibrations"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    text_source: Mapped[str] = mapped_column(Text)  # the held-out text it was fitted on
+    n_tokens: Mapped[int] = mapped_column(Integer)
+    n_pairs: Mapped[int] = mapped_column(BigInteger)  # the store's size when fitted
+    kind: Mapped[str] = mapped_column(String(16))  # logistic | mlp
+    fit: Mapped[dict] = mapped_column(JSON)  # adaptive.Calibration.to_dict()
+
+
 class Vocab(Base):
     """The tokenizer's vocabulary: token id -> raw piece and decoded text (for SQL)."""
 

@@ -313,26 +313,28 @@ def _knn_options(sweep: bool):
                          help="Adaptive retrieval: skip the store where the LM's top probability is at least this."),
             click.option("--skip-below-entropy", type=float,
                          help="Adaptive retrieval: skip the store where the LM's entropy (nats) is at most this."),
+            click.option("--adaptive", is_flag=True, default=None,
+                         help="A λ per token from the retrieval's confidence, and retrieval only where it "
+                              "helps: the store's calibration (`knnstore calibrate`), else a fixed rule."),
         ]):
             f = opt(f)
         return f
     return decorate
 
 
-def _knnlm(store, k, lambda_, temperature, exact, nprobes, refine_factor, skip_above_prob,
-           skip_below_entropy, single: bool):
+def _knnlm(store, opts: dict, single: bool):
+    """The adapter for STORE with the kNN options of a command (``_knn_options``)."""
     from .adapter import KNNLM
 
+    lists = {name: opts[key] for name, key in (("--k", "k"), ("--lambda", "lambda_"),
+                                                ("--temperature", "temperature"))}
     if single:
-        for name, values in (("--k", k), ("--lambda", lambda_), ("--temperature", temperature)):
+        for name, values in lists.items():
             if values is not None and len(values) > 1:
                 raise click.BadParameter("takes one value here (sweeps are for `knnstore eval`)",
                                          param_hint=name)
     first = lambda values: values[0] if values else None  # noqa: E731
-    settings = KNNSettings.resolve(
-        k=first(k), lambda_=first(lambda_), temperature=first(temperature), exact=exact,
-        nprobes=nprobes, refine_factor=refine_factor, skip_above_prob=skip_above_prob,
-        skip_below_entropy=skip_below_entropy)
+    settings = KNNSettings.resolve(**{**opts, **{key: first(opts[key]) for key in ("k", "lambda_", "temperature")}})
     s = _open(store)
     _load_model(s)
     return KNNLM.from_store(s, settings)
@@ -364,8 +366,7 @@ def _read_text_arg(path) -> str:
 @click.option("--sweep-out", default="knnstore-sweep", show_default=True,
               help="With a sweep: write PREFIX.csv and PREFIX.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def eval_(store, text_path, k, lambda_, temperature, exact, nprobes, refine_factor, skip_above_prob,
-          skip_below_entropy, max_tokens, window, stride, sweep_out, as_json):
+def eval_(store, text_path, max_tokens, window, stride, sweep_out, as_json, **knn_opts):
     """Perplexity of a text with and without the store, side by side.
 
     Prints the base LM's perplexity, the kNN-LM's and p_kNN's alone, on the same tokens,
@@ -376,12 +377,13 @@ def eval_(store, text_path, k, lambda_, temperature, exact, nprobes, refine_fact
     Example:
         knnstore eval wiki-store --text test.txt --max-tokens 20000
         knnstore eval wiki-store --text test.txt --lambda 0.1,0.25,0.5 --k 8,64,256
+        knnstore eval wiki-store --text other-domain.txt --adaptive
     """
     text = _read_text_arg(text_path)
-    lm = _knnlm(store, k, lambda_, temperature, exact, nprobes, refine_factor, skip_above_prob,
-                skip_below_entropy, single=False)
+    lm = _knnlm(store, knn_opts, single=False)
     with _progress("Scoring") as update:
-        result = lm.evaluate(text, lambdas=lambda_, ks=k, temperatures=temperature,
+        result = lm.evaluate(text, lambdas=knn_opts["lambda_"], ks=knn_opts["k"],
+                             temperatures=knn_opts["temperature"],
                              max_tokens=max_tokens, window=window, stride=stride, progress=update)
     files = None
     if result.sweep:
@@ -403,10 +405,17 @@ def _print_eval(r, files) -> None:
     for column in ("", "perplexity", "tokens/s"):
         table.add_column(column, justify="left" if not column else "right")
     table.add_row("base LM", fmt(r.base_ppl), f"{r.base_tokens_per_s:,.0f}")
-    table.add_row(f"kNN-LM (λ={r.lambda_:g}, k={r.k}, T={r.temperature:g})", fmt(r.knn_ppl),
-                  f"{r.knn_tokens_per_s:,.0f}")
+    if r.adaptive:
+        table.add_row(f"kNN-LM, fixed λ={r.lambda_:g} (k={r.k}, T={r.temperature:g})", fmt(r.fixed_knn_ppl), "")
+        table.add_row(f"kNN-LM, adaptive λ (mean {r.mean_lambda:.3f})", fmt(r.knn_ppl),
+                      f"{r.knn_tokens_per_s:,.0f}")
+    else:
+        table.add_row(f"kNN-LM (λ={r.lambda_:g}, k={r.k}, T={r.temperature:g})", fmt(r.knn_ppl),
+                      f"{r.knn_tokens_per_s:,.0f}")
     table.add_row("kNN only", fmt(r.knn_only_ppl), "")
     out.print(table)
+    if r.adaptive:
+        out.print(f"adaptive: {r.adaptive}")
     change = 100 * (r.knn_ppl / r.base_ppl - 1)
     out.print(f"{r.tokens:,} tokens, {r.search} search; kNN-LM perplexity {change:+.1f}% vs base; "
               f"target among the neighbours' next tokens at {100 * r.knn_coverage:.1f}% of positions; "
@@ -414,12 +423,14 @@ def _print_eval(r, files) -> None:
               f"throughput kNN-LM ÷ base = {r.speed_ratio:.2f}")
     if r.sweep:
         table = Table(title="sweep")
-        for column in ("lambda", "k", "T", "perplexity"):
+        columns = ("lambda", "k", "T", "perplexity") + (("adaptive",) if r.adaptive else ())
+        for column in columns:
             table.add_column(column, justify="right")
         for p in r.sweep:
             best = p.lambda_ == r.lambda_ and p.k == r.k and p.temperature == r.temperature
             style = "bold green" if best else None
-            table.add_row(f"{p.lambda_:g}", str(p.k), f"{p.temperature:g}", fmt(p.knn_ppl), style=style)
+            extra = (fmt(p.adaptive_ppl),) if r.adaptive else ()
+            table.add_row(f"{p.lambda_:g}", str(p.k), f"{p.temperature:g}", fmt(p.knn_ppl), *extra, style=style)
         out.print(table)
     if files:
         out.print(f"Wrote {files[0]} and {files[1]}")
@@ -438,17 +449,15 @@ def _print_eval(r, files) -> None:
 @click.option("--sources", "n_sources", default=3, show_default=True,
               help="With --explain: neighbours shown per token.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def generate(store, prompt, max_new_tokens, k, lambda_, temperature, exact, nprobes, refine_factor,
-             skip_above_prob, skip_below_entropy, sample, top_p, num_beams, seed, explain, n_sources,
-             as_json):
+def generate(store, prompt, max_new_tokens, sample, top_p, num_beams, seed, explain, n_sources,
+             as_json, **knn_opts):
     """Continue PROMPT with the kNN-LM (greedy unless --sample).
 
     \b
     Example:
         knnstore generate wiki-store "The tower was built in" --max-new-tokens 30 --explain
     """
-    lm = _knnlm(store, k, lambda_, temperature, exact, nprobes, refine_factor, skip_above_prob,
-                skip_below_entropy, single=True)
+    lm = _knnlm(store, knn_opts, single=True)
     if explain and num_beams > 1:
         raise click.BadParameter("--explain works with greedy search and sampling, not beams",
                                  param_hint="--num-beams")
@@ -469,21 +478,93 @@ def generate(store, prompt, max_new_tokens, k, lambda_, temperature, exact, npro
 @_knn_options(sweep=False)
 @click.option("--sources", "n_sources", default=3, show_default=True, help="Neighbours shown per token.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per token, in a list.")
-def explain(store, text, k, lambda_, temperature, exact, nprobes, refine_factor, skip_above_prob,
-            skip_below_entropy, n_sources, as_json):
+def explain(store, text, n_sources, as_json, **knn_opts):
     """Score TEXT and show, for each token, its probability and the stored sources behind it.
 
     \b
     Example:
         knnstore explain wiki-store "The tower was built in 1889"
     """
-    lm = _knnlm(store, k, lambda_, temperature, exact, nprobes, refine_factor, skip_above_prob,
-                skip_below_entropy, single=True)
+    lm = _knnlm(store, knn_opts, single=True)
     tokens = lm.explain(text, n_sources=n_sources)
     if as_json:
         _echo_json([t.to_dict() for t in tokens])
         return
     _print_explanations(tokens)
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False),
+              help="Held-out UTF-8 text of the store's own domain (not text stored in it).")
+@click.option("--max-tokens", type=int, default=20000, show_default=True,
+              help="Fit on at most the first N tokens of the text.")
+@click.option("--kind", type=click.Choice(["logistic", "mlp"]), default="logistic", show_default=True,
+              help="The map from signals to λ: logistic regression or a 16-unit MLP.")
+@click.option("--keep", type=float, default=0.95, show_default=True,
+              help="Skip retrieval wherever that keeps this fraction of the fitted gain.")
+@click.option("--k", "k", type=int, help=f"Neighbours per position [default: {KNNSettings.k}].")
+@click.option("--lambda", "lambda_", type=float,
+              help=f"The fixed λ to start from and compare with [default: {KNNSettings.lambda_}].")
+@click.option("--temperature", type=float, help=f"T of p_kNN [default: {KNNSettings.temperature:g}].")
+@click.option("--exact", is_flag=True, default=None, help="Brute-force search instead of the ANN index.")
+@click.option("--clear", is_flag=True, help="Delete the store's calibrations (--adaptive then uses the rule).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature, exact, clear, as_json):
+    """Fit adaptive interpolation (--adaptive) for STORE on held-out text, and save it.
+
+    Scores the text with the store, fits a map from retrieval signals (nearest distance,
+    agreement between neighbours, the LM's entropy, ...) to a λ per token that maximises
+    the mixture's likelihood, picks where retrieval can be skipped, and stores the fit in
+    the catalog. The last 20% of the text is held out from the fit and reported.
+
+    \b
+    Example:
+        knnstore calibrate wiki-store --text wiki-heldout.txt
+        knnstore eval wiki-store --text test.txt --adaptive
+    """
+    from .evaluate import calibrate as fit_calibration
+
+    if clear:
+        s = _open(store)
+        n = s.clear_calibrations()
+        if as_json:
+            _echo_json({"cleared": n})
+        else:
+            out.print(f"Deleted {n} calibration(s); --adaptive now uses the rule.")
+        return
+    if text_path is None:
+        raise click.UsageError("give --text FILE (held-out text of the store's domain), or --clear")
+    if max_tokens is not None and max_tokens < 100:
+        raise click.BadParameter("must be at least 100", param_hint="--max-tokens")
+    text = _read_text_arg(text_path)
+    opts = {"k": [k] if k else None, "lambda_": [lambda_] if lambda_ is not None else None,
+            "temperature": [temperature] if temperature else None, "exact": exact}
+    lm = _knnlm(store, opts, single=True)
+    if lm.store.stats().pairs == 0:
+        raise click.ClickException("the store has no pairs: add a corpus before calibrating")
+    with _progress("Calibrating") as update:
+        cal = fit_calibration(lm, text, kind=kind, max_tokens=max_tokens, keep=keep, progress=update)
+    n_tokens = cal.metrics["fit"]["tokens"] + cal.metrics["holdout"].get("tokens", 0)
+    cal_id = lm.store.save_calibration(cal, text_source=str(text_path), n_tokens=n_tokens)
+    d = {"id": cal_id, **cal.to_dict()}
+    if as_json:
+        _echo_json(d)
+        return
+    fmt = lambda x: "-" if x is None else f"{x:,.2f}"  # noqa: E731
+    table = Table(title=f"calibration {cal_id}: {cal.describe()}")
+    for column in ("tokens", "base LM", f"fixed λ={cal.metrics['fixed_lambda']:g}", "calibrated", "mean λ"):
+        table.add_column(column, justify="right")
+    for part in ("fit", "holdout"):
+        m = d["metrics"][part]
+        if m:
+            table.add_row(f"{part} {m['tokens']:,}", fmt(m["base_ppl"]), fmt(m["fixed_ppl"]),
+                          fmt(m["calibrated_ppl"]), f"{m['mean_lambda']:.3f}")
+    out.print(table)
+    skip = cal.skip_above_prob
+    out.print(f"retrieval: {'always' if skip is None else f'skipped where the LM top probability >= {skip:g}'}"
+              f" ({100 * cal.metrics['retrieved_fraction']:.1f}% of positions retrieve). "
+              f"Use it with --adaptive.")
 
 
 def _print_explanations(tokens) -> None:

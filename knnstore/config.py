@@ -117,6 +117,10 @@ class SourceOptions:
     max_documents: int | None = None
 
 
+def _flag(raw: str) -> bool:
+    return raw.lower() in ("1", "true", "yes")
+
+
 @dataclass(frozen=True)
 class KNNSettings:
     """How the adapter mixes the store into the LM (the kNN-LM parameters).
@@ -130,7 +134,10 @@ class KNNSettings:
             re-ranked with exact distances, as a multiple of k).
         skip_above_prob, skip_below_entropy: adaptive retrieval; a position skips the
             store when the LM's top probability is at least ``skip_above_prob`` or its
-            entropy (nats) at most ``skip_below_entropy``. None: always retrieve.
+            entropy (nats) at most ``skip_below_entropy``. None: always retrieve (or,
+            with ``adaptive``, the policy's own threshold).
+        adaptive: a λ per position from the retrieval's confidence (``adaptive.py``): the
+            store's calibration (``knnstore calibrate``) if it has one, else a fixed rule.
     """
 
     # Defaults chosen by a sweep with SmolLM2-135M and a WikiText-2 store (docs/performance.md).
@@ -142,6 +149,7 @@ class KNNSettings:
     refine_factor: int = 4
     skip_above_prob: float | None = None
     skip_below_entropy: float | None = None
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         from .errors import InputError
@@ -167,7 +175,7 @@ class KNNSettings:
             if value is None:
                 env_name = "lambda" if f.name == "lambda_" else f.name
                 cast = {"k": int, "nprobes": int, "refine_factor": int,
-                        "exact": lambda raw: raw.lower() in ("1", "true", "yes")}.get(f.name, float)
+                        "exact": _flag, "adaptive": _flag}.get(f.name, float)
                 value = _env(env_name, cast, f.default)
             values[f.name] = value
         return cls(**values)

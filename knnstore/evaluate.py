@@ -27,8 +27,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import knn
+from . import adaptive, knn
 from .adapter import KNNLM, scored_windows
+from .config import KNNSettings
 from .errors import InputError
 
 ProgressFn = Callable[[int, int], None]
@@ -47,6 +48,7 @@ class SweepPoint:
     k: int
     temperature: float
     knn_ppl: float
+    adaptive_ppl: float | None = None  # with --adaptive: the adaptive λ at this k and T
 
 
 @dataclass
@@ -72,6 +74,9 @@ class EvalResult:
     base_tokens_per_s: float
     knn_tokens_per_s: float
     sweep: list[SweepPoint] = field(default_factory=list)
+    adaptive: str | None = None
+    fixed_knn_ppl: float | None = None
+    mean_lambda: float | None = None
 
     @property
     def speed_ratio(self) -> float:
@@ -88,24 +93,35 @@ class EvalResult:
         d["lambda"] = d.pop("lambda_")
         d["speed_ratio"] = clean(self.speed_ratio)
         d["sweep"] = [{"lambda": p.lambda_, "k": p.k, "temperature": p.temperature,
-                       "knn_ppl": clean(p.knn_ppl)} for p in self.sweep]
+                       "knn_ppl": clean(p.knn_ppl),
+                       **({"adaptive_ppl": clean(p.adaptive_ppl)} if self.adaptive else {})}
+                      for p in self.sweep]
+        if not self.adaptive:
+            for key in ("adaptive", "fixed_knn_ppl", "mean_lambda"):
+                d.pop(key)
         return d
 
 
 def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float] | None = None,
              ks: Sequence[int] | None = None, temperatures: Sequence[float] | None = None,
              max_tokens: int | None = None, window: int = 512, stride: int = 384,
-             batch_size: int = 4, progress: ProgressFn | None = None) -> EvalResult:
+             batch_size: int = 4, progress: ProgressFn | None = None,
+             records: list[adaptive.Records] | None = None) -> EvalResult:
     """Perplexity of ``text`` (a string or token ids) with and without the store.
 
     Args:
-        knnlm: the adapter; its settings give λ, k and T unless a sweep overrides them.
+        knnlm: the adapter; its settings give λ, k and T unless a sweep overrides them,
+            and whether λ is adaptive (``settings.adaptive``).
         lambdas, ks, temperatures: sweep values (default: the adapter's own).
         max_tokens: score at most this many tokens (the first ones).
         window, stride: sliding-window scoring (each token scored once, with at least
             window - stride tokens of context after the first window).
+        records: if given, per-position signals and target log probabilities (at the
+            adapter's k and T) are appended to it, one ``adaptive.Records`` per window
+            (what ``knnstore calibrate`` fits on).
     """
     s = knnlm.settings
+    policy = knnlm.policy
     ids = list(text) if not isinstance(text, str) else knnlm.encoder.tokenize(text)
     if max_tokens is not None:
         ids = ids[:max_tokens + 1]
@@ -114,12 +130,13 @@ def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float
     grid = list(itertools.product(lambdas or [s.lambda_], ks or [s.k], temperatures or [s.temperature]))
     for lam, k, t in grid:
         dataclasses.replace(s, lambda_=lam, k=k, temperature=t)  # validates each point
-    k_max = max(k for _, k, _ in grid)
+    k_max = max([k for _, k, _ in grid] + [s.k])
     total = len(ids) - 1
 
     n = n_retrieved = n_covered = 0
-    base_nll = knn_only_nll = 0.0
+    base_nll = knn_only_nll = lambda_sum = 0.0
     mix_nll = np.zeros(len(grid))
+    ada_nll = np.zeros(len(grid))
     t_base = t_knn = 0.0
     windows = scored_windows(knnlm.encoder, ids, window=window, stride=stride, batch_size=batch_size)
     while True:
@@ -132,36 +149,49 @@ def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float
         t1 = time.perf_counter()
 
         retrieve = knnlm.retrieval_mask(lm_log_probs)
-        d = torch.full((len(win.targets), k_max), math.inf, dtype=torch.float32)
-        matches = torch.zeros(len(win.targets), k_max, dtype=torch.bool)
-        valid = torch.zeros_like(matches)
+        rows = len(win.targets)
+        d = torch.full((rows, k_max), math.inf, dtype=torch.float32)
+        nt = torch.full((rows, k_max), -1, dtype=torch.long)
         if retrieve.any():
             found = knnlm.search(win.keys[retrieve], k=k_max)
-            nt = torch.from_numpy(found.next_tokens)
-            dist = torch.from_numpy(found.distances)
-            d[retrieve] = dist
-            matches[retrieve] = nt == win.targets[retrieve].unsqueeze(1)
-            valid[retrieve] = knn.valid_mask(dist, nt)
+            d[retrieve] = torch.from_numpy(found.distances)
+            nt[retrieve] = torch.from_numpy(found.next_tokens).long()
+        valid = knn.valid_mask(d, nt)
+        matches = nt == win.targets.unsqueeze(1)
         for i, (lam, k, t) in enumerate(grid):
             knn_t = knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t)
             has = valid[:, :k].any(dim=1)
             mix_nll[i] -= float(knn.interpolate(target_lm, knn_t, lam, has_knn=has).sum())
+            if policy is not None:
+                sig = adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t)
+                lam_i = policy.lambdas(sig, lam).clamp(0, 1)
+                ada_nll[i] -= float(adaptive.mixture_log_prob(target_lm, knn_t, has, lam_i).sum())
             if i == 0:
+                if policy is not None:
+                    lambda_sum += float(torch.where(has, lam_i, torch.zeros_like(lam_i)).sum())
                 t_knn += time.perf_counter() - t1  # search + one mixture: the kNN-LM's extra cost
                 sel = knn_t[retrieve]
                 knn_only_nll -= float(sel.sum())
                 n_covered += int(torch.isfinite(sel).sum())
+        if records is not None:
+            k, t = s.k, s.temperature
+            records.append(adaptive.Records(
+                adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t), target_lm,
+                knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t),
+                valid[:, :k].any(dim=1)))
         t_base += t1 - t0
         base_nll -= float(target_lm.sum())
-        n += len(win.targets)
+        n += rows
         n_retrieved += int(retrieve.sum())
         if progress:
             progress(n, total)
 
-    points = [SweepPoint(lam, k, t, _ppl(nll, n)) for (lam, k, t), nll in zip(grid, mix_nll)]
-    best = min(points, key=lambda p: p.knn_ppl)
+    points = [SweepPoint(lam, k, t, _ppl(nll, n), _ppl(a, n) if policy is not None else None)
+              for (lam, k, t), nll, a in zip(grid, mix_nll, ada_nll)]
+    best = min(points, key=lambda p: p.knn_ppl if policy is None else p.adaptive_ppl)
     return EvalResult(
-        tokens=n, base_ppl=_ppl(base_nll, n), knn_ppl=best.knn_ppl,
+        tokens=n, base_ppl=_ppl(base_nll, n),
+        knn_ppl=best.knn_ppl if policy is None else best.adaptive_ppl,
         knn_only_ppl=_ppl(knn_only_nll, n_retrieved) if n_covered == n_retrieved else float("inf"),
         knn_coverage=n_covered / n_retrieved if n_retrieved else 0.0,
         retrieved_fraction=n_retrieved / n if n else 0.0,
@@ -170,6 +200,9 @@ def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float
         base_tokens_per_s=n / t_base if t_base else float("nan"),
         knn_tokens_per_s=n / (t_base + t_knn) if t_base + t_knn else float("nan"),
         sweep=points if len(points) > 1 else [],
+        adaptive=policy.describe() if policy is not None else None,
+        fixed_knn_ppl=best.knn_ppl if policy is not None else None,
+        mean_lambda=lambda_sum / n if policy is not None and n else None,
     )
 
 
@@ -184,14 +217,20 @@ def write_sweep(result: EvalResult, prefix: str | Path) -> tuple[Path, Path]:
     csv_path, png_path = prefix.with_suffix(".csv"), prefix.with_suffix(".png")
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["lambda", "k", "temperature", "knn_ppl", "base_ppl", "tokens"])
+        w.writerow(["lambda", "k", "temperature", "knn_ppl", "adaptive_ppl", "base_ppl", "tokens"])
         for p in result.sweep:
-            w.writerow([p.lambda_, p.k, p.temperature, f"{p.knn_ppl:.4f}", f"{result.base_ppl:.4f}", result.tokens])
+            ada = "" if p.adaptive_ppl is None else f"{p.adaptive_ppl:.4f}"
+            w.writerow([p.lambda_, p.k, p.temperature, f"{p.knn_ppl:.4f}", ada, f"{result.base_ppl:.4f}",
+                        result.tokens])
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     lines = sorted({(p.k, p.temperature) for p in result.sweep})
     for k, t in lines:
         pts = sorted((p.lambda_, p.knn_ppl) for p in result.sweep if p.k == k and p.temperature == t)
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"kNN-LM, k={k}, T={t:g}")
+        line, = ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"kNN-LM, k={k}, T={t:g}")
+        if result.adaptive:
+            ada = sorted((p.lambda_, p.adaptive_ppl) for p in result.sweep if p.k == k and p.temperature == t)
+            ax.plot([x for x, _ in ada], [y for _, y in ada], marker="s", linestyle=":", color=line.get_color(),
+                    label=f"adaptive, k={k}, T={t:g}")
     ax.axhline(result.base_ppl, color="black", linestyle="--", label=f"base LM ({result.base_ppl:.2f})")
     ax.set_xlabel("λ (weight of p_kNN)")
     ax.set_ylabel("perplexity")
@@ -202,3 +241,30 @@ def write_sweep(result: EvalResult, prefix: str | Path) -> tuple[Path, Path]:
     fig.savefig(png_path)
     plt.close(fig)
     return csv_path, png_path
+
+
+def calibrate(knnlm: KNNLM, text: str | Sequence[int], *, kind: str = "logistic",
+              max_tokens: int | None = None, keep: float = 0.95, holdout: float = 0.2,
+              window: int = 512, stride: int = 384,
+              progress: ProgressFn | None = None) -> adaptive.Calibration:
+    """Fit the adaptive-λ map on held-out text of the store's domain (see ``adaptive.fit``).
+
+    Every position retrieves (no skipping) at the adapter's k and T; the adapter's λ is
+    the starting point and the fixed-λ reference in the reported metrics. The result is
+    not saved: ``Store.save_calibration`` does that.
+    """
+    if kind not in adaptive.KINDS:
+        raise InputError(f"calibration kind must be one of {', '.join(adaptive.KINDS)}, got {kind!r}")
+    if not 0.0 < keep <= 1.0:
+        raise InputError(f"keep must be in (0, 1], got {keep}")
+    s = knnlm.settings
+    full = knnlm.with_settings(adaptive=False, skip_above_prob=None, skip_below_entropy=None,
+                               lambda_=s.lambda_ if 0 < s.lambda_ < 1 else KNNSettings.lambda_)
+    parts: list[adaptive.Records] = []
+    evaluate(full, text, max_tokens=max_tokens, window=window, stride=stride, progress=progress,
+             records=parts)
+    rec = adaptive.Records.concat(parts)
+    if len(rec) < 100:
+        raise InputError(f"calibration needs at least 100 tokens of text, got {len(rec)}: give a longer text")
+    return adaptive.fit(rec, kind=kind, k=s.k, temperature=s.temperature,
+                        init_lambda=full.settings.lambda_, holdout=holdout, keep=keep)

@@ -436,7 +436,30 @@ class Store:
             crash_point("index.after")
         self.refresh()
 
+    def calibration(self):
+        """The newest adaptive-λ calibration (``adaptive.Calibration``), or None."""
+        from .adaptive import Calibration
+
+        with Session(self.engine) as s:
+            row = s.scalars(select(catalog.Calibration).order_by(catalog.Calibration.id.desc()).limit(1)).first()
+            return Calibration.from_dict(row.fit) if row is not None else None
+
     # --- writing ---------------------------------------------------------------------
+
+    def save_calibration(self, cal, text_source: str, n_tokens: int) -> int:
+        """Store a fitted calibration; ``--adaptive`` uses the newest one from now on."""
+        with self._write_lock(), Session(self.engine) as s, s.begin():
+            row = catalog.Calibration(text_source=text_source, n_tokens=n_tokens,
+                                      n_pairs=sum(c.n_pairs for c in self._corpus_rows() if c.status == READY),
+                                      kind=cal.kind, fit=cal.to_dict())
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def clear_calibrations(self) -> int:
+        """Delete every calibration (``--adaptive`` falls back to the rule); returns how many."""
+        with self._write_lock(), Session(self.engine) as s, s.begin():
+            return s.execute(delete(catalog.Calibration)).rowcount
 
     @contextmanager
     def _write_lock(self, wait_s: float = 5.0) -> Iterator[None]:

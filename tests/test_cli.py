@@ -133,7 +133,7 @@ def test_eval_sweep_writes_a_csv_and_a_plot(runner, filled_store, text_dir, tmp_
     r = json.loads(result.stdout)
     assert len(r["sweep"]) == 4 and r["sweep_files"] == [str(prefix) + ".csv", str(prefix) + ".png"]
     rows = (tmp_path / "sweep.csv").read_text().splitlines()
-    assert rows[0] == "lambda,k,temperature,knn_ppl,base_ppl,tokens" and len(rows) == 5
+    assert rows[0] == "lambda,k,temperature,knn_ppl,adaptive_ppl,base_ppl,tokens" and len(rows) == 5
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -1,0 +1,300 @@
+"""Adaptive interpolation: a λ per token from how much the retrieval can be trusted.
+
+A fixed λ helps where the store matches the text and hurts where it does not: when
+the neighbours are far away and disagree, p_kNN spreads its mass over wrong tokens and
+a fixed λ takes that share away from the LM. Here λ is computed for every position
+from signals that cost nothing beyond the search itself (``signals``):
+
+    log_d1          log of the nearest squared distance (how close the best match is)
+    log_spread      log d_8 - log d_1 (one close match among far ones, or a crowd)
+    knn_top         p_kNN of its most likely token (do the neighbours agree?)
+    knn_entropy     entropy of p_kNN (nats)
+    lm_entropy      entropy of p_LM (nats)
+    lm_top          p_LM of its most likely token
+    lm_on_knn_top   log p_LM of p_kNN's most likely token (does the LM find it plausible?)
+    knn_on_lm_top   p_kNN of the LM's most likely token
+
+Two policies map them to λ:
+
+* ``Rule`` (no fitting): λ_i = λ · knn_top_i², so a position whose neighbours do not
+  agree on a next token gives the store little weight, and skip retrieval where the LM
+  is already sure (top probability >= 0.9). Works on any store, but it cannot tell a
+  close, trustworthy match from a far one, because distances depend on the model.
+* ``Calibration`` (``knnstore calibrate``): λ_i = σ(f(z_i)), z the standardised signals
+  and f a logistic regression or a one-hidden-layer MLP, fitted by maximising the
+  mixture's own log-likelihood log(λ p_kNN(y) + (1 - λ) p_LM(y)) on held-out text of the
+  store's domain. It also picks the retrieval threshold: the most positions are skipped
+  (LM top probability >= threshold) that keeps ``keep`` (95%) of the fitted gain. The
+  fit is stored in the catalog and used by ``--adaptive`` from then on.
+
+Skipping can only use what is known before the search: the LM's own distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import knn
+
+SIGNALS = ("log_d1", "log_spread", "knn_top", "knn_entropy", "lm_entropy", "lm_top",
+           "lm_on_knn_top", "knn_on_lm_top")
+KINDS = ("logistic", "mlp")
+_EPS = 1e-6
+
+
+def signals(distances: torch.Tensor, next_tokens: torch.Tensor, lm_log_probs: torch.Tensor,
+            temperature: float) -> torch.Tensor:
+    """The retrieval and LM signals of each position: [N, len(SIGNALS)] float64.
+
+    Args:
+        distances, next_tokens: [N, k] the neighbours (nearest first; empty slots have
+            ``next_token < 0`` or an infinite distance).
+        lm_log_probs: [N, V] the LM's normalised log probabilities.
+    Rows without any neighbour get zeros in the retrieval signals.
+    """
+    d = torch.as_tensor(distances).double()
+    nt = torch.as_tensor(next_tokens).long()
+    valid = knn.valid_mask(d, nt)
+    has = valid.any(dim=1)
+    n, k = d.shape
+    w = knn.neighbour_log_weights(d, valid, temperature).exp()  # [N, k], 0 where invalid
+    # p_kNN per distinct next token: sort each row's tokens and sum weights per run.
+    key = torch.where(valid, nt, torch.full_like(nt, torch.iinfo(torch.long).max))
+    sorted_nt, order = key.sort(dim=1)
+    sorted_w = w.gather(1, order)
+    starts = torch.ones_like(sorted_nt, dtype=torch.bool)
+    starts[:, 1:] = sorted_nt[:, 1:] != sorted_nt[:, :-1]
+    group = starts.long().cumsum(dim=1) - 1
+    mass = torch.zeros(n, k, dtype=torch.float64).scatter_add_(1, group, sorted_w)
+    token_of = torch.zeros(n, k, dtype=torch.long).scatter_(1, group, sorted_nt.clamp(max=2**62))
+    knn_top, top_group = mass.max(dim=1)
+    knn_top_token = token_of.gather(1, top_group.unsqueeze(1)).squeeze(1)
+    knn_entropy = -(mass * mass.clamp(min=1e-300).log()).sum(dim=1)
+
+    lm = lm_log_probs.double()
+    lm_top, lm_top_token = lm.max(dim=1)
+    lm_entropy = knn.entropy(lm)
+    safe_token = torch.where(has, knn_top_token, torch.zeros_like(knn_top_token))
+    lm_on_knn_top = lm.gather(1, safe_token.clamp(0, lm.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    knn_on_lm_top = (w * (nt == lm_top_token.unsqueeze(1))).sum(dim=1)
+
+    d1 = torch.where(valid[:, 0], d[:, 0], torch.zeros_like(d[:, 0])).clamp(min=0)
+    j = min(k, 8) - 1
+    dj = torch.where(valid[:, j], d[:, j], d1).clamp(min=0)
+    out = torch.stack([
+        (d1 + _EPS).log(),
+        (dj + _EPS).log() - (d1 + _EPS).log(),
+        knn_top,
+        knn_entropy,
+        lm_entropy,
+        lm_top.exp(),
+        lm_on_knn_top.clamp(min=-30.0),
+        knn_on_lm_top,
+    ], dim=1)
+    # Rows without neighbours: retrieval signals are 0 (their λ is 0 whatever the policy
+    # says); the LM's own signals stay, since skipping is decided on them.
+    retrieval = torch.tensor([name not in ("lm_entropy", "lm_top") for name in SIGNALS])
+    return torch.where(retrieval & ~has.unsqueeze(1), torch.zeros_like(out), out)
+
+
+class Policy:
+    """Maps signals to a λ per position, and says where to skip the store."""
+
+    name: str = "fixed"
+    skip_above_prob: float | None = None
+
+    def lambdas(self, sig: torch.Tensor, lambda_: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass
+class Rule(Policy):
+    """λ_i = λ · knn_top_i ** power; skip where the LM's top probability >= skip_above_prob."""
+
+    power: float = 2.0
+    skip_above_prob: float | None = 0.9
+    name: str = "rule"
+
+    def lambdas(self, sig: torch.Tensor, lambda_: float) -> torch.Tensor:
+        return lambda_ * sig[:, SIGNALS.index("knn_top")].clamp(0, 1) ** self.power
+
+    def describe(self) -> str:
+        skip = f", skip at LM top probability >= {self.skip_above_prob:g}" if self.skip_above_prob else ""
+        return f"rule: λ × (neighbour agreement)^{self.power:g}{skip}"
+
+
+@dataclass
+class Calibration(Policy):
+    """A fitted map from standardised signals to λ (see the module docstring)."""
+
+    kind: str
+    mean: list[float]
+    std: list[float]
+    params: dict[str, list]
+    k: int
+    temperature: float
+    skip_above_prob: float | None = None
+    metrics: dict = field(default_factory=dict)
+    name: str = "calibrated"
+
+    def _z(self, sig: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=torch.float64)
+        std = torch.tensor(self.std, dtype=torch.float64)
+        return (sig.double() - mean) / std
+
+    def logits(self, sig: torch.Tensor) -> torch.Tensor:
+        return _forward(self.kind, {k: torch.tensor(v, dtype=torch.float64) for k, v in self.params.items()},
+                        self._z(sig))
+
+    def lambdas(self, sig: torch.Tensor, lambda_: float | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.logits(sig))
+
+    def describe(self) -> str:
+        skip = f", skip at LM top probability >= {self.skip_above_prob:g}" if self.skip_above_prob else ""
+        return f"calibrated {self.kind} (k={self.k}, T={self.temperature:g}){skip}"
+
+    def to_dict(self) -> dict:
+        """JSON-ready (non-finite numbers become None)."""
+        def clean(v):
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            return v
+        d = asdict(self)
+        d.pop("name")
+        d["metrics"] = clean(d["metrics"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        return cls(**{k: v for k, v in d.items() if k != "name"})
+
+
+def _forward(kind: str, p: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    if kind == "logistic":
+        return z @ p["w"] + p["b"]
+    return torch.tanh(z @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+def mixture_log_prob(lm_target: torch.Tensor, knn_target: torch.Tensor, has: torch.Tensor,
+                     lambdas: torch.Tensor) -> torch.Tensor:
+    """log p(target) of the mixture with a λ per row: [N] float64."""
+    return knn.interpolate(lm_target.double(), knn_target.double(), lambdas.double().clamp(0, 1),
+                           has_knn=has)
+
+
+@dataclass
+class Records:
+    """What fitting needs per position: signals, log p_LM(target), log p_kNN(target)."""
+
+    signals: torch.Tensor  # [N, F]
+    lm_target: torch.Tensor  # [N]
+    knn_target: torch.Tensor  # [N] (-inf where no neighbour voted for the target)
+    has: torch.Tensor  # [N] bool: the position has neighbours
+
+    @classmethod
+    def concat(cls, parts: list["Records"]) -> "Records":
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                     ("signals", "lm_target", "knn_target", "has")))
+
+    def subset(self, rows) -> "Records":
+        return Records(self.signals[rows], self.lm_target[rows], self.knn_target[rows], self.has[rows])
+
+    def __len__(self) -> int:
+        return len(self.lm_target)
+
+
+def _ppl(log_probs: torch.Tensor) -> float:
+    mean = -float(log_probs.mean())
+    return math.exp(mean) if mean < 700 else float("inf")
+
+
+def fit(rec: Records, *, kind: str = "logistic", k: int, temperature: float, init_lambda: float = 0.15,
+        holdout: float = 0.2, keep: float = 0.95, steps: int = 500, seed: int = 0) -> Calibration:
+    """Fit λ = σ(f(z)) on ``rec`` by maximising the mixture's log-likelihood.
+
+    The last ``holdout`` fraction of the positions (contiguous text) is kept out of the fit
+    and reported in ``metrics`` (perplexities base / fixed λ / calibrated, on fit and
+    held-out rows). The skip threshold is then chosen on all rows (``keep``).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    n = len(rec)
+    n_fit = max(1, int(round(n * (1 - holdout)))) if n > 1 else n
+    fit_rows = torch.arange(n_fit)
+    train = rec.subset(fit_rows)
+    use = train.has
+    sig = train.signals[use]
+    mean = sig.mean(dim=0) if len(sig) else torch.zeros(len(SIGNALS), dtype=torch.float64)
+    std = sig.std(dim=0).nan_to_num(1.0).clamp(min=1e-3) if len(sig) > 1 else torch.ones(len(SIGNALS), dtype=torch.float64)
+    z = (sig - mean) / std
+    lm_t = train.lm_target[use].double()
+    knn_t = train.knn_target[use].double().clamp(min=-1e4)
+
+    gen = torch.Generator().manual_seed(seed)
+    f = len(SIGNALS)
+    b0 = math.log(init_lambda / (1 - init_lambda))
+    if kind == "logistic":
+        params = {"w": torch.zeros(f, dtype=torch.float64), "b": torch.tensor(b0, dtype=torch.float64)}
+    else:
+        h = 16
+        params = {"w1": torch.randn(f, h, generator=gen, dtype=torch.float64) * 0.3,
+                  "b1": torch.zeros(h, dtype=torch.float64),
+                  "w2": torch.zeros(h, dtype=torch.float64),
+                  "b2": torch.tensor(b0, dtype=torch.float64)}
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params.values(), lr=0.05)
+    for _ in range(steps if len(z) else 0):
+        opt.zero_grad()
+        logit = _forward(kind, params, z)
+        ll = torch.logaddexp(torch.nn.functional.logsigmoid(logit) + knn_t,
+                             torch.nn.functional.logsigmoid(-logit) + lm_t)
+        weights = [v for name, v in params.items() if name.startswith("w")]
+        loss = -ll.mean() + 1e-3 * sum((v ** 2).sum() for v in weights)
+        loss.backward()
+        opt.step()
+    cal = Calibration(kind=kind, mean=mean.tolist(), std=std.tolist(),
+                      params={name: v.detach().tolist() for name, v in params.items()},
+                      k=k, temperature=temperature)
+
+    def report(part: Records) -> dict:
+        if not len(part):
+            return {}
+        lam = cal.lambdas(part.signals)
+        return {"tokens": len(part), "base_ppl": _ppl(part.lm_target.double()),
+                "fixed_ppl": _ppl(mixture_log_prob(part.lm_target, part.knn_target, part.has,
+                                                   torch.full((len(part),), init_lambda, dtype=torch.float64))),
+                "calibrated_ppl": _ppl(mixture_log_prob(part.lm_target, part.knn_target, part.has, lam)),
+                "mean_lambda": float(lam[part.has].mean()) if part.has.any() else 0.0}
+
+    cal.metrics = {"fit": report(train), "holdout": report(rec.subset(torch.arange(n_fit, n))),
+                   "fixed_lambda": init_lambda}
+    cal.skip_above_prob, retained = choose_skip(rec, cal, keep)
+    cal.metrics["retrieved_fraction"] = retained
+    return cal
+
+
+SKIP_CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98)
+
+
+def choose_skip(rec: Records, cal: Policy, keep: float = 0.95,
+                lambda_: float | None = None) -> tuple[float | None, float]:
+    """The lowest LM-top-probability threshold that keeps ``keep`` of the log-likelihood
+    gain of always retrieving; returns (threshold or None for never skip, fraction retrieved)."""
+    lam = cal.lambdas(rec.signals, lambda_)
+    gain = mixture_log_prob(rec.lm_target, rec.knn_target, rec.has, lam) - rec.lm_target.double()
+    total = float(gain.sum())
+    top = rec.signals[:, SIGNALS.index("lm_top")]
+    for t in SKIP_CANDIDATES:
+        retrieve = top < t
+        if float(gain[retrieve].sum()) >= keep * total:
+            return t, float(retrieve.double().mean())
+    return None, 1.0

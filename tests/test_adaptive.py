@@ -1,0 +1,218 @@
+"""Adaptive interpolation: signals, the rule, fitting a calibration, and their use in the
+adapter, evaluate() and the CLI (tiny random-weight models)."""
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from knnstore import KNNLM, InputError, knn
+from knnstore.adaptive import SIGNALS, Calibration, Records, Rule, choose_skip, fit, mixture_log_prob, signals
+from knnstore.cli import cli
+from knnstore.evaluate import calibrate
+
+from .conftest import snapshot
+from .test_adapter import CITIZEN, HAMLET, LOBSTER, knn_store  # noqa: F401  (fixture)
+
+OTHER = ("Quarterly revenue rose four percent while operating margins narrowed, according to "
+         "the filing published on Tuesday by the company's auditors. ")
+
+
+def col(name):
+    return SIGNALS.index(name)
+
+
+def test_signals_of_a_hand_made_example():
+    d = torch.tensor([[0.0, 1.0, math.inf], [math.inf, math.inf, math.inf]])
+    nt = torch.tensor([[7, 7, -1], [-1, -1, -1]])
+    lm = torch.log_softmax(torch.zeros(2, 10), dim=-1)  # uniform over 10 tokens
+    s = signals(d, nt, lm, temperature=1.0)
+    assert s.shape == (2, len(SIGNALS))
+    assert s[0, col("knn_top")] == pytest.approx(1.0)
+    assert s[0, col("knn_entropy")] == pytest.approx(0.0, abs=1e-9)
+    assert s[0, col("lm_entropy")] == pytest.approx(math.log(10))
+    assert s[0, col("lm_top")] == pytest.approx(0.1)
+    assert s[0, col("lm_on_knn_top")] == pytest.approx(math.log(0.1))
+    assert s[0, col("log_d1")] == pytest.approx(math.log(1e-6))
+    # No neighbours: retrieval signals are 0, the LM's own are kept (skipping uses them).
+    assert s[1, col("knn_top")] == 0 and s[1, col("log_d1")] == 0
+    assert s[1, col("lm_top")] == pytest.approx(0.1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 12), st.floats(0.3, 5.0))
+def test_agreement_signals_equal_those_of_the_full_knn_distribution(seed, k, temperature):
+    g = torch.Generator().manual_seed(seed)
+    n, vocab = 5, 9
+    d = torch.rand(n, k, generator=g).sort(dim=1).values * 4
+    nt = torch.randint(0, vocab, (n, k), generator=g)
+    nt[0, -1] = -1  # an empty slot
+    lm = torch.log_softmax(torch.randn(n, vocab, generator=g), dim=-1)
+    s = signals(d, nt, lm, temperature)
+    p = knn.knn_log_probs(d, nt, vocab, temperature).double().exp()
+    assert torch.allclose(s[:, col("knn_top")], p.max(dim=1).values, atol=1e-6)
+    assert torch.allclose(s[:, col("knn_entropy")], knn.entropy(p.log()), atol=1e-5)
+    assert torch.allclose(s[:, col("knn_on_lm_top")], p.gather(1, lm.argmax(1, keepdim=True)).squeeze(1),
+                          atol=1e-6)
+
+
+def test_the_rule_weighs_agreeing_neighbours_fully_and_split_votes_little():
+    d = torch.zeros(2, 4)
+    nt = torch.tensor([[3, 3, 3, 3], [1, 2, 3, 4]])
+    s = signals(d, nt, torch.log_softmax(torch.zeros(2, 6), -1), 1.0)
+    lam = Rule().lambdas(s, 0.4)
+    assert lam[0] == pytest.approx(0.4) and lam[1] == pytest.approx(0.4 / 16)
+
+
+def _synthetic(n: int, seed: int, helpful: bool) -> Records:
+    """Positions whose kNN target probability is high when the nearest distance is small."""
+    g = torch.Generator().manual_seed(seed)
+    sig = torch.randn(n, len(SIGNALS), generator=g, dtype=torch.float64)
+    close = sig[:, col("log_d1")] < 0
+    lm_t = torch.full((n,), math.log(0.1), dtype=torch.float64)
+    good = math.log(0.9) if helpful else math.log(1e-4)
+    knn_t = torch.where(close, torch.tensor(good, dtype=torch.float64), torch.tensor(math.log(1e-4), dtype=torch.float64))
+    return Records(sig, lm_t, knn_t, torch.ones(n, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kind", ["logistic", "mlp"])
+def test_a_fit_trusts_close_neighbours_and_beats_a_fixed_lambda_on_held_out_rows(kind):
+    cal = fit(_synthetic(4000, 0, helpful=True), kind=kind, k=8, temperature=1.0, init_lambda=0.15)
+    test = _synthetic(1000, 1, helpful=True)
+    lam = cal.lambdas(test.signals)
+    d1 = test.signals[:, col("log_d1")]
+    assert float(lam[d1 < -1].mean()) > 0.8 and float(lam[d1 > 1].mean()) < 0.05
+    h = cal.metrics["holdout"]
+    assert h["calibrated_ppl"] < h["fixed_ppl"] < h["base_ppl"]
+    assert cal.metrics["holdout"]["tokens"] == 800 and cal.metrics["fit"]["tokens"] == 3200
+
+
+def test_a_store_that_never_helps_gets_lambda_near_zero():
+    cal = fit(_synthetic(3000, 0, helpful=False), k=8, temperature=1.0, init_lambda=0.15)
+    h = cal.metrics["holdout"]
+    assert h["fixed_ppl"] > 1.1 * h["base_ppl"]  # a fixed λ hurts
+    assert h["calibrated_ppl"] < 1.005 * h["base_ppl"]  # the fitted one does not
+    assert h["mean_lambda"] < 0.01
+
+
+def test_the_skip_threshold_keeps_the_asked_share_of_the_gain():
+    rec = _synthetic(2000, 3, helpful=True)
+    rec.signals[:, col("lm_top")] = torch.rand(2000, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    cal = fit(rec, k=8, temperature=1.0)
+    threshold, retrieved = choose_skip(rec, cal, keep=0.9)
+    assert threshold is not None and retrieved < 1.0
+    lam = cal.lambdas(rec.signals)
+    gain = mixture_log_prob(rec.lm_target, rec.knn_target, rec.has, lam) - rec.lm_target
+    kept = gain[rec.signals[:, col("lm_top")] < threshold].sum() / gain.sum()
+    assert kept >= 0.9
+    assert retrieved == pytest.approx(float((rec.signals[:, col("lm_top")] < threshold).double().mean()))
+
+
+def test_a_calibration_survives_the_catalog_unchanged(knn_store):  # noqa: F811
+    cal = fit(_synthetic(500, 0, helpful=True), kind="mlp", k=8, temperature=1.0)
+    assert knn_store.calibration() is None
+    knn_store.save_calibration(cal, text_source="held-out.txt", n_tokens=500)
+    back = knn_store.calibration()
+    assert isinstance(back, Calibration) and back.to_dict() == cal.to_dict()
+    sig = torch.randn(7, len(SIGNALS), dtype=torch.float64)
+    assert torch.equal(back.lambdas(sig), cal.lambdas(sig))
+    assert knn_store.clear_calibrations() == 1 and knn_store.calibration() is None
+
+
+@pytest.fixture
+def lm(knn_store, tiny_encoder):  # noqa: F811
+    return KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, knn_store, k=8, lambda_=0.5, temperature=1.0)
+
+
+def test_adaptive_eval_uses_a_lambda_per_token_and_reports_the_fixed_one_beside_it(lm):
+    fixed = lm.evaluate(LOBSTER + OTHER)
+    assert fixed.adaptive is None and "adaptive" not in fixed.to_dict()
+    ada = lm.with_settings(adaptive=True, skip_above_prob=1.0).evaluate(LOBSTER + OTHER)
+    assert ada.adaptive.startswith("rule")
+    assert ada.fixed_knn_ppl == pytest.approx(fixed.knn_ppl, rel=1e-9)
+    assert ada.base_ppl == fixed.base_ppl and ada.knn_ppl != fixed.knn_ppl
+    assert 0 < ada.mean_lambda < 0.5
+    d = ada.to_dict()
+    for key in ("base_ppl", "knn_ppl", "retrieved_fraction", "adaptive", "fixed_knn_ppl", "mean_lambda"):
+        assert key in d
+
+
+def test_adaptive_eval_equals_scoring_its_records_offline(lm):
+    parts = []
+    ada = lm.with_settings(adaptive=True, skip_above_prob=1.0)
+    r = ada.evaluate(HAMLET + CITIZEN, records=parts)
+    rec = Records.concat(parts)
+    lam = Rule().lambdas(rec.signals, 0.5)
+    offline = math.exp(-float(mixture_log_prob(rec.lm_target, rec.knn_target, rec.has, lam).mean()))
+    assert r.knn_ppl == pytest.approx(offline, rel=1e-9)
+
+
+def test_adaptive_generation_mixes_with_the_rule_and_lambda_zero_stays_the_plain_lm(lm):
+    g = lm.with_settings(adaptive=True, skip_above_prob=1.0).generate("The European", max_new_tokens=5,
+                                                                        explain=True)
+    assert len(g.tokens) == 5 and g.retrieved_fraction == 1.0
+    assert all(0.0 <= t.knn_weight <= 0.5 for t in g.tokens)
+    plain = lm.with_settings(lambda_=0.0).generate("The European", max_new_tokens=5)
+    off = lm.with_settings(lambda_=0.0, adaptive=True).generate("The European", max_new_tokens=5)
+    assert off.token_ids == plain.token_ids and off.retrieved_fraction == 0.0
+
+
+def test_calibrate_fits_on_text_and_adaptive_then_uses_the_calibration(lm):
+    cal = calibrate(lm, (LOBSTER + OTHER + HAMLET) * 6, kind="logistic")
+    assert cal.k == 8 and cal.temperature == 1.0 and set(cal.metrics) >= {"fit", "holdout", "retrieved_fraction"}
+    lm.store.save_calibration(cal, text_source="t", n_tokens=100)
+    fresh = KNNLM(lm.model, lm.tokenizer, lm.store, k=8, lambda_=0.5, temperature=1.0, adaptive=True)
+    assert isinstance(fresh.policy, Calibration)
+    r = fresh.evaluate(LOBSTER + OTHER)
+    assert r.adaptive.startswith("calibrated")
+    with pytest.raises(InputError, match="at least 100 tokens"):
+        calibrate(lm, LOBSTER)
+
+
+def test_cli_calibrate_then_eval_adaptive_and_clear(knn_store, tmp_path):  # noqa: F811
+    runner = CliRunner()
+    path = str(knn_store.path)
+    text = tmp_path / "held-out.txt"
+    text.write_text((LOBSTER + OTHER + CITIZEN) * 6)
+    result = runner.invoke(cli, ["calibrate", path, "--text", str(text), "--k", "8", "--temperature", "1",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert d["id"] == 1 and d["kind"] == "logistic" and d["metrics"]["holdout"]["tokens"] > 0
+    result = runner.invoke(cli, ["eval", path, "--text", str(text), "--k", "8", "--temperature", "1",
+                                 "--adaptive", "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert r["adaptive"].startswith("calibrated") and r["fixed_knn_ppl"] > 0
+    assert 0.0 <= r["retrieved_fraction"] <= 1.0 and r["base_ppl"] > 0 and r["knn_ppl"] > 0
+    result = runner.invoke(cli, ["eval", path, "--text", str(text), "--adaptive", "--lambda", "0.1,0.3",
+                                 "--sweep-out", str(tmp_path / "sw"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert all(p["adaptive_ppl"] > 0 for p in json.loads(result.stdout)["sweep"])
+    result = runner.invoke(cli, ["generate", path, "The European", "--adaptive", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert "1 calibration" in runner.invoke(cli, ["calibrate", path, "--clear"]).output
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give --text FILE"),
+    (["--text", "{short}"], "at least 100 tokens"),
+    (["--text", "{binary}"], "not UTF-8 text"),
+    (["--text", "{text}", "--keep", "0"], "keep must be in (0, 1]"),
+    (["--text", "{text}", "--max-tokens", "5"], "must be at least 100"),
+])
+def test_cli_calibrate_refuses_bad_input_and_leaves_the_store_as_it_was(knn_store, tmp_path, args, message):  # noqa: F811
+    files = {"short": tmp_path / "short.txt", "binary": tmp_path / "b.txt", "text": tmp_path / "t.txt"}
+    files["short"].write_text(LOBSTER)
+    files["binary"].write_bytes(b"\xff\xfe\x00\x01" * 50)
+    files["text"].write_text(LOBSTER * 10)
+    args = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
+    before = snapshot(knn_store.path)
+    result = CliRunner().invoke(cli, ["calibrate", str(knn_store.path), *args])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert snapshot(knn_store.path) == before

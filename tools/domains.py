@@ -1,0 +1,246 @@
+"""Fixed vs adaptive interpolation across domains: three stores x three test sets.
+
+    python tools/domains.py [--cache DIR] [--tokens 8000] [--out docs/domains]
+
+Stores (built once with the default model, cached in --cache; rerunning reuses them and
+every per-cell result already computed):
+
+* wiki:        WikiText-2 valid.txt, one document per article (--split-on-heading)
+* shakespeare: Tiny Shakespeare train.txt
+* gutenberg:   the last 100,000 characters of each Gutenberg book's training part
+               (../shared/data/gutenberg/docs, ten documents)
+
+Test sets: the first --tokens tokens of WikiText-2 test.txt and of Tiny Shakespeare
+test.txt, and ten evenly spaced pieces of Gutenberg test.txt (so every book is in it).
+
+Each store is calibrated (``knnstore calibrate``) on held-out text of its own domain:
+the last 250,000 characters of WikiText-2 test.txt (disjoint from the scored tokens),
+Tiny Shakespeare valid.txt, Gutenberg valid.txt. The calibration is saved in the store,
+so ``knnstore eval STORE --text FILE --adaptive --exact`` reproduces any cell.
+
+Every cell is one exact-search pass at k=128, T=3 that keeps each position's signals and
+target probabilities; base, fixed λ (the default and the best of a grid), the rule and
+the calibrated policy are all scored from it. Writes OUT.md (the table) and OUT.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from knnstore import Store
+from knnstore.adapter import KNNLM
+from knnstore.adaptive import Records, Rule, SIGNALS, mixture_log_prob
+from knnstore.config import KNNSettings
+from knnstore.encoder import Encoder
+from knnstore.evaluate import calibrate, evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+LAMBDAS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+DOMAINS = ("wiki", "shakespeare", "gutenberg")
+
+
+def prepare_texts(cache: Path) -> dict[str, dict[str, Path]]:
+    """Write the derived texts (test samples, held-out calibration text, Gutenberg tails)."""
+    texts = cache / "texts"
+    (texts / "gutenberg-tails").mkdir(parents=True, exist_ok=True)
+    for book in sorted((DATA / "gutenberg" / "docs").glob("*.txt")):
+        tail = book.read_text(encoding="utf-8")[-100_000:]
+        tail = tail.split("\n", 1)[1] if "\n" in tail else tail  # start at a whole line
+        target = texts / "gutenberg-tails" / book.name
+        if not target.exists():
+            target.write_text(tail, encoding="utf-8")
+    wiki_test = (DATA / "wikitext-2" / "test.txt").read_text(encoding="utf-8")
+    heldout = wiki_test[-250_000:]
+    (texts / "wiki-heldout.txt").write_text(heldout[heldout.index("\n") + 1:], encoding="utf-8")
+    lines = (DATA / "gutenberg" / "test.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    pieces = []
+    for i in range(10):
+        start = i * len(lines) // 10
+        piece, size = [], 0
+        for line in lines[start:]:
+            piece.append(line)
+            size += len(line)
+            if size >= 4_000:
+                break
+        pieces.append("".join(piece))
+    (texts / "gutenberg-test.txt").write_text("\n".join(pieces), encoding="utf-8")
+    return {
+        "store": {"wiki": DATA / "wikitext-2" / "valid.txt",
+                  "shakespeare": DATA / "tinyshakespeare" / "train.txt",
+                  "gutenberg": texts / "gutenberg-tails"},
+        "test": {"wiki": DATA / "wikitext-2" / "test.txt",
+                 "shakespeare": DATA / "tinyshakespeare" / "test.txt",
+                 "gutenberg": texts / "gutenberg-test.txt"},
+        "calibrate": {"wiki": texts / "wiki-heldout.txt",
+                      "shakespeare": DATA / "tinyshakespeare" / "valid.txt",
+                      "gutenberg": DATA / "gutenberg" / "valid.txt"},
+    }
+
+
+def knnstore_cli(*args: str) -> None:
+    cmd = [sys.executable, "-m", "knnstore", *args]
+    print("$ knnstore " + " ".join(args), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def build_store(path: Path, domain: str, source: Path) -> None:
+    """Build the store with the CLI (resumable: a ready corpus is kept)."""
+    if (path / "knnstore.json").exists():
+        store = Store.open(path)
+        if any(c.status == "ready" for c in store.corpora()):
+            return
+        if any(c.name == domain for c in store.corpora()):
+            knnstore_cli("remove-corpus", str(path), domain)
+    else:
+        knnstore_cli("init", str(path))
+    extra = ["--split-on-heading"] if domain == "wiki" else []
+    knnstore_cli("add-corpus", str(path), domain, str(source), *extra)
+
+
+def ppl(log_probs: torch.Tensor) -> float:
+    return math.exp(-float(log_probs.double().mean()))
+
+
+def score(rec: Records, lambdas: torch.Tensor, skip_above: float | None) -> tuple[float, float]:
+    """Perplexity of the mixture with λ per row, λ = 0 where retrieval is skipped."""
+    retrieve = torch.ones(len(rec), dtype=torch.bool)
+    if skip_above is not None:
+        retrieve = rec.signals[:, SIGNALS.index("lm_top")] < skip_above
+    lam = torch.where(retrieve, lambdas.double(), torch.zeros_like(lambdas.double()))
+    return ppl(mixture_log_prob(rec.lm_target, rec.knn_target, rec.has & retrieve, lam)), float(
+        retrieve.double().mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", default=str(REPO.parent / "knnstore-cache"),
+                        help="Where the stores, texts and per-cell results are kept.")
+    parser.add_argument("--tokens", type=int, default=8000, help="Scored tokens per test set.")
+    parser.add_argument("--calibration-tokens", type=int, default=20000)
+    parser.add_argument("--kind", default="logistic", choices=("logistic", "mlp"))
+    parser.add_argument("--out", default=str(REPO / "docs" / "domains"))
+    args = parser.parse_args()
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    paths = prepare_texts(cache)
+    stores = {d: cache / f"domain-{d}" for d in DOMAINS}
+    for d in DOMAINS:
+        build_store(stores[d], d, paths["store"][d])
+
+    settings = KNNSettings(exact=True)  # k=128, λ=0.15, T=3
+    encoder = None
+    results = {}
+    (cache / "records").mkdir(exist_ok=True)
+    for sd in DOMAINS:
+        store = Store.open(stores[sd])
+        if encoder is None:
+            encoder = Encoder.load(store.identity.model, key_layer=store.identity.key_layer,
+                                   key_site=store.identity.key_site)
+        lm = KNNLM(encoder.model, encoder.tokenizer, store, settings)
+        cal = store.calibration()
+        source = str(paths["calibrate"][sd])
+        if cal is None or cal.kind != args.kind or store_calibration_source(store) != source:
+            t0 = time.perf_counter()
+            cal = calibrate(lm, paths["calibrate"][sd].read_text(encoding="utf-8"), kind=args.kind,
+                            max_tokens=args.calibration_tokens)
+            store.save_calibration(cal, text_source=source, n_tokens=args.calibration_tokens)
+            print(f"calibrated {sd} in {time.perf_counter() - t0:.0f} s: {cal.describe()} {cal.metrics}",
+                  flush=True)
+        for td in DOMAINS:
+            cached = cache / "records" / f"{sd}__{td}__{args.tokens}.pt"
+            if cached.exists():
+                rec = Records(**torch.load(cached))
+            else:
+                parts: list[Records] = []
+                evaluate(lm, paths["test"][td].read_text(encoding="utf-8"), max_tokens=args.tokens,
+                         records=parts)
+                rec = Records.concat(parts)
+                torch.save(vars(rec), cached)
+            base = ppl(rec.lm_target)
+            fixed = {lam: score(rec, torch.full((len(rec),), lam), None)[0] for lam in LAMBDAS}
+            best_lam = min(fixed, key=fixed.get)
+            rule = Rule()
+            rule_ppl, rule_ret = score(rec, rule.lambdas(rec.signals, settings.lambda_), rule.skip_above_prob)
+            cal_ppl, cal_ret = score(rec, cal.lambdas(rec.signals), cal.skip_above_prob)
+            results[sd, td] = dict(base=base, fixed=fixed[settings.lambda_], best=fixed[best_lam],
+                                   best_lambda=best_lam, rule=rule_ppl, rule_retrieved=rule_ret,
+                                   calibrated=cal_ppl, retrieved=cal_ret, tokens=len(rec))
+            print(sd, td, {k: round(v, 4) if isinstance(v, float) else v for k, v in results[sd, td].items()},
+                  flush=True)
+    write_report(results, args, stores, paths)
+
+
+def store_calibration_source(store: Store) -> str | None:
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from knnstore import catalog
+
+    with Session(store.engine) as s:
+        return s.scalars(select(catalog.Calibration.text_source)
+                         .order_by(catalog.Calibration.id.desc()).limit(1)).first()
+
+
+def write_report(results, args, stores, paths) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(args.out)
+    pct = lambda x, base: f"{100 * (x / base - 1):+.1f}%"  # noqa: E731
+    lines = [
+        "| store ↓ / test → | tokens | base LM | fixed λ=0.15 | best fixed λ | rule | calibrated | retrieved (calibrated) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (sd, td), r in results.items():
+        b = r["base"]
+        mark = " **(in-domain)**" if sd == td else ""
+        lines.append(
+            f"| {sd} / {td}{mark} | {r['tokens']:,} | {b:.2f} | {r['fixed']:.2f} ({pct(r['fixed'], b)}) | "
+            f"{r['best']:.2f} ({pct(r['best'], b)}, λ={r['best_lambda']:g}) | {r['rule']:.2f} ({pct(r['rule'], b)}) | "
+            f"**{r['calibrated']:.2f} ({pct(r['calibrated'], b)})** | {100 * r['retrieved']:.0f}% |")
+    worst = max(r["calibrated"] / r["base"] - 1 for r in results.values())
+    kept = [(r["base"] - r["calibrated"]) / (r["base"] - r["best"]) for (sd, td), r in results.items()
+            if sd == td and r["base"] > r["best"]]
+    skipped = [1 - r["retrieved"] for (sd, td), r in results.items() if sd == td]
+    summary = [
+        f"- worst cell, calibrated vs base: {100 * worst:+.2f}% (target: at most +1%)",
+        f"- in-domain share of the best fixed-λ gain kept: {', '.join(f'{100 * k:.0f}%' for k in kept)} (target: at least 90%)",
+        f"- in-domain retrieval skipped: {', '.join(f'{100 * s:.0f}%' for s in skipped)} (target: at least 30%)",
+    ]
+    cmd = f"python tools/domains.py --tokens {args.tokens} --calibration-tokens {args.calibration_tokens} --kind {args.kind}"
+    md = "\n".join([f"Command: `{cmd}` (stores cached in `{args.cache}`)", "", *lines, "", *summary, ""])
+    out.with_suffix(".md").write_text(md, encoding="utf-8")
+    print(md)
+
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
+    cells = list(results)
+    width = 0.2
+    for i, (key, label) in enumerate((("fixed", "fixed λ=0.15"), ("best", "best fixed λ per cell"),
+                                      ("rule", "rule (no calibration)"), ("calibrated", "calibrated adaptive"))):
+        ys = [100 * (results[c][key] / results[c]["base"] - 1) for c in cells]
+        ax.bar([j + (i - 1.5) * width for j in range(len(cells))], ys, width, label=label)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.axhline(1, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xticks(range(len(cells)))
+    ax.set_xticklabels([f"{sd} store\non {td}" for sd, td in cells], fontsize=7)
+    ax.set_ylabel("perplexity change vs base LM (%)")
+    ax.set_title("kNN-LM across domains: fixed vs adaptive interpolation (SmolLM2-135M, k=128, T=3)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"))
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
