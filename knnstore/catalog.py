@@ -143,6 +143,21 @@ class Calibration(Base):
     fit: Mapped[dict] = mapped_column(JSON)  # adaptive.Calibration.to_dict()
 
 
+class IndexBuild(Base):
+    """One training (``train``) or incremental update (``update``) of the ANN index."""
+
+    __tablename__ = "index_builds"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # train | update
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    seconds: Mapped[float] = mapped_column(Float)
+    rows: Mapped[int] = mapped_column(BigInteger)  # table rows when it ran
+    new_rows: Mapped[int] = mapped_column(BigInteger)  # rows it indexed (all, for train)
+    params: Mapped[dict] = mapped_column(JSON)  # partitions, sub-vectors
+
+
 class Vocab(Base):
     """The tokenizer's vocabulary: token id -> raw piece and decoded text (for SQL)."""
 

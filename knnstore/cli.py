@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from contextlib import contextmanager
 
 import click
@@ -137,9 +138,11 @@ def init(store, model, key_layer, key_site, dtype, catalog_url):
               help=f"Tokens between window starts [default: {IngestSettings.stride}].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help=f"Windows per forward pass [default: {IngestSettings.batch_size}].")
+@click.option("--no-index", is_flag=True,
+              help="Leave the ANN index as it is (`knnstore index STORE` applies the index policy later).")
 @click.option("--json", "as_json", is_flag=True, help="Print the new corpus as JSON.")
 def add_corpus(store, name, paths, split_on_heading, text_field, max_documents, window, stride,
-               batch_size, as_json):
+               batch_size, no_index, as_json):
     """Encode documents with the store's model and add them as corpus NAME.
 
     PATHS may be directories of .txt/.md files, .txt/.md files, .jsonl or .parquet files,
@@ -159,8 +162,10 @@ def add_corpus(store, name, paths, split_on_heading, text_field, max_documents, 
     options = SourceOptions(text_field=text_field, split_on_heading=split_on_heading,
                             max_documents=max_documents)
     with _progress(f"Adding {name}") as update:
-        info = s.add_corpus(name, paths, options=options, settings=settings, progress=update)
+        info = s.add_corpus(name, paths, options=options, settings=settings, progress=update, index=False)
     _print_added(info, as_json)
+    if not no_index:
+        _maintain_index(s)
 
 
 @cli.command("resume-corpus")
@@ -179,8 +184,24 @@ def resume_corpus(store, name, as_json):
     s = _open(store)
     _load_model(s)
     with _progress(f"Resuming {name}") as update:
-        info = s.resume_corpus(name, progress=update)
+        info = s.resume_corpus(name, progress=update, index=False)
     _print_added(info, as_json)
+    _maintain_index(s)
+
+
+_INDEX_VERBS = {"train": "Training the index", "retrain": "Re-training the index",
+                "update": "Indexing the new rows"}
+
+
+def _maintain_index(s) -> None:
+    """Apply the index policy after an add, saying what it does (on stderr)."""
+    plan = s.index_plan()
+    if plan.action == "none":
+        return
+    t0 = time.perf_counter()
+    with _status(f"{_INDEX_VERBS[plan.action]} ({plan.reason})..."):
+        s.maintain_index()
+    err.print(f"{_INDEX_VERBS[plan.action]}: done in {time.perf_counter() - t0:.1f} s ({plan.reason})")
 
 
 def _print_added(info, as_json: bool) -> None:
@@ -584,31 +605,49 @@ def _print_explanations(tokens) -> None:
 
 @cli.command()
 @click.argument("store", type=click.Path())
-@click.option("--status", "status_only", is_flag=True, help="Only show the index state.")
-@click.option("--rebuild", is_flag=True, help="Re-train the index even if there is one.")
+@click.option("--status", "status_only", is_flag=True, help="Only show the index state and what the policy would do.")
+@click.option("--rebuild", is_flag=True, help="Re-train the index now, whatever the policy says.")
 @click.option("--partitions", type=int, help="IVF partitions [default: about sqrt(rows)].")
 @click.option("--sub-vectors", type=int, help="PQ sub-vectors [default: dim / 8].")
-def index(store, status_only, rebuild, partitions, sub_vectors):
-    """Train the ANN index (IVF-PQ, squared L2) on the stored keys, or show its state.
+@click.option("--json", "as_json", is_flag=True, help="Print the index state as JSON.")
+def index(store, status_only, rebuild, partitions, sub_vectors, as_json):
+    """Show or maintain the ANN index (IVF-PQ, squared L2) of the stored keys.
 
-    Searches use the index once it exists (rows added later are searched exactly until
-    they are indexed); without one, search is exact brute force.
+    Without flags, applies the index policy: train an index once the store holds
+    KNNSTORE_INDEX_MIN_ROWS rows (default 1,000,000; below it exact search is faster),
+    index rows added since incrementally (a delta index, no retraining), and retrain
+    only when the store has grown KNNSTORE_INDEX_RETRAIN_GROWTH times (default 2) past
+    the rows the index was trained on. add-corpus runs the same policy. Rows not yet
+    indexed are still searched (exactly); removed corpora are never returned.
 
     \b
     Example:
-        knnstore index wiki-store
         knnstore index wiki-store --status
+        knnstore index wiki-store            # apply the policy
+        knnstore index wiki-store --rebuild  # train now, e.g. on a small store
     """
     s = _open(store)
+    if partitions is not None and partitions < 1 or sub_vectors is not None and sub_vectors < 1:
+        raise click.BadParameter("--partitions and --sub-vectors must be at least 1")
+    if not status_only:
+        if rebuild or partitions or sub_vectors:
+            if s.table.count() == 0:
+                raise click.ClickException("the store has no rows to train an index on: add a corpus first")
+            t0 = time.perf_counter()
+            with _status(f"Training the index on {s.table.count():,} rows..."):
+                s.create_index(num_partitions=partitions, num_sub_vectors=sub_vectors)
+            err.print(f"Trained the index in {time.perf_counter() - t0:.1f} s")
+        else:
+            _maintain_index(s)
+    plan = s.index_plan()
     state = s.stats().index
-    if not status_only and (rebuild or not state["indices"]):
-        with _status(f"Training the index on {s.table.count():,} rows..."):
-            s.create_index(num_partitions=partitions, num_sub_vectors=sub_vectors)
-        state = s.stats().index
-    elif not status_only:
-        err.print("The store already has an index; pass --rebuild to re-train it.")
+    if as_json:
+        _echo_json({**plan.to_dict(), "indices": state["indices"]})
+        return
     kinds = ", ".join(i["type"] for i in state["indices"]) or "none (exact search)"
-    out.print(f"index: {kinds}; {state['indexed_rows']:,} rows indexed, {state['unindexed_rows']:,} not")
+    trained = f"; trained on {plan.trained_rows:,} rows" if plan.trained_rows else ""
+    out.print(f"index: {kinds}; {plan.indexed_rows:,} rows indexed, {plan.unindexed_rows:,} not{trained}")
+    out.print(f"policy: {plan.action} ({plan.reason})")
 
 
 @cli.command()

@@ -124,6 +124,23 @@ class DocumentRef:
     title: str | None
 
 
+@dataclass
+class IndexPlan:
+    """What the index policy says to do (``Store.index_plan``)."""
+
+    action: str  # none | train | update | retrain
+    reason: str
+    rows: int
+    trained_rows: int | None
+    indexed_rows: int
+    unindexed_rows: int
+    min_rows: int
+    retrain_growth: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def _row_bytes(dim: int, dtype: str) -> int:
     # vector + pair_id(8) corpus_id(4) document_id(8) position(4) token(4) next_token(4)
     return dim * (2 if dtype == "float16" else 4) + 32
@@ -431,10 +448,86 @@ class Store:
     def create_index(self, num_partitions: int | None = None, num_sub_vectors: int | None = None) -> None:
         """Train the ANN index (IVF-PQ) on the stored keys; searches use it from then on."""
         with self._write_lock():
+            self.refresh()
+            rows = self.table.count()
             crash_point("index.before")
+            t0 = time.perf_counter()
             self.table.create_index(num_partitions=num_partitions, num_sub_vectors=num_sub_vectors)
+            seconds = time.perf_counter() - t0
             crash_point("index.after")
+            self._record_index_build("train", seconds, rows, rows,
+                                     {"partitions": num_partitions, "sub_vectors": num_sub_vectors})
         self.refresh()
+
+    def update_index(self) -> int:
+        """Index the rows added since the index was trained (a delta index, no retraining);
+        returns how many rows it indexed."""
+        with self._write_lock():
+            self.refresh()
+            new = self.table.index_state()["unindexed_rows"]
+            crash_point("index.before")
+            t0 = time.perf_counter()
+            self.table.update_index()
+            seconds = time.perf_counter() - t0
+            crash_point("index.after")
+            self._record_index_build("update", seconds, self.table.count(), new, {})
+        self.refresh()
+        return new
+
+    def _record_index_build(self, kind: str, seconds: float, rows: int, new_rows: int, params: dict) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.add(catalog.IndexBuild(kind=kind, seconds=seconds, rows=rows, new_rows=new_rows, params=params))
+
+    def index_plan(self) -> IndexPlan:
+        """What the index policy would do now (``maintain_index`` does it).
+
+        * No index: train one once the table holds ``KNNSTORE_INDEX_MIN_ROWS`` rows
+          (default 1,000,000); below that exact search is faster (docs/performance.md).
+        * An index: retrain when the table has grown to ``KNNSTORE_INDEX_RETRAIN_GROWTH``
+          (default 2) times the rows it was trained on (the partitions no longer fit the
+          data); otherwise index new rows incrementally (a delta index).
+
+        Retraining at geometric growth keeps the total training work linear in the size
+        of the store (amortised O(1) per added row), and adding or removing a corpus
+        never rebuilds the index.
+        """
+        state = self.table.index_state()
+        rows = self.table.count()
+        min_rows = int(os.environ.get("KNNSTORE_INDEX_MIN_ROWS", 1_000_000))
+        growth = float(os.environ.get("KNNSTORE_INDEX_RETRAIN_GROWTH", 2.0))
+        trained = self._trained_rows()
+        if not any("vector" in i["columns"] for i in state["indices"]):
+            action = "train" if rows >= min_rows and rows > 0 else "none"
+            reason = (f"{rows:,} rows >= {min_rows:,}" if action == "train"
+                      else f"{rows:,} rows < {min_rows:,}: exact search")
+        elif trained and rows >= growth * trained:
+            action, reason = "retrain", f"{rows:,} rows >= {growth:g} x {trained:,} trained on"
+        elif state["unindexed_rows"] > 0:
+            action, reason = "update", f"{state['unindexed_rows']:,} rows not indexed yet"
+        else:
+            action, reason = "none", "every row is indexed"
+        return IndexPlan(action=action, reason=reason, rows=rows, trained_rows=trained,
+                         indexed_rows=state["indexed_rows"], unindexed_rows=state["unindexed_rows"],
+                         min_rows=min_rows, retrain_growth=growth)
+
+    def _trained_rows(self) -> int | None:
+        with Session(self.engine) as s:
+            rows = s.scalars(select(catalog.IndexBuild.rows).where(catalog.IndexBuild.kind == "train")
+                             .order_by(catalog.IndexBuild.id.desc()).limit(1)).first()
+        if rows is None and self.table.has_vector_index():  # trained before builds were recorded
+            return self.table.index_state()["indexed_rows"] or None
+        return rows
+
+    def maintain_index(self) -> IndexPlan:
+        """Apply the index policy (``index_plan``); returns the plan it carried out."""
+        with self._write_lock():
+            self.refresh()
+            plan = self.index_plan()
+            if plan.action in ("train", "retrain"):
+                self.create_index()
+            elif plan.action == "update":
+                self.update_index()
+        return plan
 
     def calibration(self):
         """The newest adaptive-λ calibration (``adaptive.Calibration``), or None."""
@@ -491,13 +584,15 @@ class Store:
     def add_corpus(self, name: str, paths: Sequence[str | os.PathLike], *,
                    options: SourceOptions = SourceOptions(),
                    settings: IngestSettings | None = None,
-                   progress: ProgressFn | None = None) -> CorpusInfo:
+                   progress: ProgressFn | None = None, index: bool = True) -> CorpusInfo:
         """Encode every document of ``paths`` and store its pairs as corpus ``name``.
 
         All sources are read and validated before anything is written: bad input raises
         InputError and leaves the store as it was. If ingestion dies part way, the corpus
         stays invisible to readers, is reported failed, and ``resume_corpus(name)`` or
-        ``remove_corpus(name)`` finishes the job.
+        ``remove_corpus(name)`` finishes the job. Then, with ``index``, the index policy
+        runs (``maintain_index``): the new rows are indexed incrementally, and the index is
+        trained or retrained only past its thresholds. Searches see the new rows at once.
         """
         settings = settings or IngestSettings.resolve()
         with self._write_lock():
@@ -514,9 +609,11 @@ class Store:
                 corpus_id = row.id
             crash_point("add.after_corpus_row")
             self._ingest(corpus_id, name, "add", scan.n_tokens, progress)
+            if index:
+                self.maintain_index()
         return self.corpus(name)
 
-    def resume_corpus(self, name: str, progress: ProgressFn | None = None) -> CorpusInfo:
+    def resume_corpus(self, name: str, progress: ProgressFn | None = None, index: bool = True) -> CorpusInfo:
         """Finish an interrupted or failed add: keeps the documents already committed."""
         with self._write_lock():
             info = self.corpus(name)
@@ -530,6 +627,8 @@ class Store:
             scan = ingest.scan(spec["paths"], options, self.encoder.tokenize)
             self._check_free_space(name, scan.n_tokens - info.tokens)
             self._ingest(info.id, name, "resume", scan.n_tokens, progress)
+            if index:
+                self.maintain_index()
         return self.corpus(name)
 
     def remove_corpus(self, name: str) -> None:

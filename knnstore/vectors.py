@@ -177,6 +177,12 @@ class PairsTable:
         self._table.create_index("vector", config=IvfPq(
             distance_type="l2", num_partitions=num_partitions, num_sub_vectors=num_sub_vectors))
 
+    def update_index(self) -> None:
+        """Add the rows written since the index was trained to it, without retraining: a
+        delta index (rows are assigned to the existing partitions and PQ-encoded)."""
+        self._table.to_lance().optimize.optimize_indices(num_indices_to_merge=0)
+        self.refresh()
+
     def scan_vectors(self, batch_rows: int = 32768) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Every row's key (float32 [n, dim]) and result columns, streamed in batches."""
         dim = self.schema.field("vector").type.list_size

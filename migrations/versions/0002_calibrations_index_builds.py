@@ -1,8 +1,8 @@
-"""calibrations: fitted adaptive interpolation
+"""calibrations and index builds
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-25 05:38:42.649102
+Create Date: 2026-11-25 05:46:21.598971
 """
 
 import sqlalchemy as sa
@@ -27,7 +27,19 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id'),
     sqlite_autoincrement=True
     )
+    op.create_table('index_builds',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('kind', sa.String(length=16), nullable=False),
+    sa.Column('started_at', sa.DateTime(), nullable=False),
+    sa.Column('seconds', sa.Float(), nullable=False),
+    sa.Column('rows', sa.BigInteger(), nullable=False),
+    sa.Column('new_rows', sa.BigInteger(), nullable=False),
+    sa.Column('params', sa.JSON(), nullable=False),
+    sa.PrimaryKeyConstraint('id'),
+    sqlite_autoincrement=True
+    )
 
 
 def downgrade() -> None:
+    op.drop_table('index_builds')
     op.drop_table('calibrations')

@@ -1,0 +1,109 @@
+"""The ANN index lifecycle: trained past a threshold, new rows indexed incrementally and
+searchable before they are, removed corpora never returned, retrained only after growth."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from knnstore import Store, catalog
+from knnstore.cli import cli
+
+from .conftest import write_docs
+
+
+def builds(store: Store) -> list[tuple[str, int]]:
+    with Session(store.engine) as s:
+        return [(b.kind, b.new_rows) for b in s.scalars(select(catalog.IndexBuild).order_by(catalog.IndexBuild.id))]
+
+
+def key_of(store: Store, text: str) -> np.ndarray:
+    enc = store.encoder
+    keys, _ = enc.forward(torch.tensor([enc.tokenize(text)]))
+    return keys[0].numpy()
+
+
+@pytest.fixture
+def policy(monkeypatch):
+    monkeypatch.setenv("KNNSTORE_INDEX_MIN_ROWS", "1000")
+    monkeypatch.setenv("KNNSTORE_INDEX_RETRAIN_GROWTH", "2")
+
+
+def test_the_index_lifecycle_from_exact_to_incremental_to_retrained(store, tmp_path, small_settings, policy):
+    small = write_docs(tmp_path / "small", 3)
+    store.add_corpus("small", [small], settings=small_settings)
+    assert store.index_plan().action == "none" and not store.table.has_vector_index()  # below 1,000 rows
+
+    big = write_docs(tmp_path / "big", 60, template="Item {i} of the catalogue: a brass lamp, a green bottle. ")
+    store.add_corpus("big", [big], settings=small_settings)
+    rows = store.table.count()
+    assert rows >= 1000 and store.table.has_vector_index()
+    assert builds(store) == [("train", rows)]
+    assert store.index_plan().action == "none"
+
+    # A corpus added without indexing is searched before it is indexed...
+    novel = "Zebra quartz jumps over vexing fjords while wizards box quickly. " * 4
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "n.txt").write_text(novel)
+    store.add_corpus("new", [tmp_path / "new"], settings=small_settings, index=False)
+    plan = store.index_plan()
+    assert plan.action == "update" and plan.unindexed_rows == store.corpus("new").pairs
+    query = key_of(store, novel)[-5:]
+    new_id = store.corpus("new").id
+    before = store.search(query, k=1, nprobes=2, refine_factor=10)
+    exact = store.search(query, k=1, exact=True)
+    assert (before.corpus_ids[:, 0] == new_id).all()
+    assert np.allclose(before.distances, exact.distances, rtol=1e-3, atol=1e-3)
+
+    # ...then indexed incrementally (no retraining), with the same answers.
+    assert store.maintain_index().action == "update"
+    assert builds(store)[-1] == ("update", store.corpus("new").pairs)
+    assert [k for k, _ in builds(store)].count("train") == 1
+    state = store.table.index_state()
+    assert state["unindexed_rows"] == 0 and state["indexed_rows"] == store.table.count()
+    after = store.search(query, k=1, nprobes=128, refine_factor=500)  # everything re-ranked: exact
+    assert (after.corpus_ids[:, 0] == new_id).all()
+    assert np.allclose(after.distances, exact.distances, rtol=1e-3, atol=1e-3)
+
+    # Removing a corpus never rebuilds the index, and its rows are never returned.
+    n_builds = len(builds(store))
+    store.remove_corpus("new")
+    assert len(builds(store)) == n_builds
+    gone = store.search(query, k=5, nprobes=64, refine_factor=10)
+    assert not (gone.corpus_ids == new_id).any()
+
+    # Growing past 2x the trained rows retrains.
+    more = write_docs(tmp_path / "more", 90, template="Entry {i}: a copper kettle and a silver spoon. ")
+    store.add_corpus("more", [more], settings=small_settings)
+    assert builds(store)[-1] == ("train", store.table.count())
+
+
+def test_cli_index_status_policy_and_rebuild(tmp_path, tiny_model_dir, policy):
+    runner = CliRunner()
+    path = str(tmp_path / "s")
+    assert runner.invoke(cli, ["init", path, "--model", str(tiny_model_dir)]).exit_code == 0
+    docs = write_docs(tmp_path / "d", 4)
+    small = ["--window", "16", "--stride", "12"]
+    assert runner.invoke(cli, ["add-corpus", path, "d", str(docs), *small]).exit_code == 0
+    status = json.loads(runner.invoke(cli, ["index", path, "--status", "--json"]).stdout)
+    assert status["action"] == "none" and status["indexed_rows"] == 0 and status["min_rows"] == 1000
+    text = runner.invoke(cli, ["index", path])
+    assert text.exit_code == 0 and "policy: none" in text.output and "exact search" in text.output
+
+    result = runner.invoke(cli, ["index", path, "--rebuild", "--partitions", "2", "--sub-vectors", "2"])
+    assert result.exit_code == 0, result.output
+    assert "Trained the index" in result.output
+    more = write_docs(tmp_path / "m", 2, template="Another {i}: a quiet harbour at dawn. ")
+    result = runner.invoke(cli, ["add-corpus", path, "m", str(more), *small])
+    assert result.exit_code == 0, result.output
+    assert "Indexing the new rows: done" in result.output
+    status = json.loads(runner.invoke(cli, ["index", path, "--status", "--json"]).stdout)
+    assert status["unindexed_rows"] == 0 and status["action"] == "none"
+    result = runner.invoke(cli, ["add-corpus", path, "n", str(write_docs(tmp_path / "n", 1)), *small, "--no-index"])
+    assert result.exit_code == 0 and "Indexing" not in result.output
+    status = json.loads(runner.invoke(cli, ["index", path, "--status", "--json"]).stdout)
+    assert status["action"] == "update" and status["unindexed_rows"] > 0
