@@ -23,39 +23,23 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from benchlib import DATA, RandomKeys, held_out_queries, timed
+from benchlib import recall as id_recall
 
 from knnstore import Encoder, IngestSettings, SourceOptions, Store
-from knnstore.adapter import scored_windows
 from knnstore.config import KNNSettings
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPLIT = SourceOptions(split_on_heading=True)
 
 
-class RandomKeys(Encoder):
-    """The default model's tokenizer and identity, random keys (no forward pass)."""
-
-    def forward(self, input_ids, attention_mask=None, with_logits=False):
-        gen = torch.Generator().manual_seed(int(input_ids.sum()))
-        return torch.randn(*input_ids.shape, self.dim, generator=gen), None
-
-
 def recall(store: Store, queries: np.ndarray, k: int) -> float:
+    """recall@k of the store's ANN search (default settings) against exact search."""
     s = KNNSettings()
     truth = store.search(queries, k, exact=True).pair_ids
-    found = store.search(queries, k, nprobes=s.nprobes, refine_factor=s.refine_factor).pair_ids
-    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
-
-
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
+    return id_recall(store.search(queries, k, nprobes=s.nprobes, refine_factor=s.refine_factor).pair_ids, truth)
 
 
 def part1(enc: Encoder, work: Path, base_chars: int, n_queries: int, k: int) -> None:
@@ -65,10 +49,8 @@ def part1(enc: Encoder, work: Path, base_chars: int, n_queries: int, k: int) -> 
     (texts / "base.txt").write_text(valid[:valid.rindex("\n = ")], encoding="utf-8")
     test = (DATA / "wikitext-2" / "test.txt").read_text(encoding="utf-8")[:base_chars // 10]
     (texts / "add.txt").write_text(test[:test.rindex("\n")], encoding="utf-8")
-    ids = enc.tokenize((DATA / "tinyshakespeare" / "valid.txt").read_text(encoding="utf-8"))[:n_queries + 1]
-    queries = torch.cat([w.keys for w in scored_windows(enc, ids)]).numpy()
-
     inc = Store.create(work / "incremental", encoder=enc)
+    queries = held_out_queries(inc, DATA / "tinyshakespeare" / "valid.txt", n_queries)
     t_base, _ = timed(lambda: inc.add_corpus("base", [texts / "base.txt"], options=SPLIT, index=False))
     t_train, _ = timed(inc.create_index)
     base_pairs = inc.stats().pairs
@@ -100,8 +82,7 @@ def part1(enc: Encoder, work: Path, base_chars: int, n_queries: int, k: int) -> 
 
 
 def part2(work: Path) -> None:
-    enc = Encoder.load("smollm2-135m")
-    fake = RandomKeys(enc.model, enc.tokenizer, enc.name)
+    fake = RandomKeys.default()
     store = Store.create(work / "random", encoder=fake)
     t_build, info = timed(lambda: store.add_corpus("gutenberg", [DATA / "gutenberg" / "docs"],
                                                    settings=IngestSettings(batch_size=32), index=False))

@@ -21,35 +21,18 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import WIKI_TEST, best_time, faiss_ivfpq, held_out_queries, recall
 
 from knnstore import Store
-from knnstore.adapter import scored_windows
-
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
-
-
-def best_time(fn, repeat: int):
-    fn()  # warm-up: caches, page cache, index load
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
-
-
-def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store")
-    parser.add_argument("--text", default=str(DEFAULT_TEXT))
+    parser.add_argument("--text", default=str(WIKI_TEST))
     parser.add_argument("--queries", type=int, default=512)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=1)
@@ -57,14 +40,12 @@ def main() -> None:
     import faiss
 
     store = Store.open(args.store)
-    enc = store.encoder
-    ids = enc.tokenize(Path(args.text).read_text(encoding="utf-8"))[: args.queries + 1]
-    queries = torch.cat([w.keys for w in scored_windows(enc, ids)]).numpy()
+    queries = held_out_queries(store, args.text, args.queries)
     n_q, k = len(queries), args.k
     state = store.stats()
     print(f"store: {state.pairs:,} pairs, dim {state.dim}, {state.dtype}; index: "
           f"{', '.join(i['type'] for i in state.index['indices']) or 'none'}; "
-          f"{n_q} queries from {Path(args.text).name}, k={k}; torch threads {torch.get_num_threads()}")
+          f"{n_q} queries from {args.text}, k={k}; torch threads {torch.get_num_threads()}")
 
     rows = []  # (method, queries/s, recall)
     t, exact = best_time(lambda: store.search(queries, k, exact=True), args.repeat)
@@ -93,10 +74,7 @@ def main() -> None:
     n_list = max(1, int(round(len(xb) ** 0.5)))
     m = xb.shape[1] // 8
     t0 = time.perf_counter()
-    ivfpq = faiss.IndexIVFPQ(faiss.IndexFlatL2(xb.shape[1]), xb.shape[1], n_list, m, 8)
-    ivfpq.train(xb)
-    ivfpq.add(xb)
-    refined = faiss.IndexRefineFlat(ivfpq, faiss.swig_ptr(xb))
+    ivfpq, refined = faiss_ivfpq(xb, n_list, m)
     print(f"FAISS IVF-PQ({n_list}, {m}) trained and filled in {time.perf_counter() - t0:.1f} s")
     faiss_rows = []
     for nprobe in (8, 16, 32, 64):

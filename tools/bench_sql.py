@@ -19,30 +19,23 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from benchlib import DATA, RandomKeys
 
-from knnstore import Encoder, IngestSettings, Store
+from knnstore import IngestSettings, Store
 from knnstore.sql import SQLSession
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg" / "docs"
+BOOKS = DATA / "gutenberg" / "docs"
 
 
-class RandomKeys(Encoder):
-    """The default model's tokenizer and identity, random keys (no forward pass)."""
-
-    def forward(self, input_ids, attention_mask=None, with_logits=False):
-        gen = torch.Generator().manual_seed(int(input_ids.sum()))
-        return torch.randn(*input_ids.shape, self.dim, generator=gen), None
 
 
 def build(path: Path) -> Store:
     if path.exists():
         return Store.open(path)
-    enc = Encoder.load("smollm2-135m")
-    fake = RandomKeys(enc.model, enc.tokenizer, enc.name)
+    fake = RandomKeys.default()
     store = Store.create(path, encoder=fake)
     t = time.perf_counter()
-    store.add_corpus("gutenberg", [DATA], settings=IngestSettings(batch_size=32))
+    store.add_corpus("gutenberg", [BOOKS], settings=IngestSettings(batch_size=32))
     print(f"built {path} in {time.perf_counter() - t:.0f} s")
     return store
 

@@ -17,19 +17,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
+from benchlib import DATA, RandomKeys
 
-from knnstore import Encoder, IngestSettings, Store
+from knnstore import IngestSettings, Store
 from knnstore.config import CATALOG_FILE
 from knnstore.vectors import directory_bytes
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-class RandomKeys(Encoder):
-    def forward(self, input_ids, attention_mask=None, with_logits=False):
-        gen = torch.Generator().manual_seed(int(input_ids.sum()))
-        return torch.randn(*input_ids.shape, self.dim, generator=gen), None
 
 
 def report(label: str, store: Store) -> None:
@@ -51,8 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     for path in args.store:
         report(f"{path}", Store.open(path))
-    enc = Encoder.load("smollm2-135m")
-    fake = RandomKeys(enc.model, enc.tokenizer, enc.name)
+    fake = RandomKeys.default()
     work = Path(tempfile.mkdtemp(prefix="knnstore-storage-"))
     try:
         text = work / "text.txt"

@@ -36,7 +36,7 @@ import torch
 
 from knnstore import Store
 from knnstore.adapter import KNNLM
-from knnstore.adaptive import Records, Rule, SIGNALS, mixture_log_prob
+from knnstore.adaptive import SIGNALS, Records, Rule, mixture_log_prob
 from knnstore.config import KNNSettings
 from knnstore.encoder import Encoder
 from knnstore.evaluate import calibrate, evaluate

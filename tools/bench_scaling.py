@@ -1,0 +1,139 @@
+"""How search cost grows with the store: 0.1M to 5M synthetic keys, LanceDB vs exact vs FAISS.
+
+    python tools/bench_scaling.py STORE [--sizes 100000,300000,1000000,2000000,5000000]
+                                        [--queries 256] [--k 64] [--work DIR]
+
+The keys are synthetic but shaped like real ones: each is a key of STORE (a real store,
+e.g. WikiText-2 valid) chosen at random, plus Gaussian noise of 0.1x the per-dimension
+standard deviation, so they keep the clusters real contexts form (uniform random vectors
+have none, and no index helps on them). Queries are the store model's keys of held-out
+text (WikiText-2 test.txt), one batch. For each size, in one process:
+
+* a LanceDB `pairs` table of that many rows (float16, the store's schema) and its IVF-PQ
+  index with knnstore's defaults (sqrt(rows) partitions, dim/8 sub-vectors), build timed;
+* exact brute force (knnstore's ExactSearch: torch, keys in memory while they fit in 2 GiB,
+  streamed from disk beyond);
+* LanceDB search at several nprobes / refine factors;
+* FAISS IndexIVFPQ with the same partitions and sub-vectors (trained on 256 vectors per
+  partition, as Lance samples), alone and with exact re-ranking.
+
+Prints recall@k and queries/s of each, and per size the speed of the fastest LanceDB and
+FAISS settings that reach recall 0.95, and their ratio. Tables are kept in --work
+(rerunning reuses a table and index already built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from benchlib import WIKI_TEST, best_time, faiss_ivfpq, held_out_queries, recall
+
+from knnstore import Store
+from knnstore.vectors import ExactSearch, PairsTable
+
+LANCE_SETTINGS = ((16, 4), (32, 4), (32, 10), (64, 10))
+FAISS_SETTINGS = ((16, 4), (32, 4), (32, 10), (64, 10))
+TARGET = 0.95
+
+
+def real_keys(store: Store) -> np.ndarray:
+    return np.concatenate([v for v, _ in store.table.scan_vectors()]).astype(np.float32)
+
+
+def synthetic_table(path: Path, base: np.ndarray, rows: int, dim: int, chunk: int = 200_000) -> PairsTable:
+    """A pairs table of `rows` noisy copies of `base` rows (deterministic)."""
+    if path.exists():
+        table = PairsTable.open(path)
+        if table.count() == rows:
+            return table
+        raise SystemExit(f"{path} holds {table.count():,} rows, not {rows:,}: delete it first")
+    table = PairsTable.create(path, dim, "float16")
+    rng = np.random.default_rng(rows)
+    scale = 0.1 * base.std(axis=0)
+
+    def batches():
+        for lo in range(0, rows, chunk):
+            n = min(chunk, rows - lo)
+            x = base[rng.integers(0, len(base), n)] + rng.standard_normal((n, dim), dtype=np.float32) * scale
+            ids = np.arange(lo, lo + n, dtype=np.int64)
+            yield pa.record_batch({
+                "pair_id": ids, "next_token": (ids % 49152).astype(np.int32),
+                "corpus_id": np.ones(n, np.int32), "document_id": np.ones(n, np.int32),
+                "position": (ids % 100_000).astype(np.int32),
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).ravel()), dim),
+            }, schema=table.schema)
+
+    table.add(pa.RecordBatchReader.from_batches(table.schema, batches()))
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("store", help="a real store whose keys shape the synthetic ones")
+    parser.add_argument("--sizes", default="100000,300000,1000000,2000000,5000000")
+    parser.add_argument("--queries", type=int, default=256)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--text", default=str(WIKI_TEST))
+    parser.add_argument("--work", default=str(Path(__file__).resolve().parents[2] / "knnstore-cache" / "scaling"))
+    args = parser.parse_args()
+    store = Store.open(args.store)
+    queries = held_out_queries(store, args.text, args.queries)
+    base = real_keys(store)
+    dim, k, n_q = base.shape[1], args.k, len(queries)
+    print(f"base: {len(base):,} real keys of {args.store}, dim {dim}; {n_q} queries from "
+          f"{Path(args.text).name}, k={k}; torch threads {torch.get_num_threads()}", flush=True)
+    summary = []
+    for rows in (int(s) for s in args.sizes.split(",")):
+        path = Path(args.work) / f"synthetic-{rows}"
+        t0 = time.perf_counter()
+        table = synthetic_table(path, base, rows, dim)
+        t_write = time.perf_counter() - t0
+        t_index = float("nan")  # reused from an earlier run
+        if not table.has_vector_index():
+            t0 = time.perf_counter()
+            table.create_index()
+            t_index = time.perf_counter() - t0
+        print(f"\n{rows:,} rows: written in {t_write:.0f} s, IVF-PQ index built in {t_index:.0f} s", flush=True)
+        exact = ExactSearch(table)
+        t, truth = best_time(lambda: exact.search(queries, k), 1)
+        results = [("exact (torch)", n_q / t, 1.0)]
+        for nprobes, refine in LANCE_SETTINGS:
+            t, found = best_time(lambda: table.search(queries, k, nprobes=nprobes, refine_factor=refine), 1)
+            results.append((f"LanceDB nprobes={nprobes} refine={refine}", n_q / t,
+                            recall(found.pair_ids, truth.pair_ids)))
+        xb = np.concatenate([v for v, _ in table.scan_vectors()])
+        pids = np.concatenate([m["pair_id"] for _, m in table.scan_vectors()])
+        n_list, m = int(round(rows ** 0.5)), dim // 8
+        t0 = time.perf_counter()
+        ivfpq, refined = faiss_ivfpq(xb, n_list, m, train_rows=256 * n_list)
+        t_faiss = time.perf_counter() - t0
+        for nprobe, factor in FAISS_SETTINGS:
+            ivfpq.nprobe, refined.k_factor = nprobe, factor
+            t, (_, idx) = best_time(lambda: refined.search(queries, k), 1)
+            results.append((f"FAISS nprobe={nprobe} refine={factor}", n_q / t, recall(pids[idx], truth.pair_ids)))
+        xb = ivfpq = refined = None  # free before the next size
+        print(f"FAISS IVF-PQ({n_list}, {m}) built in {t_faiss:.0f} s", flush=True)
+        for name, qps, rec in results:
+            print(f"  {name:34} {qps:9,.0f} q/s  recall@{k} {rec:.3f}", flush=True)
+
+        def fastest(prefix):
+            ok = [r for r in results if r[0].startswith(prefix) and r[2] >= TARGET]
+            return max(ok, key=lambda r: r[1]) if ok else None
+
+        summary.append((rows, results[0][1], fastest("LanceDB"), fastest("FAISS"), t_index, t_faiss))
+    print(f"\nfastest setting with recall@{k} >= {TARGET} (queries/s):")
+    print(f"{'rows':>10} {'exact':>8} {'LanceDB':>9} {'FAISS':>9} {'Lance/FAISS':>12} {'Lance/exact':>12} "
+          f"{'index s Lance/FAISS':>20}")
+    for rows, ex, lance, fa, ti, tf in summary:
+        lq = lance[1] if lance else float("nan")
+        fq = fa[1] if fa else float("nan")
+        print(f"{rows:10,} {ex:8,.0f} {lq:9,.0f} {fq:9,.0f} {lq / fq:12.2f} {lq / ex:12.2f} {ti:9.0f}/{tf:.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""What the benchmarks in tools/ share: data paths, timing, recall, random-key encoders,
+held-out queries and the FAISS IVF-PQ baseline. (Run the benchmarks as
+``python tools/NAME.py``: this directory is then on the import path.)"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from knnstore import Encoder, Store
+from knnstore.adapter import scored_windows
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WIKI_TEST = DATA / "wikitext-2" / "test.txt"
+
+
+class RandomKeys(Encoder):
+    """The default model's tokenizer and identity, random keys (no forward pass): for
+    benchmarks whose cost does not depend on the keys' values (SQL, bytes, removal)."""
+
+    def forward(self, input_ids, attention_mask=None, with_logits=False):
+        gen = torch.Generator().manual_seed(int(input_ids.sum()))
+        return torch.randn(*input_ids.shape, self.dim, generator=gen), None
+
+    @classmethod
+    def default(cls) -> "RandomKeys":
+        enc = Encoder.load("smollm2-135m")
+        return cls(enc.model, enc.tokenizer, enc.name)
+
+
+def timed(fn):
+    """(seconds, result) of one call."""
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def best_time(fn, repeat: int):
+    """Best of ``repeat`` timed calls after a warm-up call (caches, page cache, index load)."""
+    fn()
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t, out = timed(fn)
+        best = min(best, t)
+    return best, out
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each query's true neighbour ids that were found ([Q, k] id arrays)."""
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
+
+
+def held_out_queries(store: Store, text_path: str | Path, n: int) -> np.ndarray:
+    """The store model's keys of the first n positions of a text: [n, dim] float32."""
+    enc = store.encoder
+    ids = enc.tokenize(Path(text_path).read_text(encoding="utf-8"))[: n + 1]
+    return np.ascontiguousarray(torch.cat([w.keys for w in scored_windows(enc, ids)]).numpy(), dtype=np.float32)
+
+
+def faiss_ivfpq(xb: np.ndarray, n_list: int, m: int, train_rows: int | None = None):
+    """FAISS IndexIVFPQ (8-bit codes) trained on xb (or a random sample of train_rows of it)
+    and filled with it, and an IndexRefineFlat over it for exact re-ranking. (faiss-cpu is
+    a benchmark-only dependency: pip install -e ".[bench]".)"""
+    import faiss
+
+    ivfpq = faiss.IndexIVFPQ(faiss.IndexFlatL2(xb.shape[1]), xb.shape[1], n_list, m, 8)
+    sample = xb
+    if train_rows is not None and train_rows < len(xb):
+        sample = xb[np.sort(np.random.default_rng(0).choice(len(xb), train_rows, replace=False))]
+    ivfpq.train(sample)
+    ivfpq.add(xb)
+    return ivfpq, faiss.IndexRefineFlat(ivfpq, faiss.swig_ptr(xb))
