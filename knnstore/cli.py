@@ -329,7 +329,8 @@ def _knn_options(sweep: bool):
             click.option("--nprobes", type=int,
                          help=f"ANN: index partitions searched [default: {KNNSettings.nprobes}]."),
             click.option("--refine-factor", type=int,
-                         help=f"ANN: candidates re-ranked with exact distances, times k [default: {KNNSettings.refine_factor}]."),
+                         help="ANN: candidates re-ranked with exact distances, times k; 0: none "
+                              "[default: 0 on an IVF-RQ index, 4 on IVF-PQ]."),
             click.option("--skip-above-prob", type=float,
                          help="Adaptive retrieval: skip the store where the LM's top probability is at least this."),
             click.option("--skip-below-entropy", type=float,
@@ -607,11 +608,14 @@ def _print_explanations(tokens) -> None:
 @click.argument("store", type=click.Path())
 @click.option("--status", "status_only", is_flag=True, help="Only show the index state and what the policy would do.")
 @click.option("--rebuild", is_flag=True, help="Re-train the index now, whatever the policy says.")
+@click.option("--type", "index_type", type=click.Choice(["ivf_rq", "ivf_pq"]),
+              help="Index type to train now [default: ivf_rq, 4-bit RaBitQ codes ranked without "
+                   "re-reading keys; ivf_pq: smaller codes, re-ranked with exact distances].")
 @click.option("--partitions", type=int, help="IVF partitions [default: about sqrt(rows)].")
-@click.option("--sub-vectors", type=int, help="PQ sub-vectors [default: dim / 8].")
+@click.option("--sub-vectors", type=int, help="PQ sub-vectors [default: dim / 8] (implies --type ivf_pq).")
 @click.option("--json", "as_json", is_flag=True, help="Print the index state as JSON.")
-def index(store, status_only, rebuild, partitions, sub_vectors, as_json):
-    """Show or maintain the ANN index (IVF-PQ, squared L2) of the stored keys.
+def index(store, status_only, rebuild, index_type, partitions, sub_vectors, as_json):
+    """Show or maintain the ANN index (IVF-RQ by default, squared L2) of the stored keys.
 
     Without flags, applies the index policy: train an index once the store holds
     KNNSTORE_INDEX_MIN_ROWS rows (default 1,000,000; below it exact search is faster),
@@ -625,17 +629,19 @@ def index(store, status_only, rebuild, partitions, sub_vectors, as_json):
         knnstore index wiki-store --status
         knnstore index wiki-store            # apply the policy
         knnstore index wiki-store --rebuild  # train now, e.g. on a small store
+        knnstore index wiki-store --type ivf_pq --sub-vectors 72
     """
     s = _open(store)
     if partitions is not None and partitions < 1 or sub_vectors is not None and sub_vectors < 1:
         raise click.BadParameter("--partitions and --sub-vectors must be at least 1")
     if not status_only:
-        if rebuild or partitions or sub_vectors:
+        if rebuild or index_type or partitions or sub_vectors:
             if s.table.count() == 0:
                 raise click.ClickException("the store has no rows to train an index on: add a corpus first")
             t0 = time.perf_counter()
             with _status(f"Training the index on {s.table.count():,} rows..."):
-                s.create_index(num_partitions=partitions, num_sub_vectors=sub_vectors)
+                s.create_index(num_partitions=partitions, num_sub_vectors=sub_vectors,
+                               index_type="ivf_pq" if sub_vectors else index_type)
             err.print(f"Trained the index in {time.perf_counter() - t0:.1f} s")
         else:
             _maintain_index(s)

@@ -131,7 +131,9 @@ class KNNSettings:
         temperature: T in p_kNN ∝ exp(-d / T), d the squared L2 distance.
         exact: brute-force search instead of the ANN index.
         nprobes, refine_factor: ANN search parameters (IVF partitions probed; candidates
-            re-ranked with exact distances, as a multiple of k).
+            re-ranked with exact distances, as a multiple of k: 0 ranks by the index's
+            estimates; None, the default, does what the index type needs: 0 on IVF-RQ,
+            4 on IVF-PQ).
         skip_above_prob, skip_below_entropy: adaptive retrieval; a position skips the
             store when the LM's top probability is at least ``skip_above_prob`` or its
             entropy (nats) at most ``skip_below_entropy``. None: always retrieve (or,
@@ -146,7 +148,7 @@ class KNNSettings:
     temperature: float = 3.0
     exact: bool = False
     nprobes: int = 32
-    refine_factor: int = 4
+    refine_factor: int | None = None
     skip_above_prob: float | None = None
     skip_below_entropy: float | None = None
     adaptive: bool = False
@@ -160,8 +162,10 @@ class KNNSettings:
             raise InputError(f"lambda must be between 0 and 1, got {self.lambda_}")
         if not self.temperature > 0:
             raise InputError(f"temperature must be positive, got {self.temperature}")
-        if self.nprobes < 1 or self.refine_factor < 1:
-            raise InputError("nprobes and refine_factor must be at least 1")
+        if self.nprobes < 1:
+            raise InputError(f"nprobes must be at least 1, got {self.nprobes}")
+        if self.refine_factor is not None and self.refine_factor < 0:
+            raise InputError(f"refine_factor must be 0 (no re-ranking) or more, got {self.refine_factor}")
         if self.skip_above_prob is not None and not 0.0 < self.skip_above_prob <= 1.0:
             raise InputError(f"skip_above_prob must be in (0, 1], got {self.skip_above_prob}")
 

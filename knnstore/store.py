@@ -63,7 +63,7 @@ from .errors import (
     StoreVersionError,
 )
 from .faults import crash_point
-from .vectors import ExactSearch, Neighbours, PairsTable
+from .vectors import INDEX_TYPES, ExactSearch, Neighbours, PairsTable
 
 ProgressFn = Callable[[int, int], None]  # (tokens done so far, total tokens)
 _MAX_DOCS_PER_COMMIT = 10_000
@@ -413,13 +413,14 @@ class Store:
         )
 
     def search(self, vectors: np.ndarray, k: int = 16, *, exact: bool = False,
-               nprobes: int = 32, refine_factor: int = 4) -> Neighbours:
+               nprobes: int = 32, refine_factor: int | None = None) -> Neighbours:
         """The k nearest stored pairs (squared L2) of each row of ``vectors`` [Q, dim].
 
         One batched search for all rows; only pairs of ready corpora are returned.
-        With an ANN index (and ``exact=False``) LanceDB answers, re-ranking
-        ``refine_factor`` x k candidates from ``nprobes`` partitions with exact
-        distances; otherwise a brute-force scan (torch) gives the exact neighbours.
+        With an ANN index (and ``exact=False``) LanceDB answers from ``nprobes``
+        partitions, re-ranking ``refine_factor`` x k candidates with exact distances
+        (None: as the index type needs, see ``vectors.AUTO_REFINE``); otherwise a
+        brute-force scan (torch) gives the exact neighbours.
         """
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if vectors.ndim != 2 or vectors.shape[1] != self.identity.dim:
@@ -445,18 +446,24 @@ class Store:
         finally:
             session.close()
 
-    def create_index(self, num_partitions: int | None = None, num_sub_vectors: int | None = None) -> None:
-        """Train the ANN index (IVF-PQ) on the stored keys; searches use it from then on."""
+    def create_index(self, num_partitions: int | None = None, num_sub_vectors: int | None = None,
+                     index_type: str | None = None) -> None:
+        """Train the ANN index on the stored keys; searches use it from then on.
+
+        ``index_type``: ``ivf_rq`` (the default: IVF with 4-bit RaBitQ codes, ranked
+        without re-reading keys) or ``ivf_pq`` (IVF-PQ, re-ranked with exact distances);
+        see ``PairsTable.create_index``.
+        """
         with self._write_lock():
             self.refresh()
             rows = self.table.count()
             crash_point("index.before")
             t0 = time.perf_counter()
-            self.table.create_index(num_partitions=num_partitions, num_sub_vectors=num_sub_vectors)
+            params = self.table.create_index(num_partitions=num_partitions, num_sub_vectors=num_sub_vectors,
+                                             index_type=index_type)
             seconds = time.perf_counter() - t0
             crash_point("index.after")
-            self._record_index_build("train", seconds, rows, rows,
-                                     {"partitions": num_partitions, "sub_vectors": num_sub_vectors})
+            self._record_index_build("train", seconds, rows, rows, params)
         self.refresh()
 
     def update_index(self) -> int:
@@ -523,8 +530,11 @@ class Store:
         with self._write_lock():
             self.refresh()
             plan = self.index_plan()
-            if plan.action in ("train", "retrain"):
+            if plan.action == "train":
                 self.create_index()
+            elif plan.action == "retrain":  # keep the type the user chose
+                self.create_index(index_type=self.table.index_type()
+                                  if self.table.index_type() in INDEX_TYPES else None)
             elif plan.action == "update":
                 self.update_index()
         return plan

@@ -107,3 +107,41 @@ def test_cli_index_status_policy_and_rebuild(tmp_path, tiny_model_dir, policy):
     assert result.exit_code == 0 and "Indexing" not in result.output
     status = json.loads(runner.invoke(cli, ["index", path, "--status", "--json"]).stdout)
     assert status["action"] == "update" and status["unindexed_rows"] > 0
+
+
+def test_index_types_rq_by_default_pq_on_request(store, tmp_path, small_settings):
+    # Random word sequences: distinct contexts, so nearest neighbours have no ties.
+    rng = np.random.default_rng(0)
+    words = "lamp bottle harbour kettle spoon green brass quiet dawn river stone field light".split()
+    (tmp_path / "d").mkdir()
+    for i in range(40):
+        (tmp_path / "d" / f"{i}.txt").write_text(" ".join(rng.choice(words, 60)) + ".\n")
+    store.add_corpus("d", [tmp_path / "d"], settings=small_settings, index=False)
+    keys = np.concatenate([v for v, _ in store.table.scan_vectors()])
+    queries = keys[:: max(1, len(keys) // 40)][:40]
+    exact = store.search(queries, k=8, exact=True)
+
+    def recall(found):
+        return np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found.pair_ids, exact.pair_ids)])
+
+    store.create_index(num_partitions=4)
+    assert store.table.index_type() == "ivf_rq"
+    with Session(store.engine) as s:
+        params = s.scalars(select(catalog.IndexBuild.params)).all()[-1]
+    assert params["type"] == "ivf_rq" and params["bits"] == 4
+    approx = store.search(queries, k=8, nprobes=4)  # auto: ranked by the RaBitQ estimates
+    assert recall(approx) >= 0.6  # tiny keys (dim 32): coarse codes; 0.97 on real ones
+    refined = store.search(queries, k=8, nprobes=4, refine_factor=20)  # re-ranked: exact distances
+    assert recall(refined) >= 0.95
+    assert np.allclose(np.sort(refined.distances, axis=1), exact.distances, rtol=1e-3, atol=1e-3)
+
+    store.create_index(num_partitions=4, num_sub_vectors=4)  # sub-vectors imply PQ
+    assert store.table.index_type() == "ivf_pq"
+    pq = store.search(queries, k=8, nprobes=4)  # auto: re-ranked x4 with exact distances
+    for q in range(len(queries)):  # every pair found in both has its exact distance
+        exact_of = dict(zip(exact.pair_ids[q].tolist(), exact.distances[q].tolist()))
+        for p, d in zip(pq.pair_ids[q].tolist(), pq.distances[q].tolist()):
+            if p in exact_of:
+                assert abs(d - exact_of[p]) <= 1e-3 * max(1.0, exact_of[p])
+    with pytest.raises(ValueError, match="index type"):
+        store.table.create_index(index_type="hnsw")
