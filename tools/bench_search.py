@@ -7,14 +7,16 @@ by the store's own model, searched as one batch. Each method is timed after a wa
 call, best of --repeat. Recall@k is measured against the exact neighbours.
 
 * exact (torch): `Store.search(..., exact=True)`, the keys cached in memory as float32.
-* LanceDB: `Store.search` with the store's ANN index (build it first: `knnstore index STORE`)
-  at several nprobes / refine_factor settings; distances are exact after re-ranking.
-* FAISS (a benchmark-only dependency: pip install -e ".[bench]"): IndexFlatL2, and IndexIVFPQ
-  with the same partitions and sub-vectors as the Lance index, alone and with exact
-  re-ranking (IndexRefineFlat), trained on the same vectors.
+* LanceDB: `Store.search` with the store's ANN index (build it first: `knnstore index STORE
+  --rebuild`) at several nprobes / refine_factor settings (refine 0: ranked by the index's
+  own distance estimates; > 0: re-ranked with exact distances read from the table).
+* FAISS (a benchmark-only dependency: pip install -e ".[bench]"), trained and filled with
+  the same vectors (float32, in memory): IndexFlatL2; IndexIVFPQ with sqrt(rows)
+  partitions and dim/8 sub-vectors, alone and with exact re-ranking (IndexRefineFlat); and
+  IndexIVFRaBitQ (4 bits, the same algorithm as the default LanceDB index).
 
-The last lines give, for each LanceDB setting, its speed over the fastest FAISS IVF-PQ
-setting that reaches at least the same recall.
+The last lines give, for each LanceDB setting, its speed over the fastest FAISS setting
+that reaches at least the same recall.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ import torch
 from benchlib import WIKI_TEST, best_time, faiss_ivfpq, held_out_queries, recall
 
 from knnstore import Store
+
+# (nprobes, refine_factor) per index type: RaBitQ ranks well without re-ranking, PQ does not.
+LANCE_GRID = {"ivf_rq": ((8, 0), (16, 0), (32, 0), (64, 0), (16, 2), (32, 2)),
+              "ivf_pq": ((8, 1), (8, 4), (16, 4), (32, 4), (32, 10), (64, 10))}
 
 
 def main() -> None:
@@ -52,14 +58,16 @@ def main() -> None:
     truth = exact.pair_ids
     rows.append(("exact, torch matmul + top-k (float32 in memory)", n_q / t, 1.0))
 
-    if store.table.has_vector_index():
-        for nprobes, refine in ((8, 1), (8, 4), (16, 4), (32, 4), (32, 10), (64, 10)):
+    kind = store.table.index_type()
+    if kind is not None:
+        grid = LANCE_GRID.get(kind, LANCE_GRID["ivf_pq"])
+        for nprobes, refine in grid:
             t, found = best_time(lambda: store.search(queries, k, nprobes=nprobes, refine_factor=refine),
                                  args.repeat)
-            rows.append((f"LanceDB IVF-PQ nprobes={nprobes} refine={refine}", n_q / t,
+            rows.append((f"LanceDB {kind.upper().replace('_', '-')} nprobes={nprobes} refine={refine}", n_q / t,
                          recall(found.pair_ids, truth)))
     else:
-        print("(no ANN index: run `knnstore index STORE` to include LanceDB IVF-PQ)")
+        print("(no ANN index: run `knnstore index STORE --rebuild` to include LanceDB)")
 
     vectors, pair_ids = [], []
     for v, meta in store.table.scan_vectors():
@@ -86,12 +94,22 @@ def main() -> None:
             t, (_, idx) = best_time(lambda: refined.search(queries, k), args.repeat)
             faiss_rows.append((f"FAISS IVF-PQ nprobe={nprobe} + RefineFlat({factor})", n_q / t,
                                recall(pids[idx], truth)))
+    rabitq = faiss.IndexIVFRaBitQ(faiss.IndexFlatL2(xb.shape[1]), xb.shape[1], n_list, faiss.METRIC_L2, True, 4)
+    t0 = time.perf_counter()
+    rabitq.train(xb)
+    rabitq.add(xb)
+    print(f"FAISS IVF-RaBitQ({n_list}, 4 bits) trained and filled in {time.perf_counter() - t0:.1f} s")
+    rabitq.qb = 8
+    for nprobe in (8, 16, 32, 64):
+        rabitq.nprobe = nprobe
+        t, (_, idx) = best_time(lambda: rabitq.search(queries, k), args.repeat)
+        faiss_rows.append((f"FAISS IVF-RaBitQ(4 bits) nprobe={nprobe}", n_q / t, recall(pids[idx], truth)))
     rows += faiss_rows
 
     print(f"{'method':56} {'queries/s':>10} {'recall@' + str(k):>10}")
     for name, qps, rec in rows:
         print(f"{name:56} {qps:10,.0f} {rec:10.3f}")
-    print("\nLanceDB ÷ fastest FAISS IVF-PQ with at least the same recall:")
+    print("\nLanceDB ÷ fastest FAISS setting (IVF-PQ or IVF-RaBitQ) with at least the same recall:")
     for name, qps, rec in rows:
         if not name.startswith("LanceDB"):
             continue
