@@ -618,7 +618,7 @@ def index(store, status_only, rebuild, index_type, partitions, sub_vectors, as_j
     """Show or maintain the ANN index (IVF-RQ by default, squared L2) of the stored keys.
 
     Without flags, applies the index policy: train an index once the store holds
-    KNNSTORE_INDEX_MIN_ROWS rows (default 1,000,000; below it exact search is faster),
+    KNNSTORE_INDEX_MIN_ROWS rows (default 100,000; below it an exact scan takes a few ms),
     index rows added since incrementally (a delta index, no retraining), and retrain
     only when the store has grown KNNSTORE_INDEX_RETRAIN_GROWTH times (default 2) past
     the rows the index was trained on. add-corpus runs the same policy. Rows not yet

@@ -489,7 +489,8 @@ class Store:
         """What the index policy would do now (``maintain_index`` does it).
 
         * No index: train one once the table holds ``KNNSTORE_INDEX_MIN_ROWS`` rows
-          (default 1,000,000); below that exact search is faster (docs/performance.md).
+          (default 100,000; below that an exact scan takes a few milliseconds and training
+          would not pay for itself: docs/performance.md).
         * An index: retrain when the table has grown to ``KNNSTORE_INDEX_RETRAIN_GROWTH``
           (default 2) times the rows it was trained on (the partitions no longer fit the
           data); otherwise index new rows incrementally (a delta index).
@@ -500,7 +501,7 @@ class Store:
         """
         state = self.table.index_state()
         rows = self.table.count()
-        min_rows = int(os.environ.get("KNNSTORE_INDEX_MIN_ROWS", 1_000_000))
+        min_rows = int(os.environ.get("KNNSTORE_INDEX_MIN_ROWS", 100_000))
         growth = float(os.environ.get("KNNSTORE_INDEX_RETRAIN_GROWTH", 2.0))
         trained = self._trained_rows()
         if not any("vector" in i["columns"] for i in state["indices"]):
