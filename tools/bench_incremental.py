@@ -72,7 +72,7 @@ def part1(enc: Encoder, work: Path, base_chars: int, n_queries: int, k: int) -> 
     print(f"rebuild the store with both corpora and a fresh index: {t_rebuild:.1f} s")
     print(f"  add ÷ rebuild = {t_add / t_rebuild:.3f}   (target <= 0.15)")
     r_inc, r_fresh = recall(inc, queries, k), recall(fresh, queries, k)
-    print(f"recall@{k} (nprobes {KNNSettings.nprobes}, refine {KNNSettings.refine_factor}) vs exact, "
+    print(f"recall@{k} (nprobes {KNNSettings.nprobes}, refine factor as the index type needs) vs exact, "
           f"{len(queries)} held-out queries: incremental {r_inc:.3f}, rebuilt {r_fresh:.3f}")
     added_id = inc.corpus("added").id
     t_remove, _ = timed(lambda: inc.remove_corpus("added"))

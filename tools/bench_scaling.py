@@ -9,13 +9,14 @@ standard deviation, so they keep the clusters real contexts form (uniform random
 have none, and no index helps on them). Queries are the store model's keys of held-out
 text (WikiText-2 test.txt), one batch. For each size, in one process:
 
-* a LanceDB `pairs` table of that many rows (float16, the store's schema) and its IVF-PQ
-  index with knnstore's defaults (sqrt(rows) partitions, dim/8 sub-vectors), build timed;
+* a LanceDB `pairs` table of that many rows (float16, the store's schema) and its index
+  with knnstore's defaults (IVF-RQ, sqrt(rows) partitions, 4 bits), build timed;
 * exact brute force (knnstore's ExactSearch: torch, keys in memory while they fit in 2 GiB,
   streamed from disk beyond);
-* LanceDB search at several nprobes / refine factors;
-* FAISS IndexIVFPQ with the same partitions and sub-vectors (trained on 256 vectors per
-  partition, as Lance samples), alone and with exact re-ranking.
+* LanceDB search at several nprobes (ranked by the RaBitQ estimates) and with re-ranking;
+* FAISS, the vectors in memory as float32, the same partitions, trained on 256 vectors per
+  partition as Lance samples: IndexIVFPQ (dim/8 sub-vectors) with exact re-ranking, and
+  IndexIVFRaBitQ (4 bits).
 
 Prints recall@k and queries/s of each, and per size the speed of the fastest LanceDB and
 FAISS settings that reach recall 0.95, and their ratio. Tables are kept in --work
@@ -31,13 +32,21 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from benchlib import WIKI_TEST, best_time, faiss_ivfpq, held_out_queries, recall
+from benchlib import (
+    WIKI_TEST,
+    best_time,
+    faiss_ivfpq,
+    faiss_rabitq,
+    held_out_queries,
+    recall,
+)
 
 from knnstore import Store
 from knnstore.vectors import ExactSearch, PairsTable
 
-LANCE_SETTINGS = ((16, 4), (32, 4), (32, 10), (64, 10))
-FAISS_SETTINGS = ((16, 4), (32, 4), (32, 10), (64, 10))
+LANCE_SETTINGS = ((16, 0), (32, 0), (64, 0), (32, 2))  # (nprobes, refine factor) on IVF-RQ
+FAISS_SETTINGS = ((16, 4), (32, 4), (32, 10), (64, 10))  # (nprobe, refine factor) on IVF-PQ
+RABITQ_NPROBES = (16, 32, 64)
 TARGET = 0.95
 
 
@@ -62,9 +71,9 @@ def synthetic_table(path: Path, base: np.ndarray, rows: int, dim: int, chunk: in
             x = base[rng.integers(0, len(base), n)] + rng.standard_normal((n, dim), dtype=np.float32) * scale
             ids = np.arange(lo, lo + n, dtype=np.int64)
             yield pa.record_batch({
-                "pair_id": ids, "next_token": (ids % 49152).astype(np.int32),
-                "corpus_id": np.ones(n, np.int32), "document_id": np.ones(n, np.int32),
-                "position": (ids % 100_000).astype(np.int32),
+                "pair_id": ids, "corpus_id": np.ones(n, np.int32), "document_id": np.ones(n, np.int64),
+                "position": (ids % 100_000).astype(np.int32), "token": (ids % 49152).astype(np.int32),
+                "next_token": ((ids + 1) % 49152).astype(np.int32),
                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).ravel()), dim),
             }, schema=table.schema)
 
@@ -98,7 +107,7 @@ def main() -> None:
             t0 = time.perf_counter()
             table.create_index()
             t_index = time.perf_counter() - t0
-        print(f"\n{rows:,} rows: written in {t_write:.0f} s, IVF-PQ index built in {t_index:.0f} s", flush=True)
+        print(f"\n{rows:,} rows: written in {t_write:.0f} s, IVF-RQ index built in {t_index:.0f} s", flush=True)
         exact = ExactSearch(table)
         t, truth = best_time(lambda: exact.search(queries, k), 1)
         results = [("exact (torch)", n_q / t, 1.0)]
@@ -115,9 +124,18 @@ def main() -> None:
         for nprobe, factor in FAISS_SETTINGS:
             ivfpq.nprobe, refined.k_factor = nprobe, factor
             t, (_, idx) = best_time(lambda: refined.search(queries, k), 1)
-            results.append((f"FAISS nprobe={nprobe} refine={factor}", n_q / t, recall(pids[idx], truth.pair_ids)))
-        xb = ivfpq = refined = None  # free before the next size
-        print(f"FAISS IVF-PQ({n_list}, {m}) built in {t_faiss:.0f} s", flush=True)
+            results.append((f"FAISS IVF-PQ nprobe={nprobe} refine={factor}", n_q / t,
+                             recall(pids[idx], truth.pair_ids)))
+        ivfpq = refined = None
+        t0 = time.perf_counter()
+        rabitq = faiss_rabitq(xb, n_list, train_rows=256 * n_list)
+        t_rabitq = time.perf_counter() - t0
+        for nprobe in RABITQ_NPROBES:
+            rabitq.nprobe = nprobe
+            t, (_, idx) = best_time(lambda: rabitq.search(queries, k), 1)
+            results.append((f"FAISS IVF-RaBitQ nprobe={nprobe}", n_q / t, recall(pids[idx], truth.pair_ids)))
+        xb = rabitq = None  # free before the next size
+        print(f"FAISS IVF-PQ({n_list}, {m}) built in {t_faiss:.0f} s, IVF-RaBitQ in {t_rabitq:.0f} s", flush=True)
         for name, qps, rec in results:
             print(f"  {name:34} {qps:9,.0f} q/s  recall@{k} {rec:.3f}", flush=True)
 
@@ -128,7 +146,7 @@ def main() -> None:
         summary.append((rows, results[0][1], fastest("LanceDB"), fastest("FAISS"), t_index, t_faiss))
     print(f"\nfastest setting with recall@{k} >= {TARGET} (queries/s):")
     print(f"{'rows':>10} {'exact':>8} {'LanceDB':>9} {'FAISS':>9} {'Lance/FAISS':>12} {'Lance/exact':>12} "
-          f"{'index s Lance/FAISS':>20}")
+          f"{'index s Lance/FAISS-PQ':>23}")
     for rows, ex, lance, fa, ti, tf in summary:
         lq = lance[1] if lance else float("nan")
         fq = fa[1] if fa else float("nan")

@@ -26,7 +26,14 @@ import time
 
 import numpy as np
 import torch
-from benchlib import WIKI_TEST, best_time, faiss_ivfpq, held_out_queries, recall
+from benchlib import (
+    WIKI_TEST,
+    best_time,
+    faiss_ivfpq,
+    faiss_rabitq,
+    held_out_queries,
+    recall,
+)
 
 from knnstore import Store
 
@@ -94,12 +101,9 @@ def main() -> None:
             t, (_, idx) = best_time(lambda: refined.search(queries, k), args.repeat)
             faiss_rows.append((f"FAISS IVF-PQ nprobe={nprobe} + RefineFlat({factor})", n_q / t,
                                recall(pids[idx], truth)))
-    rabitq = faiss.IndexIVFRaBitQ(faiss.IndexFlatL2(xb.shape[1]), xb.shape[1], n_list, faiss.METRIC_L2, True, 4)
     t0 = time.perf_counter()
-    rabitq.train(xb)
-    rabitq.add(xb)
+    rabitq = faiss_rabitq(xb, n_list)
     print(f"FAISS IVF-RaBitQ({n_list}, 4 bits) trained and filled in {time.perf_counter() - t0:.1f} s")
-    rabitq.qb = 8
     for nprobe in (8, 16, 32, 64):
         rabitq.nprobe = nprobe
         t, (_, idx) = best_time(lambda: rabitq.search(queries, k), args.repeat)

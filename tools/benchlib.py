@@ -73,3 +73,18 @@ def faiss_ivfpq(xb: np.ndarray, n_list: int, m: int, train_rows: int | None = No
     ivfpq.train(sample)
     ivfpq.add(xb)
     return ivfpq, faiss.IndexRefineFlat(ivfpq, faiss.swig_ptr(xb))
+
+
+def faiss_rabitq(xb: np.ndarray, n_list: int, bits: int = 4, train_rows: int | None = None):
+    """FAISS IndexIVFRaBitQ (the algorithm of knnstore's default LanceDB index) with
+    ``bits`` per dimension and 8-bit query quantisation, trained and filled with xb."""
+    import faiss
+
+    index = faiss.IndexIVFRaBitQ(faiss.IndexFlatL2(xb.shape[1]), xb.shape[1], n_list, faiss.METRIC_L2, True, bits)
+    sample = xb
+    if train_rows is not None and train_rows < len(xb):
+        sample = xb[np.sort(np.random.default_rng(0).choice(len(xb), train_rows, replace=False))]
+    index.train(sample)
+    index.add(xb)
+    index.qb = 8
+    return index
