@@ -24,8 +24,10 @@ Two policies map them to λ:
   and f a logistic regression or a one-hidden-layer MLP, fitted by maximising the
   mixture's own log-likelihood log(λ p_kNN(y) + (1 - λ) p_LM(y)) on held-out text of the
   store's domain. It also picks the retrieval threshold: the most positions are skipped
-  (LM top probability >= threshold) that keeps ``keep`` (95%) of the fitted gain. The
-  fit is stored in the catalog and used by ``--adaptive`` from then on.
+  (LM top probability >= threshold) that keep ``keep`` (95%) of the gain of the best
+  fixed λ on the same text (a fitted map usually gains more than any fixed λ, and that
+  surplus buys skipped searches). The fit is stored in the catalog and used by
+  ``--adaptive`` from then on.
 
 Skipping can only use what is known before the search: the LM's own distribution.
 """
@@ -277,24 +279,40 @@ def fit(rec: Records, *, kind: str = "logistic", k: int, temperature: float, ini
 
     cal.metrics = {"fit": report(train), "holdout": report(rec.subset(torch.arange(n_fit, n))),
                    "fixed_lambda": init_lambda}
-    cal.skip_above_prob, retained = choose_skip(rec, cal, keep)
-    cal.metrics["retrieved_fraction"] = retained
+    best_lambda, best_gain = best_fixed(rec)
+    cal.skip_above_prob, retained = choose_skip(rec, cal, keep, reference_gain=best_gain)
+    cal.metrics.update(retrieved_fraction=retained, best_fixed_lambda=best_lambda,
+                       best_fixed_ppl=_ppl(rec.lm_target.double()) * math.exp(-best_gain / max(1, n)))
     return cal
 
 
-SKIP_CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98)
+SKIP_CANDIDATES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98)
+FIXED_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
 
 
-def choose_skip(rec: Records, cal: Policy, keep: float = 0.95,
-                lambda_: float | None = None) -> tuple[float | None, float]:
-    """The lowest LM-top-probability threshold that keeps ``keep`` of the log-likelihood
-    gain of always retrieving; returns (threshold or None for never skip, fraction retrieved)."""
+def best_fixed(rec: Records) -> tuple[float, float]:
+    """The fixed λ of ``FIXED_GRID`` with the highest total log-likelihood gain over the
+    LM on ``rec``, and that gain (nats, summed over positions)."""
+    gains = {lam: float((mixture_log_prob(rec.lm_target, rec.knn_target, rec.has,
+                                          torch.full((len(rec),), lam, dtype=torch.float64))
+                         - rec.lm_target.double()).sum()) for lam in FIXED_GRID}
+    lam = max(gains, key=gains.get)
+    return lam, gains[lam]
+
+
+def choose_skip(rec: Records, cal: Policy, keep: float = 0.95, lambda_: float | None = None,
+                reference_gain: float | None = None) -> tuple[float | None, float]:
+    """The lowest LM-top-probability threshold whose retrieved positions keep ``keep`` of
+    a reference log-likelihood gain: ``reference_gain`` (e.g. the best fixed λ's) when
+    given, capped at the policy's own gain when it always retrieves; returns (threshold or
+    None for never skip, fraction retrieved)."""
     lam = cal.lambdas(rec.signals, lambda_)
     gain = mixture_log_prob(rec.lm_target, rec.knn_target, rec.has, lam) - rec.lm_target.double()
     total = float(gain.sum())
+    target = keep * (total if reference_gain is None else min(total, reference_gain))
     top = rec.signals[:, SIGNALS.index("lm_top")]
     for t in SKIP_CANDIDATES:
         retrieve = top < t
-        if float(gain[retrieve].sum()) >= keep * total:
+        if float(gain[retrieve].sum()) >= target:
             return t, float(retrieve.double().mean())
     return None, 1.0

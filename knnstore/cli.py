@@ -524,7 +524,8 @@ def explain(store, text, n_sources, as_json, **knn_opts):
 @click.option("--kind", type=click.Choice(["logistic", "mlp"]), default="logistic", show_default=True,
               help="The map from signals to λ: logistic regression or a 16-unit MLP.")
 @click.option("--keep", type=float, default=0.95, show_default=True,
-              help="Skip retrieval wherever that keeps this fraction of the fitted gain.")
+              help="Skip retrieval wherever that keeps this fraction of the best fixed λ's gain "
+                   "on the text.")
 @click.option("--k", "k", type=int, help=f"Neighbours per position [default: {KNNSettings.k}].")
 @click.option("--lambda", "lambda_", type=float,
               help=f"The fixed λ to start from and compare with [default: {KNNSettings.lambda_}].")

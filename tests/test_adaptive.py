@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from knnstore import KNNLM, InputError, knn
-from knnstore.adaptive import SIGNALS, Calibration, Records, Rule, choose_skip, fit, mixture_log_prob, signals
+from knnstore.adaptive import (SIGNALS, Calibration, Records, Rule, best_fixed, choose_skip, fit, mixture_log_prob,
+                               signals)
 from knnstore.cli import cli
 from knnstore.evaluate import calibrate
 
@@ -110,6 +111,23 @@ def test_the_skip_threshold_keeps_the_asked_share_of_the_gain():
     kept = gain[rec.signals[:, col("lm_top")] < threshold].sum() / gain.sum()
     assert kept >= 0.9
     assert retrieved == pytest.approx(float((rec.signals[:, col("lm_top")] < threshold).double().mean()))
+
+    # Against a smaller reference gain (a fixed λ's), it may skip more, never less.
+    lower, retrieved_lower = choose_skip(rec, cal, keep=0.9, reference_gain=0.5 * float(gain.sum()))
+    assert lower <= threshold and retrieved_lower <= retrieved
+    assert gain[rec.signals[:, col("lm_top")] < lower].sum() >= 0.9 * 0.5 * gain.sum()
+
+
+def test_fit_reports_the_best_fixed_lambda_and_keeps_its_gain():
+    rec = _synthetic(2000, 5, helpful=True)
+    rec.signals[:, col("lm_top")] = torch.rand(2000, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    cal = fit(rec, k=8, temperature=1.0, keep=0.9)
+    lam, best_gain = best_fixed(rec)
+    assert cal.metrics["best_fixed_lambda"] == lam and best_gain > 0
+    ada = cal.lambdas(rec.signals)
+    retrieve = rec.signals[:, col("lm_top")] < (cal.skip_above_prob or 2.0)
+    kept = (mixture_log_prob(rec.lm_target, rec.knn_target, rec.has & retrieve, ada) - rec.lm_target).sum()
+    assert kept >= 0.9 * best_gain
 
 
 def test_a_calibration_survives_the_catalog_unchanged(knn_store):  # noqa: F811

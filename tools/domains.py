@@ -36,10 +36,10 @@ import torch
 
 from knnstore import Store
 from knnstore.adapter import KNNLM
-from knnstore.adaptive import SIGNALS, Records, Rule, mixture_log_prob
+from knnstore.adaptive import SIGNALS, Records, Rule, fit, mixture_log_prob
 from knnstore.config import KNNSettings
 from knnstore.encoder import Encoder
-from knnstore.evaluate import calibrate, evaluate
+from knnstore.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8000, help="Scored tokens per test set.")
     parser.add_argument("--calibration-tokens", type=int, default=20000)
     parser.add_argument("--kind", default="logistic", choices=("logistic", "mlp"))
+    parser.add_argument("--keep", type=float, default=0.95,
+                        help="Share of the best fixed λ's gain that skipping keeps (knnstore calibrate --keep).")
     parser.add_argument("--out", default=str(REPO / "docs" / "domains"))
     args = parser.parse_args()
     cache = Path(args.cache)
@@ -145,25 +147,18 @@ def main() -> None:
             encoder = Encoder.load(store.identity.model, key_layer=store.identity.key_layer,
                                    key_site=store.identity.key_site)
         lm = KNNLM(encoder.model, encoder.tokenizer, store, settings)
-        cal = store.calibration()
-        source = str(paths["calibrate"][sd])
-        if cal is None or cal.kind != args.kind or store_calibration_source(store) != source:
-            t0 = time.perf_counter()
-            cal = calibrate(lm, paths["calibrate"][sd].read_text(encoding="utf-8"), kind=args.kind,
-                            max_tokens=args.calibration_tokens)
-            store.save_calibration(cal, text_source=source, n_tokens=args.calibration_tokens)
-            print(f"calibrated {sd} in {time.perf_counter() - t0:.0f} s: {cal.describe()} {cal.metrics}",
-                  flush=True)
+        # What `knnstore calibrate STORE --text FILE --max-tokens N --exact` does, with the
+        # scored positions cached (the scoring is the slow part; the fit takes seconds).
+        t0 = time.perf_counter()
+        cal_rec = records(cache / "records" / f"{sd}__calibration__{args.calibration_tokens}.pt",
+                          lm, paths["calibrate"][sd], args.calibration_tokens)
+        cal = fit(cal_rec, kind=args.kind, k=settings.k, temperature=settings.temperature,
+                  init_lambda=settings.lambda_, keep=args.keep)
+        store.clear_calibrations()
+        store.save_calibration(cal, text_source=str(paths["calibrate"][sd]), n_tokens=len(cal_rec))
+        print(f"calibrated {sd} in {time.perf_counter() - t0:.0f} s: {cal.describe()} {cal.metrics}", flush=True)
         for td in DOMAINS:
-            cached = cache / "records" / f"{sd}__{td}__{args.tokens}.pt"
-            if cached.exists():
-                rec = Records(**torch.load(cached))
-            else:
-                parts: list[Records] = []
-                evaluate(lm, paths["test"][td].read_text(encoding="utf-8"), max_tokens=args.tokens,
-                         records=parts)
-                rec = Records.concat(parts)
-                torch.save(vars(rec), cached)
+            rec = records(cache / "records" / f"{sd}__{td}__{args.tokens}.pt", lm, paths["test"][td], args.tokens)
             base = ppl(rec.lm_target)
             fixed = {lam: score(rec, torch.full((len(rec),), lam), None)[0] for lam in LAMBDAS}
             best_lam = min(fixed, key=fixed.get)
@@ -178,15 +173,16 @@ def main() -> None:
     write_report(results, args, stores, paths)
 
 
-def store_calibration_source(store: Store) -> str | None:
-    from sqlalchemy import select
-    from sqlalchemy.orm import Session
-
-    from knnstore import catalog
-
-    with Session(store.engine) as s:
-        return s.scalars(select(catalog.Calibration.text_source)
-                         .order_by(catalog.Calibration.id.desc()).limit(1)).first()
+def records(cached: Path, lm: KNNLM, text: Path, tokens: int) -> Records:
+    """Each position's signals and target log-probabilities for the first `tokens` tokens
+    of `text` (one exact-search evaluate pass), cached in `cached`."""
+    if cached.exists():
+        return Records(**torch.load(cached))
+    parts: list[Records] = []
+    evaluate(lm, text.read_text(encoding="utf-8"), max_tokens=tokens, records=parts)
+    rec = Records.concat(parts)
+    torch.save(vars(rec), cached)
+    return rec
 
 
 def write_report(results, args, stores, paths) -> None:
@@ -217,7 +213,8 @@ def write_report(results, args, stores, paths) -> None:
         f"- in-domain share of the best fixed-λ gain kept: {', '.join(f'{100 * k:.0f}%' for k in kept)} (target: at least 90%)",
         f"- in-domain retrieval skipped: {', '.join(f'{100 * s:.0f}%' for s in skipped)} (target: at least 30%)",
     ]
-    cmd = f"python tools/domains.py --tokens {args.tokens} --calibration-tokens {args.calibration_tokens} --kind {args.kind}"
+    cmd = (f"python tools/domains.py --tokens {args.tokens} --calibration-tokens {args.calibration_tokens} "
+           f"--kind {args.kind} --keep {args.keep:g}")
     md = "\n".join([f"Command: `{cmd}` (stores cached in `{args.cache}`)", "", *lines, "", *summary, ""])
     out.with_suffix(".md").write_text(md, encoding="utf-8")
     print(md)
