@@ -74,6 +74,8 @@ def _synthetic(n: int, seed: int, helpful: bool) -> Records:
     g = torch.Generator().manual_seed(seed)
     sig = torch.randn(n, len(SIGNALS), generator=g, dtype=torch.float64)
     close = sig[:, col("log_d1")] < 0
+    # Close neighbours agree on a token (knn_top 1); far ones split their votes.
+    sig[:, col("knn_top")] = torch.where(close, 1.0, 0.5 * torch.rand(n, generator=g, dtype=torch.float64))
     lm_t = torch.full((n,), math.log(0.1), dtype=torch.float64)
     good = math.log(0.9) if helpful else math.log(1e-4)
     knn_t = torch.where(close, torch.tensor(good, dtype=torch.float64), torch.tensor(math.log(1e-4), dtype=torch.float64))
@@ -234,3 +236,12 @@ def test_cli_calibrate_refuses_bad_input_and_leaves_the_store_as_it_was(knn_stor
     assert result.exit_code != 0
     assert message in result.output
     assert snapshot(knn_store.path) == before
+
+
+def test_the_calibrated_lambda_is_gated_by_agreement_and_old_fits_load_ungated():
+    cal = fit(_synthetic(1000, 7, helpful=True), k=8, temperature=1.0)
+    assert cal.gate == "knn_top" and "agreement" in cal.describe()
+    sig = _synthetic(50, 8, helpful=True).signals
+    assert torch.allclose(cal.lambdas(sig), torch.sigmoid(cal.logits(sig)) * sig[:, col("knn_top")])
+    old = {k: v for k, v in cal.to_dict().items() if k != "gate"}  # saved before the gate existed
+    assert torch.allclose(Calibration.from_dict(old).lambdas(sig), torch.sigmoid(cal.logits(sig)))
