@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAMBDAS = "0.05,0.1,0.15,0.25,0.4,0.6,0.8"
 KS = "1,2,4,8,16,32,64,128,256,512,1024"
 TEMPERATURES = "0.5,1,2,3,5,10,20"
+KEY_TEMPERATURES = "0.3,1,3,10,30,100,300,1000"  # distances differ in scale between key sites
 GROWTH = (0.1, 0.25, 0.5, 1.0)
 KEY_SITES = {"ffn_input": ("-1", "ffn_input", "last layer, FFN input (default)"),
              "layer_output": ("-1", "layer_output", "last layer, output"),
@@ -160,7 +161,7 @@ def main() -> None:
         ensure_corpora(run, store, {"wiki-part1": chunks[0], "wiki-part2": chunks[1]},
                        key_layer=layer, key_site=site)
         r["keys"][name] = run.json(f"key_{name}", "eval", str(store), "--text", wiki_test, *n, "--exact",
-                                   "--lambda", "0.1,0.15,0.25,0.4", "--temperature", "1,3,10,30",
+                                   "--lambda", "0.1,0.15,0.25,0.4", "--temperature", KEY_TEMPERATURES,
                                    "--sweep-out", str(run.dir / f"key_{name}"))
 
     # 3. Growth, then 7. removal, on one store.
@@ -339,7 +340,8 @@ def write_report(r: dict, commands: dict, out: Path, args) -> None:
         "",
         "Three small stores of the same text (WikiText-2 valid `wiki-part1` + `wiki-part2`, the first",
         "25% of the articles), differing only in which hidden state is the key; each evaluated over",
-        "λ ∈ {0.1, 0.15, 0.25, 0.4} × T ∈ {1, 3, 10, 30} (distances differ in scale between sites):",
+        f"λ ∈ {{0.1, 0.15, 0.25, 0.4}} × T ∈ {{{KEY_TEMPERATURES.replace(',', ', ')}}} (distances differ in scale",
+        "between sites):",
         "",
         "| key | base LM | best kNN-LM | vs base | best λ, T | command |",
         "|---|---|---|---|---|---|",
