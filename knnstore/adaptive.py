@@ -20,20 +20,22 @@ Two policies map them to λ:
   agree on a next token gives the store little weight, and skip retrieval where the LM
   is already sure (top probability >= 0.9). Works on any store, but it cannot tell a
   close, trustworthy match from a far one, because distances depend on the model.
-* ``Calibration`` (``knnstore calibrate``): λ_i = σ(f(z_i)) · knn_top_i, z the
+* ``Calibration`` (``knnstore calibrate``): λ_i = σ(f(z_i)) · knn_top_i · s_i, z the
   standardised signals and f a logistic regression or a one-hidden-layer MLP fitted by
   maximising the mixture's own log-likelihood log(σ p_kNN(y) + (1 - σ) p_LM(y)) on
-  held-out text of the store's domain; the agreement gate knn_top (as in the rule) is
-  then applied on top. The gate is a deliberate shrinkage the fit does not see: text of
-  the store's own domain rarely shows a store that does not match, so a fit alone learns
-  too little about such text and extrapolates to λ ≈ 0.03 there, which costs ~1.3% of
-  perplexity out of domain; fitted *through* the gate, the fit undoes it in domain and
-  the loss stays. Applied after, it costs ~3% of the in-domain gain and keeps other
-  domains within ~0.5% of the base LM (docs/adaptive.md). It also picks the retrieval threshold: the most positions are skipped
-  (LM top probability >= threshold) that keep ``keep`` (95%) of the gain of the best
-  fixed λ on the same text (a fitted map usually gains more than any fixed λ, and that
-  surplus buys skipped searches). The fit is stored in the catalog and used by
-  ``--adaptive`` from then on.
+  held-out text of the store's domain. Two gates are then applied on top, neither learnt:
+  the neighbours' agreement knn_top (as in the rule) and the calibration's support s_i,
+  1 while the nearest distance is within what the calibration text saw (its 90th
+  percentile of log_d1), falling to 0 at its 99th percentile. Text of the store's own
+  domain rarely shows a store that does not match, so a fit alone learns little about
+  such text and extrapolates badly there (+1.3% to +3.8% perplexity on other domains,
+  docs/adaptive.md); fitted *through* the gates it learns to undo them in domain.
+  Applied after, they cost a few percent of the in-domain gain and keep other domains
+  within ~0.5% of the base LM. The fit also picks the retrieval threshold: the most
+  positions are skipped (LM top probability >= threshold) that keep ``keep`` (90%) of
+  the gain of the best fixed λ on the same text (a fitted map usually gains more than
+  any fixed λ, and that surplus buys skipped searches). The fit is stored in the catalog
+  and used by ``--adaptive`` from then on.
 
 Skipping can only use what is known before the search: the LM's own distribution.
 """
@@ -151,6 +153,9 @@ class Calibration(Policy):
     skip_above_prob: float | None = None
     metrics: dict = field(default_factory=dict)
     gate: str | None = None  # a signal λ is multiplied by ("knn_top"; None in fits saved before it)
+    # (q_lo, q_hi) of log_d1 on the calibration text: λ fades from full at q_lo to 0 at q_hi
+    # (None in fits saved before it).
+    support: list[float] | None = None
     name: str = "calibrated"
 
     def _z(self, sig: torch.Tensor) -> torch.Tensor:
@@ -164,7 +169,13 @@ class Calibration(Policy):
 
     def lambdas(self, sig: torch.Tensor, lambda_: float | None = None) -> torch.Tensor:
         lam = torch.sigmoid(self.logits(sig))
-        return lam if self.gate is None else lam * _gate(sig, self.gate)
+        if self.gate is not None:
+            lam = lam * _gate(sig, self.gate)
+        if self.support is not None:
+            lo, hi = self.support
+            d1 = sig[:, SIGNALS.index("log_d1")].double()
+            lam = lam * ((hi - d1) / max(hi - lo, 1e-6)).clamp(0, 1)
+        return lam
 
     def describe(self) -> str:
         skip = f", skip at LM top probability >= {self.skip_above_prob:g}" if self.skip_above_prob else ""
@@ -187,6 +198,17 @@ class Calibration(Policy):
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
         return cls(**{k: v for k, v in d.items() if k != "name"})
+
+
+SUPPORT_QUANTILES = (0.9, 0.99)
+
+
+def _support(log_d1: torch.Tensor) -> list[float] | None:
+    """Where the calibration's nearest distances end: (q90, q99) of log_d1."""
+    if len(log_d1) < 10:
+        return None
+    q = torch.quantile(log_d1.double(), torch.tensor(SUPPORT_QUANTILES, dtype=torch.float64))
+    return [float(q[0]), float(q[1])]
 
 
 def _gate(sig: torch.Tensor, name: str) -> torch.Tensor:
@@ -233,7 +255,7 @@ def _ppl(log_probs: torch.Tensor) -> float:
 
 
 def fit(rec: Records, *, kind: str = "logistic", k: int, temperature: float, init_lambda: float = 0.15,
-        holdout: float = 0.2, keep: float = 0.95, steps: int = 500, seed: int = 0) -> Calibration:
+        holdout: float = 0.2, keep: float = 0.9, steps: int = 500, seed: int = 0) -> Calibration:
     """Fit λ = σ(f(z)) on ``rec`` by maximising the mixture's log-likelihood.
 
     The last ``holdout`` fraction of the positions (contiguous text) is kept out of the fit
@@ -279,7 +301,8 @@ def fit(rec: Records, *, kind: str = "logistic", k: int, temperature: float, ini
         opt.step()
     cal = Calibration(kind=kind, mean=mean.tolist(), std=std.tolist(),
                       params={name: v.detach().tolist() for name, v in params.items()},
-                      k=k, temperature=temperature, gate=GATE)
+                      k=k, temperature=temperature, gate=GATE,
+                      support=_support(rec.signals[rec.has][:, SIGNALS.index("log_d1")]))
 
     def report(part: Records) -> dict:
         if not len(part):
@@ -300,7 +323,7 @@ def fit(rec: Records, *, kind: str = "logistic", k: int, temperature: float, ini
     return cal
 
 
-SKIP_CANDIDATES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98)
+SKIP_CANDIDATES = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98)
 FIXED_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
 
 
@@ -314,7 +337,7 @@ def best_fixed(rec: Records) -> tuple[float, float]:
     return lam, gains[lam]
 
 
-def choose_skip(rec: Records, cal: Policy, keep: float = 0.95, lambda_: float | None = None,
+def choose_skip(rec: Records, cal: Policy, keep: float = 0.9, lambda_: float | None = None,
                 reference_gain: float | None = None) -> tuple[float | None, float]:
     """The lowest LM-top-probability threshold whose retrieved positions keep ``keep`` of
     a reference log-likelihood gain: ``reference_gain`` (e.g. the best fixed λ's) when

@@ -523,7 +523,7 @@ def explain(store, text, n_sources, as_json, **knn_opts):
               help="Fit on at most the first N tokens of the text.")
 @click.option("--kind", type=click.Choice(["logistic", "mlp"]), default="logistic", show_default=True,
               help="The map from signals to λ: logistic regression or a 16-unit MLP.")
-@click.option("--keep", type=float, default=0.95, show_default=True,
+@click.option("--keep", type=float, default=0.9, show_default=True,
               help="Skip retrieval wherever that keeps this fraction of the best fixed λ's gain "
                    "on the text.")
 @click.option("--k", "k", type=int, help=f"Neighbours per position [default: {KNNSettings.k}].")

@@ -244,7 +244,7 @@ def write_sweep(result: EvalResult, prefix: str | Path) -> tuple[Path, Path]:
 
 
 def calibrate(knnlm: KNNLM, text: str | Sequence[int], *, kind: str = "logistic",
-              max_tokens: int | None = None, keep: float = 0.95, holdout: float = 0.2,
+              max_tokens: int | None = None, keep: float = 0.9, holdout: float = 0.2,
               window: int = 512, stride: int = 384,
               progress: ProgressFn | None = None) -> adaptive.Calibration:
     """Fit the adaptive-λ map on held-out text of the store's domain (see ``adaptive.fit``).

@@ -238,10 +238,16 @@ def test_cli_calibrate_refuses_bad_input_and_leaves_the_store_as_it_was(knn_stor
     assert snapshot(knn_store.path) == before
 
 
-def test_the_calibrated_lambda_is_gated_by_agreement_and_old_fits_load_ungated():
+def test_the_calibrated_lambda_is_gated_by_agreement_and_support_and_old_fits_load_ungated():
     cal = fit(_synthetic(1000, 7, helpful=True), k=8, temperature=1.0)
     assert cal.gate == "knn_top" and "agreement" in cal.describe()
+    lo, hi = cal.support  # the calibration's 90th and 99th percentiles of log_d1
+    assert lo < hi
     sig = _synthetic(50, 8, helpful=True).signals
-    assert torch.allclose(cal.lambdas(sig), torch.sigmoid(cal.logits(sig)) * sig[:, col("knn_top")])
-    old = {k: v for k, v in cal.to_dict().items() if k != "gate"}  # saved before the gate existed
+    support = ((hi - sig[:, col("log_d1")]) / (hi - lo)).clamp(0, 1)
+    assert torch.allclose(cal.lambdas(sig), torch.sigmoid(cal.logits(sig)) * sig[:, col("knn_top")] * support)
+    far = sig.clone()
+    far[:, col("log_d1")] = hi + 1  # nearest neighbours farther than the calibration ever saw
+    assert (cal.lambdas(far) == 0).all()
+    old = {k: v for k, v in cal.to_dict().items() if k not in ("gate", "support")}  # saved before both
     assert torch.allclose(Calibration.from_dict(old).lambdas(sig), torch.sigmoid(cal.logits(sig)))

@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8000, help="Scored tokens per test set.")
     parser.add_argument("--calibration-tokens", type=int, default=20000)
     parser.add_argument("--kind", default="logistic", choices=("logistic", "mlp"))
-    parser.add_argument("--keep", type=float, default=0.95,
+    parser.add_argument("--keep", type=float, default=0.9,
                         help="Share of the best fixed λ's gain that skipping keeps (knnstore calibrate --keep).")
     parser.add_argument("--out", default=str(REPO / "docs" / "domains"))
     args = parser.parse_args()
