@@ -201,6 +201,13 @@ def best(res: dict) -> dict:
     return min(res["sweep"], key=lambda p: p["knn_ppl"]) if res.get("sweep") else res
 
 
+def row_table(label: str, points: list[tuple[float, float]]) -> list[str]:
+    """A one-row Markdown table: the swept values as columns, perplexities below."""
+    return ["| " + label + " | " + " | ".join(f"{x:g}" for x, _ in points) + " |",
+            "|---|" + "---|" * len(points),
+            "| kNN-LM | " + " | ".join(f"{y:.2f}" for _, y in points) + " |"]
+
+
 def plot(path: Path, title: str, xlabel: str, series: list[tuple[str, list, list, str]], *,
          hlines: list[tuple[str, float, str]] = (), logx: bool = False) -> None:
     import matplotlib
@@ -370,9 +377,7 @@ def write_report(r: dict, commands: dict, out: Path, args) -> None:
     md += [
         "## 5. Number of neighbours (the paper's Figure 4)",
         "",
-        "| k | " + " | ".join(f"{x:g}" for x, _ in ks) + " |",
-        "|---|" + "---|" * len(ks),
-        "| kNN-LM | " + " | ".join(f"{y:.2f}" for _, y in ks) + " |",
+        *row_table("k", ks),
         "",
         f"Command: {c('k')}. ![k](results/k.png)",
         "",
@@ -381,9 +386,7 @@ def write_report(r: dict, commands: dict, out: Path, args) -> None:
         "",
         "## 6. Temperature",
         "",
-        "| T | " + " | ".join(f"{x:g}" for x, _ in ts) + " |",
-        "|---|" + "---|" * len(ts),
-        "| kNN-LM | " + " | ".join(f"{y:.2f}" for _, y in ts) + " |",
+        *row_table("T", ts),
         "",
         f"Command: {c('temperature')}. ![temperature](results/temperature.png)",
         "",
