@@ -179,7 +179,7 @@ class Calibration(Policy):
 
     def describe(self) -> str:
         skip = f", skip at LM top probability >= {self.skip_above_prob:g}" if self.skip_above_prob else ""
-        gate = " × neighbour agreement" if self.gate else ""
+        gate = (" × neighbour agreement" if self.gate else "") + (" × distance support" if self.support else "")
         return f"calibrated {self.kind}{gate} (k={self.k}, T={self.temperature:g}){skip}"
 
     def to_dict(self) -> dict:
@@ -256,7 +256,8 @@ def _ppl(log_probs: torch.Tensor) -> float:
 
 def fit(rec: Records, *, kind: str = "logistic", k: int, temperature: float, init_lambda: float = 0.15,
         holdout: float = 0.2, keep: float = 0.9, steps: int = 500, seed: int = 0) -> Calibration:
-    """Fit λ = σ(f(z)) on ``rec`` by maximising the mixture's log-likelihood.
+    """Fit σ(f(z)) on ``rec`` by maximising the mixture's log-likelihood; the returned
+    calibration's λ is that times the agreement and support gates (module docstring).
 
     The last ``holdout`` fraction of the positions (contiguous text) is kept out of the fit
     and reported in ``metrics`` (perplexities base / fixed λ / calibrated, on fit and
