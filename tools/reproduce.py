@@ -183,8 +183,6 @@ def main() -> None:
     write_report(r, run.commands, Path(args.out), args)
 
 
-if __name__ == "__main__":
-    main()
 
 
 # ---------------------------------------------------------------------------- report
@@ -423,3 +421,7 @@ def write_report(r: dict, commands: dict, out: Path, args) -> None:
     ]
     (out / "results.md").write_text("\n".join(md), encoding="utf-8")
     print(f"wrote {out / 'results.md'} and {figs}/*.png")
+
+
+if __name__ == "__main__":
+    main()
