@@ -534,8 +534,8 @@ class Store:
             if plan.action == "train":
                 self.create_index()
             elif plan.action == "retrain":  # keep the type the user chose
-                self.create_index(index_type=self.table.index_type()
-                                  if self.table.index_type() in INDEX_TYPES else None)
+                kind = self.table.index_type()
+                self.create_index(index_type=kind if kind in INDEX_TYPES else None)
             elif plan.action == "update":
                 self.update_index()
         return plan

@@ -115,8 +115,10 @@ def main() -> None:
             t, found = best_time(lambda: table.search(queries, k, nprobes=nprobes, refine_factor=refine), 1)
             results.append((f"LanceDB nprobes={nprobes} refine={refine}", n_q / t,
                             recall(found.pair_ids, truth.pair_ids)))
-        xb = np.concatenate([v for v, _ in table.scan_vectors()])
-        pids = np.concatenate([m["pair_id"] for _, m in table.scan_vectors()])
+        batches = list(table.scan_vectors())  # one pass over the table for keys and ids
+        xb = np.concatenate([v for v, _ in batches])
+        pids = np.concatenate([m["pair_id"] for _, m in batches])
+        batches = None
         n_list, m = int(round(rows ** 0.5)), dim // 8
         t0 = time.perf_counter()
         ivfpq, refined = faiss_ivfpq(xb, n_list, m, train_rows=256 * n_list)

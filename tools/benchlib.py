@@ -60,6 +60,13 @@ def held_out_queries(store: Store, text_path: str | Path, n: int) -> np.ndarray:
     return np.ascontiguousarray(torch.cat([w.keys for w in scored_windows(enc, ids)]).numpy(), dtype=np.float32)
 
 
+def _training_sample(xb: np.ndarray, train_rows: int | None) -> np.ndarray:
+    """xb, or a fixed random sample of train_rows of its rows."""
+    if train_rows is None or train_rows >= len(xb):
+        return xb
+    return xb[np.sort(np.random.default_rng(0).choice(len(xb), train_rows, replace=False))]
+
+
 def faiss_ivfpq(xb: np.ndarray, n_list: int, m: int, train_rows: int | None = None):
     """FAISS IndexIVFPQ (8-bit codes) trained on xb (or a random sample of train_rows of it)
     and filled with it, and an IndexRefineFlat over it for exact re-ranking. (faiss-cpu is
@@ -67,10 +74,7 @@ def faiss_ivfpq(xb: np.ndarray, n_list: int, m: int, train_rows: int | None = No
     import faiss
 
     ivfpq = faiss.IndexIVFPQ(faiss.IndexFlatL2(xb.shape[1]), xb.shape[1], n_list, m, 8)
-    sample = xb
-    if train_rows is not None and train_rows < len(xb):
-        sample = xb[np.sort(np.random.default_rng(0).choice(len(xb), train_rows, replace=False))]
-    ivfpq.train(sample)
+    ivfpq.train(_training_sample(xb, train_rows))
     ivfpq.add(xb)
     return ivfpq, faiss.IndexRefineFlat(ivfpq, faiss.swig_ptr(xb))
 
@@ -81,10 +85,7 @@ def faiss_rabitq(xb: np.ndarray, n_list: int, bits: int = 4, train_rows: int | N
     import faiss
 
     index = faiss.IndexIVFRaBitQ(faiss.IndexFlatL2(xb.shape[1]), xb.shape[1], n_list, faiss.METRIC_L2, True, bits)
-    sample = xb
-    if train_rows is not None and train_rows < len(xb):
-        sample = xb[np.sort(np.random.default_rng(0).choice(len(xb), train_rows, replace=False))]
-    index.train(sample)
+    index.train(_training_sample(xb, train_rows))
     index.add(xb)
     index.qb = 8
     return index
