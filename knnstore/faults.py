@@ -17,6 +17,7 @@ POINTS = (
     "ingest.after_encode",           # a batch of keys encoded, not written
     "commit.before_table_add",       # pairs in memory, about to go to LanceDB
     "commit.mid_table_add",          # half of one LanceDB commit streamed
+    "commit.after_partial_add",      # part of long documents' pairs committed, documents pending
     "commit.after_table_add",        # pairs committed to LanceDB, documents still pending
     "commit.after_documents_ready",  # a commit fully done, more to come
     "ingest.before_corpus_ready",    # every pair committed, corpus not yet ready

@@ -757,8 +757,10 @@ class Store:
             forward = lambda ids, mask: encoder.forward(ids, mask)[0]  # noqa: E731
             docs = ingest.limited(ingest.iter_documents(spec["paths"], options), options.max_documents)
             done_tokens = 0
-            pending: list[pa.RecordBatch] = []
-            pending_docs: list[int] = []
+            pending: list[pa.RecordBatch] = []  # encoded pairs not yet in the table
+            pending_rows = 0
+            pending_docs: list[int] = []  # documents not yet ready
+            flushed = 0  # pairs of pending_docs already in the table
             for group in _groups(docs, encoder.tokenize, settings):
                 fresh = []
                 for doc, tokens in group:
@@ -782,19 +784,27 @@ class Store:
                         forward, list(zip(doc_ids, (t for _, t in fresh))), corpus_id, settings, schema):
                     crash_point("ingest.after_encode")
                     pending.append(batch)
+                    pending_rows += batch.num_rows
                     done_tokens += n_new
                     if progress:
                         progress(done_tokens, total_tokens)
+                    if pending_rows >= settings.commit_every:
+                        # Long documents: their pairs go to the table now (memory stays bounded
+                        # whatever a document's length); the documents stay pending, so
+                        # their pairs stay invisible, until the commit below marks them ready.
+                        flushed += self._add_pairs(pending)
+                        crash_point("commit.after_partial_add")
+                        pending, pending_rows = [], 0
                 encoded_tokens += sum(len(t) for _, t in fresh)
                 # The last token of each document adds no pair; count it as done.
                 done_tokens += len(fresh)
                 # Bounded in pairs, and in documents (SQL parameter limits with tiny ones).
-                if (sum(b.num_rows for b in pending) >= settings.commit_every
+                if (flushed + pending_rows >= settings.commit_every
                         or len(pending_docs) >= _MAX_DOCS_PER_COMMIT):
-                    run_pairs += self._commit(corpus_id, pending, pending_docs)
+                    run_pairs += flushed + self._commit(corpus_id, pending, pending_docs)
                     run_docs += len(pending_docs)
-                    pending, pending_docs = [], []
-            run_pairs += self._commit(corpus_id, pending, pending_docs)
+                    pending, pending_docs, pending_rows, flushed = [], [], 0, 0
+            run_pairs += flushed + self._commit(corpus_id, pending, pending_docs)
             run_docs += len(pending_docs)
             crash_point("ingest.before_corpus_ready")
             with Session(self.engine) as s, s.begin():
@@ -833,11 +843,8 @@ class Store:
             s.flush()
             return [r.id for r in rows]
 
-    def _commit(self, corpus_id: int, batches: list[pa.RecordBatch], doc_ids: list[int]) -> int:
-        """One LanceDB commit of the pending pairs, then mark their documents ready."""
-        if not doc_ids:
-            return 0
-        n_pairs = sum(b.num_rows for b in batches)
+    def _add_pairs(self, batches: list[pa.RecordBatch]) -> int:
+        """One LanceDB commit of these pairs (their documents' status is the caller's)."""
         crash_point("commit.before_table_add")
         if batches:
             schema = self.table.schema
@@ -849,6 +856,13 @@ class Store:
                     yield batch
 
             self.table.add(pa.RecordBatchReader.from_batches(schema, stream()))
+        return sum(b.num_rows for b in batches)
+
+    def _commit(self, corpus_id: int, batches: list[pa.RecordBatch], doc_ids: list[int]) -> int:
+        """One LanceDB commit of the pending pairs, then mark their documents ready."""
+        if not doc_ids:
+            return 0
+        n_pairs = self._add_pairs(batches)
         crash_point("commit.after_table_add")
         with Session(self.engine) as s, s.begin():
             s.execute(update(catalog.Document).where(catalog.Document.id.in_(doc_ids)).values(status=READY))

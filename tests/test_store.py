@@ -59,6 +59,18 @@ def test_catalog_counts_and_table_rows_agree_after_adds(store, text_dir, tmp_pat
     assert stats.bytes_per_pair and stats.bytes_on_disk > 0
 
 
+def test_a_document_longer_than_one_commit_is_written_in_several_and_kept_whole(store, tmp_path, small_settings):
+    # Memory stays bounded by commit_every pairs, not by the longest document.
+    (tmp_path / "long.txt").write_text("The lobsters are blue, only becoming red on cooking. " * 40)
+    version = store.table.version
+    info = store.add_corpus("long", [tmp_path / "long.txt"], settings=small_settings)
+    assert info.documents == 1 and info.pairs > 3 * small_settings.commit_every
+    assert store.table.version - version >= 3  # one LanceDB commit per commit_every pairs at most
+    positions = np.sort(store.sql("SELECT position FROM pairs").column("position").to_numpy())
+    assert positions.tolist() == list(range(info.pairs))  # every position once
+    assert store.documents("long")[0].n_pairs == info.pairs == store.stats().pairs
+
+
 def test_every_pair_stores_the_true_next_token_and_the_key_of_its_context(store, text_dir, small_settings):
     info = store.add_corpus("docs", [text_dir], settings=small_settings)
     rows = _pairs(store).to_pydict()
