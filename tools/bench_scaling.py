@@ -39,6 +39,7 @@ from benchlib import (
     faiss_rabitq,
     held_out_queries,
     recall,
+    table_keys,
 )
 
 from knnstore import Store
@@ -81,20 +82,6 @@ def synthetic_table(path: Path, base: np.ndarray, rows: int, dim: int, chunk: in
     return table
 
 
-def table_keys(table: PairsTable, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every key (float32 [rows, dim]) and pair id of the table, in one pass, filled in
-    place: 5M keys are 11.5 GB, and a list of batches plus their concatenation twice that."""
-    xb = np.empty((rows, dim), np.float32)
-    pids = np.empty(rows, np.int64)
-    at = 0
-    for vectors, meta in table.scan_vectors():
-        xb[at:at + len(vectors)] = vectors
-        pids[at:at + len(vectors)] = meta["pair_id"]
-        at += len(vectors)
-    assert at == rows, (at, rows)
-    return xb, pids
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store", help="a real store whose keys shape the synthetic ones")
@@ -129,7 +116,7 @@ def main() -> None:
             t, found = best_time(lambda: table.search(queries, k, nprobes=nprobes, refine_factor=refine), 1)
             results.append((f"LanceDB nprobes={nprobes} refine={refine}", n_q / t,
                             recall(found.pair_ids, truth.pair_ids)))
-        xb, pids = table_keys(table, rows, dim)
+        xb, pids = table_keys(table)
         n_list, m = int(round(rows ** 0.5)), dim // 8
         t0 = time.perf_counter()
         ivfpq, refined = faiss_ivfpq(xb, n_list, m, train_rows=256 * n_list)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 from benchlib import (
     WIKI_TEST,
@@ -33,6 +32,7 @@ from benchlib import (
     faiss_rabitq,
     held_out_queries,
     recall,
+    table_keys,
 )
 
 from knnstore import Store
@@ -76,15 +76,12 @@ def main() -> None:
     else:
         print("(no ANN index: run `knnstore index STORE --rebuild` to include LanceDB)")
 
-    vectors, pair_ids = [], []
-    for v, meta in store.table.scan_vectors():
-        vectors.append(v)
-        pair_ids.append(meta["pair_id"])
-    xb, pids = np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32), np.concatenate(pair_ids)
+    xb, pids = table_keys(store.table)
     flat = faiss.IndexFlatL2(xb.shape[1])
     flat.add(xb)
     t, (_, idx) = best_time(lambda: flat.search(queries, k), args.repeat)
     rows.append(("FAISS IndexFlatL2", n_q / t, recall(pids[idx], truth)))
+    flat = None
 
     n_list = max(1, int(round(len(xb) ** 0.5)))
     m = xb.shape[1] // 8

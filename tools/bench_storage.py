@@ -1,4 +1,4 @@
-"""Bytes on disk per stored pair: float16 vs float32 keys, with and without the IVF-PQ index.
+"""Bytes on disk per stored pair: float16 vs float32 keys, with and without an ANN index.
 
     python tools/bench_storage.py [--store STORE ...] [--pairs-text FILE] [--max-chars N]
 
@@ -6,7 +6,8 @@ Builds two scratch stores from the same text (default: the first 2,000,000 chara
 the Gutenberg training books, ~500k pairs) with the default model's tokenizer and random
 keys (bytes do not depend on the keys' values, and encoding would take ~20 minutes), one
 float16 and one float32, and reports bytes per pair for the LanceDB table, the catalog, and
-both after training the default index (IVF-RQ; float16 also with IVF-PQ). Any --store given (real stores) is reported too.
+both after training the default index (IVF-RQ; float16 also with IVF-PQ). Any --store
+given (real stores) is reported too.
 The reference is the raw key: dim x 2 bytes in float16 (1,152 bytes for SmolLM2's 576).
 """
 

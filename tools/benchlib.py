@@ -60,6 +60,22 @@ def held_out_queries(store: Store, text_path: str | Path, n: int) -> np.ndarray:
     return np.ascontiguousarray(torch.cat([w.keys for w in scored_windows(enc, ids)]).numpy(), dtype=np.float32)
 
 
+def table_keys(table) -> tuple[np.ndarray, np.ndarray]:
+    """Every key (float32 [rows, dim]) and pair id of a PairsTable, in one pass, filled in
+    place: 5M keys are 11.5 GB, and a list of batches plus their concatenation twice that."""
+    rows, dim = table.count(), table.schema.field("vector").type.list_size
+    xb = np.empty((rows, dim), np.float32)
+    pids = np.empty(rows, np.int64)
+    at = 0
+    for vectors, meta in table.scan_vectors():
+        xb[at:at + len(vectors)] = vectors
+        pids[at:at + len(vectors)] = meta["pair_id"]
+        at += len(vectors)
+    if at != rows:
+        raise RuntimeError(f"the table changed while it was read ({at:,} rows, expected {rows:,})")
+    return xb, pids
+
+
 def _training_sample(xb: np.ndarray, train_rows: int | None) -> np.ndarray:
     """xb, or a fixed random sample of train_rows of its rows."""
     if train_rows is None or train_rows >= len(xb):
