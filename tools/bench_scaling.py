@@ -41,9 +41,8 @@ from benchlib import (
     faiss_ivfpq,
     faiss_rabitq,
     held_out_queries,
-    recall,
     table_keys,
-    timed,
+    time_rounds,
 )
 
 from knnstore import Store
@@ -163,15 +162,7 @@ def main() -> None:
         methods = ([(f"LanceDB nprobes={p} refine={r}", lance(p, r)) for p, r in LANCE_SETTINGS]
                    + [(f"FAISS IVF-PQ nprobe={p} refine={f}", faiss_pq(p, f)) for p, f in FAISS_SETTINGS]
                    + [(f"FAISS IVF-RaBitQ nprobe={p}", faiss_rq(p)) for p in RABITQ_NPROBES])
-        # Rounds over every method in turn, best time of each: a burst of load from other
-        # jobs then costs one round of one method, not a whole method.
-        best = {name: float("inf") for name, _ in methods}
-        recalls = {name: recall(fn(), truth.pair_ids) for name, fn in methods}  # also the warm-up
-        for _ in range(rounds):
-            for name, fn in methods:
-                best[name] = min(best[name], timed(fn)[0])
-        results = [("exact (torch)", n_q / t_exact, 1.0)] + [(name, n_q / best[name], recalls[name])
-                                                            for name, _ in methods]
+        results = [("exact (torch)", n_q / t_exact, 1.0)] + time_rounds(methods, truth.pair_ids, n_q, rounds)
         xb = pids = ivfpq = refined = rabitq = None  # free before the next size
         for name, qps, rec in results:
             print(f"  {name:34} {qps:9,.0f} q/s  recall@{k} {rec:.3f}", flush=True)

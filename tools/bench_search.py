@@ -1,10 +1,12 @@
 """Search speed and recall on a real store: LanceDB vs exact brute force vs FAISS, side by side.
 
-    python tools/bench_search.py STORE [--queries 512] [--k 64] [--text ../shared/data/wikitext-2/test.txt]
+    python tools/bench_search.py STORE [--queries 512] [--k 64] [--rounds 3]
+                                       [--text ../shared/data/wikitext-2/test.txt]
 
 Queries are the keys of held-out text (the first --queries positions of --text), computed
-by the store's own model, searched as one batch. Each method is timed after a warm-up
-call, best of --repeat. Recall@k is measured against the exact neighbours.
+by the store's own model, searched as one batch. Each method is called once untimed
+(warm-up, recall@k against the exact neighbours), then timed in --rounds rounds over all
+methods, best time kept (a burst of load from other jobs costs one round of one method).
 
 * exact (torch): `Store.search(..., exact=True)`, the keys cached in memory as float32.
 * LanceDB: `Store.search` with the store's ANN index (build it first: `knnstore index STORE
@@ -27,12 +29,11 @@ import time
 import torch
 from benchlib import (
     WIKI_TEST,
-    best_time,
     faiss_ivfpq,
     faiss_rabitq,
     held_out_queries,
-    recall,
     table_keys,
+    time_rounds,
 )
 
 from knnstore import Store
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--text", default=str(WIKI_TEST))
     parser.add_argument("--queries", type=int, default=512)
     parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds over every method (best kept)")
     args = parser.parse_args()
     import faiss
 
@@ -60,52 +61,52 @@ def main() -> None:
           f"{', '.join(i['type'] for i in state.index['indices']) or 'none'}; "
           f"{n_q} queries from {args.text}, k={k}; torch threads {torch.get_num_threads()}")
 
-    rows = []  # (method, queries/s, recall)
-    t, exact = best_time(lambda: store.search(queries, k, exact=True), args.repeat)
-    truth = exact.pair_ids
-    rows.append(("exact, torch matmul + top-k (float32 in memory)", n_q / t, 1.0))
+    truth = store.search(queries, k, exact=True).pair_ids
+
+    def lance(nprobes, refine):
+        return lambda: store.search(queries, k, nprobes=nprobes, refine_factor=refine).pair_ids
 
     kind = store.table.index_type()
+    methods = [("exact, torch matmul + top-k (float32 in memory)",
+                lambda: store.search(queries, k, exact=True).pair_ids)]
     if kind is not None:
-        grid = LANCE_GRID.get(kind, LANCE_GRID["ivf_pq"])
-        for nprobes, refine in grid:
-            t, found = best_time(lambda: store.search(queries, k, nprobes=nprobes, refine_factor=refine),
-                                 args.repeat)
-            rows.append((f"LanceDB {kind.upper().replace('_', '-')} nprobes={nprobes} refine={refine}", n_q / t,
-                         recall(found.pair_ids, truth)))
+        label = kind.upper().replace("_", "-")
+        methods = [(f"LanceDB {label} nprobes={p} refine={r}", lance(p, r))
+                   for p, r in LANCE_GRID.get(kind, LANCE_GRID["ivf_pq"])]
     else:
         print("(no ANN index: run `knnstore index STORE --rebuild` to include LanceDB)")
 
     xb, pids = table_keys(store.table)
     flat = faiss.IndexFlatL2(xb.shape[1])
     flat.add(xb)
-    t, (_, idx) = best_time(lambda: flat.search(queries, k), args.repeat)
-    rows.append(("FAISS IndexFlatL2", n_q / t, recall(pids[idx], truth)))
-    flat = None
-
     n_list = max(1, int(round(len(xb) ** 0.5)))
     m = xb.shape[1] // 8
     t0 = time.perf_counter()
     ivfpq, refined = faiss_ivfpq(xb, n_list, m)
     print(f"FAISS IVF-PQ({n_list}, {m}) trained and filled in {time.perf_counter() - t0:.1f} s")
-    faiss_rows = []
-    for nprobe in (8, 16, 32, 64):
-        ivfpq.nprobe = nprobe
-        t, (_, idx) = best_time(lambda: ivfpq.search(queries, k), args.repeat)
-        faiss_rows.append((f"FAISS IVF-PQ nprobe={nprobe}", n_q / t, recall(pids[idx], truth)))
-        for factor in (4, 10):
-            refined.k_factor = factor
-            t, (_, idx) = best_time(lambda: refined.search(queries, k), args.repeat)
-            faiss_rows.append((f"FAISS IVF-PQ nprobe={nprobe} + RefineFlat({factor})", n_q / t,
-                               recall(pids[idx], truth)))
     t0 = time.perf_counter()
     rabitq = faiss_rabitq(xb, n_list)
     print(f"FAISS IVF-RaBitQ({n_list}, 4 bits) trained and filled in {time.perf_counter() - t0:.1f} s")
+
+    def searcher(index, *settings):
+        """A search on index after setting each (object, attribute, value)."""
+        def run():
+            for obj, attr, value in settings:
+                setattr(obj, attr, value)
+            return pids[index.search(queries, k)[1]]
+        return run
+
+    faiss_methods = []
     for nprobe in (8, 16, 32, 64):
-        rabitq.nprobe = nprobe
-        t, (_, idx) = best_time(lambda: rabitq.search(queries, k), args.repeat)
-        faiss_rows.append((f"FAISS IVF-RaBitQ(4 bits) nprobe={nprobe}", n_q / t, recall(pids[idx], truth)))
-    rows += faiss_rows
+        faiss_methods.append((f"FAISS IVF-PQ nprobe={nprobe}", searcher(ivfpq, (ivfpq, "nprobe", nprobe))))
+        for factor in (4, 10):
+            faiss_methods.append((f"FAISS IVF-PQ nprobe={nprobe} + RefineFlat({factor})",
+                                  searcher(refined, (ivfpq, "nprobe", nprobe), (refined, "k_factor", factor))))
+    for nprobe in (8, 16, 32, 64):
+        faiss_methods.append((f"FAISS IVF-RaBitQ(4 bits) nprobe={nprobe}",
+                              searcher(rabitq, (rabitq, "nprobe", nprobe))))
+    rows = time_rounds(methods + [("FAISS IndexFlatL2", searcher(flat))] + faiss_methods, truth, n_q, args.rounds)
+    faiss_rows = rows[len(methods) + 1:]  # (method, queries/s, recall)
 
     print(f"{'method':56} {'queries/s':>10} {'recall@' + str(k):>10}")
     for name, qps, rec in rows:

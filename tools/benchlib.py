@@ -48,6 +48,19 @@ def best_time(fn, repeat: int):
     return best, out
 
 
+def time_rounds(methods, truth: np.ndarray, n_queries: int, rounds: int) -> list[tuple[str, float, float]]:
+    """(name, queries/s, recall) of each (name, search) in methods, where search() returns
+    [Q, k] pair ids. One untimed call each (warm-up and recall), then `rounds` rounds over
+    all of them, best time kept: a burst of load from other jobs costs one round of one
+    method rather than a whole side of the comparison."""
+    recalls = {name: recall(search(), truth) for name, search in methods}
+    best = {name: float("inf") for name, _ in methods}
+    for _ in range(rounds):
+        for name, search in methods:
+            best[name] = min(best[name], timed(search)[0])
+    return [(name, n_queries / best[name], recalls[name]) for name, _ in methods]
+
+
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean share of each query's true neighbour ids that were found ([Q, k] id arrays)."""
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
