@@ -71,7 +71,7 @@ def main() -> None:
                 lambda: store.search(queries, k, exact=True).pair_ids)]
     if kind is not None:
         label = kind.upper().replace("_", "-")
-        methods = [(f"LanceDB {label} nprobes={p} refine={r}", lance(p, r))
+        methods += [(f"LanceDB {label} nprobes={p} refine={r}", lance(p, r))
                    for p, r in LANCE_GRID.get(kind, LANCE_GRID["ivf_pq"])]
     else:
         print("(no ANN index: run `knnstore index STORE --rebuild` to include LanceDB)")
