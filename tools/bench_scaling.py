@@ -40,6 +40,7 @@ from benchlib import (
     best_time,
     faiss_ivfpq,
     faiss_rabitq,
+    faiss_search,
     held_out_queries,
     table_keys,
     time_rounds,
@@ -131,8 +132,7 @@ def main() -> None:
             t_index = time.perf_counter() - t0
         print(f"\n{rows:,} rows: written in {t_write:.0f} s, IVF-RQ index built in {t_index:.0f} s", flush=True)
         exact = ExactSearch(table)
-        t, truth = best_time(lambda: exact.search(queries, k), 1)
-        t_exact = t
+        t_exact, truth = best_time(lambda: exact.search(queries, k), 1)
         xb, pids = table_keys(table)
         n_list, m = int(round(rows ** 0.5)), dim // 8
         ivfpq, t_faiss = cached_faiss(path / "faiss-ivfpq.index",
@@ -147,21 +147,12 @@ def main() -> None:
         def lance(nprobes, refine):
             return lambda: table.search(queries, k, nprobes=nprobes, refine_factor=refine).pair_ids
 
-        def faiss_pq(nprobe, factor):
-            def run():
-                ivfpq.nprobe, refined.k_factor = nprobe, factor
-                return pids[refined.search(queries, k)[1]]
-            return run
-
-        def faiss_rq(nprobe):
-            def run():
-                rabitq.nprobe = nprobe
-                return pids[rabitq.search(queries, k)[1]]
-            return run
-
         methods = ([(f"LanceDB nprobes={p} refine={r}", lance(p, r)) for p, r in LANCE_SETTINGS]
-                   + [(f"FAISS IVF-PQ nprobe={p} refine={f}", faiss_pq(p, f)) for p, f in FAISS_SETTINGS]
-                   + [(f"FAISS IVF-RaBitQ nprobe={p}", faiss_rq(p)) for p in RABITQ_NPROBES])
+                   + [(f"FAISS IVF-PQ nprobe={p} refine={f}",
+                       faiss_search(refined, queries, k, pids, (ivfpq, "nprobe", p), (refined, "k_factor", f)))
+                      for p, f in FAISS_SETTINGS]
+                   + [(f"FAISS IVF-RaBitQ nprobe={p}", faiss_search(rabitq, queries, k, pids, (rabitq, "nprobe", p)))
+                      for p in RABITQ_NPROBES])
         results = [("exact (torch)", n_q / t_exact, 1.0)] + time_rounds(methods, truth.pair_ids, n_q, rounds)
         xb = pids = ivfpq = refined = rabitq = None  # free before the next size
         for name, qps, rec in results:

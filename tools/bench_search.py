@@ -31,6 +31,7 @@ from benchlib import (
     WIKI_TEST,
     faiss_ivfpq,
     faiss_rabitq,
+    faiss_search,
     held_out_queries,
     table_keys,
     time_rounds,
@@ -89,12 +90,7 @@ def main() -> None:
     print(f"FAISS IVF-RaBitQ({n_list}, 4 bits) trained and filled in {time.perf_counter() - t0:.1f} s")
 
     def searcher(index, *settings):
-        """A search on index after setting each (object, attribute, value)."""
-        def run():
-            for obj, attr, value in settings:
-                setattr(obj, attr, value)
-            return pids[index.search(queries, k)[1]]
-        return run
+        return faiss_search(index, queries, k, pids, *settings)
 
     faiss_methods = []
     for nprobe in (8, 16, 32, 64):

@@ -61,6 +61,16 @@ def time_rounds(methods, truth: np.ndarray, n_queries: int, rounds: int) -> list
     return [(name, n_queries / best[name], recalls[name]) for name, _ in methods]
 
 
+def faiss_search(index, queries: np.ndarray, k: int, pair_ids: np.ndarray, *settings):
+    """A search for time_rounds: the pair ids of index's k nearest rows to each query, after
+    setting each (object, attribute, value) of settings (e.g. (ivfpq, "nprobe", 16))."""
+    def run():
+        for obj, attr, value in settings:
+            setattr(obj, attr, value)
+        return pair_ids[index.search(queries, k)[1]]
+    return run
+
+
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean share of each query's true neighbour ids that were found ([Q, k] id arrays)."""
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
