@@ -106,6 +106,13 @@ def _training_sample(xb: np.ndarray, train_rows: int | None) -> np.ndarray:
     return xb[np.sort(np.random.default_rng(0).choice(len(xb), train_rows, replace=False))]
 
 
+def _add_in_chunks(index, xb: np.ndarray, chunk: int = 262_144) -> None:
+    """index.add(xb) a chunk at a time: FAISS's IVF add computes every residual of its input
+    at once, another copy of xb (11.5 GB at 5M keys)."""
+    for lo in range(0, len(xb), chunk):
+        index.add(xb[lo:lo + chunk])
+
+
 def faiss_ivfpq(xb: np.ndarray, n_list: int, m: int, train_rows: int | None = None):
     """FAISS IndexIVFPQ (8-bit codes) trained on xb (or a random sample of train_rows of it)
     and filled with it, and an IndexRefineFlat over it for exact re-ranking. (faiss-cpu is
@@ -114,7 +121,7 @@ def faiss_ivfpq(xb: np.ndarray, n_list: int, m: int, train_rows: int | None = No
 
     ivfpq = faiss.IndexIVFPQ(faiss.IndexFlatL2(xb.shape[1]), xb.shape[1], n_list, m, 8)
     ivfpq.train(_training_sample(xb, train_rows))
-    ivfpq.add(xb)
+    _add_in_chunks(ivfpq, xb)
     return ivfpq, faiss.IndexRefineFlat(ivfpq, faiss.swig_ptr(xb))
 
 
@@ -125,6 +132,6 @@ def faiss_rabitq(xb: np.ndarray, n_list: int, bits: int = 4, train_rows: int | N
 
     index = faiss.IndexIVFRaBitQ(faiss.IndexFlatL2(xb.shape[1]), xb.shape[1], n_list, faiss.METRIC_L2, True, bits)
     index.train(_training_sample(xb, train_rows))
-    index.add(xb)
+    _add_in_chunks(index, xb)
     index.qb = 8
     return index
