@@ -73,7 +73,12 @@ def eval_child(path: str, tokens: int, exact: bool) -> None:
     store = Store.open(path)
     lm = KNNLM.from_store(store, KNNSettings(exact=exact))
     text = WIKI_TEST.read_text(encoding="utf-8")
-    measured(lambda: store.stats().pairs if lm.evaluate(text, max_tokens=tokens) else 0)
+
+    def score() -> int:
+        lm.evaluate(text, max_tokens=tokens)
+        return store.stats().pairs
+
+    measured(score)
 
 
 def child(args: list[str]) -> tuple[float, float, str]:

@@ -73,7 +73,7 @@ def main() -> None:
     if kind is not None:
         label = kind.upper().replace("_", "-")
         methods += [(f"LanceDB {label} nprobes={p} refine={r}", lance(p, r))
-                   for p, r in LANCE_GRID.get(kind, LANCE_GRID["ivf_pq"])]
+                    for p, r in LANCE_GRID.get(kind, LANCE_GRID["ivf_pq"])]
     else:
         print("(no ANN index: run `knnstore index STORE --rebuild` to include LanceDB)")
 
