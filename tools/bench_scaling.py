@@ -55,10 +55,6 @@ RABITQ_NPROBES = (16, 32, 64)
 TARGET = 0.95
 
 
-def real_keys(store: Store) -> np.ndarray:
-    return np.concatenate([v for v, _ in store.table.scan_vectors()]).astype(np.float32)
-
-
 def synthetic_table(path: Path, base: np.ndarray, rows: int, dim: int, chunk: int = 200_000) -> PairsTable:
     """A pairs table of `rows` noisy copies of `base` rows (deterministic)."""
     if path.exists():
@@ -115,7 +111,7 @@ def main() -> None:
     rounds = args.rounds
     store = Store.open(args.store)
     queries = held_out_queries(store, args.text, args.queries)
-    base = real_keys(store)
+    base, _ = table_keys(store.table)
     dim, k, n_q = base.shape[1], args.k, len(queries)
     print(f"base: {len(base):,} real keys of {args.store}, dim {dim}; {n_q} queries from "
           f"{Path(args.text).name}, k={k}; torch threads {torch.get_num_threads()}", flush=True)

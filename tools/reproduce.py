@@ -183,8 +183,6 @@ def main() -> None:
     write_report(r, run.commands, Path(args.out), args)
 
 
-
-
 # ---------------------------------------------------------------------------- report
 
 def pct(x: float, base: float) -> str:
