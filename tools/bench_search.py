@@ -83,7 +83,8 @@ def main() -> None:
     n_list = max(1, int(round(len(xb) ** 0.5)))
     m = xb.shape[1] // 8
     t0 = time.perf_counter()
-    ivfpq, refined = faiss_ivfpq(xb, n_list, m)
+    ivfpq = faiss_ivfpq(xb, n_list, m)
+    refined = faiss.IndexRefineFlat(ivfpq, faiss.swig_ptr(xb))  # exact re-ranking from xb
     print(f"FAISS IVF-PQ({n_list}, {m}) trained and filled in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     rabitq = faiss_rabitq(xb, n_list)

@@ -83,11 +83,12 @@ def held_out_queries(store: Store, text_path: str | Path, n: int) -> np.ndarray:
     return np.ascontiguousarray(torch.cat([w.keys for w in scored_windows(enc, ids)]).numpy(), dtype=np.float32)
 
 
-def table_keys(table) -> tuple[np.ndarray, np.ndarray]:
-    """Every key (float32 [rows, dim]) and pair id of a PairsTable, in one pass, filled in
-    place: 5M keys are 11.5 GB, and a list of batches plus their concatenation twice that."""
+def table_keys(table, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Every key ([rows, dim] of dtype) and pair id of a PairsTable, in one pass, filled in
+    place: 5M keys are 11.5 GB as float32 (5.8 GB as float16, the store's own precision),
+    and a list of batches plus their concatenation would be twice that."""
     rows, dim = table.count(), table.schema.field("vector").type.list_size
-    xb = np.empty((rows, dim), np.float32)
+    xb = np.empty((rows, dim), dtype)
     pids = np.empty(rows, np.int64)
     at = 0
     for vectors, meta in table.scan_vectors():
@@ -100,29 +101,39 @@ def table_keys(table) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _training_sample(xb: np.ndarray, train_rows: int | None) -> np.ndarray:
-    """xb, or a fixed random sample of train_rows of its rows."""
-    if train_rows is None or train_rows >= len(xb):
-        return xb
-    return xb[np.sort(np.random.default_rng(0).choice(len(xb), train_rows, replace=False))]
+    """xb, or a fixed random sample of train_rows of its rows, as float32."""
+    if train_rows is not None and train_rows < len(xb):
+        xb = xb[np.sort(np.random.default_rng(0).choice(len(xb), train_rows, replace=False))]
+    return np.ascontiguousarray(xb, dtype=np.float32)
 
 
 def _add_in_chunks(index, xb: np.ndarray, chunk: int = 262_144) -> None:
-    """index.add(xb) a chunk at a time: FAISS's IVF add computes every residual of its input
-    at once, another copy of xb (11.5 GB at 5M keys)."""
+    """index.add(xb) a chunk at a time, each as float32: FAISS's IVF add computes every
+    residual of its input at once, another copy of xb (11.5 GB at 5M keys)."""
     for lo in range(0, len(xb), chunk):
-        index.add(xb[lo:lo + chunk])
+        index.add(np.ascontiguousarray(xb[lo:lo + chunk], dtype=np.float32))
+
+
+def refine_fp16(base_index, xb: np.ndarray):
+    """An IndexRefine that re-ranks base_index's candidates from a float16 copy of xb (the
+    precision the store keeps its keys in, so the distances are the same as from float32
+    keys decoded from it, at half the memory of IndexRefineFlat's float32 copy)."""
+    import faiss
+
+    store = faiss.IndexScalarQuantizer(xb.shape[1], faiss.ScalarQuantizer.QT_fp16)
+    _add_in_chunks(store, xb)
+    return faiss.IndexRefine(base_index, store)
 
 
 def faiss_ivfpq(xb: np.ndarray, n_list: int, m: int, train_rows: int | None = None):
     """FAISS IndexIVFPQ (8-bit codes) trained on xb (or a random sample of train_rows of it)
-    and filled with it, and an IndexRefineFlat over it for exact re-ranking. (faiss-cpu is
-    a benchmark-only dependency: pip install -e ".[bench]".)"""
+    and filled with it. (faiss-cpu is a benchmark-only dependency: pip install -e ".[bench]".)"""
     import faiss
 
     ivfpq = faiss.IndexIVFPQ(faiss.IndexFlatL2(xb.shape[1]), xb.shape[1], n_list, m, 8)
     ivfpq.train(_training_sample(xb, train_rows))
     _add_in_chunks(ivfpq, xb)
-    return ivfpq, faiss.IndexRefineFlat(ivfpq, faiss.swig_ptr(xb))
+    return ivfpq
 
 
 def faiss_rabitq(xb: np.ndarray, n_list: int, bits: int = 4, train_rows: int | None = None):
