@@ -65,12 +65,33 @@ def _load_model(store) -> None:
         store.encoder  # noqa: B018  (loads and checks it)
 
 
+LOG_EVERY_S = 30.0  # a progress line this often when stderr is not a terminal
+
+
 @contextmanager
 def _progress(description: str):
+    """A progress bar on a terminal; elsewhere (a log file, CI) a plain line every
+    LOG_EVERY_S seconds and one at the end, so long work never looks hung."""
+    if not err.is_terminal:
+        start = last = time.monotonic()
+        finished = False
+
+        def log(done: int, total: int) -> None:
+            nonlocal last, finished
+            now = time.monotonic()
+            end = done >= total > 0
+            if not finished and (end or now - last >= LOG_EVERY_S):
+                last, finished = now, end
+                rate = done / max(now - start, 1e-9)
+                err.print(f"{description}: {done:,}/{total:,} tokens ({100 * done // max(total, 1)}%), "
+                          f"{rate:,.0f} tok/s, {now - start:,.0f} s", highlight=False)
+
+        yield log
+        return
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(),
         TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"), _TokensPerSecond(),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err, disable=not err.is_terminal,
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err,
     )
     with progress:
         task = progress.add_task(description, total=None)

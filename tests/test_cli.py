@@ -1,6 +1,7 @@
 """The CLI end to end with a tiny model: exit codes, output, and the store afterwards."""
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -48,6 +49,18 @@ def test_init_add_list_stats_remove(runner, cli_store, text_dir):
     assert result.exit_code == 0 and "Removed corpus docs" in result.output
     assert json.loads(runner.invoke(cli, ["list", str(cli_store), "--json"]).output) == []
     assert Store.open(cli_store).table.count() == 0
+
+
+def test_progress_goes_to_a_log_as_plain_lines_ending_at_100_percent(runner, cli_store, text_dir, monkeypatch):
+    monkeypatch.setattr("knnstore.cli.LOG_EVERY_S", 0.0)  # a line at every update
+    result = runner.invoke(cli, ["add-corpus", str(cli_store), "docs", str(text_dir), *SMALL])
+    assert result.exit_code == 0, result.output
+    lines = re.findall(r"^Adding docs: ([\d,]+)/([\d,]+) tokens \((\d+)%\), [\d,]+ tok/s, [\d,]+ s$",
+                       result.stderr, re.M)
+    done = [int(d.replace(",", "")) for d, _, _ in lines]
+    assert len(lines) >= 2 and done == sorted(done)
+    assert lines[-1][0] == lines[-1][1] and [pct for _, _, pct in lines].count("100") == 1
+    assert "Adding docs" not in result.stdout
 
 
 def test_skipped_files_are_reported(runner, cli_store, text_dir):
