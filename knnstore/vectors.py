@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Iterator
 
-import lancedb
+# LanceDB's index builder warns once per partition ("partition N is empty, skipping",
+# "visited_generator_queue is full": thousands of lines at millions of rows), which tells a
+# knnstore user nothing; errors still show. Set LANCEDB_LOG=warn to see them again.
+os.environ.setdefault("LANCEDB_LOG", "error")
+
+import lancedb  # noqa: E402
 import numpy as np
 import pyarrow as pa
 import torch

@@ -145,3 +145,28 @@ def test_index_types_rq_by_default_pq_on_request(store, tmp_path, small_settings
                 assert abs(d - exact_of[p]) <= 1e-3 * max(1.0, exact_of[p])
     with pytest.raises(ValueError, match="index type"):
         store.table.create_index(index_type="hnsw")
+
+
+LANCE_WARNINGS = """
+import sys
+import knnstore  # noqa: F401  (before LanceDB builds anything)
+import lancedb, numpy as np, pyarrow as pa
+x = np.repeat(np.random.default_rng(0).standard_normal((20, 16)).astype(np.float32), 300, axis=0)
+table = lancedb.connect(sys.argv[1]).create_table(
+    "t", pa.table({"vector": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 16)}))
+table.create_index(vector_column_name="vector", index_type="IVF_PQ", num_partitions=256, num_sub_vectors=2)
+"""
+
+
+@pytest.mark.parametrize("env,shown", [({}, False), ({"LANCEDB_LOG": "warn"}, True)])
+def test_lancedb_index_builder_warnings_are_silenced_unless_asked_for(tmp_path, env, shown):
+    # 20 distinct keys in 256 partitions: LanceDB warns "partition N is empty" for most of them
+    import os
+    import subprocess
+    import sys
+
+    child_env = {k: v for k, v in os.environ.items() if k != "LANCEDB_LOG"} | env
+    result = subprocess.run([sys.executable, "-c", LANCE_WARNINGS, str(tmp_path / "t")],
+                            capture_output=True, text=True, env=child_env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert ("is empty" in result.stderr) == shown, result.stderr[-2000:]
