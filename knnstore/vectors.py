@@ -9,15 +9,30 @@ table (``refresh`` moves it forward), so a reader never sees a write half-done.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Iterator
 
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 # LanceDB's index builder warns once per partition ("partition N is empty, skipping",
 # "visited_generator_queue is full": thousands of lines at millions of rows), which tells a
 # knnstore user nothing; errors still show. Set LANCEDB_LOG=warn to see them again.
 os.environ.setdefault("LANCEDB_LOG", "error")
+# Lance runs the CPU work of searches and index builds on a pool of max(1, CPUs - 2) threads
+# (two kept for I/O, which matters for object stores, not a local store): one thread on a
+# 2-CPU machine. knnstore's work is CPU-bound on local disk, so it gets every CPU unless the
+# user says otherwise; a batch search then runs as concurrent sub-batches (SEARCH_PARTS).
+os.environ.setdefault("LANCE_CPU_THREADS", str(_cpus()))
 
 import lancedb  # noqa: E402
 import numpy as np
@@ -26,6 +41,11 @@ import torch
 
 from .config import PAIRS_TABLE
 from .ingest import pairs_schema
+
+try:  # LanceDB's background event loop, which its sync API runs every query on
+    from lancedb.background_loop import LOOP as _LOOP
+except ImportError:  # moved in some other LanceDB version: batches are not split
+    _LOOP = None
 
 # Columns a search returns besides the distance.
 _RESULT_COLUMNS = ["pair_id", "next_token", "corpus_id", "document_id", "position"]
@@ -38,6 +58,11 @@ RQ_BITS = 4
 # distances are precise enough to rank without it (recall@64 0.97 at nprobes 32 on a
 # WikiText-2 store, docs/performance.md); 8-bit PQ codes are not (0.77 without, 0.96 with x4).
 AUTO_REFINE = {"ivf_rq": 0, "ivf_pq": 4}
+# One LanceDB multi-vector query runs on one thread; a batch is split into this many
+# sub-batches of at least MIN_PART_QUERIES queries, searched at the same time (measured on 2
+# CPUs: 2.0x the queries/s of one batch, docs/performance.md).
+SEARCH_PARTS = max(1, int(os.environ.get("LANCE_CPU_THREADS") or 1))
+MIN_PART_QUERIES = 16
 
 
 @dataclass
@@ -240,7 +265,7 @@ class PairsTable:
 
     def search(self, queries: np.ndarray, k: int, corpora: Collection[int] | None = None, *,
                nprobes: int = 32, refine_factor: int | None = None) -> Neighbours:
-        """The k nearest pairs of each query row, in one batched LanceDB search.
+        """The k nearest pairs of each query row, by LanceDB (a big batch as concurrent sub-batches).
 
         Uses the ANN index when there is one (rows added since are searched exactly).
         ``refine_factor`` > 0 re-ranks refine_factor x k candidates with exact distances
@@ -258,23 +283,16 @@ class PairsTable:
         out = Neighbours.empty(n_queries, k)
         if n_queries == 0 or k <= 0:
             return out
-        query = self._table.search(queries if n_queries > 1 else queries[0]).limit(k)
-        if self.has_vector_index():
-            query = query.nprobes(nprobes)
-            if refine_factor is None:
-                refine_factor = AUTO_REFINE.get(self.index_type(), 4)
-            if refine_factor > 0:
-                query = query.refine_factor(refine_factor)
+        where = None
         if self.needs_filter(corpora):
             if not corpora:
                 return out
-            ids = ", ".join(str(int(c)) for c in sorted(corpora))
-            query = query.where(f"corpus_id IN ({ids})", prefilter=True)
-        result = query.select(_RESULT_COLUMNS + ["_distance"]).to_arrow()
+            where = f"corpus_id IN ({', '.join(str(int(c)) for c in sorted(corpora))})"
+        if self.has_vector_index() and refine_factor is None:
+            refine_factor = AUTO_REFINE.get(self.index_type(), 4)
+        result, qi = self._run(queries, k, nprobes if self.has_vector_index() else None, refine_factor, where)
         if result.num_rows == 0:
             return out
-        qi = (result.column("query_index").to_numpy() if "query_index" in result.column_names
-              else np.zeros(result.num_rows, dtype=np.int64))
         dist = result.column("_distance").to_numpy()
         order = np.lexsort((dist, qi))  # by query, then nearest first
         qi = qi[order]
@@ -288,6 +306,51 @@ class PairsTable:
                              ("position", out.positions)):
             target[rows, cols] = result.column(name).to_numpy()[order][keep]
         return out
+
+    def _run(self, queries: np.ndarray, k: int, nprobes: int | None, refine_factor: int | None,
+             where: str | None) -> tuple[pa.Table, np.ndarray]:
+        """LanceDB's rows for a batch and the query index of each row: one multi-vector query,
+        or (a batch big enough to split) SEARCH_PARTS of them at once on LanceDB's own event
+        loop; all on the table's pinned version."""
+        cols = _RESULT_COLUMNS + ["_distance"]
+        parts = min(SEARCH_PARTS, len(queries) // MIN_PART_QUERIES)
+        inner = getattr(self._table, "_table", None)  # the AsyncTable behind LanceDB's sync one
+        if parts > 1 and _LOOP is not None and hasattr(inner, "query"):
+            async def one(part: np.ndarray) -> pa.Table:
+                query = inner.query().nearest_to(list(part) if len(part) > 1 else part[0]).limit(k)
+                if nprobes is not None:
+                    query = query.nprobes(nprobes)
+                    if refine_factor:
+                        query = query.refine_factor(refine_factor)
+                if where is not None:
+                    query = query.where(where)  # a prefilter unless .postfilter()
+                return await query.select(cols).to_arrow()
+
+            async def all_parts() -> list[pa.Table]:
+                return await asyncio.gather(*(one(part) for part in chunks))
+
+            chunks = np.array_split(queries, parts)
+            tables = _LOOP.run(all_parts())
+            offsets = np.cumsum([0] + [len(c) for c in chunks[:-1]])
+            qi = np.concatenate([_query_index(t) + off for t, off in zip(tables, offsets)])
+            return pa.concat_tables([t.select(cols) for t in tables]), qi
+        query = self._table.search(queries if len(queries) > 1 else queries[0]).limit(k)
+        if nprobes is not None:
+            query = query.nprobes(nprobes)
+            if refine_factor:
+                query = query.refine_factor(refine_factor)
+        if where is not None:
+            query = query.where(where, prefilter=True)
+        result = query.select(cols).to_arrow()
+        return result, _query_index(result)
+
+
+def _query_index(result: pa.Table) -> np.ndarray:
+    """Which query of a multi-vector search each row answers (a one-vector search has no
+    column for it)."""
+    if "query_index" in result.column_names:
+        return result.column("query_index").to_numpy().astype(np.int64)
+    return np.zeros(result.num_rows, dtype=np.int64)
 
 
 class ExactSearch:

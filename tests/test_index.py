@@ -170,3 +170,36 @@ def test_lancedb_index_builder_warnings_are_silenced_unless_asked_for(tmp_path, 
                             capture_output=True, text=True, env=child_env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert ("is empty" in result.stderr) == shown, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_a_big_batch_searched_as_concurrent_parts_answers_as_one_query(store, tmp_path, small_settings, policy,
+                                                                       monkeypatch, indexed):
+    from knnstore import vectors
+
+    store.add_corpus("a", [write_docs(tmp_path / "a", 60)], settings=small_settings, index=indexed)
+    store.add_corpus("b", [write_docs(tmp_path / "b", 5, template="Stanza {i}: the owl and the cat. ")],
+                     settings=small_settings, index=indexed)
+    assert store.table.has_vector_index() == indexed
+    b_id = store.corpus("b").id
+    queries = np.random.default_rng(0).standard_normal((67, store.identity.dim)).astype(np.float32)
+    runs = []
+
+    class CountingLoop:  # LanceDB's loop, counting the split searches
+        def run(self, coro):
+            runs.append(1)
+            return vectors._LOOP_REAL.run(coro)
+
+    monkeypatch.setattr(vectors, "_LOOP_REAL", vectors._LOOP, raising=False)
+    monkeypatch.setattr(vectors, "_LOOP", CountingLoop())
+    for corpora in (None, [b_id]):
+        monkeypatch.setattr(vectors, "SEARCH_PARTS", 1)
+        whole = store.table.search(queries, 8, corpora)
+        monkeypatch.setattr(vectors, "SEARCH_PARTS", 3)  # 67 queries: parts of 23, 22, 22
+        split = store.table.search(queries, 8, corpora)
+        for name in ("pair_ids", "next_tokens", "corpus_ids", "document_ids", "positions", "distances"):
+            assert np.array_equal(getattr(split, name), getattr(whole, name)), name
+        assert (split.pair_ids >= 0).all()
+        if corpora:
+            assert (split.corpus_ids == b_id).all()
+    assert len(runs) == 2  # one split search per corpora setting, none for SEARCH_PARTS=1
