@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Collection, Iterator
 
 
-
 def _cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
