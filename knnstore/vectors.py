@@ -287,9 +287,10 @@ class PairsTable:
             if not corpora:
                 return out
             where = f"corpus_id IN ({', '.join(str(int(c)) for c in sorted(corpora))})"
-        if self.has_vector_index() and refine_factor is None:
+        indexed = self.has_vector_index()
+        if indexed and refine_factor is None:
             refine_factor = AUTO_REFINE.get(self.index_type(), 4)
-        result, qi = self._run(queries, k, nprobes if self.has_vector_index() else None, refine_factor, where)
+        result, qi = self._run(queries, k, nprobes if indexed else None, refine_factor, where)
         if result.num_rows == 0:
             return out
         dist = result.column("_distance").to_numpy()
@@ -312,35 +313,33 @@ class PairsTable:
         or (a batch big enough to split) SEARCH_PARTS of them at once on LanceDB's own event
         loop; all on the table's pinned version."""
         cols = _RESULT_COLUMNS + ["_distance"]
+
+        def configure(query, **filter_options):  # a sync or async LanceDB vector query
+            query = query.limit(k)
+            if nprobes is not None:
+                query = query.nprobes(nprobes)
+                if refine_factor:
+                    query = query.refine_factor(refine_factor)
+            if where is not None:
+                query = query.where(where, **filter_options)
+            return query.select(cols)
+
         parts = min(SEARCH_PARTS, len(queries) // MIN_PART_QUERIES)
         inner = getattr(self._table, "_table", None)  # the AsyncTable behind LanceDB's sync one
         if parts > 1 and _LOOP is not None and hasattr(inner, "query"):
-            async def one(part: np.ndarray) -> pa.Table:
-                query = inner.query().nearest_to(list(part) if len(part) > 1 else part[0]).limit(k)
-                if nprobes is not None:
-                    query = query.nprobes(nprobes)
-                    if refine_factor:
-                        query = query.refine_factor(refine_factor)
-                if where is not None:
-                    query = query.where(where)  # a prefilter unless .postfilter()
-                return await query.select(cols).to_arrow()
+            chunks = np.array_split(queries, parts)
 
             async def all_parts() -> list[pa.Table]:
-                return await asyncio.gather(*(one(part) for part in chunks))
+                # async vector queries prefilter by default, like prefilter=True below
+                return await asyncio.gather(*(configure(inner.query().nearest_to(list(part))).to_arrow()
+                                              for part in chunks))
 
-            chunks = np.array_split(queries, parts)
             tables = _LOOP.run(all_parts())
             offsets = np.cumsum([0] + [len(c) for c in chunks[:-1]])
             qi = np.concatenate([_query_index(t) + off for t, off in zip(tables, offsets)])
             return pa.concat_tables([t.select(cols) for t in tables]), qi
-        query = self._table.search(queries if len(queries) > 1 else queries[0]).limit(k)
-        if nprobes is not None:
-            query = query.nprobes(nprobes)
-            if refine_factor:
-                query = query.refine_factor(refine_factor)
-        if where is not None:
-            query = query.where(where, prefilter=True)
-        result = query.select(cols).to_arrow()
+        result = configure(self._table.search(queries if len(queries) > 1 else queries[0]),
+                           prefilter=True).to_arrow()
         return result, _query_index(result)
 
 

@@ -2,6 +2,9 @@
 searchable before they are, removed corpora never returned, retrained only after growth."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,10 +164,6 @@ table.create_index(vector_column_name="vector", index_type="IVF_PQ", num_partiti
 @pytest.mark.parametrize("env,shown", [({}, False), ({"LANCEDB_LOG": "warn"}, True)])
 def test_lancedb_index_builder_warnings_are_silenced_unless_asked_for(tmp_path, env, shown):
     # 20 distinct keys in 256 partitions: LanceDB warns "partition N is empty" for most of them
-    import os
-    import subprocess
-    import sys
-
     child_env = {k: v for k, v in os.environ.items() if k != "LANCEDB_LOG"} | env
     result = subprocess.run([sys.executable, "-c", LANCE_WARNINGS, str(tmp_path / "t")],
                             capture_output=True, text=True, env=child_env, timeout=120)
