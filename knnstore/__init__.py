@@ -12,13 +12,16 @@ from .errors import (
     CorpusExistsError,
     CorpusNotFoundError,
     DiskFullError,
+    CatalogError,
     InputError,
     KnnstoreError,
     ModelLoadError,
     ModelMismatchError,
     ReadOnlyError,
+    StoreDamagedError,
     StoreExistsError,
     StoreLockedError,
+    StoreMismatchError,
     StoreNotFoundError,
     StoreVersionError,
     UnsupportedModelError,
@@ -42,10 +45,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "CorpusExistsError", "CorpusInfo", "EvalResult", "Generation", "KNNLM", "KNNLogitsProcessor",
+    "CatalogError", "CorpusExistsError", "CorpusInfo", "EvalResult", "Generation", "KNNLM", "KNNLogitsProcessor",
     "KNNSettings", "Source", "TokenExplanation", "CorpusNotFoundError", "DiskFullError", "Encoder", "IngestSettings",
     "InputError", "KnnstoreError", "ModelLoadError", "ModelMismatchError", "Neighbours",
-    "ReadOnlyError", "SourceOptions", "Store", "StoreExistsError", "StoreIdentity",
-    "StoreLockedError", "StoreNotFoundError", "StoreStats", "StoreVersionError",
+    "ReadOnlyError", "SourceOptions", "Store", "StoreDamagedError", "StoreExistsError", "StoreIdentity",
+    "StoreLockedError", "StoreMismatchError", "StoreNotFoundError", "StoreStats", "StoreVersionError",
     "UnsupportedModelError", "__version__",
 ]

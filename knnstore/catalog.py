@@ -8,8 +8,12 @@ SQLite (a file inside the store) by default; any SQLAlchemy URL, e.g. PostgreSQL
 from __future__ import annotations
 
 import importlib.resources
+import sqlite3
+import urllib.parse
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from sqlalchemy import (
     JSON,
@@ -25,10 +29,12 @@ from sqlalchemy import (
     event,
     inspect,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, Session
+from sqlalchemy.pool import QueuePool
 
-from .errors import StoreVersionError
+from .errors import CatalogError, StoreVersionError
 
 # Corpus status. Readers (search, SQL, eval) only ever see pairs of READY corpora.
 INGESTING, READY, FAILED, REMOVING = "ingesting", "ready", "failed", "removing"
@@ -61,6 +67,8 @@ class StoreConfig(Base):
     dtype: Mapped[str] = mapped_column(String(16))
     metric: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime)
+    # Binds the catalog to its vector table (and marker): the same id is in all three.
+    store_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
 
 
 class Corpus(Base):
@@ -171,20 +179,105 @@ class Vocab(Base):
 # --- engine and migrations ---------------------------------------------------------
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for the catalog; SQLite gets WAL and enforced foreign keys."""
-    engine = create_engine(url)
-    if engine.dialect.name == "sqlite":
+def sqlite_url(path: Path) -> URL:
+    """The URL of a SQLite catalog file, built from the path without string formatting
+    (a ``?``, ``%`` or ``#`` in a directory name stays part of the path)."""
+    return URL.create("sqlite", database=str(Path(path).resolve()))
 
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
+
+def parse_url(url: str | URL) -> URL:
+    """A catalog URL, checked: one line on a malformed URL (the password never shown)."""
+    if isinstance(url, URL):
+        return url
+    if not isinstance(url, str) or not url.strip():
+        raise CatalogError(f"the catalog URL must be a SQLAlchemy URL such as "
+                           f"postgresql+psycopg://user:***@host/db, got {type(url).__name__} {mask(url)}")
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):
+        raise CatalogError(f"{mask(url)} is not a SQLAlchemy URL: write it as "
+                           "dialect+driver://user:password@host:port/database") from None
+
+
+def mask(url) -> str:
+    """A URL (or anything) as it may be shown: with its password hidden."""
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL: hide whatever sits between ':' and '@' after '//'
+        text = str(url)
+        head, sep, rest = text.partition("//")
+        if sep and "@" in rest:
+            creds, _, host = rest.rpartition("@")
+            user = creds.split(":", 1)[0]
+            return f"{head}//{user}:***@{host}"
+        return text
+
+
+def make_engine(url: str | URL, *, create: bool = False, read_only: bool = False) -> Engine:
+    """An engine for the catalog.
+
+    A SQLite catalog is a file opened by its path: never created unless ``create`` (a
+    read of a store whose catalog is gone must not leave an empty one), opened with
+    ``mode=ro`` when ``read_only`` (a read-only mount: ``immutable``, so no ``-shm``
+    file is needed). SQLite gets enforced foreign keys and real transactions (SQLAlchemy's
+    recipe: BEGIN on begin, so one session reads one snapshot); WAL is set once, at creation.
+    """
+    url = parse_url(url)
+    try:
+        backend = url.get_backend_name()
+    except Exception:
+        backend = None
+    if backend != "sqlite":
+        try:
+            return create_engine(url)
+        except NoSuchModuleError:
+            raise CatalogError(f"unknown database in catalog URL {mask(url)}: use sqlite:///FILE or "
+                               "postgresql+psycopg://...") from None
+        except ModuleNotFoundError as exc:
+            raise CatalogError(f"the driver for {mask(url)} is not installed ({exc.name}): "
+                               "pip install 'knnstore[postgres]'") from None
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        raise CatalogError(f"the catalog must be a SQLite file (sqlite:////absolute/path.db), got "
+                           f"{mask(url)}: an in-memory catalog would be lost")
+    path = Path(database)
+    mode = "rwc" if create else ("ro" if read_only else "rw")
+    uri = f"file:{urllib.parse.quote(str(path))}?mode={mode}"
+    if read_only:
+        uri += "&immutable=1"
+
+    def connect():
+        return sqlite3.connect(uri, uri=True, check_same_thread=False)
+
+    engine = create_engine(URL.create("sqlite", database=str(path)), creator=connect, poolclass=QueuePool)
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # transactions are begun below, not by the driver
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        if create:
+            cur.execute("PRAGMA journal_mode=WAL")  # stored in the file: set once
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _sqlite_begin(conn):
+        conn.exec_driver_sql("BEGIN")
 
     return engine
+
+
+@contextmanager
+def snapshot_session(engine: Engine) -> Iterator[Session]:
+    """A session whose reads all see one moment of the catalog (a read transaction:
+    SQLite's BEGIN, PostgreSQL's REPEATABLE READ)."""
+    with Session(engine, expire_on_commit=False) as s:
+        if engine.dialect.name == "postgresql":
+            s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        yield s
 
 
 def migrations_dir() -> Path:

@@ -6,7 +6,9 @@ also fixes what can be fixed without touching ready corpora (under the write loc
 | problem | severity | repair |
 |---|---|---|
 | vector column does not match the store's dim / dtype, a column is missing | error | none |
-| rows whose corpus is not in the catalog (a removal killed half way, a lost catalog row) | error | delete those rows |
+| the store cannot be opened (damaged marker, catalog or table; a catalog of another store) | error | none: the message says what to restore |
+| a data file of the table is missing or unreadable | error | none: restore from a backup |
+| rows whose corpus is not in the catalog (a removal killed half way, a lost catalog row) | error | delete those rows, only while catalog and table carry the same store id |
 | a corpus left `removing` (remove-corpus was killed) | error | finish the removal |
 | a corpus left `ingesting` with no writer alive | warning | mark it failed |
 | a failed corpus (rows invisible, resumable) | warning | none: resume-corpus or remove-corpus |
@@ -14,6 +16,7 @@ also fixes what can be fixed without touching ready corpora (under the write loc
 | ready document: catalog pairs != table rows | error | none |
 | rows of documents the catalog does not know, inside a known corpus | error | delete those rows (not in a ready corpus) |
 | rows added since the ANN index was trained | warning | none: `knnstore index` |
+| runs left `running` by a process that died | warning | mark them failed |
 
 Repair also removes data files that no committed version references (a killed add leaves
 them behind) and versions older than the latest.
@@ -27,12 +30,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from . import catalog
 from .catalog import FAILED, INGESTING, READY, REMOVING
 from .config import DTYPES
+from .errors import StoreDamagedError
 
 if TYPE_CHECKING:
     from .store import Store
@@ -58,6 +62,7 @@ class CheckReport:
     documents: int = 0
     table_rows: int = 0
     problems: list[Problem] = field(default_factory=list)
+    damaged: bool = False  # the table could not be read whole
 
     @property
     def ok(self) -> bool:
@@ -77,12 +82,18 @@ def _counts(column: np.ndarray) -> dict[int, int]:
 def check(store: "Store", repair: bool = False) -> CheckReport:
     """Check that the catalog and the vector table agree; with ``repair``, fix what is safe."""
     if repair:
-        with store._write_lock():
+        with store.write_lock():
             report = _check(store, repair=True)
-            store.table.cleanup()
+            if not report.damaged:  # cleaning up a table with missing files could lose more
+                store.table.cleanup()
         store.refresh()
         return report
     return _check(store, repair=False)
+
+
+def damaged(path: str, message: str) -> CheckReport:
+    """The report of a store that could not even be opened."""
+    return CheckReport(store=str(path), problems=[Problem(ERROR, message)], damaged=True)
 
 
 def _check(store: "Store", repair: bool) -> CheckReport:
@@ -90,6 +101,13 @@ def _check(store: "Store", repair: bool) -> CheckReport:
     problems = report.problems
     ident = store.identity
     store.table.refresh()
+    missing = store.table.missing_files()
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        problems.append(Problem(ERROR, f"{len(missing)} data file(s) of the pairs table are missing: {shown}; "
+                                       "restore the store from a backup"))
+        report.damaged = True
+        return report
 
     # 1. The table's schema is the store's.
     schema = store.table.schema
@@ -106,11 +124,16 @@ def _check(store: "Store", repair: bool) -> CheckReport:
         return report
 
     # 2. Catalog and table agree.
-    cols = store.table._table.to_lance().to_table(columns=["corpus_id", "document_id"])
+    try:
+        cols = store.table.columns(["corpus_id", "document_id"])
+    except StoreDamagedError as exc:
+        problems.append(Problem(ERROR, str(exc)))
+        report.damaged = True
+        return report
     report.table_rows = cols.num_rows
     rows_by_corpus = _counts(cols.column("corpus_id").to_numpy())
     rows_by_doc = _counts(cols.column("document_id").to_numpy())
-    writer = store._writer_active() if not repair else False  # repair holds the lock itself
+    writer = store.writer_active() if not repair else False  # repair holds the lock itself
     with Session(store.engine) as s:
         corpora = list(s.scalars(select(catalog.Corpus).order_by(catalog.Corpus.id)))
         docs = list(s.execute(select(catalog.Document.id, catalog.Document.corpus_id,
@@ -123,11 +146,20 @@ def _check(store: "Store", repair: bool) -> CheckReport:
 
     for cid, n in sorted(rows_by_corpus.items()):
         if cid not in known:
-            p = Problem(ERROR, f"{n:,} rows belong to corpus id {cid}, which the catalog does not know "
-                               "(a removal that was cut short?)", repair="delete those rows")
-            if repair:
-                store.table.delete_corpus(cid)
-                p.repaired = True
+            # Deleting is safe only if this catalog is the table's own: else every row of the
+            # real store would look like an orphan. The store refused to open on a mismatch;
+            # a store made before ids (an outside catalog, not bound yet) is never cleaned.
+            if store.bound:
+                p = Problem(ERROR, f"{n:,} rows belong to corpus id {cid}, which the catalog does not know "
+                                   "(a removal that was cut short?)", repair="delete those rows")
+                if repair:
+                    store.verify_lock()
+                    store.table.delete_corpus(cid)
+                    p.repaired = True
+            else:
+                p = Problem(ERROR, f"{n:,} rows belong to corpus id {cid}, which the catalog does not know; "
+                                   "catalog and table carry no store id, so they are not deleted (is this "
+                                   "the store's own catalog?)")
             problems.append(p)
 
     for c in corpora:
@@ -136,7 +168,7 @@ def _check(store: "Store", repair: bool) -> CheckReport:
             p = Problem(ERROR, f"corpus '{c.name}' was being removed when its writer stopped",
                         repair="finish the removal")
             if repair:
-                store._drop_corpus(c.id)
+                store.drop_corpus(c.id)
                 p.repaired = True
             problems.append(p)
             continue
@@ -173,9 +205,8 @@ def _check(store: "Store", repair: bool) -> CheckReport:
     stray = {doc: n for doc, n in rows_by_doc.items() if doc not in known_docs}
     if stray:
         # Only corpora that are known (unknown ones were reported above).
-        ds = store.table._table.to_lance()
         ids = ", ".join(str(d) for d in sorted(stray))
-        owners = ds.to_table(columns=["corpus_id", "document_id"], filter=f"document_id IN ({ids})")
+        owners = store.table.columns(["corpus_id", "document_id"], where=f"document_id IN ({ids})")
         by_doc = dict(zip(owners.column("document_id").to_pylist(), owners.column("corpus_id").to_pylist()))
         status = {c.id: c.status for c in corpora}
         for doc, n in sorted(stray.items()):
@@ -186,11 +217,27 @@ def _check(store: "Store", repair: bool) -> CheckReport:
             if status.get(cid) != READY:
                 p.repair = "delete those rows"
                 if repair:
+                    store.verify_lock()
                     store.table.delete_corpus(cid, [doc])
                     p.repaired = True
             problems.append(p)
 
-    # 3. The index.
+    # 3. Runs whose process died: `running` with no writer.
+    if not writer:
+        with Session(store.engine) as s:
+            stale = list(s.scalars(select(catalog.IngestRun.id).where(catalog.IngestRun.status == "running")))
+        if stale:
+            p = Problem(WARNING, f"{len(stale)} run(s) are recorded as running, but no process is writing "
+                                 "(killed)", repair="mark them failed")
+            if repair:
+                with Session(store.engine) as s, s.begin():
+                    s.execute(update(catalog.IngestRun).where(catalog.IngestRun.id.in_(stale)).values(
+                        status="failed", finished_at=catalog.utcnow(),
+                        error=func.coalesce(catalog.IngestRun.error, "interrupted: its process died")))
+                p.repaired = True
+            problems.append(p)
+
+    # 4. The index.
     state = store.table.index_state()
     if state["indices"] and state["unindexed_rows"]:
         problems.append(Problem(WARNING, f"{state['unindexed_rows']:,} rows are not in the ANN index yet "

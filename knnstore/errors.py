@@ -61,3 +61,15 @@ class ReadOnlyError(KnnstoreError):
 
 class DiskFullError(KnnstoreError, OSError):
     """The disk holding the store has no room for what was asked."""
+
+
+class StoreDamagedError(KnnstoreError):
+    """A part of the store (marker, catalog, vector table) is missing or unreadable."""
+
+
+class StoreMismatchError(KnnstoreError):
+    """The catalog and the vector table belong to different stores (their store ids differ)."""
+
+
+class CatalogError(KnnstoreError):
+    """The catalog URL is malformed, its driver is missing, or its server cannot be reached."""

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -72,9 +74,32 @@ class NotText(Exception):
     pass
 
 
+def check_source_path(path: Path, shown: str | os.PathLike | None = None) -> None:
+    """Refuse, before anything is read, a source that is missing or is neither a directory
+    nor a regular file: a FIFO would block the writer forever, /dev/zero never ends."""
+    shown = path if shown is None else shown
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"no such file or directory: {shown}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {shown} ({exc.strerror or exc}): check the path and its permissions") from None
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise InputError(f"{shown} is not a regular file or a directory (a device, pipe or socket): "
+                         "give a file or a directory of files")
+
+
 def read_text_file(path: Path) -> str:
-    """A file's text; raises NotText("binary" / "not UTF-8 ...") otherwise."""
-    data = path.read_bytes()
+    """A regular file's text; raises NotText("binary" / "not UTF-8 ...") otherwise, and
+    InputError for what is not a regular file (opened without blocking, checked, then read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise InputError(f"cannot read {path} ({exc.strerror or exc}): check the path and its permissions") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(f"{path} is not a regular file (a device, pipe or socket): give a text file")
+        data = fh.read()
     if b"\x00" in data[:_SNIFF]:
         raise NotText("binary")
     try:
@@ -141,6 +166,11 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
                 raise InputError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
             if not isinstance(record, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            try:  # "\ud800" parses, but a lone surrogate is not text: nothing can store it
+                json.dumps(record, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(f"{path}:{lineno}: holds a lone surrogate escape (such as \\ud800), "
+                                 "which is not text; fix or remove that line") from None
             yield f"{path}:{lineno}", record
 
 
@@ -199,8 +229,7 @@ def iter_documents(paths: Iterable[str | Path], options: SourceOptions,
 
     for raw in paths:
         path = Path(raw)
-        if not path.exists():
-            raise InputError(f"no such file or directory: {path}")
+        check_source_path(path)
         if path.is_dir() and _is_hf_dataset_dir(path):
             items = _records_to_documents(_hf_records(path), options.text_field, str(path))
         elif path.is_dir():

@@ -83,26 +83,31 @@ class _PairsDataset(lance.LanceDataset):
         return pds.Scanner.from_batches(batches(), schema=target)
 
 
-def _catalog_tables(store: "Store", visible: set[int]) -> dict[str, pa.Table]:
-    """The catalog tables as Arrow, read through SQLAlchemy (SQLite or PostgreSQL alike)."""
+def _read_catalog(s: Session) -> dict:
+    """The catalog rows the views show, read in the snapshot's one transaction."""
     C, D, R, V = catalog.Corpus, catalog.Document, catalog.IngestRun, catalog.Vocab
-    with Session(store.engine) as s:
-        corpora = s.execute(select(
-            C.id, C.name, C.status, C.source, C.n_documents, C.n_tokens, C.n_pairs,
-            C.created_at, C.ready_at).order_by(C.id)).all()
-        names = {r.id: r.name for r in corpora}
-        docs = s.execute(select(
-            D.id, D.corpus_id, D.ordinal, D.source, D.title, D.sha256, D.n_tokens, D.n_pairs,
-            D.status, D.meta).where(D.corpus_id.in_(sorted(visible)), D.status == READY)
-            .order_by(D.corpus_id, D.ordinal)).all()
-        runs = s.execute(select(
-            R.id, R.corpus_id, R.corpus_name, R.kind, R.status, R.started_at, R.finished_at,
-            R.error, R.n_documents, R.n_tokens, R.n_pairs, R.tokens_per_s).order_by(R.id)).all()
-        vocab = s.execute(select(V.token_id, V.piece, V.text).order_by(V.token_id)).all()
-        vocab_table = pa.table({"token_id": pa.array([r[0] for r in vocab], pa.int32()),
-                                "piece": pa.array([r[1] for r in vocab], pa.string()),
-                                "text": pa.array([r[2] for r in vocab], pa.string())})
+    corpora = s.execute(select(
+        C.id, C.name, C.status, C.source, C.n_documents, C.n_tokens, C.n_pairs,
+        C.created_at, C.ready_at).order_by(C.id)).all()
+    ready = sorted(r.id for r in corpora if r.status == READY)
+    docs = s.execute(select(
+        D.id, D.corpus_id, D.ordinal, D.source, D.title, D.sha256, D.n_tokens, D.n_pairs,
+        D.status, D.meta).where(D.corpus_id.in_(ready), D.status == READY)
+        .order_by(D.corpus_id, D.ordinal)).all()
+    runs = s.execute(select(
+        R.id, R.corpus_id, R.corpus_name, R.kind, R.status, R.started_at, R.finished_at,
+        R.error, R.n_documents, R.n_tokens, R.n_pairs, R.tokens_per_s).order_by(R.id)).all()
+    vocab = s.execute(select(V.token_id, V.piece, V.text).order_by(V.token_id)).all()
+    return {"corpora": corpora, "docs": docs, "runs": runs, "vocab": vocab}
 
+
+def _catalog_tables(store: "Store", rows: dict) -> dict[str, pa.Table]:
+    """The catalog tables as Arrow (rows read by ``_read_catalog``)."""
+    corpora, docs, runs, vocab = rows["corpora"], rows["docs"], rows["runs"], rows["vocab"]
+    names = {r.id: r.name for r in corpora}
+    vocab_table = pa.table({"token_id": pa.array([r[0] for r in vocab], pa.int32()),
+                            "piece": pa.array([r[1] for r in vocab], pa.string()),
+                            "text": pa.array([r[2] for r in vocab], pa.string())})
     info = {c.id: c for c in store.corpora()}  # statuses as `list` shows them (dead writers: failed)
 
     def table(rows, schema: pa.Schema) -> pa.Table:
@@ -141,18 +146,20 @@ class SQLSession:
     """A read-only DuckDB connection over one snapshot of a store.
 
     Args:
-        store: an open store; the session sees the store's current snapshot.
+        store: an open store; the session moves it to the latest consistent snapshot of
+            catalog and table (``Store.read_snapshot``) and shows exactly that moment.
     """
 
     def __init__(self, store: "Store") -> None:
-        visible = set(store._visible)
+        rows = store.read_snapshot(_read_catalog)
+        visible = set(store.visible_corpora)
         con = duckdb.connect(":memory:", config={
             "autoinstall_known_extensions": False, "autoload_known_extensions": False})
-        for name, data in _catalog_tables(store, visible).items():
+        for name, data in _catalog_tables(store, rows).items():
             con.register(f"_{name}", data)
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}")
         # Hidden corpora are filtered inside the scan, so even `_pairs` shows none of them.
-        con.register("_pairs", _PairsDataset.of(store.table._table.to_lance(), visible))
+        con.register("_pairs", _PairsDataset.of(store.table.dataset(), visible))
         con.execute("""
             CREATE VIEW pairs AS
             SELECT p.pair_id, c.name AS corpus, p.corpus_id, p.document_id, p.position,
@@ -193,11 +200,34 @@ def check_read_only(query: str) -> None:
         raise InputError("give one statement at a time (this query holds "
                          f"{len(statements)}, separated by ';')")
     kind = statements[0].type
+    if kind == duckdb.StatementType.EXPLAIN:  # EXPLAIN ANALYZE runs what it explains
+        inner = _explained(statements[0].query)
+        if not inner:
+            raise InputError("EXPLAIN needs a statement to explain, e.g. EXPLAIN SELECT count(*) FROM pairs")
+        return check_read_only(inner)
     if kind not in _ALLOWED:
         raise ReadOnlyError(
             f"knnstore sql is read-only: {kind.name} statements are refused; use SELECT "
             f"over the views {', '.join(VIEWS)} (change a store with the knnstore commands)"
         )
+
+
+def _explained(query: str) -> str:
+    """The statement an EXPLAIN wraps: what follows EXPLAIN, ANALYZE and an option list."""
+    tokens = [(pos, kind) for pos, kind in duckdb.tokenize(query) if kind != duckdb.token_type.comment]
+    i = 1  # tokens[0] is EXPLAIN
+    if i < len(tokens) and query[tokens[i][0]:].upper().startswith("ANALY"):
+        i += 1
+    if i < len(tokens) and query[tokens[i][0]] == "(":
+        depth = 0
+        while i < len(tokens):
+            ch = query[tokens[i][0]]
+            depth += ch == "("
+            depth -= ch == ")"
+            i += 1
+            if depth == 0:
+                break
+    return query[tokens[i][0]:] if i < len(tokens) else ""
 
 
 def _first_line(exc: Exception) -> str:

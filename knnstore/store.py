@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import fcntl
 import json
 import os
 import shutil
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from . import catalog, ingest
@@ -43,7 +43,6 @@ from .config import (
     DEFAULT_MODEL,
     DTYPES,
     FORMAT_VERSION,
-    LOCK_FILE,
     MARKER_FILE,
     VECTORS_DIR,
     IngestSettings,
@@ -52,17 +51,23 @@ from .config import (
 )
 from .encoder import Encoder
 from .errors import (
+    CatalogError,
     CorpusExistsError,
     CorpusNotFoundError,
     DiskFullError,
     InputError,
+    KnnstoreError,
     ModelMismatchError,
+    ReadOnlyError,
+    StoreDamagedError,
     StoreExistsError,
     StoreLockedError,
+    StoreMismatchError,
     StoreNotFoundError,
     StoreVersionError,
 )
 from .faults import crash_point
+from .lock import WriteLock, on_read_only_mount, writer_active
 from .vectors import INDEX_TYPES, ExactSearch, Neighbours, PairsTable
 
 ProgressFn = Callable[[int, int], None]  # (tokens done so far, total tokens)
@@ -146,20 +151,92 @@ def _row_bytes(dim: int, dtype: str) -> int:
     return dim * (2 if dtype == "float16" else 4) + 32
 
 
-def _masked(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
+_masked = catalog.mask
+
+
+@dataclass(frozen=True)
+class Marker:
+    """``knnstore.json``: the store's format version, where its catalog lives (None: the
+    SQLite file inside the store) and its store id (None: a store made before ids)."""
+
+    format_version: int
+    catalog_url: str | None
+    store_id: str | None
+
+    @classmethod
+    def read(cls, path: Path) -> "Marker":
+        marker_path = path / MARKER_FILE
+        try:
+            data = json.loads(marker_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StoreDamagedError(f"{marker_path} is damaged ({exc.__class__.__name__}): it is not "
+                                    "a knnstore marker; restore it from a backup") from None
+        if not isinstance(data, dict):
+            raise StoreDamagedError(f"{marker_path} is damaged: it holds no JSON object; restore it from a backup")
+        version, url, store_id = data.get("format_version"), data.get("catalog_url"), data.get("store_id")
+        if type(version) is not int or version < 1:
+            raise StoreDamagedError(f"{marker_path} is damaged: format_version must be a whole number "
+                                    f"from 1, got {version!r}; restore it from a backup")
+        if version > FORMAT_VERSION:
+            raise StoreVersionError(
+                f"{path} has store format {version}; this knnstore reads up to {FORMAT_VERSION}: "
+                "upgrade knnstore"
+            )
+        if url is not None and (not isinstance(url, str) or not url.strip()):
+            raise StoreDamagedError(f"{marker_path} is damaged: catalog_url must be a URL string or null, "
+                                    f"got {type(url).__name__}; restore it from a backup")
+        if store_id is not None and not isinstance(store_id, str):
+            raise StoreDamagedError(f"{marker_path} is damaged: store_id must be a string, "
+                                    f"got {type(store_id).__name__}; restore it from a backup")
+        return cls(version, url, store_id)
+
+    def write(self, path: Path) -> None:
+        """Atomically (temp file + rename): a store exists once its marker does."""
+        tmp = path / (MARKER_FILE + ".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        tmp.replace(path / MARKER_FILE)
+
+
+def _resolve_catalog_url(url: str | None) -> str | None:
+    """A catalog URL as the marker keeps it: a relative SQLite file made absolute, once, at
+    init (later commands may run from any directory)."""
+    if url is None:
+        return None
+    parsed = catalog.parse_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" \
+            and not parsed.database.startswith("file:"):
+        return parsed.set(database=str(Path(parsed.database).resolve())).render_as_string(hide_password=False)
+    return url
+
+
+def _catalog_failure(exc: Exception, path: Path, url, action: str) -> KnnstoreError:
+    """The one-line error for a catalog that cannot be opened or read."""
+    detail = str(getattr(exc, "orig", exc) or exc.__class__.__name__).strip().splitlines()[0]
+    password = getattr(catalog.parse_url(url), "password", None) if url is not None else None
+    if password:
+        detail = detail.replace(str(password), "***")
+    if catalog.parse_url(url).get_backend_name() == "sqlite":
+        return StoreDamagedError(f"the catalog of {path} ({_masked(url)}) is missing or damaged ({detail}): "
+                                 f"restore it from a backup; `knnstore check {path}` lists what is left")
+    return CatalogError(f"cannot {action} the catalog of {path} at {_masked(url)} ({detail}): "
+                        "check that the database server is running and the URL is right")
 
 
 class Store:
     """A knnstore store: a directory with a SQL catalog and a LanceDB `pairs` table."""
 
     def __init__(self, path: Path, catalog_url: str, engine, identity: StoreIdentity,
-                 table: PairsTable, encoder: Encoder | None = None) -> None:
+                 table: PairsTable, encoder: Encoder | None = None, *, store_id: str | None = None,
+                 own_catalog: bool = True, read_only: bool = False) -> None:
         self.path, self.catalog_url, self.engine = path, catalog_url, engine
         self.identity, self.table = identity, table
+        self.store_id = store_id  # None: a store made before ids, not bound yet
+        self.read_only = read_only
+        self._own_catalog = own_catalog  # the SQLite file inside the store (bindable when legacy)
         self._encoder = encoder
+        self._rows: list[catalog.Corpus] = []  # the catalog's corpora in this snapshot
         self._visible: frozenset[int] = frozenset()  # ready corpora in this snapshot
-        self._lock_fd: int | None = None
+        self._lock = WriteLock(path)
         self._exact = ExactSearch(table)
         self.refresh()
 
@@ -181,44 +258,50 @@ class Store:
             raise StoreExistsError(f"{path} is already a knnstore store; open it, or pick another path")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreExistsError(f"{path} exists and is not an empty directory; pick another path")
+        catalog_url = _resolve_catalog_url(catalog_url)  # a bad URL fails before the model loads
         if encoder is None:
             encoder = Encoder.load(model, key_layer=key_layer, key_site=key_site)
         identity = encoder.identity(dtype)
-        created_dir = not path.exists()
-        path.mkdir(parents=True, exist_ok=True)
-        url = catalog_url or cls._sqlite_url(path)
-        engine = catalog.make_engine(url)
+        made = _make_dirs(path)
+        url = catalog_url or catalog.sqlite_url(path / CATALOG_FILE)
+        store_id = str(uuid.uuid4())
+        engine = None
         try:
-            if catalog.has_catalog(engine):
-                raise StoreExistsError(
-                    f"the catalog at {_masked(url)} already holds a store; use an empty database"
-                )
-            catalog.upgrade(engine)
+            engine = catalog.make_engine(url, create=True)
+            try:
+                if catalog.has_catalog(engine):
+                    raise StoreExistsError(
+                        f"the catalog at {_masked(url)} already holds a store; use an empty database"
+                    )
+                catalog.upgrade(engine)
+            except SQLAlchemyError as exc:
+                raise _catalog_failure(exc, path, url, "create") from None
             with Session(engine) as s, s.begin():
-                s.add(catalog.StoreConfig(id=1, created_at=catalog.utcnow(), **{
+                s.add(catalog.StoreConfig(id=1, created_at=catalog.utcnow(), store_id=store_id, **{
                     f.name: getattr(identity, f.name)
                     for f in dataclasses.fields(identity) if f.name != "created_at"}))
                 s.execute(catalog.Vocab.__table__.insert(), _vocab_rows(encoder.tokenizer))
-            PairsTable.create(path / VECTORS_DIR, identity.dim, dtype)
-            (path / LOCK_FILE).touch()
-            marker = {"format_version": FORMAT_VERSION, "catalog_url": catalog_url}
-            tmp = path / (MARKER_FILE + ".tmp")
-            tmp.write_text(json.dumps(marker, indent=2) + "\n")
-            tmp.replace(path / MARKER_FILE)  # the marker last: a store exists once it is there
+            PairsTable.create(path / VECTORS_DIR, identity.dim, dtype, store_id=store_id)
+            Marker(FORMAT_VERSION, catalog_url, store_id).write(path)  # last: the store exists now
         except BaseException:
-            engine.dispose()
-            if created_dir:
-                shutil.rmtree(path, ignore_errors=True)
+            if engine is not None:
+                engine.dispose()
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
             else:
                 for child in path.iterdir():
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
             raise
+        engine.dispose()
         return cls.open(path, encoder=encoder)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, model: str | None = None,
              encoder: Encoder | None = None) -> "Store":
         """Open a store; upgrades an older catalog. The model is loaded only when needed.
+
+        Refuses, before reading anything else, a catalog that belongs to another store
+        (``StoreMismatchError``: a ``KNNSTORE_CATALOG_URL`` left set for another store).
 
         Args:
             model: check now that this model is the store's (refused if it differs).
@@ -227,38 +310,46 @@ class Store:
         path = Path(path)
         if not path.exists():
             raise StoreNotFoundError(f"no store at {path}: create one with `knnstore init {path}`")
-        marker_path = path / MARKER_FILE
-        if not path.is_dir() or not marker_path.exists():
+        if not path.is_dir() or not (path / MARKER_FILE).exists():
             raise StoreNotFoundError(f"{path} is not a knnstore store (it has no {MARKER_FILE})")
+        marker = Marker.read(path)
+        given = os.environ.get("KNNSTORE_CATALOG_URL") or marker.catalog_url
+        url = given or catalog.sqlite_url(path / CATALOG_FILE)
+        read_only = on_read_only_mount(path)
+        engine = catalog.make_engine(url, read_only=read_only and given is None)
         try:
-            marker = json.loads(marker_path.read_text())
-            version = int(marker["format_version"])
-        except (ValueError, KeyError, TypeError):
-            raise StoreNotFoundError(f"{marker_path} is damaged: it is not a knnstore marker") from None
-        if version > FORMAT_VERSION:
-            raise StoreVersionError(
-                f"{path} has store format {version}; this knnstore reads up to {FORMAT_VERSION}: "
-                "upgrade knnstore"
-            )
-        url = os.environ.get("KNNSTORE_CATALOG_URL") or marker.get("catalog_url") or cls._sqlite_url(path)
-        engine = catalog.make_engine(url)
-        if catalog.current_revision(engine) != catalog.head_revision():
-            catalog.upgrade(engine)
-        with Session(engine) as s:
-            row = s.get(catalog.StoreConfig, 1)
-            if row is None:
-                raise StoreNotFoundError(f"the catalog of {path} ({_masked(url)}) holds no store")
-            identity = StoreIdentity(**{f.name: getattr(row, f.name) for f in dataclasses.fields(StoreIdentity)})
-        store = cls(path, url, engine, identity, PairsTable.open(path / VECTORS_DIR))
+            row = _read_store_config(engine, path, url, read_only)
+        except BaseException:
+            engine.dispose()
+            raise
+        identity = StoreIdentity(**{f.name: getattr(row, f.name) for f in dataclasses.fields(StoreIdentity)})
+        table = PairsTable.open(path / VECTORS_DIR)
+        _check_binding(path, url, marker.store_id, row.store_id, table.store_id())
+        store = cls(path, given or catalog.sqlite_url(path / CATALOG_FILE).render_as_string(), engine, identity, table,
+                    store_id=row.store_id, own_catalog=given is None, read_only=read_only)
         if encoder is None and model is not None:
             encoder = Encoder.load(model, key_layer=identity.key_layer, key_site=identity.key_site)
         if encoder is not None:
             store.use_encoder(encoder)
         return store
 
-    @staticmethod
-    def _sqlite_url(path: Path) -> str:
-        return f"sqlite:///{(path / CATALOG_FILE).resolve()}"
+    @property
+    def bound(self) -> bool:
+        """Whether catalog and table carry this store's id (checked when the store opened)."""
+        return self.store_id is not None
+
+    def _bind_legacy(self) -> None:
+        """Give a store made before store ids its id, under the write lock, when its catalog
+        is the SQLite file inside it (an outside catalog is never bound by guess)."""
+        if self.store_id is not None or not self._own_catalog:
+            return
+        store_id = str(uuid.uuid4())
+        self.table.set_store_id(store_id)
+        with Session(self.engine) as s, s.begin():
+            s.execute(update(catalog.StoreConfig).where(catalog.StoreConfig.id == 1).values(store_id=store_id))
+        marker = Marker.read(self.path)
+        Marker(marker.format_version, marker.catalog_url, store_id).write(self.path)
+        self.store_id = store_id
 
     def close(self) -> None:
         self.engine.dispose()
@@ -294,32 +385,46 @@ class Store:
     # --- reading ---------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Move this handle to the latest committed state of the store.
+        """Move this handle to the latest committed state of the store (``read_snapshot``)."""
+        self.read_snapshot()
 
-        Catalog, then table, then catalog again: a corpus is visible only if it was
-        ready before the table snapshot was taken, so no half-written corpus shows.
+    def read_snapshot(self, read: Callable[[Session], object] | None = None):
+        """Move this handle to one consistent moment of catalog and table, and return what
+        ``read(session)`` reads of the catalog at that moment.
+
+        Catalog, then table, then catalog again (in one read transaction, where ``read``
+        runs too), repeated until the corpora's statuses did not change across the table's
+        snapshot: then every corpus ready in the catalog was ready before the table
+        snapshot (all its pairs are in it) and not yet being removed after it (none gone).
+        Writers change statuses a few times per corpus, so this settles at once.
         """
-        ready_before = {c.id for c in self._corpus_rows() if c.status == READY}
-        self.table.refresh()
-        rows = self._corpus_rows()
-        self._visible = frozenset(c.id for c in rows if c.status == READY and c.id in ready_before)
+        delay = 0.001
+        for _ in range(200):
+            before = self._corpus_states()
+            self.table.refresh()
+            with catalog.snapshot_session(self.engine) as s:
+                rows = list(s.scalars(select(catalog.Corpus).order_by(catalog.Corpus.id)))
+                result = read(s) if read is not None else None
+            if {c.id: c.status for c in rows} == before:
+                self._rows = rows
+                self._visible = frozenset(c.id for c in rows if c.status == READY)
+                return result
+            time.sleep(delay)
+            delay = min(0.05, delay * 2)
+        raise StoreLockedError(f"{self.path} changed too often to read a consistent state of it; retry")
 
-    def _corpus_rows(self) -> list[catalog.Corpus]:
-        with Session(self.engine, expire_on_commit=False) as s:
-            return list(s.scalars(select(catalog.Corpus).order_by(catalog.Corpus.id)))
+    @property
+    def visible_corpora(self) -> frozenset[int]:
+        """Ids of the corpora readers see in this snapshot (the ready ones)."""
+        return self._visible
 
-    def _writer_active(self) -> bool:
-        try:  # read-only probe: readers never create files in the store
-            fd = os.open(self.path / LOCK_FILE, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
+    def _corpus_states(self) -> dict[int, str]:
+        with Session(self.engine) as s:
+            return dict(s.execute(select(catalog.Corpus.id, catalog.Corpus.status)).tuples().all())
+
+    def writer_active(self) -> bool:
+        """Whether a process (this one included) holds the store's write lock now."""
+        return self._lock.held or writer_active(self.path)
 
     def _info(self, c: catalog.Corpus, writer_active: bool) -> CorpusInfo:
         status, error = c.status, None
@@ -341,17 +446,19 @@ class Store:
         )
 
     def corpora(self) -> list[CorpusInfo]:
-        """Every corpus, in the order it was added, with its status and counts."""
-        writer = self._writer_active()
-        return [self._info(c, writer) for c in self._corpus_rows()]
+        """Every corpus of this handle's snapshot, in the order it was added, with its
+        status and counts (``refresh`` moves the snapshot on)."""
+        writer = self.writer_active()
+        return [self._info(c, writer) for c in self._rows]
 
     def corpus(self, name: str) -> CorpusInfo:
-        with Session(self.engine, expire_on_commit=False) as s:
-            row = s.scalar(select(catalog.Corpus).where(catalog.Corpus.name == name))
+        """One corpus of this handle's snapshot, by name (spaces around it ignored)."""
+        name = normalise_name(name)
+        row = next((c for c in self._rows if c.name == name), None)
         if row is None:
-            known = ", ".join(c.name for c in self._corpus_rows()) or "none"
-            raise CorpusNotFoundError(f"no corpus named '{name}' in {self.path} (corpora: {known})")
-        return self._info(row, self._writer_active())
+            known = ", ".join(c.name for c in self._rows) or "none"
+            raise CorpusNotFoundError(f"no corpus named {name!r} in {self.path} (corpora: {known})")
+        return self._info(row, self.writer_active())
 
     def documents(self, corpus: str) -> list[catalog.Document]:
         """The ready documents of a corpus, in source order."""
@@ -395,7 +502,7 @@ class Store:
         return f"{decode(left)}{decode([here])}[[{decode([nxt])}]]{decode(right)}"
 
     def stats(self) -> StoreStats:
-        rows = self._corpus_rows()
+        rows = self._rows
         ready = [c for c in rows if c.status == READY]
         pairs = sum(c.n_pairs for c in ready)
         nbytes = self.table.nbytes()
@@ -454,7 +561,7 @@ class Store:
         without re-reading keys) or ``ivf_pq`` (IVF-PQ, re-ranked with exact distances);
         see ``PairsTable.create_index``.
         """
-        with self._write_lock():
+        with self.write_lock():
             self.refresh()
             rows = self.table.count()
             crash_point("index.before")
@@ -469,7 +576,7 @@ class Store:
     def update_index(self) -> int:
         """Index the rows added since the index was trained (a delta index, no retraining);
         returns how many rows it indexed."""
-        with self._write_lock():
+        with self.write_lock():
             self.refresh()
             new = self.table.index_state()["unindexed_rows"]
             crash_point("index.before")
@@ -528,7 +635,7 @@ class Store:
 
     def maintain_index(self) -> IndexPlan:
         """Apply the index policy (``index_plan``); returns the plan it carried out."""
-        with self._write_lock():
+        with self.write_lock():
             self.refresh()
             plan = self.index_plan()
             if plan.action == "train":
@@ -552,9 +659,9 @@ class Store:
 
     def save_calibration(self, cal, text_source: str, n_tokens: int) -> int:
         """Store a fitted calibration; ``--adaptive`` uses the newest one from now on."""
-        with self._write_lock(), Session(self.engine) as s, s.begin():
+        with self.write_lock(), Session(self.engine) as s, s.begin():
             row = catalog.Calibration(text_source=text_source, n_tokens=n_tokens,
-                                      n_pairs=sum(c.n_pairs for c in self._corpus_rows() if c.status == READY),
+                                      n_pairs=sum(c.n_pairs for c in self._rows if c.status == READY),
                                       kind=cal.kind, fit=cal.to_dict())
             s.add(row)
             s.flush()
@@ -562,35 +669,25 @@ class Store:
 
     def clear_calibrations(self) -> int:
         """Delete every calibration (``--adaptive`` falls back to the rule); returns how many."""
-        with self._write_lock(), Session(self.engine) as s, s.begin():
+        with self.write_lock(), Session(self.engine) as s, s.begin():
             return s.execute(delete(catalog.Calibration)).rowcount
 
     @contextmanager
-    def _write_lock(self, wait_s: float = 5.0) -> Iterator[None]:
-        """The one-writer lock; waits briefly (a reader's probe holds it for microseconds)."""
-        if self._lock_fd is not None:  # re-entrant within one handle
-            yield
-            return
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise StoreLockedError(
-                        f"another process is writing to {self.path}; wait for it to finish and retry"
-                    ) from None
-                time.sleep(0.05)
-        self._lock_fd = fd
+    def write_lock(self, wait_s: float = 5.0) -> Iterator[None]:
+        """Hold the store's one-writer lock (re-entrant within one handle), on the latest
+        state of the store: every write reads what it changes under the lock."""
+        first = self._lock.acquire(wait_s)
         try:
+            if first:
+                self._bind_legacy()
+                self.refresh()
             yield
         finally:
-            self._lock_fd = None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            self._lock.release()
+
+    def verify_lock(self) -> None:
+        """Before a commit: this handle still holds the lock of the directory at its path."""
+        self._lock.verify()
 
     def add_corpus(self, name: str, paths: Sequence[str | os.PathLike], *,
                    options: SourceOptions = SourceOptions(),
@@ -606,9 +703,11 @@ class Store:
         trained or retrained only past its thresholds. Searches see the new rows at once.
         """
         settings = settings or IngestSettings.resolve()
-        with self._write_lock():
-            name, paths = self.check_new_corpus(name, paths)  # before the model loads in scan
-            scan = ingest.scan(paths, options, self.encoder.tokenize)
+        name, paths = self.check_new_corpus(name, paths)  # before the model loads in scan
+        # Read and validate every source before taking the lock: a writer never waits for input.
+        scan = ingest.scan(paths, options, self.encoder.tokenize)
+        with self.write_lock():
+            self._check_new_name(name)  # again: another writer may have taken it meanwhile
             self._check_free_space(name, scan.n_tokens)
             spec = {"paths": paths, "options": dataclasses.asdict(options),
                     "settings": dataclasses.asdict(settings),
@@ -626,36 +725,47 @@ class Store:
 
     def resume_corpus(self, name: str, progress: ProgressFn | None = None, index: bool = True) -> CorpusInfo:
         """Finish an interrupted or failed add: keeps the documents already committed."""
-        with self._write_lock():
-            info = self.corpus(name)
-            if info.status == READY:
-                raise InputError(f"corpus '{name}' is complete; nothing to resume")
-            if info.status == REMOVING:
-                raise InputError(f"corpus '{name}' is being removed; run `knnstore remove-corpus` again")
-            with Session(self.engine) as s:
-                spec = s.get(catalog.Corpus, info.id).spec
-            options = SourceOptions(**spec["options"])
-            scan = ingest.scan(spec["paths"], options, self.encoder.tokenize)
+        self.refresh()
+        info = self._resumable(name)
+        with Session(self.engine) as s:
+            spec = s.get(catalog.Corpus, info.id).spec
+        # Read and validate the sources before taking the lock: a writer never waits for input.
+        scan = ingest.scan(spec["paths"], SourceOptions(**spec["options"]), self.encoder.tokenize)
+        with self.write_lock():
+            info = self._resumable(name)
             self._check_free_space(name, scan.n_tokens - info.tokens)
             self._ingest(info.id, name, "resume", scan.n_tokens, progress)
             if index:
                 self.maintain_index()
         return self.corpus(name)
 
+    def _resumable(self, name: str) -> CorpusInfo:
+        info = self.corpus(name)
+        if info.status == READY:
+            raise InputError(f"corpus {info.name!r} is complete; nothing to resume")
+        if info.status == REMOVING:
+            raise InputError(f"corpus {info.name!r} is being removed; run `knnstore remove-corpus` again")
+        if info.status == INGESTING and self.writer_active() and not self._lock.held:
+            raise StoreLockedError(f"corpus {info.name!r} is being added by another process right now; "
+                                   "wait for it to finish")
+        return info
+
     def remove_corpus(self, name: str) -> None:
         """Delete a corpus's pairs and catalog rows. The index is not rebuilt."""
-        with self._write_lock():
+        with self.write_lock():
             info = self.corpus(name)
-            run = self._start_run(info.id, name, "remove")
+            run = self._start_run(info.id, info.name, "remove")
+            self.verify_lock()
             with Session(self.engine) as s, s.begin():
                 s.execute(update(catalog.Corpus).where(catalog.Corpus.id == info.id).values(status=REMOVING))
             crash_point("remove.after_status")
-            self._drop_corpus(info.id)
+            self.drop_corpus(info.id)
             self._finish_run(run, "ok", n_documents=info.documents, n_pairs=info.pairs)
         self.refresh()
 
-    def _drop_corpus(self, corpus_id: int) -> None:
+    def drop_corpus(self, corpus_id: int) -> None:
         """Delete a corpus's pairs, then its catalog rows (the caller holds the write lock)."""
+        self.verify_lock()
         self.table.delete_corpus(corpus_id)
         crash_point("remove.after_table_delete")
         with Session(self.engine) as s, s.begin():
@@ -678,15 +788,12 @@ class Store:
 
         Returns the stripped name and the absolute paths.
         """
-        name = name.strip()
-        if not name:
-            raise InputError("a corpus needs a non-empty name")
+        name = normalise_name(name)
         if not paths:
             raise InputError("give at least one PATH to read documents from")
         resolved = [str(Path(p).resolve()) for p in paths]
         for given, p in zip(paths, resolved):
-            if not Path(p).exists():
-                raise InputError(f"no such file or directory: {given}")
+            ingest.check_source_path(Path(p), given)
         self._check_new_name(name)
         return name, resolved
 
@@ -697,11 +804,11 @@ class Store:
             return
         if existing.status == READY:
             raise CorpusExistsError(
-                f"a corpus named '{name}' is already in {self.path}; pick another name, "
+                f"a corpus named {name!r} is already in {self.path}; pick another name, "
                 f"or remove it first with `knnstore remove-corpus {self.path} {name}`"
             )
         raise CorpusExistsError(
-            f"corpus '{name}' exists and is {existing.status} ({existing.error}); finish it with "
+            f"corpus {name!r} exists and is {existing.status} ({existing.error}); finish it with "
             f"`knnstore resume-corpus {self.path} {name}` or drop it with "
             f"`knnstore remove-corpus {self.path} {name}`"
         )
@@ -734,6 +841,7 @@ class Store:
                           progress: ProgressFn | None) -> None:
         run = self._start_run(corpus_id, name, kind)
         started, encoded_tokens, run_pairs, run_docs = time.monotonic(), 0, 0, 0
+        ready = False
         try:
             with Session(self.engine, expire_on_commit=False) as s:
                 corpus = s.get(catalog.Corpus, corpus_id)
@@ -807,14 +915,19 @@ class Store:
             run_pairs += flushed + self._commit(corpus_id, pending, pending_docs)
             run_docs += len(pending_docs)
             crash_point("ingest.before_corpus_ready")
+            self.verify_lock()
             with Session(self.engine) as s, s.begin():
                 s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id)
                           .values(status=READY, ready_at=catalog.utcnow()))
+            ready = True
             crash_point("ingest.after_corpus_ready")
             if progress:
                 progress(total_tokens, total_tokens)
         except BaseException as exc:
             message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if ready:  # committed whole: what failed after it (e.g. a progress callback) changes nothing
+                self._finish_run(run, "ok", n_documents=run_docs, n_tokens=encoded_tokens, n_pairs=run_pairs)
+                raise
             try:
                 with Session(self.engine) as s, s.begin():
                     s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(status=FAILED))
@@ -847,6 +960,7 @@ class Store:
         """One LanceDB commit of these pairs (their documents' status is the caller's)."""
         crash_point("commit.before_table_add")
         if batches:
+            self.verify_lock()
             schema = self.table.schema
 
             def stream():  # one commit, streamed batch by batch
@@ -864,6 +978,7 @@ class Store:
             return 0
         n_pairs = self._add_pairs(batches)
         crash_point("commit.after_table_add")
+        self.verify_lock()
         with Session(self.engine) as s, s.begin():
             s.execute(update(catalog.Document).where(catalog.Document.id.in_(doc_ids)).values(status=READY))
             totals = s.execute(
@@ -875,6 +990,75 @@ class Store:
                 n_documents=totals[0], n_tokens=totals[1], n_pairs=totals[2]))
         crash_point("commit.after_documents_ready")
         return n_pairs
+
+
+MAX_NAME_CHARS = 256
+
+
+def normalise_name(name: str) -> str:
+    """A corpus name as every command reads it: spaces around it dropped; empty names,
+    control characters and names over 256 characters refused."""
+    name = str(name).strip()
+    if not name:
+        raise InputError("a corpus needs a non-empty name")
+    if len(name) > MAX_NAME_CHARS:
+        raise InputError(f"a corpus name has at most {MAX_NAME_CHARS} characters, got {len(name):,}")
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in name):
+        raise InputError(f"corpus name {name!r} holds control characters: use printable text")
+    return name
+
+
+def _make_dirs(path: Path) -> Path | None:
+    """Create the store directory (and missing parents); returns the top-most directory
+    made, for a failed init to remove, or None if ``path`` was already there."""
+    top = None
+    for parent in reversed([path, *path.parents]):
+        if not parent.exists():
+            top = parent
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        raise InputError(f"cannot create a store at {path} ({exc.strerror or exc}): pick a path in a "
+                         "directory you can write") from None
+    return top
+
+
+def _read_store_config(engine, path: Path, url, read_only: bool) -> catalog.StoreConfig:
+    """The catalog's identity row, after bringing an older catalog to this knnstore's schema."""
+    try:
+        if catalog.current_revision(engine) != catalog.head_revision():
+            if read_only:
+                raise ReadOnlyError(f"the catalog of {path} was written by an older knnstore and needs an "
+                                    "upgrade, which needs write access: open it once where it is writable")
+            catalog.upgrade(engine)
+        with Session(engine, expire_on_commit=False) as s:
+            row = s.get(catalog.StoreConfig, 1)
+    except (OperationalError, DBAPIError) as exc:
+        raise _catalog_failure(exc, path, url, "open") from None
+    if row is None:
+        raise StoreDamagedError(f"the catalog of {path} ({_masked(url)}) holds no store: restore it "
+                                "from a backup, or unset KNNSTORE_CATALOG_URL if it points elsewhere")
+    return row
+
+
+def _check_binding(path: Path, url, marker_id: str | None, catalog_id: str | None,
+                   table_id: str | None) -> None:
+    """Refuse a catalog and a table (and marker) that do not carry one store id.
+
+    All three None is a store made before ids (bound at its next write, see
+    ``Store._bind_legacy``); anything else must agree exactly.
+    """
+    ids = {"marker": marker_id, "catalog": catalog_id, "vector table": table_id}
+    if len(set(ids.values())) == 1:
+        return
+    shown = ", ".join(f"{part} {value or 'none'}" for part, value in ids.items())
+    raise StoreMismatchError(
+        f"the catalog at {_masked(url)} does not belong to the store at {path} (store ids: {shown}): "
+        "check KNNSTORE_CATALOG_URL and the store's catalog_url; nothing was read or changed"
+    )
 
 
 def _is_disk_full(exc: BaseException) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Iterator
@@ -39,12 +40,35 @@ import pyarrow as pa
 import torch
 
 from .config import PAIRS_TABLE
+from .errors import StoreDamagedError
 from .ingest import pairs_schema
 
 try:  # LanceDB's background event loop, which its sync API runs every query on
     from lancedb.background_loop import LOOP as _LOOP
 except ImportError:  # moved in some other LanceDB version: batches are not split
     _LOOP = None
+
+STORE_ID_KEY = "knnstore.store_id"  # the table's config entry binding it to its catalog
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@contextmanager
+def damage_errors(uri: Path) -> Iterator[None]:
+    """Lance's errors about files it cannot read (a data file deleted or cut short) as one
+    StoreDamagedError that names the table; other errors pass through unchanged."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError) as exc:
+        text = str(exc)
+        if "LanceError(IO)" not in text and "Not found" not in text and not isinstance(exc, OSError):
+            raise
+        detail = text.split("Not found:")[-1].split(",")[0].strip() if "Not found:" in text else _first_line(exc)
+        raise StoreDamagedError(f"the pairs table under {uri} is damaged (cannot read {detail}): "
+                                "run `knnstore check` on the store, and restore it from a backup") from None
+
 
 # Columns a search returns besides the distance.
 _RESULT_COLUMNS = ["pair_id", "next_token", "corpus_id", "document_id", "position"]
@@ -107,14 +131,32 @@ class PairsTable:
         self._corpus_ids: tuple[int, frozenset[int]] | None = None
 
     @classmethod
-    def create(cls, uri: Path, dim: int, dtype: str) -> "PairsTable":
+    def create(cls, uri: Path, dim: int, dtype: str, *, store_id: str | None = None) -> "PairsTable":
         db = lancedb.connect(str(uri))
-        return cls(uri, db.create_table(PAIRS_TABLE, schema=pairs_schema(dim, dtype)))
+        table = cls(uri, db.create_table(PAIRS_TABLE, schema=pairs_schema(dim, dtype)))
+        if store_id is not None:
+            table.set_store_id(store_id)
+        return table
 
     @classmethod
     def open(cls, uri: Path) -> "PairsTable":
-        db = lancedb.connect(str(uri))
-        return cls(uri, db.open_table(PAIRS_TABLE))
+        """Open the table; a missing or unreadable one is a StoreDamagedError."""
+        if not uri.is_dir():
+            raise StoreDamagedError(f"the vector table directory {uri} is missing: restore the store from "
+                                    "a backup (the catalog alone cannot rebuild the keys)")
+        try:
+            return cls(uri, lancedb.connect(str(uri)).open_table(PAIRS_TABLE))
+        except Exception as exc:  # LanceDB raises ValueError / OSError / RuntimeError here
+            raise StoreDamagedError(f"the vector table {uri / (PAIRS_TABLE + '.lance')} cannot be opened "
+                                    f"({_first_line(exc)}): restore the store from a backup") from None
+
+    def store_id(self) -> str | None:
+        """The id of the store this table belongs to (in the table's config; None: unbound)."""
+        return self._table.to_lance().config().get(STORE_ID_KEY)
+
+    def set_store_id(self, store_id: str) -> None:
+        self._table.to_lance().update_config({STORE_ID_KEY: store_id})
+        self.refresh()
 
     @property
     def schema(self) -> pa.Schema:
@@ -149,19 +191,33 @@ class PairsTable:
         self._table.to_lance().cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
         self.refresh()
 
+    def dataset(self):
+        """The Lance dataset at this handle's pinned version (for scans such as SQL's)."""
+        return self._table.to_lance()
+
+    def missing_files(self) -> list[str]:
+        """Data files the table's current version names but the disk does not hold."""
+        base = self.uri / (PAIRS_TABLE + ".lance") / "data"
+        return [f.path for frag in self._table.to_lance().get_fragments() for f in frag.data_files()
+                if not (base / f.path).is_file()]
+
+    def columns(self, names: list[str], where: str | None = None) -> pa.Table:
+        """Some columns of every row (of the rows matching ``where``), from this snapshot."""
+        with damage_errors(self.uri):
+            return self._table.to_lance().to_table(columns=names, filter=where)
+
     def count(self, corpus_id: int | None = None) -> int:
         return self._table.count_rows(None if corpus_id is None else f"corpus_id = {int(corpus_id)}")
 
     def counts_by_corpus(self) -> dict[int, int]:
-        col = self._table.to_lance().to_table(columns=["corpus_id"]).column("corpus_id")
+        col = self.columns(["corpus_id"]).column("corpus_id")
         ids, counts = np.unique(col.to_numpy(), return_counts=True)
         return {int(i): int(c) for i, c in zip(ids, counts)}
 
     def take(self, pair_ids: Collection[int], columns: list[str] | None = None) -> pa.Table:
         """Rows by pair id (any order)."""
         ids = ", ".join(str(int(p)) for p in pair_ids)
-        ds = self._table.to_lance()
-        return ds.to_table(columns=columns, filter=f"pair_id IN ({ids})")
+        return self.columns(columns, where=f"pair_id IN ({ids})")
 
     def nbytes(self) -> int:
         """Bytes on disk, including old versions not yet cleaned up."""
@@ -254,13 +310,14 @@ class PairsTable:
         """Every row's key (float32 [n, dim]) and result columns, streamed in batches."""
         dim = self.schema.field("vector").type.list_size
         ds = self._table.to_lance()
-        for batch in ds.to_batches(columns=["vector"] + _RESULT_COLUMNS, batch_size=batch_rows):
-            n = batch.num_rows
-            if n == 0:
-                continue
-            flat = batch.column("vector").values.to_numpy(zero_copy_only=False)
-            vectors = flat.reshape(n, dim).astype(np.float32, copy=False)
-            yield vectors, {name: batch.column(name).to_numpy() for name in _RESULT_COLUMNS}
+        with damage_errors(self.uri):
+            for batch in ds.to_batches(columns=["vector"] + _RESULT_COLUMNS, batch_size=batch_rows):
+                n = batch.num_rows
+                if n == 0:
+                    continue
+                flat = batch.column("vector").values.to_numpy(zero_copy_only=False)
+                vectors = flat.reshape(n, dim).astype(np.float32, copy=False)
+                yield vectors, {name: batch.column(name).to_numpy() for name in _RESULT_COLUMNS}
 
     def search(self, queries: np.ndarray, k: int, corpora: Collection[int] | None = None, *,
                nprobes: int = 32, refine_factor: int | None = None) -> Neighbours:
@@ -290,7 +347,8 @@ class PairsTable:
         indexed = self.has_vector_index()
         if indexed and refine_factor is None:
             refine_factor = AUTO_REFINE.get(self.index_type(), 4)
-        result, qi = self._run(queries, k, nprobes if indexed else None, refine_factor, where)
+        with damage_errors(self.uri):
+            result, qi = self._run(queries, k, nprobes if indexed else None, refine_factor, where)
         if result.num_rows == 0:
             return out
         dist = result.column("_distance").to_numpy()

@@ -109,7 +109,7 @@ def test_catalog_and_table_agree_after_any_sequence_of_adds_and_removes(tmp_path
             expected[name] = store.add_corpus(name, [sources[i]], settings=small_settings).pairs
         elif op == "fail" and not exists:
             with pytest.raises(Boom):
-                store.add_corpus(name, [sources[i]], settings=small_settings, progress=fail_after(2))
+                store.add_corpus(name, [sources[i]], settings=small_settings, progress=fail_after(1))
         elif op == "remove" and exists:
             store.remove_corpus(name)
             expected.pop(name, None)

@@ -11,7 +11,7 @@ from knnstore import StoreVersionError, catalog
 
 @pytest.fixture
 def engine(tmp_path):
-    e = catalog.make_engine(f"sqlite:///{tmp_path / 'catalog.db'}")
+    e = catalog.make_engine(f"sqlite:///{tmp_path / 'catalog.db'}", create=True)
     yield e
     e.dispose()
 

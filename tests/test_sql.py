@@ -135,7 +135,7 @@ def test_statements_that_write_or_reach_outside_are_refused_and_change_nothing(f
     after = snapshot(filled.path)
     assert {k for k in before.keys() | after.keys()
             if before.get(k) != after.get(k) and not k.endswith(("-shm", "-wal"))} == set()
-    assert sorted(os.listdir(filled.path)) == sorted({p.split("/")[0] for p in before} | {"write.lock"})
+    assert sorted(os.listdir(filled.path)) == sorted({p.split("/")[0] for p in before})
 
 
 def test_the_cli_prints_tables_and_writes_csv_json_and_parquet(filled, tmp_path):

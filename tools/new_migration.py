@@ -20,7 +20,7 @@ def main() -> None:
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = catalog.make_engine(f"sqlite:///{Path(tmp) / 'scratch.db'}")
+        engine = catalog.make_engine(f"sqlite:///{Path(tmp) / 'scratch.db'}", create=True)
         catalog.upgrade(engine)
         cfg = catalog._alembic_config()
         # Write into the checkout, not into an installed copy.
