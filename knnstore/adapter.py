@@ -30,7 +30,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import adaptive, knn
-from .config import KNNSettings
+from .config import MAX_K, MAX_WINDOW, KNNSettings, check_number
 from .encoder import Encoder
 from .errors import InputError
 from .store import Store
@@ -187,7 +187,7 @@ class KNNLM:
         lm_log_probs = torch.log_softmax(lm_logits.float(), dim=-1)
         n, vocab = lm_log_probs.shape
         retrieve = self.retrieval_mask(lm_log_probs)
-        if s.lambda_ == 0.0:  # the plain LM: nothing to look up
+        if s.lambda_ == 0.0 or not self.store.visible_corpora:  # the plain LM: nothing to look up
             retrieve = torch.zeros_like(retrieve)
         neighbours = Neighbours.empty(n, s.k)
         rows = retrieve.nonzero().flatten().numpy()
@@ -259,6 +259,8 @@ class KNNLM:
 
     def explain(self, text: str, n_sources: int = 3, window: int = 512) -> list[TokenExplanation]:
         """Score ``text`` and give, for every token after the first, its sources."""
+        check_number("sources", n_sources, 0, MAX_K, integer=True)
+        check_number("window", window, 2, MAX_WINDOW, integer=True)
         ids = self.encoder.tokenize(text)
         if len(ids) < 2:
             raise InputError("text to explain needs at least two tokens")
@@ -286,8 +288,8 @@ class KNNLM:
         """
         from transformers import TopKLogitsWarper, TopPLogitsWarper
 
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        check_generation(max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k, num_beams=num_beams,
+                         seed=seed, n_sources=n_sources)
         if seed is not None:
             torch.manual_seed(seed)
         enc = self.tokenizer(prompt, return_tensors="pt")
@@ -378,6 +380,24 @@ class ScoredWindow:
     logits: torch.Tensor  # [S, V] the LM's logits for each target
 
 
+MAX_NEW_TOKENS = 100_000
+MAX_BEAMS = 64
+
+
+def check_generation(*, max_new_tokens: int, top_p: float | None, top_k: int | None, num_beams: int,
+                     seed: int | None, n_sources: int) -> None:
+    """The generation options, each in its range (KNNLM.generate and the CLI check here)."""
+    check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True)
+    if top_p is not None:
+        check_number("top_p", top_p, 0.0, 1.0, lo_open=True)
+    if top_k is not None:
+        check_number("top_k", top_k, 1, None, integer=True)
+    check_number("num_beams", num_beams, 1, MAX_BEAMS, integer=True)
+    if seed is not None:
+        check_number("seed", seed, 0, 2**32 - 1, integer=True)
+    check_number("sources", n_sources, 0, MAX_K, integer=True)
+
+
 def scored_windows(encoder: Encoder, ids: list[int], window: int = 512, stride: int = 384,
                    batch_size: int = 4) -> Iterator[ScoredWindow]:
     """Sliding-window scoring of one token sequence: every token after the first exactly once.
@@ -387,10 +407,10 @@ def scored_windows(encoder: Encoder, ids: list[int], window: int = 512, stride: 
     ``window - stride`` tokens of context. A window longer than the model's positions
     allow is shortened to fit.
     """
+    check_number("window", window, 2, MAX_WINDOW, integer=True)
+    check_number("stride", stride, 1, window - 1, integer=True)
     if encoder.max_length is not None and window > encoder.max_length:
         window, stride = encoder.max_length, min(stride, encoder.max_length * 3 // 4)
-    if not 0 < stride <= window - 1:
-        raise InputError(f"stride must be between 1 and window - 1 ({window - 1}), got {stride}")
     spans = []  # (begin, end, first scored)
     begin, scored = 0, 1
     while scored < len(ids):

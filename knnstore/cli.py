@@ -1,11 +1,18 @@
 """The `knnstore` command: each command parses its arguments, calls one library method
 and prints. User mistakes (KnnstoreError) become a one-line message and exit code 1;
 progress and status go to stderr so that --json output stays clean.
+
+Everything a user or a corpus supplies (names, paths, text, error messages) is printed
+literally: the consoles parse no markup, and control characters are shown escaped
+(``_safe``), so neither ``[/]`` nor an ANSI escape in a name can reach the terminal as
+anything but text. Numeric options go through ``Num``, which checks them with the
+library's own ``config.check_number`` before anything loads.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -16,12 +23,65 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.table import Table
 from rich.text import Text
 
-from .config import DEFAULT_MODEL, DTYPES, KEY_SITES, IngestSettings, KNNSettings, SourceOptions
-from .errors import KnnstoreError
+from .config import (
+    DEFAULT_MODEL,
+    DTYPES,
+    KEY_SITES,
+    MAX_K,
+    MAX_WINDOW,
+    IngestSettings,
+    KNNSettings,
+    SourceOptions,
+    check_number,
+    describe_range,
+)
+from .errors import InputError, KnnstoreError
 
-err = Console(stderr=True, soft_wrap=True)
+_PLAIN = {"markup": False, "highlight": False, "emoji": False}
+err = Console(stderr=True, soft_wrap=True, **_PLAIN)
 # Piped output (scripts, CI logs) gets tables at their natural width, never squeezed.
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200, **_PLAIN)
+
+# C0 and C1 control characters but newline and tab, shown as \xNN.
+_CONTROL = {i: f"\\x{i:02x}" for i in (*range(32), *range(127, 160)) if chr(i) not in "\n\t"}
+
+
+def _safe(text) -> str:
+    """User- or corpus-supplied text as it may reach a terminal: control characters escaped."""
+    return str(text).translate(_CONTROL)
+
+
+class Num(click.ParamType):
+    """A number checked by ``config.check_number`` (finite; in range), the library's check."""
+
+    name = "number"
+
+    def __init__(self, lo=None, hi=None, *, integer: bool = True, lo_open: bool = False) -> None:
+        self.lo, self.hi, self.integer, self.lo_open = lo, hi, integer, lo_open
+        self.name = "integer" if integer else "number"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = value
+        else:
+            try:
+                number = int(value) if self.integer else float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not {describe_range(self.lo, self.hi, integer=self.integer, lo_open=self.lo_open)}",
+                          param, ctx)
+        try:
+            return check_number(param.name if param else "value", number, self.lo, self.hi,
+                                integer=self.integer, lo_open=self.lo_open)
+        except InputError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the write in progress is recorded as failed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 class _TokensPerSecond(ProgressColumn):
@@ -37,20 +97,21 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except KnnstoreError as exc:
-            raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
-            err.print("[red]Interrupted.[/red] Anything half-written stays invisible; "
+            raise click.ClickException(_safe(exc)) from None
+        except KeyboardInterrupt as exc:
+            what = "Terminated." if isinstance(exc, Terminated) else "Interrupted."
+            err.print(Text(what, style="red"), "Anything half-written stays invisible; "
                       "`knnstore list` shows what to resume or remove.")
-            sys.exit(130)
+            sys.exit(143 if isinstance(exc, Terminated) else 130)
 
 
 @contextmanager
 def _status(message: str):
     if err.is_terminal:
-        with err.status(message):
+        with err.status(Text(_safe(message))):  # a str status would be parsed as markup
             yield
     else:
-        err.print(message)
+        err.print(_safe(message))
         yield
 
 
@@ -83,18 +144,18 @@ def _progress(description: str):
             if not finished and (end or now - last >= LOG_EVERY_S):
                 last, finished = now, end
                 rate = done / max(now - start, 1e-9)
-                err.print(f"{description}: {done:,}/{total:,} tokens ({100 * done // max(total, 1)}%), "
-                          f"{rate:,.0f} tok/s, {now - start:,.0f} s", highlight=False)
+                err.print(f"{_safe(description)}: {done:,}/{total:,} tokens ({100 * done // max(total, 1)}%), "
+                          f"{rate:,.0f} tok/s, {now - start:,.0f} s")
 
         yield log
         return
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(),
-        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"), _TokensPerSecond(),
+        TextColumn("{task.description}", markup=False, style="bold"), BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens", markup=False), _TokensPerSecond(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err,
     )
     with progress:
-        task = progress.add_task(description, total=None)
+        task = progress.add_task(_safe(description), total=None)
 
         def update(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
@@ -119,7 +180,7 @@ def cli():
 @click.argument("store", type=click.Path())
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Model alias (smollm2-135m), Hugging Face id or local directory.")
-@click.option("--key-layer", default=-1, show_default=True, type=int,
+@click.option("--key-layer", default=-1, show_default=True, type=Num(),
               help="Decoder layer whose feed-forward input is the key; negative counts from the end.")
 @click.option("--key-site", default="ffn_input", show_default=True, type=click.Choice(KEY_SITES))
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(DTYPES),
@@ -139,7 +200,7 @@ def init(store, model, key_layer, key_site, dtype, catalog_url):
         s = Store.create(store, model=model, key_layer=key_layer, key_site=key_site,
                          dtype=dtype, catalog_url=catalog_url)
     ident = s.identity
-    out.print(f"Created store {store}: model {ident.model}, key = layer {ident.key_layer} "
+    out.print(f"Created store {_safe(store)}: model {_safe(ident.model)}, key = layer {ident.key_layer} "
               f"{ident.key_site}, dim {ident.dim}, {ident.dtype}, vocabulary {ident.vocab_size:,} tokens")
 
 
@@ -151,13 +212,13 @@ def init(store, model, key_layer, key_site, dtype, catalog_url):
               help="Split .txt files into one document per ' = Title = ' article (WikiText).")
 @click.option("--text-field", default="text", show_default=True,
               help="Field (jsonl) or column (parquet, datasets) holding the text.")
-@click.option("--max-documents", type=click.IntRange(min=1), default=None,
+@click.option("--max-documents", type=Num(1), default=None,
               help="Take only the first N documents.")
-@click.option("--window", type=click.IntRange(min=2), default=None,
+@click.option("--window", type=Num(2, MAX_WINDOW), default=None,
               help=f"Tokens per encoding window [default: {IngestSettings.window}].")
-@click.option("--stride", type=click.IntRange(min=1), default=None,
+@click.option("--stride", type=Num(1, MAX_WINDOW), default=None,
               help=f"Tokens between window starts [default: {IngestSettings.stride}].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+@click.option("--batch-size", type=Num(1, 4096), default=None,
               help=f"Windows per forward pass [default: {IngestSettings.batch_size}].")
 @click.option("--no-index", is_flag=True,
               help="Leave the ANN index as it is (`knnstore index STORE` applies the index policy later).")
@@ -175,7 +236,7 @@ def add_corpus(store, name, paths, split_on_heading, text_field, max_documents, 
     """
     try:
         settings = IngestSettings.resolve(window=window, stride=stride, batch_size=batch_size)
-    except ValueError as exc:
+    except InputError as exc:
         raise click.BadParameter(str(exc)) from None
     s = _open(store)
     s.check_new_corpus(name, paths)  # fail fast, before the model loads
@@ -229,13 +290,13 @@ def _print_added(info, as_json: bool) -> None:
     from .ingest import describe_skipped
 
     if info.skipped:
-        err.print(f"[yellow]Note:[/yellow] skipped {len(info.skipped)} file(s) that are binary, "
+        err.print(Text("Note:", style="yellow"), f"skipped {len(info.skipped)} file(s) that are binary, "
                   f"not UTF-8 or empty (left out of the corpus, unchanged on disk): "
-                  f"{describe_skipped(info.skipped)}")
+                  f"{_safe(describe_skipped(info.skipped))}")
     if as_json:
         _echo_json(info.to_dict())
     else:
-        out.print(f"Corpus {info.name}: {info.documents:,} documents, {info.tokens:,} tokens, "
+        out.print(f"Corpus {_safe(info.name)}: {info.documents:,} documents, {info.tokens:,} tokens, "
                   f"{info.pairs:,} pairs ({info.status})")
 
 
@@ -252,7 +313,7 @@ def remove_corpus(store, name):
     s = _open(store)
     info = s.corpus(name)
     s.remove_corpus(name)
-    out.print(f"Removed corpus {name}: {info.documents:,} documents, {info.pairs:,} pairs")
+    out.print(f"Removed corpus {_safe(info.name)}: {info.documents:,} documents, {info.pairs:,} pairs")
 
 
 @cli.command("list")
@@ -270,21 +331,22 @@ def list_(store, as_json):
         _echo_json([c.to_dict() for c in corpora])
         return
     if not corpora:
-        out.print(f"{store} holds no corpus yet: add one with `knnstore add-corpus {store} NAME PATH`")
+        out.print(_safe(f"{store} holds no corpus yet: add one with `knnstore add-corpus {store} NAME PATH`"))
         return
     table = Table()
     for column in ("corpus", "status", "documents", "tokens", "pairs", "bytes", "added"):
         numeric = column in ("documents", "tokens", "pairs", "bytes")
         table.add_column(column, justify="right" if numeric else "left")
     for c in corpora:
-        status = c.status if c.status == "ready" else f"[red]{c.status}[/red]"
-        table.add_row(c.name, status, f"{c.documents:,}", f"{c.tokens:,}", f"{c.pairs:,}",
+        status = Text(c.status, style=None if c.status == "ready" else "red")
+        table.add_row(_safe(c.name), status, f"{c.documents:,}", f"{c.tokens:,}", f"{c.pairs:,}",
                       _human(c.bytes), c.created_at.strftime("%Y-%m-%d %H:%M"))
     out.print(table)
     for c in corpora:
         if c.status != "ready":
-            out.print(f"[red]{c.name}[/red]: {c.status} ({c.error}); run `knnstore resume-corpus "
-                      f"{store} {c.name}` or `knnstore remove-corpus {store} {c.name}`")
+            out.print(Text(_safe(c.name), style="red"),
+                      _safe(f": {c.status} ({c.error}); run `knnstore resume-corpus {store} {c.name}` or "
+                            f"`knnstore remove-corpus {store} {c.name}`"), sep="")
 
 
 @cli.command()
@@ -315,21 +377,19 @@ def stats(store, as_json):
         ("bytes per pair", "-" if st.bytes_per_pair is None else f"{st.bytes_per_pair:,.0f}"),
         ("index", index_text),
     ]:
-        table.add_row(f"[bold]{key}[/bold]", value)
+        table.add_row(Text(key, style="bold"), _safe(value))
     out.print(table)
 
 
-def _numbers(cast):
+def _numbers(kind: Num):
+    """A callback parsing one number or a comma-separated list, each checked by ``kind``."""
     def parse(ctx, param, value):
         if value is None:
             return None
-        try:
-            values = [cast(v) for v in str(value).split(",") if v.strip()]
-        except ValueError:
-            raise click.BadParameter(f"expected a number or a comma-separated list, got {value!r}") from None
-        if not values:
+        parts = [v for v in str(value).split(",") if v.strip()]
+        if not parts:
             raise click.BadParameter("expected at least one value")
-        return values
+        return [kind.convert(v.strip(), param, ctx) for v in parts]
     return parse
 
 
@@ -339,22 +399,22 @@ def _knn_options(sweep: bool):
 
     def decorate(f):
         for opt in reversed([
-            click.option("--k", "k", callback=_numbers(int),
-                         help=f"Neighbours per position [default: {KNNSettings.k}]{many}."),
-            click.option("--lambda", "lambda_", callback=_numbers(float),
+            click.option("--k", "k", callback=_numbers(Num(1, MAX_K)),
+                         help=f"Neighbours per position, 1 to {MAX_K:,} [default: {KNNSettings.k}]{many}."),
+            click.option("--lambda", "lambda_", callback=_numbers(Num(0.0, 1.0, integer=False)),
                          help=f"Weight of p_kNN in the mixture [default: {KNNSettings.lambda_}]{many}."),
-            click.option("--temperature", callback=_numbers(float),
+            click.option("--temperature", callback=_numbers(Num(0.0, None, integer=False, lo_open=True)),
                          help=f"T in p_kNN ∝ exp(-distance / T) [default: {KNNSettings.temperature:g}]{many}."),
             click.option("--exact", is_flag=True, default=None,
                          help="Brute-force search over all stored keys instead of the ANN index."),
-            click.option("--nprobes", type=int,
+            click.option("--nprobes", type=Num(1, 65536),
                          help=f"ANN: index partitions searched [default: {KNNSettings.nprobes}]."),
-            click.option("--refine-factor", type=int,
+            click.option("--refine-factor", type=Num(0, 100),
                          help="ANN: candidates re-ranked with exact distances, times k; 0: none "
                               "[default: 0 on an IVF-RQ index, 4 on IVF-PQ]."),
-            click.option("--skip-above-prob", type=float,
+            click.option("--skip-above-prob", type=Num(0.0, 1.0, integer=False, lo_open=True),
                          help="Adaptive retrieval: skip the store where the LM's top probability is at least this."),
-            click.option("--skip-below-entropy", type=float,
+            click.option("--skip-below-entropy", type=Num(0.0, None, integer=False),
                          help="Adaptive retrieval: skip the store where the LM's entropy (nats) is at most this."),
             click.option("--adaptive", is_flag=True, default=None,
                          help="A λ per token from the retrieval's confidence, and retrieval only where it "
@@ -402,9 +462,9 @@ def _read_text_arg(path) -> str:
 @click.option("--text", "text_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="UTF-8 text file to score (one token stream).")
 @_knn_options(sweep=True)
-@click.option("--max-tokens", type=int, help="Score only the first N tokens of the text.")
-@click.option("--window", default=512, show_default=True, help="Tokens per scoring window.")
-@click.option("--stride", default=384, show_default=True,
+@click.option("--max-tokens", type=Num(1), help="Score only the first N tokens of the text.")
+@click.option("--window", default=512, show_default=True, type=Num(2, MAX_WINDOW), help="Tokens per scoring window.")
+@click.option("--stride", default=384, show_default=True, type=Num(1, MAX_WINDOW),
               help="Step between windows; each token is scored once, with at least window - stride tokens of context.")
 @click.option("--sweep-out", default="knnstore-sweep", show_default=True,
               help="With a sweep: write PREFIX.csv and PREFIX.png.")
@@ -422,6 +482,13 @@ def eval_(store, text_path, max_tokens, window, stride, sweep_out, as_json, **kn
         knnstore eval wiki-store --text test.txt --lambda 0.1,0.25,0.5 --k 8,64,256
         knnstore eval wiki-store --text other-domain.txt --adaptive
     """
+    from .evaluate import check_sweep_prefix
+
+    if stride >= window:
+        raise click.BadParameter(f"must be less than --window ({window}), got {stride}", param_hint="--stride")
+    sweeping = any(len(knn_opts[key] or []) > 1 for key in ("k", "lambda_", "temperature"))
+    if sweeping or click.get_current_context().get_parameter_source("sweep_out").name != "DEFAULT":
+        check_sweep_prefix(sweep_out)  # before any scoring: a sweep must be writable
     text = _read_text_arg(text_path)
     lm = _knnlm(store, knn_opts, single=False)
     with _progress("Scoring") as update:
@@ -482,14 +549,15 @@ def _print_eval(r, files) -> None:
 @cli.command()
 @click.argument("store", type=click.Path())
 @click.argument("prompt")
-@click.option("--max-new-tokens", default=40, show_default=True, help="Tokens to generate.")
+@click.option("--max-new-tokens", default=40, show_default=True, type=Num(1, 100_000), help="Tokens to generate.")
 @_knn_options(sweep=False)
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--top-p", type=float, help="With --sample: nucleus sampling over the mixture.")
-@click.option("--num-beams", default=1, show_default=True, help="Beam search with this many beams.")
-@click.option("--seed", type=int, help="Random seed for --sample.")
+@click.option("--top-p", type=Num(0.0, 1.0, integer=False, lo_open=True),
+              help="With --sample: nucleus sampling over the mixture.")
+@click.option("--num-beams", default=1, show_default=True, type=Num(1, 64), help="Beam search with this many beams.")
+@click.option("--seed", type=Num(0, 2**32 - 1), help="Random seed for --sample.")
 @click.option("--explain", is_flag=True, help="Show the source documents of each generated token.")
-@click.option("--sources", "n_sources", default=3, show_default=True,
+@click.option("--sources", "n_sources", default=3, show_default=True, type=Num(0, MAX_K),
               help="With --explain: neighbours shown per token.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def generate(store, prompt, max_new_tokens, sample, top_p, num_beams, seed, explain, n_sources,
@@ -500,16 +568,18 @@ def generate(store, prompt, max_new_tokens, sample, top_p, num_beams, seed, expl
     Example:
         knnstore generate wiki-store "The tower was built in" --max-new-tokens 30 --explain
     """
-    lm = _knnlm(store, knn_opts, single=True)
     if explain and num_beams > 1:
         raise click.BadParameter("--explain works with greedy search and sampling, not beams",
                                  param_hint="--num-beams")
+    if not prompt.strip():
+        raise click.BadParameter("the prompt is empty: give at least one word", param_hint="PROMPT")
+    lm = _knnlm(store, knn_opts, single=True)
     g = lm.generate(prompt, max_new_tokens=max_new_tokens, do_sample=sample, top_p=top_p,
                     num_beams=num_beams, seed=seed, explain=explain or as_json, n_sources=n_sources)
     if as_json:
         _echo_json(g.to_dict())
         return
-    out.print(Text(prompt, style="bold") + Text(g.text))
+    out.print(Text(_safe(prompt), style="bold") + Text(_safe(g.text)))
     if explain:
         _print_explanations(g.tokens)
     err.print(f"retrieved at {100 * g.retrieved_fraction:.0f}% of steps")
@@ -519,7 +589,8 @@ def generate(store, prompt, max_new_tokens, sample, top_p, num_beams, seed, expl
 @click.argument("store", type=click.Path())
 @click.argument("text")
 @_knn_options(sweep=False)
-@click.option("--sources", "n_sources", default=3, show_default=True, help="Neighbours shown per token.")
+@click.option("--sources", "n_sources", default=3, show_default=True, type=Num(0, MAX_K),
+              help="Neighbours shown per token.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per token, in a list.")
 def explain(store, text, n_sources, as_json, **knn_opts):
     """Score TEXT and show, for each token, its probability and the stored sources behind it.
@@ -540,17 +611,18 @@ def explain(store, text, n_sources, as_json, **knn_opts):
 @click.argument("store", type=click.Path())
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False),
               help="Held-out UTF-8 text of the store's own domain (not text stored in it).")
-@click.option("--max-tokens", type=int, default=20000, show_default=True,
+@click.option("--max-tokens", type=Num(100), default=20000, show_default=True,
               help="Fit on at most the first N tokens of the text.")
 @click.option("--kind", type=click.Choice(["logistic", "mlp"]), default="logistic", show_default=True,
               help="The map from signals to λ: logistic regression or a 16-unit MLP.")
-@click.option("--keep", type=float, default=0.9, show_default=True,
+@click.option("--keep", type=Num(0.0, 1.0, integer=False, lo_open=True), default=0.9, show_default=True,
               help="Skip retrieval wherever that keeps this fraction of the best fixed λ's gain "
                    "on the text.")
-@click.option("--k", "k", type=int, help=f"Neighbours per position [default: {KNNSettings.k}].")
-@click.option("--lambda", "lambda_", type=float,
+@click.option("--k", "k", type=Num(1, MAX_K), help=f"Neighbours per position [default: {KNNSettings.k}].")
+@click.option("--lambda", "lambda_", type=Num(0.0, 1.0, integer=False),
               help=f"The fixed λ to start from and compare with [default: {KNNSettings.lambda_}].")
-@click.option("--temperature", type=float, help=f"T of p_kNN [default: {KNNSettings.temperature:g}].")
+@click.option("--temperature", type=Num(0.0, None, integer=False, lo_open=True),
+              help=f"T of p_kNN [default: {KNNSettings.temperature:g}].")
 @click.option("--exact", is_flag=True, default=None, help="Brute-force search instead of the ANN index.")
 @click.option("--clear", is_flag=True, help="Delete the store's calibrations (--adaptive then uses the rule).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
@@ -579,8 +651,6 @@ def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature,
         return
     if text_path is None:
         raise click.UsageError("give --text FILE (held-out text of the store's domain), or --clear")
-    if max_tokens is not None and max_tokens < 100:
-        raise click.BadParameter("must be at least 100", param_hint="--max-tokens")
     text = _read_text_arg(text_path)
     opts = {"k": [k] if k else None, "lambda_": [lambda_] if lambda_ is not None else None,
             "temperature": [temperature] if temperature else None, "exact": exact}
@@ -622,7 +692,7 @@ def _print_explanations(tokens) -> None:
             snippet = f"(no neighbour has this token; nearest:) {snippet}"
         # Text(), not markup: stored text may hold [brackets]
         table.add_row(Text(repr(t.text)[1:-1]), f"{t.p_lm:.3f}",
-                      "-" if t.p_knn is None else f"{t.p_knn:.3f}", f"{t.p:.3f}", Text(docs), Text(snippet))
+                      "-" if t.p_knn is None else f"{t.p_knn:.3f}", f"{t.p:.3f}", Text(_safe(docs)), Text(_safe(snippet)))
     out.print(table)
 
 
@@ -633,8 +703,9 @@ def _print_explanations(tokens) -> None:
 @click.option("--type", "index_type", type=click.Choice(["ivf_rq", "ivf_pq"]),
               help="Index type to train now [default: ivf_rq, 4-bit RaBitQ codes ranked without "
                    "re-reading keys; ivf_pq: smaller codes, re-ranked with exact distances].")
-@click.option("--partitions", type=int, help="IVF partitions [default: about sqrt(rows)].")
-@click.option("--sub-vectors", type=int, help="PQ sub-vectors [default: dim / 8] (implies --type ivf_pq).")
+@click.option("--partitions", type=Num(1, 65536), help="IVF partitions [default: about sqrt(rows)].")
+@click.option("--sub-vectors", type=Num(1, 65536),
+              help="PQ sub-vectors, a divisor of the key dimension [default: dim / 8] (implies --type ivf_pq).")
 @click.option("--json", "as_json", is_flag=True, help="Print the index state as JSON.")
 def index(store, status_only, rebuild, index_type, partitions, sub_vectors, as_json):
     """Show or maintain the ANN index (IVF-RQ by default, squared L2) of the stored keys.
@@ -653,13 +724,12 @@ def index(store, status_only, rebuild, index_type, partitions, sub_vectors, as_j
         knnstore index wiki-store --rebuild  # train now, e.g. on a small store
         knnstore index wiki-store --type ivf_pq --sub-vectors 72
     """
+    from .vectors import check_index_params
+
     s = _open(store)
-    if partitions is not None and partitions < 1 or sub_vectors is not None and sub_vectors < 1:
-        raise click.BadParameter("--partitions and --sub-vectors must be at least 1")
     if not status_only:
         if rebuild or index_type or partitions or sub_vectors:
-            if s.table.count() == 0:
-                raise click.ClickException("the store has no rows to train an index on: add a corpus first")
+            check_index_params(s.table.count(), s.identity.dim, partitions, sub_vectors)
             t0 = time.perf_counter()
             with _status(f"Training the index on {s.table.count():,} rows..."):
                 s.create_index(num_partitions=partitions, num_sub_vectors=sub_vectors,
@@ -686,7 +756,7 @@ def index(store, status_only, rebuild, index_type, partitions, sub_vectors, as_j
               help="Output format; json is a list of row objects; parquet needs --output.")
 @click.option("--output", "output", type=click.Path(dir_okay=False),
               help="Write the result to this file instead of the terminal.")
-@click.option("--max-rows", default=50, show_default=True,
+@click.option("--max-rows", default=50, show_default=True, type=Num(0),
               help="Rows shown in table format (the other formats write every row).")
 def sql(store, query, fmt, output, max_rows):
     """Run a read-only SQL query over a store (DuckDB); without QUERY, an interactive prompt.
@@ -709,8 +779,12 @@ def sql(store, query, fmt, output, max_rows):
     """
     from .sql import SQLSession
 
+    from .outputs import check_output_path
+
     if fmt == "parquet" and not output:
         raise click.BadParameter("parquet is binary: give --output FILE", param_hint="--format")
+    if output:
+        check_output_path(output)  # before the query runs: never into a store
     session = SQLSession(_open(store))
     if query is not None:
         _emit(session.execute(query), fmt, output, max_rows)
@@ -722,8 +796,11 @@ def _emit(table, fmt: str, output, max_rows: int) -> None:
     from .sql import write_result
 
     if output:
-        write_result(table, "csv" if fmt == "table" else fmt, output)
-        err.print(f"Wrote {table.num_rows:,} rows to {output}")
+        from .outputs import atomic_output
+
+        with atomic_output(output) as f:
+            write_result(table, "csv" if fmt == "table" else fmt, f)
+        err.print(f"Wrote {table.num_rows:,} rows to {_safe(output)}")
     elif fmt == "table":
         _print_rows(table, max_rows)
     else:
@@ -771,7 +848,7 @@ def _interactive(session, fmt: str, max_rows: int) -> None:
         try:
             _emit(session.execute(statement.rstrip(";")), fmt, None, max_rows)
         except KnnstoreError as exc:
-            err.print(Text(f"Error: {exc}", style="red"))
+            err.print(Text(f"Error: {_safe(exc)}", style="red"))
 
 
 @cli.command()
@@ -793,8 +870,15 @@ def check(store, repair, as_json):
         knnstore check wiki-store --repair
     """
     from .check import check as run_check
+    from .check import damaged
+    from .errors import StoreDamagedError, StoreMismatchError
 
-    report = run_check(_open(store), repair=repair)
+    try:
+        opened = _open(store)
+    except (StoreDamagedError, StoreMismatchError) as exc:  # a finding, not a crash
+        opened, report = None, damaged(store, str(exc))
+    if opened is not None:
+        report = run_check(opened, repair=repair)
     if as_json:
         _echo_json(report.to_dict())
     else:
@@ -802,7 +886,7 @@ def check(store, repair, as_json):
             style = "red" if p.severity == "error" and not p.repaired else "yellow"
             label = "repaired" if p.repaired else p.severity
             fix = f" [--repair: {p.repair}]" if p.repair and not p.repaired else ""
-            out.print(Text(f"{label}: {p.what}{fix}", style=style))
+            out.print(Text(_safe(f"{label}: {p.what}{fix}"), style=style))
         verdict = "OK" if report.ok else "PROBLEMS FOUND"
         out.print(f"{verdict}: {report.corpora} corpora, {report.documents:,} documents, "
                   f"{report.table_rows:,} table rows checked")
@@ -823,6 +907,7 @@ def _human(n: int) -> str:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     cli(prog_name="knnstore")
 
 

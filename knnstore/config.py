@@ -17,9 +17,13 @@ in the catalog table `store_config` and is never overridden, only checked. *Sett
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from datetime import datetime
+
+from .errors import InputError
 
 FORMAT_VERSION = 1
 MARKER_FILE = "knnstore.json"
@@ -68,9 +72,50 @@ class StoreIdentity:
         return out
 
 
+MAX_K = 4096  # neighbours per position: 4x the paper's largest k; bounds search memory
+
+
+def describe_range(lo=None, hi=None, *, integer: bool = False, lo_open: bool = False) -> str:
+    """'a whole number from 1 to 4,096', 'a number above 0', ... (for messages and --help)."""
+    kind = "a whole number" if integer else "a number"
+    fmt = lambda x: f"{x:,}" if integer else f"{x:g}"  # noqa: E731
+    if lo is not None and hi is not None:
+        return f"{kind} {'above' if lo_open else 'from'} {fmt(lo)} {'and at most' if lo_open else 'to'} {fmt(hi)}"
+    if lo is not None:
+        return f"{kind} {'above' if lo_open else 'of at least'} {fmt(lo)}"
+    if hi is not None:
+        return f"{kind} of at most {fmt(hi)}"
+    return kind
+
+
+def check_number(name: str, value, lo=None, hi=None, *, integer: bool = False, lo_open: bool = False):
+    """Return ``value`` if it is a finite number (an int if ``integer``) in the range, else
+    raise InputError naming the setting, the allowed range and the value given. Every
+    numeric setting is checked by this one function, from the CLI or from Python."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) if integer else (
+        isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value))
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value <= hi
+    if not ok:
+        raise InputError(f"{name} must be {describe_range(lo, hi, integer=integer, lo_open=lo_open)}, "
+                         f"got {value!r}")
+    return value
+
+
 def _env(name: str, cast, default):
-    raw = os.environ.get(f"KNNSTORE_{name.upper()}")
-    return default if raw in (None, "") else cast(raw)
+    var = f"KNNSTORE_{name.upper()}"
+    raw = os.environ.get(var)
+    if raw in (None, ""):
+        return default
+    try:
+        return cast(raw)
+    except ValueError:
+        raise InputError(f"{var}={raw!r} is not a {getattr(cast, '__name__', 'value')}: fix or unset it") from None
+
+
+MAX_WINDOW = 1 << 20  # tokens per encoding or scoring window (a model's own limit applies first)
 
 
 @dataclass(frozen=True)
@@ -89,14 +134,10 @@ class IngestSettings:
     commit_every: int = 65536  # pairs per LanceDB commit; a crash loses at most this much work
 
     def __post_init__(self) -> None:
-        if self.window < 2:
-            raise ValueError(f"window must be at least 2 tokens, got {self.window}")
-        if not 0 < self.stride <= self.window:
-            raise ValueError(
-                f"stride must be between 1 and window ({self.window}), got {self.stride}"
-            )
-        if self.batch_size < 1 or self.commit_every < 1:
-            raise ValueError("batch_size and commit_every must be positive")
+        check_number("window", self.window, 2, MAX_WINDOW, integer=True)
+        check_number("stride", self.stride, 1, self.window, integer=True)
+        check_number("batch_size", self.batch_size, 1, 4096, integer=True)
+        check_number("commit_every", self.commit_every, 1, None, integer=True)
 
     @classmethod
     def resolve(cls, **given) -> "IngestSettings":
@@ -154,20 +195,16 @@ class KNNSettings:
     adaptive: bool = False
 
     def __post_init__(self) -> None:
-        from .errors import InputError
-
-        if self.k < 1:
-            raise InputError(f"k must be at least 1, got {self.k}")
-        if not 0.0 <= self.lambda_ <= 1.0:
-            raise InputError(f"lambda must be between 0 and 1, got {self.lambda_}")
-        if not self.temperature > 0:
-            raise InputError(f"temperature must be positive, got {self.temperature}")
-        if self.nprobes < 1:
-            raise InputError(f"nprobes must be at least 1, got {self.nprobes}")
-        if self.refine_factor is not None and self.refine_factor < 0:
-            raise InputError(f"refine_factor must be 0 (no re-ranking) or more, got {self.refine_factor}")
-        if self.skip_above_prob is not None and not 0.0 < self.skip_above_prob <= 1.0:
-            raise InputError(f"skip_above_prob must be in (0, 1], got {self.skip_above_prob}")
+        check_number("k", self.k, 1, MAX_K, integer=True)
+        check_number("lambda", self.lambda_, 0.0, 1.0)
+        check_number("temperature", self.temperature, 0.0, None, lo_open=True)
+        check_number("nprobes", self.nprobes, 1, 65536, integer=True)
+        if self.refine_factor is not None:
+            check_number("refine_factor", self.refine_factor, 0, 100, integer=True)
+        if self.skip_above_prob is not None:
+            check_number("skip_above_prob", self.skip_above_prob, 0.0, 1.0, lo_open=True)
+        if self.skip_below_entropy is not None:
+            check_number("skip_below_entropy", self.skip_below_entropy, 0.0, None)
 
     @classmethod
     def resolve(cls, **given) -> "KNNSettings":

@@ -28,8 +28,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .config import KEY_SITES, StoreIdentity
-from .errors import ModelLoadError, UnsupportedModelError
+from .config import KEY_SITES, StoreIdentity, check_number
+from .errors import InputError, ModelLoadError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +167,11 @@ class Encoder:
     def __init__(self, model, tokenizer, name: str, key_layer: int = -1,
                  key_site: str = "ffn_input") -> None:
         if key_site not in KEY_SITES:
-            raise ValueError(f"key_site must be one of {', '.join(KEY_SITES)}, got {key_site!r}")
+            raise InputError(f"key_site must be one of {', '.join(KEY_SITES)}, got {key_site!r}")
         self.model, self.tokenizer, self.name = model, tokenizer, name
         layers = find_layers(model)
-        if not -len(layers) <= key_layer < len(layers):
-            raise ValueError(
-                f"key_layer {key_layer} is out of range: the model has {len(layers)} layers"
-            )
+        check_number(f"key_layer (the model has {len(layers)} layers; negative counts from the end)",
+                     key_layer, -len(layers), len(layers) - 1, integer=True)
         self.key_layer = key_layer % len(layers)
         self.is_last_layer = self.key_layer == len(layers) - 1
         self.key_site = key_site

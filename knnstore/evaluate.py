@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import itertools
 import math
 import time
@@ -29,8 +30,9 @@ import torch
 
 from . import adaptive, knn
 from .adapter import KNNLM, scored_windows
-from .config import KNNSettings
+from .config import KNNSettings, check_number
 from .errors import InputError
+from .outputs import atomic_output, check_output_path
 
 ProgressFn = Callable[[int, int], None]
 
@@ -122,6 +124,8 @@ def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float
     """
     s = knnlm.settings
     policy = knnlm.policy
+    if max_tokens is not None:
+        check_number("max_tokens", max_tokens, 1, None, integer=True)
     ids = list(text) if not isinstance(text, str) else knnlm.encoder.tokenize(text)
     if max_tokens is not None:
         ids = ids[:max_tokens + 1]
@@ -206,6 +210,13 @@ def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float
     )
 
 
+def check_sweep_prefix(prefix: str | Path) -> None:
+    """Refuse, before any scoring, a sweep output that ``write_sweep`` could not write."""
+    prefix = Path(prefix)
+    for path in (prefix.with_suffix(".csv"), prefix.with_suffix(".png")):
+        check_output_path(path)
+
+
 def write_sweep(result: EvalResult, prefix: str | Path) -> tuple[Path, Path]:
     """Write a sweep as CSV and as a PNG plot (perplexity vs λ, one line per k and T)."""
     import matplotlib
@@ -215,13 +226,15 @@ def write_sweep(result: EvalResult, prefix: str | Path) -> tuple[Path, Path]:
 
     prefix = Path(prefix)
     csv_path, png_path = prefix.with_suffix(".csv"), prefix.with_suffix(".png")
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["lambda", "k", "temperature", "knn_ppl", "adaptive_ppl", "base_ppl", "tokens"])
-        for p in result.sweep:
-            ada = "" if p.adaptive_ppl is None else f"{p.adaptive_ppl:.4f}"
-            w.writerow([p.lambda_, p.k, p.temperature, f"{p.knn_ppl:.4f}", ada, f"{result.base_ppl:.4f}",
-                        result.tokens])
+    text = io.StringIO()  # a sweep is a few hundred rows: written whole below
+    w = csv.writer(text)
+    w.writerow(["lambda", "k", "temperature", "knn_ppl", "adaptive_ppl", "base_ppl", "tokens"])
+    for p in result.sweep:
+        ada = "" if p.adaptive_ppl is None else f"{p.adaptive_ppl:.4f}"
+        w.writerow([p.lambda_, p.k, p.temperature, f"{p.knn_ppl:.4f}", ada, f"{result.base_ppl:.4f}",
+                    result.tokens])
+    with atomic_output(csv_path) as f:
+        f.write(text.getvalue().encode("utf-8"))
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     lines = sorted({(p.k, p.temperature) for p in result.sweep})
     for k, t in lines:
@@ -238,7 +251,8 @@ def write_sweep(result: EvalResult, prefix: str | Path) -> tuple[Path, Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png_path)
+    with atomic_output(png_path) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
     return csv_path, png_path
 

@@ -39,8 +39,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .config import PAIRS_TABLE
-from .errors import StoreDamagedError
+from .config import PAIRS_TABLE, check_number
+from .errors import InputError, StoreDamagedError
 from .ingest import pairs_schema
 
 try:  # LanceDB's background event loop, which its sync API runs every query on
@@ -86,6 +86,20 @@ AUTO_REFINE = {"ivf_rq": 0, "ivf_pq": 4}
 # CPUs: 2.0x the queries/s of one batch, docs/performance.md).
 SEARCH_PARTS = max(1, int(os.environ.get("LANCE_CPU_THREADS") or 1))
 MIN_PART_QUERIES = 16
+
+
+def check_index_params(rows: int, dim: int, num_partitions: int | None, num_sub_vectors: int | None) -> None:
+    """Index parameters a table of ``rows`` keys of ``dim`` can be trained with."""
+    if rows == 0:
+        raise InputError("the store has no rows to train an index on: add a corpus first")
+    if num_partitions is not None:
+        check_number(f"partitions (the table has {rows:,} rows)", num_partitions, 1, min(rows, 65536), integer=True)
+    if num_sub_vectors is not None:
+        check_number("sub_vectors", num_sub_vectors, 1, dim, integer=True)
+        if dim % num_sub_vectors:
+            fits = [d for d in range(1, dim + 1) if dim % d == 0]
+            raise InputError(f"sub_vectors must divide the key dimension {dim} (one of "
+                             f"{', '.join(map(str, fits))}), got {num_sub_vectors}")
 
 
 @dataclass
@@ -270,9 +284,10 @@ class PairsTable:
         if index_type is None:
             index_type = "ivf_pq" if num_sub_vectors is not None else DEFAULT_INDEX_TYPE
         if index_type not in INDEX_TYPES:
-            raise ValueError(f"index type must be one of {', '.join(INDEX_TYPES)}, got {index_type!r}")
+            raise InputError(f"index type must be one of {', '.join(INDEX_TYPES)}, got {index_type!r}")
         rows = self._table.count_rows()
         dim = self.schema.field("vector").type.list_size
+        check_index_params(rows, dim, num_partitions, num_sub_vectors)
         if num_partitions is None:
             num_partitions = max(1, min(4096, int(round(rows ** 0.5))))
         params = {"type": index_type, "partitions": num_partitions}
