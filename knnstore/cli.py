@@ -67,10 +67,11 @@ class Num(click.ParamType):
             try:
                 number = int(value) if self.integer else float(value)
             except (TypeError, ValueError):
-                self.fail(f"{value!r} is not {describe_range(self.lo, self.hi, integer=self.integer, lo_open=self.lo_open)}",
-                          param, ctx)
+                what = "a whole number" if self.integer else "a number"
+                self.fail(f"{value!r} is not {what}: give one "
+                          f"{describe_range(self.lo, self.hi, integer=self.integer, lo_open=self.lo_open)}", param, ctx)
         try:
-            return check_number(param.name if param else "value", number, self.lo, self.hi,
+            return check_number(param.name.rstrip("_") if param else "value", number, self.lo, self.hi,
                                 integer=self.integer, lo_open=self.lo_open)
         except InputError as exc:
             self.fail(str(exc), param, ctx)
@@ -389,7 +390,10 @@ def _numbers(kind: Num):
         parts = [v for v in str(value).split(",") if v.strip()]
         if not parts:
             raise click.BadParameter("expected at least one value")
-        return [kind.convert(v.strip(), param, ctx) for v in parts]
+        try:
+            return [kind.convert(v.strip(), param, ctx) for v in parts]
+        except click.BadParameter as exc:
+            raise click.BadParameter(f"{exc.message} (give one number or a comma-separated list)") from None
     return parse
 
 

@@ -76,16 +76,22 @@ MAX_K = 4096  # neighbours per position: 4x the paper's largest k; bounds search
 
 
 def describe_range(lo=None, hi=None, *, integer: bool = False, lo_open: bool = False) -> str:
-    """'a whole number from 1 to 4,096', 'a number above 0', ... (for messages and --help)."""
-    kind = "a whole number" if integer else "a number"
+    """'between 0 and 1', 'at least 1 and at most 4,096 (a whole number)', 'positive', ...
+    (for messages)."""
     fmt = lambda x: f"{x:,}" if integer else f"{x:g}"  # noqa: E731
-    if lo is not None and hi is not None:
-        return f"{kind} {'above' if lo_open else 'from'} {fmt(lo)} {'and at most' if lo_open else 'to'} {fmt(hi)}"
-    if lo is not None:
-        return f"{kind} {'above' if lo_open else 'of at least'} {fmt(lo)}"
-    if hi is not None:
-        return f"{kind} of at most {fmt(hi)}"
-    return kind
+    if lo_open and lo == 0 and hi is None:
+        text = "positive"
+    elif lo_open:
+        text = f"in ({fmt(lo)}, {fmt(hi)}]" if hi is not None else f"above {fmt(lo)}"
+    elif lo is not None and hi is not None:
+        text = f"at least {fmt(lo)} and at most {fmt(hi)}" if integer else f"between {fmt(lo)} and {fmt(hi)}"
+    elif lo is not None:
+        text = f"at least {fmt(lo)}"
+    elif hi is not None:
+        text = f"at most {fmt(hi)}"
+    else:
+        text = "a finite number"
+    return f"{text} (a whole number)" if integer else text
 
 
 def check_number(name: str, value, lo=None, hi=None, *, integer: bool = False, lo_open: bool = False):

@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .config import KEY_SITES, StoreIdentity, check_number
+from .config import KEY_SITES, StoreIdentity
 from .errors import InputError, ModelLoadError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -170,8 +170,10 @@ class Encoder:
             raise InputError(f"key_site must be one of {', '.join(KEY_SITES)}, got {key_site!r}")
         self.model, self.tokenizer, self.name = model, tokenizer, name
         layers = find_layers(model)
-        check_number(f"key_layer (the model has {len(layers)} layers; negative counts from the end)",
-                     key_layer, -len(layers), len(layers) - 1, integer=True)
+        n = len(layers)
+        if isinstance(key_layer, bool) or not isinstance(key_layer, int) or not -n <= key_layer < n:
+            raise InputError(f"key_layer {key_layer} is out of range: the model has {n} layers; "
+                             f"use {-n} to {n - 1} (negative counts from the end)")
         self.key_layer = key_layer % len(layers)
         self.is_last_layer = self.key_layer == len(layers) - 1
         self.key_site = key_site

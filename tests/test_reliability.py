@@ -89,12 +89,22 @@ READER = textwrap.dedent("""
     while not os.path.exists(stop) or n < 3:
         try:
             s = Store.open(path)
-            ready = {c.id: c.pairs for c in s.corpora() if c.status == "ready"}
-            pairs = s.sql("SELECT corpus_id, count(*) AS n FROM pairs GROUP BY 1").to_pylist()
-            by = {r["corpus_id"]: r["n"] for r in pairs}
+            # One statement cross-checks three views of one snapshot: a ready corpus has all
+            # its pairs and documents, any other corpus none of them.
+            views = s.sql(
+                "SELECT c.id, c.status, c.n_pairs, "
+                "(SELECT count(*) FROM pairs p WHERE p.corpus_id = c.id) AS in_pairs, "
+                "(SELECT coalesce(sum(d.n_pairs), 0) FROM documents d WHERE d.corpus_id = c.id) AS in_docs "
+                "FROM corpora c").to_pylist()
+            for r in views:
+                want = (r["n_pairs"], r["n_pairs"]) if r["status"] == "ready" else (0, 0)
+                if (r["in_pairs"], r["in_docs"]) != want:
+                    errors.append(f"torn read: {r}")
+            ready = {c.id: c.pairs for c in s.corpora() if c.status == "ready"}  # the same snapshot
+            by = {r["id"]: r["in_pairs"] for r in views if r["in_pairs"]}
             found = set(np.ravel(s.search(q, k=16).corpus_ids).tolist()) - {-1}
             # every corpus the reader sees is complete, and only ready corpora come back
-            if any(by.get(c, 0) != ready.get(c, -1) and c in by for c in by) or not found <= set(by) | set(ready):
+            if by != ready or not found <= set(ready) or s.stats().pairs != sum(ready.values()):
                 errors.append(f"inconsistent: sql {by} ready {ready} search {sorted(found)}")
             seen.add(json.dumps(sorted(by.items())))
             n += 1
