@@ -175,7 +175,10 @@ class KNNLM:
                                  refine_factor=s.refine_factor)
 
     def retrieval_mask(self, lm_log_probs: torch.Tensor) -> torch.Tensor:
+        """[N] bool: the positions that search the store (none while it holds no pairs)."""
         s = self.settings
+        if not self.store.visible_corpora:
+            return torch.zeros(lm_log_probs.shape[0], dtype=torch.bool)
         skip_above = s.skip_above_prob
         if skip_above is None and s.skip_below_entropy is None and self.policy is not None:
             skip_above = self.policy.skip_above_prob
@@ -187,7 +190,7 @@ class KNNLM:
         lm_log_probs = torch.log_softmax(lm_logits.float(), dim=-1)
         n, vocab = lm_log_probs.shape
         retrieve = self.retrieval_mask(lm_log_probs)
-        if s.lambda_ == 0.0 or not self.store.visible_corpora:  # the plain LM: nothing to look up
+        if s.lambda_ == 0.0:  # the plain LM: nothing to look up
             retrieve = torch.zeros_like(retrieve)
         neighbours = Neighbours.empty(n, s.k)
         rows = retrieve.nonzero().flatten().numpy()

@@ -191,11 +191,12 @@ def parse_url(url: str | URL) -> URL:
         return url
     if not isinstance(url, str) or not url.strip():
         raise CatalogError(f"the catalog URL must be a SQLAlchemy URL such as "
-                           f"postgresql+psycopg://user:***@host/db, got {type(url).__name__} {mask(url)}")
+                           f"postgresql+psycopg://user:***@host/db, got {type(url).__name__}")
     try:
         return make_url(url)
     except (ArgumentError, ValueError):
-        raise CatalogError(f"{mask(url)} is not a SQLAlchemy URL: write it as "
+        # Not shown: where a URL does not parse, nothing tells which part is a password.
+        raise CatalogError("the catalog URL is not a SQLAlchemy URL: write it as "
                            "dialect+driver://user:password@host:port/database") from None
 
 
@@ -220,8 +221,8 @@ def make_engine(url: str | URL, *, create: bool = False, read_only: bool = False
 
     A SQLite catalog is a file opened by its path: never created unless ``create`` (a
     read of a store whose catalog is gone must not leave an empty one), opened with
-    ``mode=ro`` when ``read_only`` (a read-only mount: ``immutable``, so no ``-shm``
-    file is needed). SQLite gets enforced foreign keys and real transactions (SQLAlchemy's
+    ``mode=ro`` when ``read_only`` (on a read-only mount with no ``-shm`` file left by a
+    writer, as ``immutable``: then the database file holds everything). SQLite gets enforced foreign keys and real transactions (SQLAlchemy's
     recipe: BEGIN on begin, so one session reads one snapshot); WAL is set once, at creation.
     """
     url = parse_url(url)
@@ -245,11 +246,16 @@ def make_engine(url: str | URL, *, create: bool = False, read_only: bool = False
     path = Path(database)
     mode = "rwc" if create else ("ro" if read_only else "rw")
     uri = f"file:{urllib.parse.quote(str(path))}?mode={mode}"
-    if read_only:
-        uri += "&immutable=1"
 
     def connect():
-        return sqlite3.connect(uri, uri=True, check_same_thread=False)
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        if read_only:
+            try:  # reads the WAL through its -shm file, if a writer left them
+                conn.execute("SELECT 1 FROM sqlite_master LIMIT 1")
+            except sqlite3.OperationalError:  # no -shm, none can be made: the file is all there is
+                conn.close()
+                conn = sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False)
+        return conn
 
     engine = create_engine(URL.create("sqlite", database=str(path)), creator=connect, poolclass=QueuePool)
 

@@ -251,7 +251,7 @@ class Store:
         The model is loaded once to read its identity and vocabulary; pass ``encoder`` to
         reuse one already loaded. Nothing is left behind if creation fails.
         """
-        path = Path(path)
+        path = _usable_path(path)
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if (path / MARKER_FILE).exists():
@@ -307,7 +307,7 @@ class Store:
             model: check now that this model is the store's (refused if it differs).
             encoder: an already loaded model to use (checked the same way).
         """
-        path = Path(path)
+        path = _usable_path(path)
         if not path.exists():
             raise StoreNotFoundError(f"no store at {path}: create one with `knnstore init {path}`")
         if not path.is_dir() or not (path / MARKER_FILE).exists():
@@ -1006,6 +1006,17 @@ def normalise_name(name: str) -> str:
     if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in name):
         raise InputError(f"corpus name {name!r} holds control characters: use printable text")
     return name
+
+
+def _usable_path(path: str | os.PathLike) -> Path:
+    """A store path, refused if LanceDB would read it as a URL: it takes a '?' for the start
+    of a query string and would write the table somewhere else (the catalog, opened by
+    path, has no such limit)."""
+    path = Path(path)
+    if "?" in str(path.absolute()):
+        raise InputError(f"{path}: a store path cannot contain '?' (LanceDB reads it as the start of a "
+                         "URL query and would write elsewhere); pick a path without it")
+    return path
 
 
 def _make_dirs(path: Path) -> Path | None:
