@@ -239,11 +239,11 @@ def add_corpus(store, name, paths, split_on_heading, text_field, max_documents, 
         settings = IngestSettings.resolve(window=window, stride=stride, batch_size=batch_size)
     except InputError as exc:
         raise click.BadParameter(str(exc)) from None
+    options = SourceOptions(text_field=text_field, split_on_heading=split_on_heading,
+                            max_documents=max_documents)
     s = _open(store)
     s.check_new_corpus(name, paths)  # fail fast, before the model loads
     _load_model(s)
-    options = SourceOptions(text_field=text_field, split_on_heading=split_on_heading,
-                            max_documents=max_documents)
     with _progress(f"Adding {name}") as update:
         info = s.add_corpus(name, paths, options=options, settings=settings, progress=update, index=False)
     _print_added(info, as_json)
@@ -382,19 +382,19 @@ def stats(store, as_json):
     out.print(table)
 
 
-def _numbers(kind: Num):
-    """A callback parsing one number or a comma-separated list, each checked by ``kind``."""
-    def parse(ctx, param, value):
-        if value is None:
-            return None
-        parts = [v for v in str(value).split(",") if v.strip()]
+class NumList(Num):
+    """One number or a comma-separated list of them (a sweep), each checked as ``Num``."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        parts = [v.strip() for v in str(value).split(",") if v.strip()]
         if not parts:
-            raise click.BadParameter("expected at least one value")
+            self.fail("expected at least one value", param, ctx)
         try:
-            return [kind.convert(v.strip(), param, ctx) for v in parts]
+            return [super(NumList, self).convert(v, param, ctx) for v in parts]
         except click.BadParameter as exc:
-            raise click.BadParameter(f"{exc.message} (give one number or a comma-separated list)") from None
-    return parse
+            self.fail(f"{exc.message} (give one number or a comma-separated list)", param, ctx)
 
 
 def _knn_options(sweep: bool):
@@ -403,11 +403,11 @@ def _knn_options(sweep: bool):
 
     def decorate(f):
         for opt in reversed([
-            click.option("--k", "k", callback=_numbers(Num(1, MAX_K)),
+            click.option("--k", "k", type=NumList(1, MAX_K),
                          help=f"Neighbours per position, 1 to {MAX_K:,} [default: {KNNSettings.k}]{many}."),
-            click.option("--lambda", "lambda_", callback=_numbers(Num(0.0, 1.0, integer=False)),
+            click.option("--lambda", "lambda_", type=NumList(0.0, 1.0, integer=False),
                          help=f"Weight of p_kNN in the mixture [default: {KNNSettings.lambda_}]{many}."),
-            click.option("--temperature", callback=_numbers(Num(0.0, None, integer=False, lo_open=True)),
+            click.option("--temperature", type=NumList(0.0, None, integer=False, lo_open=True),
                          help=f"T in p_kNN ∝ exp(-distance / T) [default: {KNNSettings.temperature:g}]{many}."),
             click.option("--exact", is_flag=True, default=None,
                          help="Brute-force search over all stored keys instead of the ANN index."),

@@ -163,6 +163,12 @@ class SourceOptions:
     split_on_heading: bool = False
     max_documents: int | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.text_field, str) or not self.text_field.strip():
+            raise InputError(f"text_field must name a field or column, got {self.text_field!r}")
+        if self.max_documents is not None:
+            check_number("max_documents", self.max_documents, 1, None, integer=True)
+
 
 def _flag(raw: str) -> bool:
     return raw.lower() in ("1", "true", "yes")

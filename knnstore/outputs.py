@@ -26,6 +26,8 @@ def check_output_path(path: str | os.PathLike) -> Path:
                              "any store (an output there could overwrite the store's own files)")
     if target.is_dir():
         raise InputError(f"{path} is a directory: give a file name to write to")
+    if target.exists() and not target.is_file():  # a device or a pipe would be replaced by a file
+        raise InputError(f"{path} is not a regular file (a device, pipe or socket): give a file name to write to")
     if not target.parent.is_dir():
         raise InputError(f"cannot write {path}: the directory {given.parent} does not exist; create it first")
     return target
