@@ -17,6 +17,7 @@ from .errors import (
     KnnstoreError,
     ModelLoadError,
     ModelMismatchError,
+    ModelRunError,
     ReadOnlyError,
     StoreDamagedError,
     StoreExistsError,
@@ -47,7 +48,7 @@ def __getattr__(name: str):
 __all__ = [
     "CatalogError", "CorpusExistsError", "CorpusInfo", "EvalResult", "Generation", "KNNLM", "KNNLogitsProcessor",
     "KNNSettings", "Source", "TokenExplanation", "CorpusNotFoundError", "DiskFullError", "Encoder", "IngestSettings",
-    "InputError", "KnnstoreError", "ModelLoadError", "ModelMismatchError", "Neighbours",
+    "InputError", "KnnstoreError", "ModelLoadError", "ModelMismatchError", "ModelRunError", "Neighbours",
     "ReadOnlyError", "SourceOptions", "Store", "StoreDamagedError", "StoreExistsError", "StoreIdentity",
     "StoreLockedError", "StoreMismatchError", "StoreNotFoundError", "StoreStats", "StoreVersionError",
     "UnsupportedModelError", "__version__",

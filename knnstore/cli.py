@@ -60,6 +60,17 @@ class Num(click.ParamType):
         self.lo, self.hi, self.integer, self.lo_open = lo, hi, integer, lo_open
         self.name = "integer" if integer else "number"
 
+    def get_metavar(self, param, ctx=None) -> str:
+        """INTEGER, with its range as --help shows it: 'INTEGER 1..4096', 'NUMBER >0'."""
+        kind = "INTEGER" if self.integer else "NUMBER"
+        fmt = lambda x: None if x is None else (str(x) if self.integer else f"{x:g}")  # noqa: E731
+        lo, hi = fmt(self.lo), fmt(self.hi)
+        if lo is not None and hi is not None:
+            return f"{kind} ({lo}..{hi}]" if self.lo_open else f"{kind} {lo}..{hi}"
+        if lo is not None:
+            return f"{kind} {'>' if self.lo_open else '>='}{lo}"
+        return kind if hi is None else f"{kind} <={hi}"
+
     def convert(self, value, param, ctx):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = value
@@ -404,7 +415,7 @@ def _knn_options(sweep: bool):
     def decorate(f):
         for opt in reversed([
             click.option("--k", "k", type=NumList(1, MAX_K),
-                         help=f"Neighbours per position, 1 to {MAX_K:,} [default: {KNNSettings.k}]{many}."),
+                         help=f"Neighbours per position [default: {KNNSettings.k}]{many}."),
             click.option("--lambda", "lambda_", type=NumList(0.0, 1.0, integer=False),
                          help=f"Weight of p_kNN in the mixture [default: {KNNSettings.lambda_}]{many}."),
             click.option("--temperature", type=NumList(0.0, None, integer=False, lo_open=True),

@@ -35,6 +35,10 @@ class ModelLoadError(KnnstoreError):
     """A model or tokenizer could not be loaded (unknown id, offline, corrupt files)."""
 
 
+class ModelRunError(KnnstoreError):
+    """The model itself failed while encoding (bad weights, out of memory on a device)."""
+
+
 class ModelMismatchError(KnnstoreError):
     """The model given differs from the one the store was built with."""
 

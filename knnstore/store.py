@@ -58,6 +58,7 @@ from .errors import (
     InputError,
     KnnstoreError,
     ModelMismatchError,
+    ModelRunError,
     ReadOnlyError,
     StoreDamagedError,
     StoreExistsError,
@@ -862,7 +863,8 @@ class Store:
             options = SourceOptions(**spec["options"])
             schema = self.table.schema
             encoder = self.encoder
-            forward = lambda ids, mask: encoder.forward(ids, mask)[0]  # noqa: E731
+
+            forward = _model_forward(encoder, name, self.path)
             docs = ingest.limited(ingest.iter_documents(spec["paths"], options), options.max_documents)
             done_tokens = 0
             pending: list[pa.RecordBatch] = []  # encoded pairs not yet in the table
@@ -1070,6 +1072,22 @@ def _check_binding(path: Path, url, marker_id: str | None, catalog_id: str | Non
         f"the catalog at {_masked(url)} does not belong to the store at {path} (store ids: {shown}): "
         "check KNNSTORE_CATALOG_URL and the store's catalog_url; nothing was read or changed"
     )
+
+
+def _model_forward(encoder: Encoder, corpus: str, path: Path):
+    """The encoder's keys for a batch, with the model's own failures (torch's errors inside
+    it: bad weights, a device out of memory) as one ModelRunError that says how to go on."""
+    def forward(ids, mask):
+        try:
+            return encoder.forward(ids, mask)[0]
+        except (RuntimeError, ValueError, IndexError) as exc:
+            detail = (str(exc).strip().splitlines() or ["-"])[0]
+            raise ModelRunError(
+                f"the model {encoder.name} failed while encoding corpus {corpus!r} ({type(exc).__name__}: "
+                f"{detail}); the corpus is kept as failed: fix the model, then "
+                f"`knnstore resume-corpus {path} {corpus}`"
+            ) from exc
+    return forward
 
 
 def _is_disk_full(exc: BaseException) -> bool:

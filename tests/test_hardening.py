@@ -410,3 +410,18 @@ def test_sigterm_is_handled_like_ctrl_c_and_repair_closes_dead_runs(tmp_path, ti
     assert any("recorded as running" in p.what and p.repaired for p in report.problems)
     with sqlite3.connect(s / "catalog.db") as db:
         assert db.execute("SELECT count(*) FROM ingest_runs WHERE status = 'running'").fetchone() == (0,)
+
+
+def test_a_model_that_fails_while_encoding_is_one_line_and_a_resumable_corpus(filled, text_dir, small_settings, monkeypatch):
+    from knnstore import ModelRunError
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    with monkeypatch.context() as m:
+        m.setattr(filled.encoder, "forward", broken)
+        with pytest.raises(ModelRunError, match=r"failed while encoding corpus 'x' \(RuntimeError: CUDA out"):
+            filled.add_corpus("x", [text_dir], settings=small_settings)
+    assert filled.corpus("x").status == "failed" and filled.stats().pairs == filled.corpus("keep").pairs
+    filled.resume_corpus("x")
+    assert filled.corpus("x").status == "ready" and check(filled).problems == []
