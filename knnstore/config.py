@@ -3,10 +3,11 @@
 A store is a directory::
 
     STORE/
-      knnstore.json   marker: format version and where the catalog lives
+      knnstore.json   marker: format version, where the catalog lives, the store id
       catalog.db      the SQL catalog (SQLite, unless a --catalog-url was given)
       vectors/        the LanceDB database holding the table `pairs`
-      write.lock      taken by the one process allowed to write at a time
+
+The one process allowed to write locks the directory itself (``lock.py``).
 
 The store's *identity* (model, tokenizer fingerprint, key site, dim, dtype, metric) lives
 in the catalog table `store_config` and is never overridden, only checked. *Settings*
@@ -29,7 +30,6 @@ FORMAT_VERSION = 1
 MARKER_FILE = "knnstore.json"
 CATALOG_FILE = "catalog.db"
 VECTORS_DIR = "vectors"
-LOCK_FILE = "write.lock"
 PAIRS_TABLE = "pairs"
 
 DEFAULT_MODEL = "smollm2-135m"

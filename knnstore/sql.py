@@ -12,7 +12,8 @@ Views (``knnstore sql STORE "SELECT ..."`` or ``Store.sql(query)``):
 * ``vocab``: token_id, piece, text.
 * ``runs``: the history of adds, resumes and removals.
 
-Read-only and contained: only SELECT (and EXPLAIN, DESCRIBE, SHOW) statements run; the
+Read-only and contained: only SELECT (and DESCRIBE, SHOW, and EXPLAIN of what may run:
+EXPLAIN ANALYZE runs the statement it explains) statements run; the
 DuckDB connection is in memory, cannot read or write files (``enable_external_access``
 off, configuration locked), and never touches the catalog database except to read it
 through SQLAlchemy before the query runs.

@@ -228,11 +228,10 @@ class Store:
 
     def __init__(self, path: Path, catalog_url: str, engine, identity: StoreIdentity,
                  table: PairsTable, encoder: Encoder | None = None, *, store_id: str | None = None,
-                 own_catalog: bool = True, read_only: bool = False) -> None:
+                 own_catalog: bool = True) -> None:
         self.path, self.catalog_url, self.engine = path, catalog_url, engine
         self.identity, self.table = identity, table
         self.store_id = store_id  # None: a store made before ids, not bound yet
-        self.read_only = read_only
         self._own_catalog = own_catalog  # the SQLite file inside the store (bindable when legacy)
         self._encoder = encoder
         self._rows: list[catalog.Corpus] = []  # the catalog's corpora in this snapshot
@@ -327,7 +326,7 @@ class Store:
         table = PairsTable.open(path / VECTORS_DIR)
         _check_binding(path, url, marker.store_id, row.store_id, table.store_id())
         store = cls(path, given or catalog.sqlite_url(path / CATALOG_FILE).render_as_string(), engine, identity, table,
-                    store_id=row.store_id, own_catalog=given is None, read_only=read_only)
+                    store_id=row.store_id, own_catalog=given is None)
         if encoder is None and model is not None:
             encoder = Encoder.load(model, key_layer=identity.key_layer, key_site=identity.key_site)
         if encoder is not None:

@@ -83,7 +83,7 @@ def hostile_inputs(run: Run, work: Path, model: Path, docs: Path) -> None:
     os.mkfifo(fifo)
     (work / "surrogate.jsonl").write_text('{"text": "a \\ud800 b"}\n')
     (work / "bad.jsonl").write_text('{"text": 1}\n')
-    names = ["", "  ", "keep", "x" * 300, "a\x1b[31mb", "a\x00b", "tab\there", "bell\x07", "new\nline"]
+    names = ["", "  ", "keep", "x" * 300, "a\x1b[31mb", "tab\there", "bell\x07", "new\nline"]
     for name in names:
         run.refused(f"add-corpus name {name[:12]!r}", store, "add-corpus", store, name, docs)
         run.refused(f"remove-corpus name {name[:12]!r}", store, "remove-corpus", store, name + "-missing")
