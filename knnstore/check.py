@@ -81,14 +81,17 @@ def _counts(column: np.ndarray) -> dict[int, int]:
 
 def check(store: "Store", repair: bool = False) -> CheckReport:
     """Check that the catalog and the vector table agree; with ``repair``, fix what is safe."""
-    if repair:
-        with store.write_lock():
+    if not repair:
+        return _check(store, repair=False)
+    try:
+        with store.write_lock():  # refused on a table with missing data files: nothing is repaired
             report = _check(store, repair=True)
-            if not report.damaged:  # cleaning up a table with missing files could lose more
+            if not report.damaged:
                 store.table.cleanup()
-        store.refresh()
-        return report
-    return _check(store, repair=False)
+    except StoreDamagedError:
+        return _check(store, repair=False)  # the damage, as findings
+    store.refresh()
+    return report
 
 
 def damaged(path: str, message: str) -> CheckReport:

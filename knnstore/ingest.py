@@ -99,7 +99,10 @@ def read_text_file(path: Path) -> str:
     with os.fdopen(fd, "rb") as fh:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise InputError(f"{path} is not a regular file (a device, pipe or socket): give a text file")
-        data = fh.read()
+        try:
+            data = fh.read()
+        except OSError as exc:  # e.g. /proc/self/mem: a "regular" file that cannot be read
+            raise InputError(f"cannot read {path} ({exc.strerror or exc}): give a readable text file") from None
     if b"\x00" in data[:_SNIFF]:
         raise NotText("binary")
     try:

@@ -679,6 +679,12 @@ class Store:
         first = self._lock.acquire(wait_s)
         try:
             if first:
+                missing = self.table.missing_files()
+                if missing:  # a write would fail half way through (a removal left `removing`)
+                    raise StoreDamagedError(
+                        f"the pairs table of {self.path} is damaged ({len(missing)} data file(s) missing, "
+                        f"e.g. {missing[0]}): nothing was changed; `knnstore check {self.path}` lists "
+                        "the damage, restore the store from a backup")
                 self._bind_legacy()
                 self.refresh()
             yield

@@ -425,3 +425,17 @@ def test_a_model_that_fails_while_encoding_is_one_line_and_a_resumable_corpus(fi
     assert filled.corpus("x").status == "failed" and filled.stats().pairs == filled.corpus("keep").pairs
     filled.resume_corpus("x")
     assert filled.corpus("x").status == "ready" and check(filled).problems == []
+
+
+def test_a_write_to_a_table_with_a_missing_data_file_changes_nothing(filled, tmp_path):
+    next((filled.path / "vectors" / "pairs.lance" / "data").iterdir()).unlink()
+    before = snapshot(filled.path)
+    result = _run("remove-corpus", filled.path, "keep")
+    assert result.exit_code == 1 and "data file(s) missing" in result.output
+    assert snapshot(filled.path) == before and Store.open(filled.path).corpus("keep").status == "ready"
+    assert _run("sql", filled.path, "SELECT count(*) FROM pairs").exit_code == 1
+
+
+def test_a_text_that_cannot_be_read_is_one_line(filled):
+    result = _run("eval", filled.path, "--text", "/proc/self/mem")
+    assert result.exit_code == 1 and "cannot read /proc/self/mem" in result.output

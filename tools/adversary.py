@@ -50,18 +50,22 @@ class Run:
         proc = self.cli(*args)
         out = proc.stdout + proc.stderr
         if proc.returncode == 0:
-            self.findings.append(f"{what}: accepted (exit 0): {' '.join(map(str, args))[:120]}")
+            self.found(f"{what}: accepted (exit 0): {' '.join(map(str, args))[:120]}")
         if "Traceback" in out:
-            self.findings.append(f"{what}: traceback: {out.strip().splitlines()[-1][:200]}")
+            self.found(f"{what}: traceback: {out.strip().splitlines()[-1][:200]}")
         if "\x1b" in out:
-            self.findings.append(f"{what}: an escape character reached the terminal")
+            self.found(f"{what}: an escape character reached the terminal")
         if store and _bytes(store) != before:
-            self.findings.append(f"{what}: the store changed")
+            self.found(f"{what}: the store changed")
+
+    def found(self, finding: str) -> None:
+        self.findings.append(finding)
+        print("FINDING", finding, flush=True)
 
     def ok(self, what: str, *args) -> subprocess.CompletedProcess:
         proc = self.cli(*args)
         if proc.returncode != 0 or "Traceback" in proc.stderr:
-            self.findings.append(f"{what}: failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+            self.found(f"{what}: failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}")
         return proc
 
 
@@ -120,7 +124,7 @@ def hostile_inputs(run: Run, work: Path, model: Path, docs: Path) -> None:
                  ["init", work / "q?x", "--model", model]):
         run.refused(" ".join(map(str, args[:1] + args[2:]))[:60], store, *args)
     if any(p.exists() for p in (work / "n1", work / "n2", work / "n3", work / "q")):
-        run.findings.append("a refused init left a directory behind")
+        run.found("a refused init left a directory behind")
     # another store's catalog
     other = work / "other"
     run.ok("init other", "init", other, "--model", model)
@@ -172,7 +176,7 @@ def kills(run: Run, work: Path, model: Path, docs: Path, n: int, rng: random.Ran
     run.ok("init", "init", store, "--model", model)
     run.ok("add", "add-corpus", store, "keep", docs)
     keep = _ready(run, store)["keep"]
-    big = write_docs(work / "big", 200, 12)
+    big = write_docs(work / "big", 60, 6)
     for i in range(n):
         ready = _ready(run, store)
         name = f"c{i}"
@@ -197,22 +201,22 @@ def kills(run: Run, work: Path, model: Path, docs: Path, n: int, rng: random.Ran
         run.cases += 1
         what = f"kill {i}: {args[0]} {sig.name}"
         if "Traceback" in err:
-            run.findings.append(f"{what}: traceback: {err.strip().splitlines()[-1][:200]}")
+            run.found(f"{what}: traceback: {err.strip().splitlines()[-1][:200]}")
         if sig == signal.SIGTERM and proc.returncode not in (0, 143, 1):
-            run.findings.append(f"{what}: exit {proc.returncode} on SIGTERM")
+            run.found(f"{what}: exit {proc.returncode} on SIGTERM")
         after = _ready(run, store)
         if after.get("keep") != keep or any(after.get(c) != p for c, p in ready.items() if args[0] != "remove-corpus"):
-            run.findings.append(f"{what}: a ready corpus changed: {ready} -> {after}")
+            run.found(f"{what}: a ready corpus changed: {ready} -> {after}")
         repair = run.cli("check", store, "--repair")
         if repair.returncode != 0 or run.cli("check", store).returncode != 0:
-            run.findings.append(f"{what}: check after repair: {repair.stdout.strip()[-300:]}")
+            run.found(f"{what}: check after repair: {repair.stdout.strip()[-300:]}")
         for c in json.loads(run.cli("list", store, "--json").stdout):
             if c["status"] == "failed" and rng.random() < 0.5:
                 run.ok(f"{what}: resume", "resume-corpus", store, c["name"])
             elif c["status"] != "ready":
                 run.ok(f"{what}: remove", "remove-corpus", store, c["name"])
         if run.cli("check", store).returncode != 0:
-            run.findings.append(f"{what}: check after recovery failed")
+            run.found(f"{what}: check after recovery failed")
 
 
 def main() -> None:
@@ -232,8 +236,6 @@ def main() -> None:
         print(f"{part.__name__}: {run.cases} cases so far, {len(run.findings)} findings", flush=True)
     kills(run, args.work, model, docs, args.kills, random.Random(args.seed))
     print(f"kills: {run.cases} cases so far, {len(run.findings)} findings", flush=True)
-    for f in run.findings:
-        print("FINDING", f)
     print(f"{run.cases} cases in {time.monotonic() - t0:.0f} s: {len(run.findings)} findings")
     sys.exit(1 if run.findings else 0)
 
