@@ -290,7 +290,7 @@ def migrations_dir() -> Path:
     return Path(str(importlib.resources.files("knnstore.migrations")))
 
 
-def _alembic_config():
+def alembic_config():
     from alembic.config import Config
 
     cfg = Config()
@@ -301,7 +301,7 @@ def _alembic_config():
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -319,7 +319,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic import command
     from alembic.script import ScriptDirectory
 
-    cfg = _alembic_config()
+    cfg = alembic_config()
     script = ScriptDirectory.from_config(cfg)
     current = current_revision(engine)
     if current is not None:
@@ -340,7 +340,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 def downgrade(engine: Engine, revision: str) -> None:
     from alembic import command
 
-    cfg = _alembic_config()
+    cfg = alembic_config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, revision)

@@ -37,6 +37,7 @@ from . import catalog
 from .catalog import FAILED, INGESTING, READY, REMOVING
 from .config import DTYPES
 from .errors import StoreDamagedError
+from .vectors import VECTOR_TYPES, pairs_schema
 
 if TYPE_CHECKING:
     from .store import Store
@@ -114,12 +115,12 @@ def _check(store: "Store", repair: bool) -> CheckReport:
 
     # 1. The table's schema is the store's.
     schema = store.table.schema
-    for name in ("pair_id", "corpus_id", "document_id", "position", "token", "next_token", "vector"):
+    for name in pairs_schema(ident.dim, ident.dtype).names:
         if name not in schema.names:
             problems.append(Problem(ERROR, f"the pairs table has no '{name}' column"))
     if "vector" in schema.names:
         vtype = schema.field("vector").type
-        want = pa.float16() if ident.dtype == "float16" else pa.float32()
+        want = VECTOR_TYPES[ident.dtype]
         if not pa.types.is_fixed_size_list(vtype) or vtype.list_size != ident.dim or vtype.value_type != want:
             problems.append(Problem(ERROR, f"the vector column is {vtype}; the store records dim "
                                            f"{ident.dim} {ident.dtype} ({', '.join(DTYPES)} allowed)"))

@@ -33,6 +33,7 @@ import torch
 
 from .config import IngestSettings, SourceOptions
 from .errors import InputError
+from .vectors import pair_id, pairs_batch, pairs_schema  # noqa: F401  (pair_id, pairs_schema: kept importable here)
 
 TEXT_SUFFIXES = {".txt", ".md"}
 _HEADING = re.compile(r"^ = ([^=].*) = $")  # WikiText top-level heading: " = Title = "
@@ -323,25 +324,6 @@ def windows(n_tokens: int, window: int, stride: int) -> Iterator[tuple[int, int,
         prev_end, begin = end, begin + stride
 
 
-def pairs_schema(dim: int, dtype: str) -> pa.Schema:
-    """Arrow schema of the LanceDB table `pairs` (see docs/storage.md)."""
-    value_type = pa.float16() if dtype == "float16" else pa.float32()
-    return pa.schema([
-        pa.field("pair_id", pa.int64(), nullable=False),
-        pa.field("corpus_id", pa.int32(), nullable=False),
-        pa.field("document_id", pa.int64(), nullable=False),
-        pa.field("position", pa.int32(), nullable=False),
-        pa.field("token", pa.int32(), nullable=False),
-        pa.field("next_token", pa.int32(), nullable=False),
-        pa.field("vector", pa.list_(value_type, dim), nullable=False),
-    ])
-
-
-def pair_id(document_id, position):
-    """Stable pair id: document id in the high 32 bits, position in the low 32."""
-    return (np.asarray(document_id, dtype=np.int64) << 32) | np.asarray(position, dtype=np.int64)
-
-
 def encode_documents(
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     documents: list[tuple[int, list[int]]],
@@ -366,7 +348,6 @@ def encode_documents(
     ]
     spans.sort(key=lambda s: s[2] - s[1], reverse=True)  # similar lengths share a batch
     np_dtype = np.float16 if schema.field("vector").type.value_type == pa.float16() else np.float32
-    dim = schema.field("vector").type.list_size
     for i in range(0, len(spans), settings.batch_size):
         batch = spans[i : i + settings.batch_size]
         width = max(e - b for _, b, e, _ in batch)
@@ -386,17 +367,7 @@ def encode_documents(
             cols["next"].append(np.asarray(tokens[k + 1 : e + 1], dtype=np.int32))
             cols["vec"].append(keys[row, k - b : e - b].numpy().astype(np_dtype))
         doc, pos = np.concatenate(cols["doc"]), np.concatenate(cols["pos"])
-        vec = np.concatenate(cols["vec"])
-        batch_rb = pa.RecordBatch.from_arrays(
-            [
-                pa.array(pair_id(doc, pos)),
-                pa.array(np.full(len(pos), corpus_id, dtype=np.int32)),
-                pa.array(doc),
-                pa.array(pos.astype(np.int32)),
-                pa.array(np.concatenate(cols["tok"])),
-                pa.array(np.concatenate(cols["next"])),
-                pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), dim),
-            ],
-            schema=schema,
-        )
+        batch_rb = pairs_batch(schema, document_id=doc, position=pos, corpus_id=corpus_id,
+                               token=np.concatenate(cols["tok"]), next_token=np.concatenate(cols["next"]),
+                               vector=np.concatenate(cols["vec"]))
         yield batch_rb, len(pos)

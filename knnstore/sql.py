@@ -56,7 +56,7 @@ class _PairsDataset(lance.LanceDataset):
     def of(cls, dataset: lance.LanceDataset, visible: set[int]) -> "_PairsDataset":
         view = cls.__new__(cls)
         view.__dict__.update(dataset.__dict__)  # same dataset, same pinned version
-        view._visible = pc.field("corpus_id").isin(sorted(visible))
+        view.visible_filter = pc.field("corpus_id").isin(sorted(visible))
         return view
 
     @property
@@ -70,7 +70,7 @@ class _PairsDataset(lance.LanceDataset):
         columns = kwargs.get("columns") or self.schema.names
         kwargs["columns"] = list(columns)
         given = kwargs.get("filter")
-        kwargs["filter"] = self._visible if given is None else (given & self._visible)
+        kwargs["filter"] = self.visible_filter if given is None else (given & self.visible_filter)
         scan = super().scanner(*args, **kwargs)
         if "vector" not in columns:
             return scan
@@ -97,7 +97,7 @@ def _read_catalog(s: Session) -> dict:
         .order_by(D.corpus_id, D.ordinal)).all()
     runs = s.execute(select(
         R.id, R.corpus_id, R.corpus_name, R.kind, R.status, R.started_at, R.finished_at,
-        R.error, R.n_documents, R.n_tokens, R.n_pairs, R.tokens_per_s).order_by(R.id)).all()
+        R.error, R.n_documents, R.n_tokens, R.n_pairs, R.tokens_per_s).order_by(R.id)).mappings().all()
     vocab = s.execute(select(V.token_id, V.piece, V.text).order_by(V.token_id)).all()
     return {"corpora": corpora, "docs": docs, "runs": runs, "vocab": vocab}
 
@@ -134,7 +134,7 @@ def _catalog_tables(store: "Store", rows: dict) -> dict[str, pa.Table]:
             ("ordinal", pa.int64()), ("source", pa.string()), ("title", pa.string()),
             ("sha256", pa.string()), ("n_tokens", pa.int64()), ("n_pairs", pa.int64()),
             ("status", pa.string()), ("metadata", pa.string())])),
-        "runs": table([dict(r._mapping) for r in runs], pa.schema([
+        "runs": table([dict(r) for r in runs], pa.schema([
             ("id", pa.int64()), ("corpus_id", pa.int32()), ("corpus_name", pa.string()),
             ("kind", pa.string()), ("status", pa.string()), ("started_at", ts), ("finished_at", ts),
             ("error", pa.string()), ("n_documents", pa.int64()), ("n_tokens", pa.int64()),

@@ -69,7 +69,7 @@ from .errors import (
 )
 from .faults import crash_point
 from .lock import WriteLock, on_read_only_mount, writer_active
-from .vectors import INDEX_TYPES, ExactSearch, Neighbours, PairsTable
+from .vectors import INDEX_TYPES, ExactSearch, Neighbours, PairsTable, pair_id, row_bytes
 
 ProgressFn = Callable[[int, int], None]  # (tokens done so far, total tokens)
 _MAX_DOCS_PER_COMMIT = 10_000
@@ -145,11 +145,6 @@ class IndexPlan:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _row_bytes(dim: int, dtype: str) -> int:
-    # vector + pair_id(8) corpus_id(4) document_id(8) position(4) token(4) next_token(4)
-    return dim * (2 if dtype == "float16" else 4) + 32
 
 
 _masked = catalog.mask
@@ -440,7 +435,7 @@ class Store:
         return CorpusInfo(
             id=c.id, name=c.name, status=status, source=c.source, documents=c.n_documents,
             tokens=c.n_tokens, pairs=c.n_pairs,
-            bytes=c.n_pairs * _row_bytes(self.identity.dim, self.identity.dtype),
+            bytes=c.n_pairs * row_bytes(self.identity.dim, self.identity.dtype),
             created_at=c.created_at, ready_at=c.ready_at, error=error,
             skipped=[list(x) for x in (c.spec or {}).get("skipped", [])],
         )
@@ -490,7 +485,7 @@ class Store:
         The pair's token (position) and next token are marked with ``[[...]]``.
         """
         lo = max(0, position - before)
-        ids = ingest.pair_id(document_id, np.arange(lo, position + after + 1))
+        ids = pair_id(document_id, np.arange(lo, position + after + 1))
         rows = self.table.take(ids.tolist(), columns=["position", "token", "next_token"]).to_pydict()
         by_pos = dict(zip(rows["position"], zip(rows["token"], rows["next_token"])))
         decode = self.encoder.tokenizer.decode
@@ -780,7 +775,7 @@ class Store:
 
     def _check_free_space(self, name: str, n_tokens: int) -> None:
         """Refuse, before writing anything, a corpus the disk cannot hold."""
-        need = int(n_tokens * _row_bytes(self.identity.dim, self.identity.dtype) * 1.2) + (1 << 20)
+        need = int(n_tokens * row_bytes(self.identity.dim, self.identity.dtype) * 1.2) + (1 << 20)
         free = shutil.disk_usage(self.path / VECTORS_DIR).free
         if free < need:
             raise DiskFullError(

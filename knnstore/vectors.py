@@ -41,7 +41,6 @@ import torch
 
 from .config import PAIRS_TABLE, check_number
 from .errors import InputError, StoreDamagedError
-from .ingest import pairs_schema
 
 try:  # LanceDB's background event loop, which its sync API runs every query on
     from lancedb.background_loop import LOOP as _LOOP
@@ -70,8 +69,52 @@ def damage_errors(uri: Path) -> Iterator[None]:
                                 "run `knnstore check` on the store, and restore it from a backup") from None
 
 
-# Columns a search returns besides the distance.
-_RESULT_COLUMNS = ["pair_id", "next_token", "corpus_id", "document_id", "position"]
+# --- the `pairs` table's schema: its one home (docs/storage.md) -----------------------
+
+# Every column but the key, with its Arrow type, in table order; `vector` comes last.
+PAIR_COLUMNS = {
+    "pair_id": pa.int64(),      # pair_id(document_id, position): stable, unique in the store
+    "corpus_id": pa.int32(),
+    "document_id": pa.int64(),
+    "position": pa.int32(),     # t, the token position in the document
+    "token": pa.int32(),        # the token at t
+    "next_token": pa.int32(),   # the token at t+1: the value
+}
+VECTOR_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def pairs_schema(dim: int, dtype: str) -> pa.Schema:
+    """Arrow schema of the LanceDB table `pairs`: the columns above and the key vector."""
+    fields = [pa.field(name, kind, nullable=False) for name, kind in PAIR_COLUMNS.items()]
+    return pa.schema(fields + [pa.field("vector", pa.list_(VECTOR_TYPES[dtype], dim), nullable=False)])
+
+
+def pair_id(document_id, position):
+    """Stable pair id: document id in the high 32 bits, position in the low 32."""
+    return (np.asarray(document_id, dtype=np.int64) << 32) | np.asarray(position, dtype=np.int64)
+
+
+def row_bytes(dim: int, dtype: str) -> int:
+    """Bytes one row takes at its stored width (before LanceDB's own overhead)."""
+    return sum(kind.bit_width // 8 for kind in PAIR_COLUMNS.values()) + dim * VECTOR_TYPES[dtype].bit_width // 8
+
+
+def pairs_batch(schema: pa.Schema, *, document_id, position, corpus_id: int, token, next_token,
+                vector: np.ndarray) -> pa.RecordBatch:
+    """One record batch of pairs, built by column name (``pair_id`` is derived)."""
+    n = len(position)
+    columns = {"pair_id": pair_id(document_id, position), "corpus_id": np.full(n, corpus_id),
+               "document_id": document_id, "position": position, "token": token, "next_token": next_token}
+    arrays = [pa.array(np.asarray(columns[f.name]), f.type) for f in schema if f.name != "vector"]
+    vtype = schema.field("vector").type
+    flat = pa.array(np.asarray(vector).reshape(-1), vtype.value_type)
+    return pa.RecordBatch.from_arrays(arrays + [pa.FixedSizeListArray.from_arrays(flat, vtype.list_size)],
+                                      schema=schema)
+
+
+# What a search returns of each neighbour besides the distance: column -> Neighbours field.
+RESULT_FIELDS = {"pair_id": "pair_ids", "next_token": "next_tokens", "corpus_id": "corpus_ids",
+                 "document_id": "document_ids", "position": "positions"}
 
 # ANN index types: IVF with RaBitQ codes (4 bits per dimension) or product quantisation.
 INDEX_TYPES = ("ivf_rq", "ivf_pq")
@@ -326,13 +369,13 @@ class PairsTable:
         dim = self.schema.field("vector").type.list_size
         ds = self._table.to_lance()
         with damage_errors(self.uri):
-            for batch in ds.to_batches(columns=["vector"] + _RESULT_COLUMNS, batch_size=batch_rows):
+            for batch in ds.to_batches(columns=["vector", *RESULT_FIELDS], batch_size=batch_rows):
                 n = batch.num_rows
                 if n == 0:
                     continue
                 flat = batch.column("vector").values.to_numpy(zero_copy_only=False)
                 vectors = flat.reshape(n, dim).astype(np.float32, copy=False)
-                yield vectors, {name: batch.column(name).to_numpy() for name in _RESULT_COLUMNS}
+                yield vectors, {name: batch.column(name).to_numpy() for name in RESULT_FIELDS}
 
     def search(self, queries: np.ndarray, k: int, corpora: Collection[int] | None = None, *,
                nprobes: int = 32, refine_factor: int | None = None) -> Neighbours:
@@ -374,10 +417,8 @@ class PairsTable:
         keep = rank < k
         rows, cols = qi[keep], rank[keep]
         out.distances[rows, cols] = dist[order][keep]
-        for name, target in (("pair_id", out.pair_ids), ("next_token", out.next_tokens),
-                             ("corpus_id", out.corpus_ids), ("document_id", out.document_ids),
-                             ("position", out.positions)):
-            target[rows, cols] = result.column(name).to_numpy()[order][keep]
+        for name, field in RESULT_FIELDS.items():
+            getattr(out, field)[rows, cols] = result.column(name).to_numpy()[order][keep]
         return out
 
     def _run(self, queries: np.ndarray, k: int, nprobes: int | None, refine_factor: int | None,
@@ -385,7 +426,7 @@ class PairsTable:
         """LanceDB's rows for a batch and the query index of each row: one multi-vector query,
         or (a batch big enough to split) SEARCH_PARTS of them at once on LanceDB's own event
         loop; all on the table's pinned version."""
-        cols = _RESULT_COLUMNS + ["_distance"]
+        cols = [*RESULT_FIELDS, "_distance"]
 
         def configure(query, **filter_options):  # a sync or async LanceDB vector query
             query = query.limit(k)
@@ -468,11 +509,11 @@ class ExactSearch:
             return out
         allowed = np.array(sorted(corpora), dtype=np.int64) if self.table.needs_filter(corpora) else None
         best_d = torch.full((n_queries, k), float("inf"))
-        best_rows = {name: torch.full((n_queries, k), -1, dtype=torch.int64) for name in _RESULT_COLUMNS}
+        best_rows = {name: torch.full((n_queries, k), -1, dtype=torch.int64) for name in RESULT_FIELDS}
         q_norm = (q_all * q_all).sum(dim=1, keepdim=True)  # [Q, 1]
         for x, x_norm, meta in self._batches():
             hidden = None if allowed is None else torch.from_numpy(~np.isin(meta["corpus_id"], allowed))
-            cols = {name: torch.from_numpy(meta[name].astype(np.int64)) for name in _RESULT_COLUMNS}
+            cols = {name: torch.from_numpy(meta[name].astype(np.int64)) for name in RESULT_FIELDS}
             for lo in range(0, n_queries, self.query_block):
                 hi = min(n_queries, lo + self.query_block)
                 # ||q - x||^2 = ||q||^2 - 2 q.x + ||x||^2, [block, n]
@@ -489,8 +530,6 @@ class ExactSearch:
                     target[lo:hi] = torch.gather(merged, 1, order)
         missing = torch.isinf(best_d)
         out.distances[:] = best_d.numpy()
-        for name, field in (("pair_id", "pair_ids"), ("next_token", "next_tokens"),
-                            ("corpus_id", "corpus_ids"), ("document_id", "document_ids"),
-                            ("position", "positions")):
+        for name, field in RESULT_FIELDS.items():
             getattr(out, field)[:] = best_rows[name].masked_fill(missing, -1).numpy()
         return out

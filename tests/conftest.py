@@ -142,7 +142,7 @@ def reader_view(store: Store, name: str, every: int = 7):
 
     store.refresh()
     info = store.corpus(name)
-    table = store.table._table.to_arrow()
+    table = store.table.dataset().to_table()
     rows = table.filter(table.column("corpus_id").to_numpy() == info.id)
     queries = np.asarray(rows.column("vector").to_pylist()[::every], dtype=np.float32)
     return info.status, info.pairs, np.round(store.search(queries, k=4).distances, 4).tolist()

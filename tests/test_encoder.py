@@ -28,8 +28,16 @@ def test_keys_only_path_equals_full_forward_and_leaves_no_hook(tiny_encoder):
     fast, none = tiny_encoder.forward(ids)
     assert none is None
     torch.testing.assert_close(full, fast)
+    # No hook is left: the model's own forward runs to the end, and the key site sees
+    # exactly one pre-hook call, ours.
     mlp = find_mlp(find_layers(tiny_encoder.model)[-1])
-    assert not mlp._forward_pre_hooks
+    calls = []
+    handle = mlp.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        out = tiny_encoder.model(ids).logits
+    finally:
+        handle.remove()
+    assert out.shape[:2] == (1, 6) and calls == [1]
 
 
 def test_right_padding_does_not_change_the_keys_of_real_tokens(tiny_encoder):

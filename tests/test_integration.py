@@ -64,7 +64,7 @@ def test_catalog_counts_and_table_rows_agree(real_store):
 
 def test_stored_keys_equal_the_keys_the_model_computes_and_values_are_next_tokens(real_store, texts, smollm):
     store, wiki, _ = real_store
-    table = store.table._table.to_arrow()
+    table = store.table.dataset().to_table()
     rows = table.filter(table.column("corpus_id").to_numpy() == wiki.id)
     docs = {d.id: d for d in store.documents("wiki")}
     texts_by_ordinal = {d.ordinal: d.text for d in iter_documents([texts / "wiki"], SourceOptions())}
@@ -113,7 +113,7 @@ def test_real_generation_continues_a_stored_article_and_cites_it(real_store, tex
 
 def test_a_removed_corpus_never_comes_back_from_search(real_store):
     store, wiki, bard = real_store
-    table = store.table._table.to_arrow()
+    table = store.table.dataset().to_table()
     bard_rows = table.filter(table.column("corpus_id").to_numpy() == bard.id)
     queries = np.asarray(bard_rows.column("vector").to_pylist()[::50], dtype=np.float32)
     assert store.search(queries, k=1).corpus_ids[:, 0].tolist() == [bard.id] * len(queries)

@@ -31,7 +31,7 @@ def test_models_and_migrations_agree(engine):
 
 
 def test_every_revision_goes_up_down_and_up_again(engine):
-    script = ScriptDirectory.from_config(catalog._alembic_config())
+    script = ScriptDirectory.from_config(catalog.alembic_config())
     revisions = list(reversed(list(script.walk_revisions())))
     assert revisions, "no migrations found"
     for rev in revisions:

@@ -24,7 +24,7 @@ from .conftest import Boom, fail_after, make_tiny_model, snapshot, write_docs
 
 
 def _pairs(store, corpus_id=None):
-    table = store.table._table.to_arrow()
+    table = store.table.dataset().to_table()
     if corpus_id is not None:
         table = table.filter(table.column("corpus_id").to_numpy() == corpus_id)
     return table
@@ -274,13 +274,13 @@ def test_a_catalog_url_puts_the_catalog_outside_the_store(tmp_path, tiny_encoder
 
 def test_search_skips_the_corpus_filter_only_while_every_row_is_visible(store, text_dir, tmp_path, small_settings):
     store.add_corpus("a", [text_dir], settings=small_settings)
-    assert not store.table.needs_filter(store._visible)
+    assert not store.table.needs_filter(store.visible_corpora)
     with pytest.raises(Boom):
         store.add_corpus("b", [write_docs(tmp_path / "big", 12)], settings=small_settings, progress=fail_after(30))
     store.refresh()
-    assert store.table.needs_filter(store._visible)  # b's rows are in the table, hidden
-    keys = store.table._table.to_arrow().column("vector").to_pylist()
+    assert store.table.needs_filter(store.visible_corpora)  # b's rows are in the table, hidden
+    keys = store.table.dataset().to_table().column("vector").to_pylist()
     found = store.search(np.asarray(keys, dtype=np.float32), k=8)
     assert set(found.corpus_ids.ravel()) == {store.corpus("a").id}
     store.remove_corpus("b")
-    assert not store.table.needs_filter(store._visible)
+    assert not store.table.needs_filter(store.visible_corpora)

@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     store = build(args.store)
     pairs = store.stats().pairs
-    ds = store.table._table.to_lance()
+    ds = store.table.dataset()
     doc = store.documents("gutenberg")[3]
     print(f"store: {pairs:,} pairs, {len(store.documents('gutenberg'))} documents; best of {args.repeat}")
 

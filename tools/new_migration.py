@@ -22,7 +22,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         engine = catalog.make_engine(f"sqlite:///{Path(tmp) / 'scratch.db'}", create=True)
         catalog.upgrade(engine)
-        cfg = catalog._alembic_config()
+        cfg = catalog.alembic_config()
         # Write into the checkout, not into an installed copy.
         cfg.set_main_option("script_location", str(Path(__file__).parent.parent / "migrations"))
         with engine.begin() as conn:
