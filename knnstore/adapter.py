@@ -30,10 +30,11 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import adaptive, knn
-from .config import MAX_K, MAX_WINDOW, KNNSettings, check_number
+from .config import MAX_K, MAX_WINDOW, SCORE_WINDOW, KNNSettings, check_number
 from .encoder import Encoder
 from .errors import InputError
 from .store import Store
+from .scoring import ScoredWindow, scored_windows  # noqa: F401  (ScoredWindow: kept importable here)
 from .vectors import Neighbours
 
 
@@ -260,7 +261,7 @@ class KNNLM:
             knn_weight=weight if retrieved else 0.0,
         )
 
-    def explain(self, text: str, n_sources: int = 3, window: int = 512) -> list[TokenExplanation]:
+    def explain(self, text: str, n_sources: int = 3, window: int = SCORE_WINDOW) -> list[TokenExplanation]:
         """Score ``text`` and give, for every token after the first, its sources."""
         check_number("sources", n_sources, 0, MAX_K, integer=True)
         check_number("window", window, 2, MAX_WINDOW, integer=True)
@@ -373,16 +374,6 @@ class KNNLogitsProcessor(LogitsProcessor):
         return step.log_probs.to(scores.dtype)
 
 
-@dataclass
-class ScoredWindow:
-    """The positions one window scores: S targets, with the keys and logits before them."""
-
-    indices: np.ndarray  # [S] position of each target token in the text
-    targets: torch.Tensor  # [S] token ids
-    keys: torch.Tensor  # [S, dim] key of the position before each target
-    logits: torch.Tensor  # [S, V] the LM's logits for each target
-
-
 MAX_NEW_TOKENS = 100_000
 MAX_BEAMS = 64
 
@@ -399,37 +390,3 @@ def check_generation(*, max_new_tokens: int, top_p: float | None, top_k: int | N
     if seed is not None:
         check_number("seed", seed, 0, 2**32 - 1, integer=True)
     check_number("sources", n_sources, 0, MAX_K, integer=True)
-
-
-def scored_windows(encoder: Encoder, ids: list[int], window: int = 512, stride: int = 384,
-                   batch_size: int = 4) -> Iterator[ScoredWindow]:
-    """Sliding-window scoring of one token sequence: every token after the first exactly once.
-
-    Windows of ``window`` tokens start ``stride`` apart; each scores only the tokens the
-    previous one did not, so every scored token after the first window saw at least
-    ``window - stride`` tokens of context. A window longer than the model's positions
-    allow is shortened to fit.
-    """
-    check_number("window", window, 2, MAX_WINDOW, integer=True)
-    check_number("stride", stride, 1, window - 1, integer=True)
-    if encoder.max_length is not None and window > encoder.max_length:
-        window, stride = encoder.max_length, min(stride, encoder.max_length * 3 // 4)
-    spans = []  # (begin, end, first scored)
-    begin, scored = 0, 1
-    while scored < len(ids):
-        end = min(begin + window, len(ids))
-        spans.append((begin, end, scored))
-        scored, begin = end, begin + stride
-    for lo in range(0, len(spans), batch_size):
-        group = spans[lo:lo + batch_size]
-        width = max(e - b for b, e, _ in group)
-        batch = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        for row, (b, e, _) in enumerate(group):
-            batch[row, :e - b] = torch.tensor(ids[b:e])
-            mask[row, :e - b] = 1
-        keys, logits = encoder.forward(batch, mask, with_logits=True)
-        for row, (b, e, first) in enumerate(group):
-            at = torch.arange(first - 1 - b, e - 1 - b)  # positions predicting first..e-1
-            yield ScoredWindow(indices=np.arange(first, e), targets=batch[row, at + 1],
-                               keys=keys[row, at], logits=logits[row, at])

@@ -29,6 +29,8 @@ from .config import (
     KEY_SITES,
     MAX_K,
     MAX_WINDOW,
+    SCORE_STRIDE,
+    SCORE_WINDOW,
     IngestSettings,
     KNNSettings,
     SourceOptions,
@@ -478,8 +480,9 @@ def _read_text_arg(path) -> str:
               help="UTF-8 text file to score (one token stream).")
 @_knn_options(sweep=True)
 @click.option("--max-tokens", type=Num(1), help="Score only the first N tokens of the text.")
-@click.option("--window", default=512, show_default=True, type=Num(2, MAX_WINDOW), help="Tokens per scoring window.")
-@click.option("--stride", default=384, show_default=True, type=Num(1, MAX_WINDOW),
+@click.option("--window", default=SCORE_WINDOW, show_default=True, type=Num(2, MAX_WINDOW),
+              help="Tokens per scoring window.")
+@click.option("--stride", default=SCORE_STRIDE, show_default=True, type=Num(1, MAX_WINDOW),
               help="Step between windows; each token is scored once, with at least window - stride tokens of context.")
 @click.option("--sweep-out", default="knnstore-sweep", show_default=True,
               help="With a sweep: write PREFIX.csv and PREFIX.png.")

@@ -122,6 +122,9 @@ def _env(name: str, cast, default):
 
 
 MAX_WINDOW = 1 << 20  # tokens per encoding or scoring window (a model's own limit applies first)
+# Scoring (eval, calibrate, explain): every scored token after the first window sees at
+# least SCORE_WINDOW - SCORE_STRIDE tokens of context.
+SCORE_WINDOW, SCORE_STRIDE = 512, 384
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,19 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 
 from . import adaptive, knn
-from .adapter import KNNLM, scored_windows
-from .config import KNNSettings, check_number
+from .config import SCORE_STRIDE, SCORE_WINDOW, KNNSettings, check_number
 from .errors import InputError
 from .outputs import atomic_output, check_output_path
+from .scoring import scored_windows
+
+if TYPE_CHECKING:
+    from .adapter import KNNLM
 
 ProgressFn = Callable[[int, int], None]
 
@@ -106,7 +109,7 @@ class EvalResult:
 
 def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float] | None = None,
              ks: Sequence[int] | None = None, temperatures: Sequence[float] | None = None,
-             max_tokens: int | None = None, window: int = 512, stride: int = 384,
+             max_tokens: int | None = None, window: int = SCORE_WINDOW, stride: int = SCORE_STRIDE,
              batch_size: int = 4, progress: ProgressFn | None = None,
              records: list[adaptive.Records] | None = None) -> EvalResult:
     """Perplexity of ``text`` (a string or token ids) with and without the store.
@@ -259,7 +262,7 @@ def write_sweep(result: EvalResult, prefix: str | Path) -> tuple[Path, Path]:
 
 def calibrate(knnlm: KNNLM, text: str | Sequence[int], *, kind: str = "logistic",
               max_tokens: int | None = None, keep: float = 0.9, holdout: float = 0.2,
-              window: int = 512, stride: int = 384,
+              window: int = SCORE_WINDOW, stride: int = SCORE_STRIDE,
               progress: ProgressFn | None = None) -> adaptive.Calibration:
     """Fit the adaptive-λ map on held-out text of the store's domain (see ``adaptive.fit``).
 

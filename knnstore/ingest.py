@@ -34,6 +34,7 @@ import torch
 from .config import IngestSettings, SourceOptions
 from .errors import InputError
 from .vectors import pair_id, pairs_batch, pairs_schema  # noqa: F401  (pair_id, pairs_schema: kept importable here)
+from .windows import right_padded, windows
 
 TEXT_SUFFIXES = {".txt", ".md"}
 _HEADING = re.compile(r"^ = ([^=].*) = $")  # WikiText top-level heading: " = Title = "
@@ -306,24 +307,6 @@ def scan(paths: list[str], options: SourceOptions, tokenize: Callable[[str], lis
 # --- windows and encoding ---------------------------------------------------------
 
 
-def windows(n_tokens: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
-    """(begin, end, keep_from) of each window over a document of ``n_tokens`` tokens.
-
-    Window i covers tokens [i*stride, i*stride + window); it keeps the positions from
-    ``keep_from`` (the previous window's end) to ``end``, so each position is kept once
-    and, after the first window, with at least ``window - stride`` tokens of context.
-    """
-    if n_tokens <= 0:
-        return
-    begin, prev_end = 0, 0
-    while True:
-        end = min(begin + window, n_tokens)
-        yield begin, end, prev_end
-        if end >= n_tokens:
-            return
-        prev_end, begin = end, begin + stride
-
-
 def encode_documents(
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     documents: list[tuple[int, list[int]]],
@@ -350,12 +333,7 @@ def encode_documents(
     np_dtype = np.float16 if schema.field("vector").type.value_type == pa.float16() else np.float32
     for i in range(0, len(spans), settings.batch_size):
         batch = spans[i : i + settings.batch_size]
-        width = max(e - b for _, b, e, _ in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (d, b, e, _) in enumerate(batch):  # right padding keeps positions exact
-            ids[row, : e - b] = torch.tensor(documents[d][1][b:e])
-            mask[row, : e - b] = 1
+        ids, mask = right_padded([documents[d][1][b:e] for d, b, e, _ in batch])
         keys = forward(ids, mask)  # [B, width, dim]
         cols: dict[str, list] = {n: [] for n in ("doc", "pos", "tok", "next", "vec")}
         for row, (d, b, e, k) in enumerate(batch):
