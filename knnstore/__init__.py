@@ -30,23 +30,32 @@ from .errors import (
 from .store import CorpusInfo, Store, StoreStats
 from .vectors import Neighbours
 
-__version__ = "0.1.0"
+try:  # one version, pyproject.toml's
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("knnstore")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 # The adapter imports transformers' generation utilities (slow); load it on first use.
 _LAZY = {"KNNLM": "adapter", "KNNLogitsProcessor": "adapter", "Generation": "adapter",
-         "Source": "adapter", "TokenExplanation": "adapter", "EvalResult": "evaluate"}
+         "Source": "adapter", "TokenExplanation": "adapter", "EvalResult": "evaluate",
+         # the Python twins of `knnstore calibrate` and `check` (`eval`: KNNLM.evaluate;
+         # `check`: Store.check; the functions `evaluate` and `check` share their modules' names)
+         "calibrate": "evaluate", "CheckReport": "check"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
     raise AttributeError(f"module 'knnstore' has no attribute {name!r}")
 
 
 __all__ = [
-    "CatalogError", "CorpusExistsError", "CorpusInfo", "EvalResult", "Generation", "KNNLM", "KNNLogitsProcessor",
+    "CatalogError", "CheckReport", "CorpusExistsError", "calibrate", "CorpusInfo", "EvalResult", "Generation", "KNNLM", "KNNLogitsProcessor",
     "KNNSettings", "Source", "TokenExplanation", "CorpusNotFoundError", "DiskFullError", "Encoder", "IngestSettings",
     "InputError", "KnnstoreError", "ModelLoadError", "ModelMismatchError", "ModelRunError", "Neighbours",
     "ReadOnlyError", "SourceOptions", "Store", "StoreDamagedError", "StoreExistsError", "StoreIdentity",

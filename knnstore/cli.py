@@ -847,6 +847,10 @@ def _print_rows(table, max_rows: int) -> None:
 
 
 def _interactive(session, fmt: str, max_rows: int) -> None:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:  # not on every platform
+        pass
     err.print("knnstore sql: read-only SQL over the views pairs, documents, corpora, vocab, runs. "
               "End a statement with ';'. Quit with .quit or Ctrl-D.")
     buffer: list[str] = []

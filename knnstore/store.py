@@ -534,6 +534,13 @@ class Store:
         return self.table.search(vectors, k, corpora=self._visible,
                                  nprobes=nprobes, refine_factor=refine_factor)
 
+    def check(self, repair: bool = False):
+        """``knnstore check``: whether catalog and table agree (``check.CheckReport``);
+        with ``repair``, fix what is safe (see ``knnstore.check``)."""
+        from .check import check
+
+        return check(self, repair=repair)
+
     def sql(self, query: str):
         """Run one read-only SQL query over the store's views; returns a pyarrow Table.
 

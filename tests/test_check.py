@@ -118,3 +118,7 @@ def test_catalog_and_table_agree_after_any_sequence_of_adds_and_removes(tmp_path
         ready = {c.name: c.pairs for c in store.corpora() if c.status == "ready"}
         assert ready == expected
         assert store.sql("SELECT count(*) AS n FROM pairs").to_pylist() == [{"n": sum(expected.values())}]
+
+
+def test_the_python_twin_of_check_is_store_check(two):
+    assert two.check().ok and two.check().to_dict() == check(two).to_dict()
