@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch

@@ -176,6 +176,24 @@ class Vocab(Base):
     text: Mapped[str] = mapped_column(Text)
 
 
+# --- queries other modules share ----------------------------------------------------
+
+
+def record_index_build(engine: Engine, kind: str, seconds: float, rows: int, new_rows: int, params: dict) -> None:
+    """One row of ``index_builds``: a training (``train``) or an incremental ``update``."""
+    with Session(engine) as s, s.begin():
+        s.add(IndexBuild(kind=kind, seconds=seconds, rows=rows, new_rows=new_rows, params=params))
+
+
+def last_trained_rows(engine: Engine) -> int | None:
+    """The table rows the index was last trained on (None: never recorded)."""
+    from sqlalchemy import select
+
+    with Session(engine) as s:
+        return s.scalars(select(IndexBuild.rows).where(IndexBuild.kind == "train")
+                         .order_by(IndexBuild.id.desc()).limit(1)).first()
+
+
 # --- engine and migrations ---------------------------------------------------------
 
 

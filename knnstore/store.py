@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import os
 import shutil
 import time
@@ -33,10 +32,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from . import catalog, ingest
+from . import catalog, indexing, ingest
 from .catalog import FAILED, INGESTING, PENDING, READY, REMOVING
 from .config import (
     CATALOG_FILE,
@@ -51,23 +50,28 @@ from .config import (
 )
 from .encoder import Encoder
 from .errors import (
-    CatalogError,
     CorpusExistsError,
     CorpusNotFoundError,
     DiskFullError,
     InputError,
-    KnnstoreError,
     ModelMismatchError,
     ModelRunError,
-    ReadOnlyError,
     StoreDamagedError,
     StoreExistsError,
     StoreLockedError,
-    StoreMismatchError,
     StoreNotFoundError,
-    StoreVersionError,
 )
 from .faults import crash_point
+from .indexing import IndexPlan, IndexPolicy  # noqa: F401  (IndexPlan: kept importable here)
+from .layout import (
+    Marker,
+    catalog_failure,
+    check_binding,
+    make_dirs,
+    read_store_config,
+    resolve_catalog_url,
+    usable_path,
+)
 from .lock import WriteLock, on_read_only_mount, writer_active
 from .vectors import INDEX_TYPES, ExactSearch, Neighbours, PairsTable, pair_id, row_bytes
 
@@ -130,94 +134,6 @@ class DocumentRef:
     title: str | None
 
 
-@dataclass
-class IndexPlan:
-    """What the index policy says to do (``Store.index_plan``)."""
-
-    action: str  # none | train | update | retrain
-    reason: str
-    rows: int
-    trained_rows: int | None
-    indexed_rows: int
-    unindexed_rows: int
-    min_rows: int
-    retrain_growth: float
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-_masked = catalog.mask
-
-
-@dataclass(frozen=True)
-class Marker:
-    """``knnstore.json``: the store's format version, where its catalog lives (None: the
-    SQLite file inside the store) and its store id (None: a store made before ids)."""
-
-    format_version: int
-    catalog_url: str | None
-    store_id: str | None
-
-    @classmethod
-    def read(cls, path: Path) -> "Marker":
-        marker_path = path / MARKER_FILE
-        try:
-            data = json.loads(marker_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise StoreDamagedError(f"{marker_path} is damaged ({exc.__class__.__name__}): it is not "
-                                    "a knnstore marker; restore it from a backup") from None
-        if not isinstance(data, dict):
-            raise StoreDamagedError(f"{marker_path} is damaged: it holds no JSON object; restore it from a backup")
-        version, url, store_id = data.get("format_version"), data.get("catalog_url"), data.get("store_id")
-        if type(version) is not int or version < 1:
-            raise StoreDamagedError(f"{marker_path} is damaged: format_version must be a whole number "
-                                    f"from 1, got {version!r}; restore it from a backup")
-        if version > FORMAT_VERSION:
-            raise StoreVersionError(
-                f"{path} has store format {version}; this knnstore reads up to {FORMAT_VERSION}: "
-                "upgrade knnstore"
-            )
-        if url is not None and (not isinstance(url, str) or not url.strip()):
-            raise StoreDamagedError(f"{marker_path} is damaged: catalog_url must be a URL string or null, "
-                                    f"got {type(url).__name__}; restore it from a backup")
-        if store_id is not None and not isinstance(store_id, str):
-            raise StoreDamagedError(f"{marker_path} is damaged: store_id must be a string, "
-                                    f"got {type(store_id).__name__}; restore it from a backup")
-        return cls(version, url, store_id)
-
-    def write(self, path: Path) -> None:
-        """Atomically (temp file + rename): a store exists once its marker does."""
-        tmp = path / (MARKER_FILE + ".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
-        tmp.replace(path / MARKER_FILE)
-
-
-def _resolve_catalog_url(url: str | None) -> str | None:
-    """A catalog URL as the marker keeps it: a relative SQLite file made absolute, once, at
-    init (later commands may run from any directory)."""
-    if url is None:
-        return None
-    parsed = catalog.parse_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" \
-            and not parsed.database.startswith("file:"):
-        return parsed.set(database=str(Path(parsed.database).resolve())).render_as_string(hide_password=False)
-    return url
-
-
-def _catalog_failure(exc: Exception, path: Path, url, action: str) -> KnnstoreError:
-    """The one-line error for a catalog that cannot be opened or read."""
-    detail = str(getattr(exc, "orig", exc) or exc.__class__.__name__).strip().splitlines()[0]
-    password = getattr(catalog.parse_url(url), "password", None) if url is not None else None
-    if password:
-        detail = detail.replace(str(password), "***")
-    if catalog.parse_url(url).get_backend_name() == "sqlite":
-        return StoreDamagedError(f"the catalog of {path} ({_masked(url)}) is missing or damaged ({detail}): "
-                                 f"restore it from a backup; `knnstore check {path}` lists what is left")
-    return CatalogError(f"cannot {action} the catalog of {path} at {_masked(url)} ({detail}): "
-                        "check that the database server is running and the URL is right")
-
-
 class Store:
     """A knnstore store: a directory with a SQL catalog and a LanceDB `pairs` table."""
 
@@ -246,18 +162,18 @@ class Store:
         The model is loaded once to read its identity and vocabulary; pass ``encoder`` to
         reuse one already loaded. Nothing is left behind if creation fails.
         """
-        path = _usable_path(path)
+        path = usable_path(path)
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if (path / MARKER_FILE).exists():
             raise StoreExistsError(f"{path} is already a knnstore store; open it, or pick another path")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreExistsError(f"{path} exists and is not an empty directory; pick another path")
-        catalog_url = _resolve_catalog_url(catalog_url)  # a bad URL fails before the model loads
+        catalog_url = resolve_catalog_url(catalog_url)  # a bad URL fails before the model loads
         if encoder is None:
             encoder = Encoder.load(model, key_layer=key_layer, key_site=key_site)
         identity = encoder.identity(dtype)
-        made = _make_dirs(path)
+        made = make_dirs(path)
         url = catalog_url or catalog.sqlite_url(path / CATALOG_FILE)
         store_id = str(uuid.uuid4())
         engine = None
@@ -266,11 +182,11 @@ class Store:
             try:
                 if catalog.has_catalog(engine):
                     raise StoreExistsError(
-                        f"the catalog at {_masked(url)} already holds a store; use an empty database"
+                        f"the catalog at {catalog.mask(url)} already holds a store; use an empty database"
                     )
                 catalog.upgrade(engine)
             except SQLAlchemyError as exc:
-                raise _catalog_failure(exc, path, url, "create") from None
+                raise catalog_failure(exc, path, url, "create") from None
             with Session(engine) as s, s.begin():
                 s.add(catalog.StoreConfig(id=1, created_at=catalog.utcnow(), store_id=store_id, **{
                     f.name: getattr(identity, f.name)
@@ -302,7 +218,7 @@ class Store:
             model: check now that this model is the store's (refused if it differs).
             encoder: an already loaded model to use (checked the same way).
         """
-        path = _usable_path(path)
+        path = usable_path(path)
         if not path.exists():
             raise StoreNotFoundError(f"no store at {path}: create one with `knnstore init {path}`")
         if not path.is_dir() or not (path / MARKER_FILE).exists():
@@ -313,13 +229,13 @@ class Store:
         read_only = on_read_only_mount(path)
         engine = catalog.make_engine(url, read_only=read_only and given is None)
         try:
-            row = _read_store_config(engine, path, url, read_only)
+            row = read_store_config(engine, path, url, read_only)
         except BaseException:
             engine.dispose()
             raise
         identity = StoreIdentity(**{f.name: getattr(row, f.name) for f in dataclasses.fields(StoreIdentity)})
         table = PairsTable.open(path / VECTORS_DIR)
-        _check_binding(path, url, marker.store_id, row.store_id, table.store_id())
+        check_binding(path, url, marker.store_id, row.store_id, table.store_id())
         store = cls(path, given or catalog.sqlite_url(path / CATALOG_FILE).render_as_string(), engine, identity, table,
                     store_id=row.store_id, own_catalog=given is None)
         if encoder is None and model is not None:
@@ -507,7 +423,7 @@ class Store:
         return StoreStats(
             path=str(self.path), model=ident.model, key_layer=ident.key_layer,
             key_site=ident.key_site, dim=ident.dim, dtype=ident.dtype, metric=ident.metric,
-            format_version=ident.format_version, catalog=_masked(self.catalog_url),
+            format_version=ident.format_version, catalog=catalog.mask(self.catalog_url),
             corpora=len(rows), documents=sum(c.n_documents for c in ready), pairs=pairs,
             table_rows=self.table.count(), bytes_on_disk=nbytes,
             bytes_per_pair=round(nbytes / pairs, 1) if pairs else None,
@@ -572,7 +488,7 @@ class Store:
                                              index_type=index_type)
             seconds = time.perf_counter() - t0
             crash_point("index.after")
-            self._record_index_build("train", seconds, rows, rows, params)
+            catalog.record_index_build(self.engine, "train", seconds, rows, rows, params)
         self.refresh()
 
     def update_index(self) -> int:
@@ -586,54 +502,19 @@ class Store:
             self.table.update_index()
             seconds = time.perf_counter() - t0
             crash_point("index.after")
-            self._record_index_build("update", seconds, self.table.count(), new, {})
+            catalog.record_index_build(self.engine, "update", seconds, self.table.count(), new, {})
         self.refresh()
         return new
 
-    def _record_index_build(self, kind: str, seconds: float, rows: int, new_rows: int, params: dict) -> None:
-        with Session(self.engine) as s, s.begin():
-            s.add(catalog.IndexBuild(kind=kind, seconds=seconds, rows=rows, new_rows=new_rows, params=params))
-
     def index_plan(self) -> IndexPlan:
-        """What the index policy would do now (``maintain_index`` does it).
-
-        * No index: train one once the table holds ``KNNSTORE_INDEX_MIN_ROWS`` rows
-          (default 100,000; below that an exact scan takes a few milliseconds and training
-          would not pay for itself: docs/performance.md).
-        * An index: retrain when the table has grown to ``KNNSTORE_INDEX_RETRAIN_GROWTH``
-          (default 2) times the rows it was trained on (the partitions no longer fit the
-          data); otherwise index new rows incrementally (a delta index).
-
-        Retraining at geometric growth keeps the total training work linear in the size
-        of the store (amortised O(1) per added row), and adding or removing a corpus
-        never rebuilds the index.
-        """
+        """What the index policy would do now (``indexing.plan``; ``maintain_index`` does it)."""
         state = self.table.index_state()
-        rows = self.table.count()
-        min_rows = int(os.environ.get("KNNSTORE_INDEX_MIN_ROWS", 100_000))
-        growth = float(os.environ.get("KNNSTORE_INDEX_RETRAIN_GROWTH", 2.0))
-        trained = self._trained_rows()
-        if not any("vector" in i["columns"] for i in state["indices"]):
-            action = "train" if rows >= min_rows and rows > 0 else "none"
-            reason = (f"{rows:,} rows >= {min_rows:,}" if action == "train"
-                      else f"{rows:,} rows < {min_rows:,}: exact search")
-        elif trained and rows >= growth * trained:
-            action, reason = "retrain", f"{rows:,} rows >= {growth:g} x {trained:,} trained on"
-        elif state["unindexed_rows"] > 0:
-            action, reason = "update", f"{state['unindexed_rows']:,} rows not indexed yet"
-        else:
-            action, reason = "none", "every row is indexed"
-        return IndexPlan(action=action, reason=reason, rows=rows, trained_rows=trained,
-                         indexed_rows=state["indexed_rows"], unindexed_rows=state["unindexed_rows"],
-                         min_rows=min_rows, retrain_growth=growth)
-
-    def _trained_rows(self) -> int | None:
-        with Session(self.engine) as s:
-            rows = s.scalars(select(catalog.IndexBuild.rows).where(catalog.IndexBuild.kind == "train")
-                             .order_by(catalog.IndexBuild.id.desc()).limit(1)).first()
-        if rows is None and self.table.has_vector_index():  # trained before builds were recorded
-            return self.table.index_state()["indexed_rows"] or None
-        return rows
+        has_index = any("vector" in i["columns"] for i in state["indices"])
+        trained = catalog.last_trained_rows(self.engine)
+        if trained is None and has_index:  # trained before builds were recorded
+            trained = state["indexed_rows"] or None
+        return indexing.plan(self.table.count(), has_index, state["indexed_rows"], state["unindexed_rows"],
+                             trained, IndexPolicy.from_env())
 
     def maintain_index(self) -> IndexPlan:
         """Apply the index policy (``index_plan``); returns the plan it carried out."""
@@ -1015,70 +896,6 @@ def normalise_name(name: str) -> str:
     if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in name):
         raise InputError(f"corpus name {name!r} holds control characters: use printable text")
     return name
-
-
-def _usable_path(path: str | os.PathLike) -> Path:
-    """A store path, refused if LanceDB would read it as a URL: it takes a '?' for the start
-    of a query string and would write the table somewhere else (the catalog, opened by
-    path, has no such limit)."""
-    path = Path(path)
-    if "?" in str(path.absolute()):
-        raise InputError(f"{path}: a store path cannot contain '?' (LanceDB reads it as the start of a "
-                         "URL query and would write elsewhere); pick a path without it")
-    return path
-
-
-def _make_dirs(path: Path) -> Path | None:
-    """Create the store directory (and missing parents); returns the top-most directory
-    made, for a failed init to remove, or None if ``path`` was already there."""
-    top = None
-    for parent in reversed([path, *path.parents]):
-        if not parent.exists():
-            top = parent
-            break
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        if top is not None:
-            shutil.rmtree(top, ignore_errors=True)
-        raise InputError(f"cannot create a store at {path} ({exc.strerror or exc}): pick a path in a "
-                         "directory you can write") from None
-    return top
-
-
-def _read_store_config(engine, path: Path, url, read_only: bool) -> catalog.StoreConfig:
-    """The catalog's identity row, after bringing an older catalog to this knnstore's schema."""
-    try:
-        if catalog.current_revision(engine) != catalog.head_revision():
-            if read_only:
-                raise ReadOnlyError(f"the catalog of {path} was written by an older knnstore and needs an "
-                                    "upgrade, which needs write access: open it once where it is writable")
-            catalog.upgrade(engine)
-        with Session(engine, expire_on_commit=False) as s:
-            row = s.get(catalog.StoreConfig, 1)
-    except (OperationalError, DBAPIError) as exc:
-        raise _catalog_failure(exc, path, url, "open") from None
-    if row is None:
-        raise StoreDamagedError(f"the catalog of {path} ({_masked(url)}) holds no store: restore it "
-                                "from a backup, or unset KNNSTORE_CATALOG_URL if it points elsewhere")
-    return row
-
-
-def _check_binding(path: Path, url, marker_id: str | None, catalog_id: str | None,
-                   table_id: str | None) -> None:
-    """Refuse a catalog and a table (and marker) that do not carry one store id.
-
-    All three None is a store made before ids (bound at its next write, see
-    ``Store._bind_legacy``); anything else must agree exactly.
-    """
-    ids = {"marker": marker_id, "catalog": catalog_id, "vector table": table_id}
-    if len(set(ids.values())) == 1:
-        return
-    shown = ", ".join(f"{part} {value or 'none'}" for part, value in ids.items())
-    raise StoreMismatchError(
-        f"the catalog at {_masked(url)} does not belong to the store at {path} (store ids: {shown}): "
-        "check KNNSTORE_CATALOG_URL and the store's catalog_url; nothing was read or changed"
-    )
 
 
 def _model_forward(encoder: Encoder, corpus: str, path: Path):
