@@ -1,0 +1,408 @@
+"""The write protocol: add, resume and remove corpora (docs/reliability.md).
+
+A corpus is created ``ingesting``; its documents are inserted ``pending`` before their
+pairs are written; pairs are committed to LanceDB every ``commit_every`` pairs; documents
+turn ``ready`` in the catalog transaction after the commit holding their last pair, and
+the corpus turns ``ready`` last. Any failure marks it ``failed`` (invisible, resumable);
+a crash leaves it ``ingesting`` with no writer, which reads as failed. Sources are read
+and validated before the write lock is taken; the lock is re-checked before every commit.
+Crash points (``faults.crash_point``) name every step for the kill -9 tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import pyarrow as pa
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from . import catalog, ingest
+from .catalog import FAILED, INGESTING, PENDING, READY, REMOVING
+from .config import VECTORS_DIR, IngestSettings, SourceOptions
+from .encoder import Encoder
+from .errors import (
+    CorpusExistsError,
+    CorpusNotFoundError,
+    DiskFullError,
+    InputError,
+    ModelRunError,
+    StoreLockedError,
+)
+from .faults import crash_point
+from .vectors import row_bytes
+
+if TYPE_CHECKING:
+    from .store import CorpusInfo, Store
+
+ProgressFn = Callable[[int, int], None]  # (tokens done so far, total tokens)
+_MAX_DOCS_PER_COMMIT = 10_000
+
+
+class Writer:
+    """The writes of one store (``Store.add_corpus`` and friends delegate here)."""
+
+    def __init__(self, store: "Store") -> None:
+        self.store = store
+
+    def add_corpus(self, name: str, paths: Sequence[str | os.PathLike], *,
+                   options: SourceOptions = SourceOptions(),
+                   settings: IngestSettings | None = None,
+                   progress: ProgressFn | None = None, index: bool = True) -> CorpusInfo:
+        """Encode every document of ``paths`` and store its pairs as corpus ``name``.
+
+        All sources are read and validated before anything is written: bad input raises
+        InputError and leaves the store as it was. If ingestion dies part way, the corpus
+        stays invisible to readers, is reported failed, and ``resume_corpus(name)`` or
+        ``remove_corpus(name)`` finishes the job. Then, with ``index``, the index policy
+        runs (``maintain_index``): the new rows are indexed incrementally, and the index is
+        trained or retrained only past its thresholds. Searches see the new rows at once.
+        """
+        settings = settings or IngestSettings.resolve()
+        name, paths = self.check_new_corpus(name, paths)  # before the model loads in scan
+        # Read and validate every source before taking the lock: a writer never waits for input.
+        scan = ingest.scan(paths, options, self.store.encoder.tokenize)
+        with self.store.write_lock():
+            self._check_new_name(name)  # again: another writer may have taken it meanwhile
+            self._check_free_space(name, scan.n_tokens)
+            spec = {"paths": paths, "options": dataclasses.asdict(options),
+                    "settings": dataclasses.asdict(settings),
+                    "skipped": scan.skipped[:100]}
+            with Session(self.store.engine) as s, s.begin():
+                row = catalog.Corpus(name=name, source=" ".join(paths), spec=spec, status=INGESTING)
+                s.add(row)
+                s.flush()
+                corpus_id = row.id
+            crash_point("add.after_corpus_row")
+            self._ingest(corpus_id, name, "add", scan.n_tokens, progress)
+            if index:
+                self.store.maintain_index()
+        return self.store.corpus(name)
+
+    def resume_corpus(self, name: str, progress: ProgressFn | None = None, index: bool = True) -> CorpusInfo:
+        """Finish an interrupted or failed add: keeps the documents already committed."""
+        self.store.refresh()
+        info = self._resumable(name)
+        with Session(self.store.engine) as s:
+            spec = s.get(catalog.Corpus, info.id).spec
+        # Read and validate the sources before taking the lock: a writer never waits for input.
+        scan = ingest.scan(spec["paths"], SourceOptions(**spec["options"]), self.store.encoder.tokenize)
+        with self.store.write_lock():
+            info = self._resumable(name)
+            self._check_free_space(name, scan.n_tokens - info.tokens)
+            self._ingest(info.id, name, "resume", scan.n_tokens, progress)
+            if index:
+                self.store.maintain_index()
+        return self.store.corpus(name)
+
+    def _resumable(self, name: str) -> CorpusInfo:
+        info = self.store.corpus(name)
+        if info.status == READY:
+            raise InputError(f"corpus {info.name!r} is complete; nothing to resume")
+        if info.status == REMOVING:
+            raise InputError(f"corpus {info.name!r} is being removed; run `knnstore remove-corpus` again")
+        if info.status == INGESTING and self.store.writer_active() and not self.store.holds_lock:
+            raise StoreLockedError(f"corpus {info.name!r} is being added by another process right now; "
+                                   "wait for it to finish")
+        return info
+
+    def remove_corpus(self, name: str) -> None:
+        """Delete a corpus's pairs and catalog rows. The index is not rebuilt."""
+        with self.store.write_lock():
+            info = self.store.corpus(name)
+            run = self._start_run(info.id, info.name, "remove")
+            self.store.verify_lock()
+            with Session(self.store.engine) as s, s.begin():
+                s.execute(update(catalog.Corpus).where(catalog.Corpus.id == info.id).values(status=REMOVING))
+            crash_point("remove.after_status")
+            self.drop_corpus(info.id)
+            self._finish_run(run, "ok", n_documents=info.documents, n_pairs=info.pairs)
+        self.store.refresh()
+
+    def drop_corpus(self, corpus_id: int) -> None:
+        """Delete a corpus's pairs, then its catalog rows (the caller holds the write lock)."""
+        self.store.verify_lock()
+        self.store.table.delete_corpus(corpus_id)
+        crash_point("remove.after_table_delete")
+        with Session(self.store.engine) as s, s.begin():
+            s.execute(delete(catalog.Document).where(catalog.Document.corpus_id == corpus_id))
+            s.execute(delete(catalog.Corpus).where(catalog.Corpus.id == corpus_id))
+
+    def _check_free_space(self, name: str, n_tokens: int) -> None:
+        """Refuse, before writing anything, a corpus the disk cannot hold."""
+        need = int(n_tokens * row_bytes(self.store.identity.dim, self.store.identity.dtype) * 1.2) + (1 << 20)
+        free = shutil.disk_usage(self.store.path / VECTORS_DIR).free
+        if free < need:
+            raise DiskFullError(
+                f"the disk holding {self.store.path} has {free / 2**20:,.1f} MiB free; corpus '{name}' "
+                f"needs about {need / 2**20:,.1f} MiB ({n_tokens:,} pairs): free some space or "
+                "move the store to a bigger disk"
+            )
+
+    def check_new_corpus(self, name: str, paths: Sequence[str | os.PathLike]) -> tuple[str, list[str]]:
+        """Cheap checks of an add, before any model is loaded: name free, paths present.
+
+        Returns the stripped name and the absolute paths.
+        """
+        name = normalise_name(name)
+        if not paths:
+            raise InputError("give at least one PATH to read documents from")
+        resolved = [str(Path(p).resolve()) for p in paths]
+        for given, p in zip(paths, resolved):
+            ingest.check_source_path(Path(p), given)
+        self._check_new_name(name)
+        return name, resolved
+
+    def _check_new_name(self, name: str) -> None:
+        try:
+            existing = self.store.corpus(name)
+        except CorpusNotFoundError:
+            return
+        if existing.status == READY:
+            raise CorpusExistsError(
+                f"a corpus named {name!r} is already in {self.store.path}; pick another name, "
+                f"or remove it first with `knnstore remove-corpus {self.store.path} {name}`"
+            )
+        raise CorpusExistsError(
+            f"corpus {name!r} exists and is {existing.status} ({existing.error}); finish it with "
+            f"`knnstore resume-corpus {self.store.path} {name}` or drop it with "
+            f"`knnstore remove-corpus {self.store.path} {name}`"
+        )
+
+    def _start_run(self, corpus_id: int, name: str, kind: str) -> int:
+        with Session(self.store.engine) as s, s.begin():
+            run = catalog.IngestRun(corpus_id=corpus_id, corpus_name=name, kind=kind, status="running")
+            s.add(run)
+            s.flush()
+            return run.id
+
+    def _finish_run(self, run_id: int, status: str, **values) -> None:
+        with Session(self.store.engine) as s, s.begin():
+            s.execute(update(catalog.IngestRun).where(catalog.IngestRun.id == run_id)
+                      .values(status=status, finished_at=catalog.utcnow(), **values))
+
+    def _ingest(self, corpus_id: int, name: str, kind: str, total_tokens: int,
+                progress: ProgressFn | None) -> None:
+        """Encode the corpus's documents not yet committed, commit by commit.
+
+        This handle hides the corpus from its own searches until it is ready.
+        """
+        self.store.refresh()
+        try:
+            self._ingest_documents(corpus_id, name, kind, total_tokens, progress)
+        finally:
+            self.store.refresh()
+
+    def _ingest_documents(self, corpus_id: int, name: str, kind: str, total_tokens: int,
+                          progress: ProgressFn | None) -> None:
+        run = self._start_run(corpus_id, name, kind)
+        started, encoded_tokens, run_pairs, run_docs = time.monotonic(), 0, 0, 0
+        ready = False
+        try:
+            with Session(self.store.engine, expire_on_commit=False) as s:
+                corpus = s.get(catalog.Corpus, corpus_id)
+                spec = corpus.spec
+                done = {d.ordinal: d.sha256 for d in s.scalars(
+                    select(catalog.Document).where(catalog.Document.corpus_id == corpus_id,
+                                                   catalog.Document.status == READY))}
+                pending_ids = list(s.scalars(select(catalog.Document.id).where(
+                    catalog.Document.corpus_id == corpus_id, catalog.Document.status == PENDING)))
+            # Pairs of documents whose commit never completed: drop them and redo.
+            self.store.table.delete_corpus(corpus_id, pending_ids)
+            if pending_ids:
+                crash_point("resume.after_pending_dropped")
+            with Session(self.store.engine) as s, s.begin():
+                s.execute(delete(catalog.Document).where(catalog.Document.id.in_(pending_ids)))
+                s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(status=INGESTING))
+            settings = IngestSettings(**spec["settings"])
+            options = SourceOptions(**spec["options"])
+            schema = self.store.table.schema
+            encoder = self.store.encoder
+
+            forward = _model_forward(encoder, name, self.store.path)
+            docs = ingest.limited(ingest.iter_documents(spec["paths"], options), options.max_documents)
+            done_tokens = 0
+            pending: list[pa.RecordBatch] = []  # encoded pairs not yet in the table
+            pending_rows = 0
+            pending_docs: list[int] = []  # documents not yet ready
+            flushed = 0  # pairs of pending_docs already in the table
+            for group in _groups(docs, encoder.tokenize, settings):
+                fresh = []
+                for doc, tokens in group:
+                    if doc.ordinal in done:
+                        if done[doc.ordinal] != doc.sha256:
+                            raise InputError(
+                                f"{doc.source} changed since corpus '{name}' was started; remove the "
+                                f"corpus and add it again"
+                            )
+                        done_tokens += len(tokens)
+                        continue
+                    fresh.append((doc, tokens))
+                if progress and done_tokens:
+                    progress(done_tokens, total_tokens)
+                if not fresh:
+                    continue
+                doc_ids = self._insert_documents(corpus_id, fresh)
+                crash_point("ingest.after_documents_row")
+                pending_docs += doc_ids
+                for batch, n_new in ingest.encode_documents(
+                        forward, list(zip(doc_ids, (t for _, t in fresh))), corpus_id, settings, schema):
+                    crash_point("ingest.after_encode")
+                    pending.append(batch)
+                    pending_rows += batch.num_rows
+                    done_tokens += n_new
+                    if progress:
+                        progress(done_tokens, total_tokens)
+                    if pending_rows >= settings.commit_every:
+                        # Long documents: their pairs go to the table now (memory stays bounded
+                        # whatever a document's length); the documents stay pending, so
+                        # their pairs stay invisible, until the commit below marks them ready.
+                        flushed += self._add_pairs(pending)
+                        crash_point("commit.after_partial_add")
+                        pending, pending_rows = [], 0
+                encoded_tokens += sum(len(t) for _, t in fresh)
+                # The last token of each document adds no pair; count it as done.
+                done_tokens += len(fresh)
+                # Bounded in pairs, and in documents (SQL parameter limits with tiny ones).
+                if (flushed + pending_rows >= settings.commit_every
+                        or len(pending_docs) >= _MAX_DOCS_PER_COMMIT):
+                    run_pairs += flushed + self._commit(corpus_id, pending, pending_docs)
+                    run_docs += len(pending_docs)
+                    pending, pending_docs, pending_rows, flushed = [], [], 0, 0
+            run_pairs += flushed + self._commit(corpus_id, pending, pending_docs)
+            run_docs += len(pending_docs)
+            crash_point("ingest.before_corpus_ready")
+            self.store.verify_lock()
+            with Session(self.store.engine) as s, s.begin():
+                s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id)
+                          .values(status=READY, ready_at=catalog.utcnow()))
+            ready = True
+            crash_point("ingest.after_corpus_ready")
+            if progress:
+                progress(total_tokens, total_tokens)
+        except BaseException as exc:
+            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if ready:  # committed whole: what failed after it (e.g. a progress callback) changes nothing
+                self._finish_run(run, "ok", n_documents=run_docs, n_tokens=encoded_tokens, n_pairs=run_pairs)
+                raise
+            try:
+                with Session(self.store.engine) as s, s.begin():
+                    s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(status=FAILED))
+                self._finish_run(run, "failed", error=message[:2000], n_documents=run_docs,
+                                 n_tokens=encoded_tokens, n_pairs=run_pairs)
+            except Exception:  # e.g. the disk is full for the catalog too; it reads failed anyway
+                pass
+            if _is_disk_full(exc):
+                raise DiskFullError(
+                    f"the disk holding {self.store.path} filled up while adding '{name}'; the corpus is "
+                    f"kept as failed and invisible. Free some space, then `knnstore resume-corpus "
+                    f"{self.store.path} {name}` (or `knnstore remove-corpus {self.store.path} {name}`)"
+                ) from None
+            raise
+        elapsed = max(time.monotonic() - started, 1e-9)
+        self._finish_run(run, "ok", n_documents=run_docs, n_tokens=encoded_tokens,
+                         n_pairs=run_pairs, tokens_per_s=encoded_tokens / elapsed)
+
+    def _insert_documents(self, corpus_id: int, docs) -> list[int]:
+        with Session(self.store.engine) as s, s.begin():
+            rows = [catalog.Document(
+                corpus_id=corpus_id, ordinal=doc.ordinal, source=doc.source, title=doc.title,
+                sha256=doc.sha256, n_tokens=len(tokens), n_pairs=len(tokens) - 1,
+                status=PENDING, meta=doc.meta) for doc, tokens in docs]
+            s.add_all(rows)
+            s.flush()
+            return [r.id for r in rows]
+
+    def _add_pairs(self, batches: list[pa.RecordBatch]) -> int:
+        """One LanceDB commit of these pairs (their documents' status is the caller's)."""
+        crash_point("commit.before_table_add")
+        if batches:
+            self.store.verify_lock()
+            schema = self.store.table.schema
+
+            def stream():  # one commit, streamed batch by batch
+                for i, batch in enumerate(batches):
+                    if i == len(batches) // 2:
+                        crash_point("commit.mid_table_add")
+                    yield batch
+
+            self.store.table.add(pa.RecordBatchReader.from_batches(schema, stream()))
+        return sum(b.num_rows for b in batches)
+
+    def _commit(self, corpus_id: int, batches: list[pa.RecordBatch], doc_ids: list[int]) -> int:
+        """One LanceDB commit of the pending pairs, then mark their documents ready."""
+        if not doc_ids:
+            return 0
+        n_pairs = self._add_pairs(batches)
+        crash_point("commit.after_table_add")
+        self.store.verify_lock()
+        with Session(self.store.engine) as s, s.begin():
+            s.execute(update(catalog.Document).where(catalog.Document.id.in_(doc_ids)).values(status=READY))
+            totals = s.execute(
+                select(func.count(), func.coalesce(func.sum(catalog.Document.n_tokens), 0),
+                       func.coalesce(func.sum(catalog.Document.n_pairs), 0))
+                .where(catalog.Document.corpus_id == corpus_id, catalog.Document.status == READY)
+            ).one()
+            s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(
+                n_documents=totals[0], n_tokens=totals[1], n_pairs=totals[2]))
+        crash_point("commit.after_documents_ready")
+        return n_pairs
+
+
+MAX_NAME_CHARS = 256
+
+
+def normalise_name(name: str) -> str:
+    """A corpus name as every command reads it: spaces around it dropped; empty names,
+    control characters and names over 256 characters refused."""
+    name = str(name).strip()
+    if not name:
+        raise InputError("a corpus needs a non-empty name")
+    if len(name) > MAX_NAME_CHARS:
+        raise InputError(f"a corpus name has at most {MAX_NAME_CHARS} characters, got {len(name):,}")
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in name):
+        raise InputError(f"corpus name {name!r} holds control characters: use printable text")
+    return name
+
+
+def _model_forward(encoder: Encoder, corpus: str, path: Path):
+    """The encoder's keys for a batch, with the model's own failures (torch's errors inside
+    it: bad weights, a device out of memory) as one ModelRunError that says how to go on."""
+    def forward(ids, mask):
+        try:
+            return encoder.forward(ids, mask)[0]
+        except (RuntimeError, ValueError, IndexError) as exc:
+            detail = (str(exc).strip().splitlines() or ["-"])[0]
+            raise ModelRunError(
+                f"the model {encoder.name} failed while encoding corpus {corpus!r} ({type(exc).__name__}: "
+                f"{detail}); the corpus is kept as failed: fix the model, then "
+                f"`knnstore resume-corpus {path} {corpus}`"
+            ) from exc
+    return forward
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left" in str(exc)
+
+
+def _groups(docs, tokenize, settings: IngestSettings):
+    """Tokenised documents in groups of about four batches' worth of windows."""
+    budget = settings.batch_size * settings.stride * 4
+    group, size = [], 0
+    for doc in docs:
+        tokens = tokenize(doc.text)
+        if len(tokens) < 2:
+            continue
+        group.append((doc, tokens))
+        size += len(tokens)
+        if size >= budget or len(group) >= 1024:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
