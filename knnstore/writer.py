@@ -16,8 +16,10 @@ import errno
 import os
 import shutil
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import pyarrow as pa
 from sqlalchemy import delete, func, select, update
@@ -201,101 +203,79 @@ class Writer:
 
     def _ingest_documents(self, corpus_id: int, name: str, kind: str, total_tokens: int,
                           progress: ProgressFn | None) -> None:
-        run = self._start_run(corpus_id, name, kind)
-        started, encoded_tokens, run_pairs, run_docs = time.monotonic(), 0, 0, 0
-        ready = False
-        try:
-            with Session(self.store.engine, expire_on_commit=False) as s:
-                corpus = s.get(catalog.Corpus, corpus_id)
-                spec = corpus.spec
-                done = {d.ordinal: d.sha256 for d in s.scalars(
-                    select(catalog.Document).where(catalog.Document.corpus_id == corpus_id,
-                                                   catalog.Document.status == READY))}
-                pending_ids = list(s.scalars(select(catalog.Document.id).where(
-                    catalog.Document.corpus_id == corpus_id, catalog.Document.status == PENDING)))
-            # Pairs of documents whose commit never completed: drop them and redo.
-            self.store.table.delete_corpus(corpus_id, pending_ids)
-            if pending_ids:
-                crash_point("resume.after_pending_dropped")
-            with Session(self.store.engine) as s, s.begin():
-                s.execute(delete(catalog.Document).where(catalog.Document.id.in_(pending_ids)))
-                s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(status=INGESTING))
-            settings = IngestSettings(**spec["settings"])
-            options = SourceOptions(**spec["options"])
-            schema = self.store.table.schema
+        with self._run(corpus_id, name, kind) as totals:
+            spec, done = self._restart(corpus_id)
+            settings, options = IngestSettings(**spec["settings"]), SourceOptions(**spec["options"])
             encoder = self.store.encoder
-
             forward = _model_forward(encoder, name, self.store.path)
+            buffer = _CommitBuffer(self, corpus_id, settings.commit_every)
+            counter = _Progress(progress, total_tokens)
             docs = ingest.limited(ingest.iter_documents(spec["paths"], options), options.max_documents)
-            done_tokens = 0
-            pending: list[pa.RecordBatch] = []  # encoded pairs not yet in the table
-            pending_rows = 0
-            pending_docs: list[int] = []  # documents not yet ready
-            flushed = 0  # pairs of pending_docs already in the table
             for group in _groups(docs, encoder.tokenize, settings):
-                fresh = []
-                for doc, tokens in group:
-                    if doc.ordinal in done:
-                        if done[doc.ordinal] != doc.sha256:
-                            raise InputError(
-                                f"{doc.source} changed since corpus '{name}' was started; remove the "
-                                f"corpus and add it again"
-                            )
-                        done_tokens += len(tokens)
-                        continue
-                    fresh.append((doc, tokens))
-                if progress and done_tokens:
-                    progress(done_tokens, total_tokens)
+                fresh = _not_yet_done(group, done, name, counter)
                 if not fresh:
                     continue
                 doc_ids = self._insert_documents(corpus_id, fresh)
                 crash_point("ingest.after_documents_row")
-                pending_docs += doc_ids
+                buffer.documents += doc_ids
                 for batch, n_new in ingest.encode_documents(
-                        forward, list(zip(doc_ids, (t for _, t in fresh))), corpus_id, settings, schema):
+                        forward, list(zip(doc_ids, (t for _, t in fresh))), corpus_id, settings,
+                        self.store.table.schema):
                     crash_point("ingest.after_encode")
-                    pending.append(batch)
-                    pending_rows += batch.num_rows
-                    done_tokens += n_new
-                    if progress:
-                        progress(done_tokens, total_tokens)
-                    if pending_rows >= settings.commit_every:
-                        # Long documents: their pairs go to the table now (memory stays bounded
-                        # whatever a document's length); the documents stay pending, so
-                        # their pairs stay invisible, until the commit below marks them ready.
-                        flushed += self._add_pairs(pending)
-                        crash_point("commit.after_partial_add")
-                        pending, pending_rows = [], 0
-                encoded_tokens += sum(len(t) for _, t in fresh)
-                # The last token of each document adds no pair; count it as done.
-                done_tokens += len(fresh)
-                # Bounded in pairs, and in documents (SQL parameter limits with tiny ones).
-                if (flushed + pending_rows >= settings.commit_every
-                        or len(pending_docs) >= _MAX_DOCS_PER_COMMIT):
-                    run_pairs += flushed + self._commit(corpus_id, pending, pending_docs)
-                    run_docs += len(pending_docs)
-                    pending, pending_docs, pending_rows, flushed = [], [], 0, 0
-            run_pairs += flushed + self._commit(corpus_id, pending, pending_docs)
-            run_docs += len(pending_docs)
+                    buffer.add(batch)
+                    counter.advance(n_new)
+                totals.tokens += sum(len(t) for _, t in fresh)
+                counter.advance(len(fresh), report=False)  # each document's last token adds no pair
+                if buffer.full():
+                    totals.add_commit(*buffer.commit())
+            totals.add_commit(*buffer.commit())
             crash_point("ingest.before_corpus_ready")
-            self.store.verify_lock()
-            with Session(self.store.engine) as s, s.begin():
-                s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id)
-                          .values(status=READY, ready_at=catalog.utcnow()))
-            ready = True
+            self._set_status(corpus_id, READY, ready_at=catalog.utcnow())
+            totals.ready = True
             crash_point("ingest.after_corpus_ready")
-            if progress:
-                progress(total_tokens, total_tokens)
+            counter.finish()
+
+    def _restart(self, corpus_id: int) -> tuple[dict, dict[int, str]]:
+        """Drop what an interrupted run left half-done (pairs of documents still pending)
+        and mark the corpus ingesting; returns its spec and the sha256 of each ready
+        document by ordinal (what a resume keeps)."""
+        with Session(self.store.engine, expire_on_commit=False) as s:
+            spec = s.get(catalog.Corpus, corpus_id).spec
+            done = {d.ordinal: d.sha256 for d in s.scalars(
+                select(catalog.Document).where(catalog.Document.corpus_id == corpus_id,
+                                               catalog.Document.status == READY))}
+            pending_ids = list(s.scalars(select(catalog.Document.id).where(
+                catalog.Document.corpus_id == corpus_id, catalog.Document.status == PENDING)))
+        self.store.table.delete_corpus(corpus_id, pending_ids)
+        if pending_ids:
+            crash_point("resume.after_pending_dropped")
+        with Session(self.store.engine) as s, s.begin():
+            s.execute(delete(catalog.Document).where(catalog.Document.id.in_(pending_ids)))
+            s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(status=INGESTING))
+        return spec, done
+
+    def _set_status(self, corpus_id: int, status: str, **values) -> None:
+        self.store.verify_lock()
+        with Session(self.store.engine) as s, s.begin():
+            s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(status=status, **values))
+
+    @contextmanager
+    def _run(self, corpus_id: int, name: str, kind: str) -> Iterator["_RunTotals"]:
+        """One ``ingest_runs`` row around an add or resume: closed ``ok`` with the totals,
+        or, on any error before the corpus is ready, ``failed`` with the corpus marked
+        failed (an error after it is ready changes nothing: the corpus is whole)."""
+        run, totals, started = self._start_run(corpus_id, name, kind), _RunTotals(), time.monotonic()
+        try:
+            yield totals
         except BaseException as exc:
-            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            if ready:  # committed whole: what failed after it (e.g. a progress callback) changes nothing
-                self._finish_run(run, "ok", n_documents=run_docs, n_tokens=encoded_tokens, n_pairs=run_pairs)
+            if totals.ready:
+                self._finish_run(run, "ok", **totals.counts())
                 raise
+            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             try:
                 with Session(self.store.engine) as s, s.begin():
                     s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(status=FAILED))
-                self._finish_run(run, "failed", error=message[:2000], n_documents=run_docs,
-                                 n_tokens=encoded_tokens, n_pairs=run_pairs)
+                self._finish_run(run, "failed", error=message[:2000], **totals.counts())
             except Exception:  # e.g. the disk is full for the catalog too; it reads failed anyway
                 pass
             if _is_disk_full(exc):
@@ -306,8 +286,7 @@ class Writer:
                 ) from None
             raise
         elapsed = max(time.monotonic() - started, 1e-9)
-        self._finish_run(run, "ok", n_documents=run_docs, n_tokens=encoded_tokens,
-                         n_pairs=run_pairs, tokens_per_s=encoded_tokens / elapsed)
+        self._finish_run(run, "ok", **totals.counts(), tokens_per_s=totals.tokens / elapsed)
 
     def _insert_documents(self, corpus_id: int, docs) -> list[int]:
         with Session(self.store.engine) as s, s.begin():
@@ -353,6 +332,91 @@ class Writer:
                 n_documents=totals[0], n_tokens=totals[1], n_pairs=totals[2]))
         crash_point("commit.after_documents_ready")
         return n_pairs
+
+
+@dataclass
+class _RunTotals:
+    """What one run did, for its ``ingest_runs`` row."""
+
+    documents: int = 0
+    tokens: int = 0  # tokens encoded (documents kept from an earlier run not counted)
+    pairs: int = 0
+    ready: bool = False  # the corpus was marked ready: nothing after it can fail the run
+
+    def add_commit(self, documents: int, pairs: int) -> None:
+        self.documents += documents
+        self.pairs += pairs
+
+    def counts(self) -> dict:
+        return {"n_documents": self.documents, "n_tokens": self.tokens, "n_pairs": self.pairs}
+
+
+class _CommitBuffer:
+    """Encoded pairs not yet committed, and the pending documents they belong to.
+
+    ``commit()`` is one LanceDB commit of the pairs, then the catalog transaction that
+    marks the documents ready. A long document's pairs go to the table early, every
+    ``commit_every`` pairs (memory stays bounded whatever its length); its document
+    stays pending, so those pairs stay invisible, until the commit that marks it ready.
+    """
+
+    def __init__(self, writer: "Writer", corpus_id: int, commit_every: int) -> None:
+        self.writer, self.corpus_id, self.commit_every = writer, corpus_id, commit_every
+        self.batches: list[pa.RecordBatch] = []
+        self.rows = 0
+        self.documents: list[int] = []  # documents not yet ready
+        self.flushed = 0  # pairs of those documents already in the table
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        self.batches.append(batch)
+        self.rows += batch.num_rows
+        if self.rows >= self.commit_every:
+            self.flushed += self.writer._add_pairs(self.batches)
+            crash_point("commit.after_partial_add")
+            self.batches, self.rows = [], 0
+
+    def full(self) -> bool:
+        """Bounded in pairs, and in documents (SQL parameter limits with tiny ones)."""
+        return self.flushed + self.rows >= self.commit_every or len(self.documents) >= _MAX_DOCS_PER_COMMIT
+
+    def commit(self) -> tuple[int, int]:
+        """Commit everything buffered; returns (documents, pairs) made ready."""
+        pairs = self.flushed + self.writer._commit(self.corpus_id, self.batches, self.documents)
+        documents = len(self.documents)
+        self.batches, self.documents, self.rows, self.flushed = [], [], 0, 0
+        return documents, pairs
+
+
+class _Progress:
+    """Tokens done of a corpus, reported to a progress callback."""
+
+    def __init__(self, callback: ProgressFn | None, total: int) -> None:
+        self.callback, self.total, self.done = callback, total, 0
+
+    def advance(self, n: int, report: bool = True) -> None:
+        self.done += n
+        if report and self.callback and self.done:
+            self.callback(self.done, self.total)
+
+    def finish(self) -> None:
+        if self.callback:
+            self.callback(self.total, self.total)
+
+
+def _not_yet_done(group, done: dict[int, str], name: str, counter: _Progress) -> list:
+    """The documents of a group that an earlier run did not commit; the others count as
+    done, and must not have changed since."""
+    fresh, kept = [], 0
+    for doc, tokens in group:
+        if doc.ordinal not in done:
+            fresh.append((doc, tokens))
+            continue
+        if done[doc.ordinal] != doc.sha256:
+            raise InputError(f"{doc.source} changed since corpus '{name}' was started; remove the "
+                             "corpus and add it again")
+        kept += len(tokens)
+    counter.advance(kept)
+    return fresh
 
 
 MAX_NAME_CHARS = 256
