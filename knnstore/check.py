@@ -100,21 +100,65 @@ def damaged(path: str, message: str) -> CheckReport:
     return CheckReport(store=str(path), problems=[Problem(ERROR, message)], damaged=True)
 
 
+@dataclass
+class _Seen:
+    """One read of the table's ids and of the catalog's corpora and documents."""
+
+    rows_by_corpus: dict[int, int]
+    rows_by_doc: dict[int, int]
+    corpora: list
+    docs: list
+
+    @property
+    def known(self) -> set[int]:
+        return {c.id for c in self.corpora}
+
+    def docs_of(self, corpus_id: int) -> list:
+        return [d for d in self.docs if d.corpus_id == corpus_id]
+
+
 def _check(store: "Store", repair: bool) -> CheckReport:
     report = CheckReport(store=str(store.path))
-    problems = report.problems
-    ident = store.identity
     store.table.refresh()
     missing = store.table.missing_files()
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        problems.append(Problem(ERROR, f"{len(missing)} data file(s) of the pairs table are missing: {shown}; "
-                                       "restore the store from a backup"))
+        report.problems.append(Problem(ERROR, f"{len(missing)} data file(s) of the pairs table are missing: "
+                                              f"{shown}; restore the store from a backup"))
         report.damaged = True
         return report
+    report.problems += _schema_problems(store)
+    if report.problems:
+        return report
+    try:
+        cols = store.table.columns(["corpus_id", "document_id"])
+    except StoreDamagedError as exc:
+        report.problems.append(Problem(ERROR, str(exc)))
+        report.damaged = True
+        return report
+    with Session(store.engine) as s:
+        corpora = list(s.scalars(select(catalog.Corpus).order_by(catalog.Corpus.id)))
+        docs = list(s.execute(select(catalog.Document.id, catalog.Document.corpus_id,
+                                     catalog.Document.n_pairs, catalog.Document.status)))
+    seen = _Seen(_counts(cols.column("corpus_id").to_numpy()), _counts(cols.column("document_id").to_numpy()),
+                 corpora, docs)
+    report.table_rows, report.corpora, report.documents = cols.num_rows, len(corpora), len(docs)
+    writer = store.writer_active() if not repair else False  # repair holds the lock itself
+    report.problems += _orphan_rows(store, seen, repair)
+    report.problems += _corpus_problems(store, seen, repair, writer)
+    report.problems += _stray_documents(store, seen, repair)
+    if not writer:
+        report.problems += _stale_runs(store, repair)
+    state = store.table.index_state()
+    if state["indices"] and state["unindexed_rows"]:
+        report.problems.append(Problem(WARNING, f"{state['unindexed_rows']:,} rows are not in the ANN index yet "
+                                                "(searched exactly meanwhile): `knnstore index` folds them in"))
+    return report
 
-    # 1. The table's schema is the store's.
-    schema = store.table.schema
+
+def _schema_problems(store: "Store") -> list[Problem]:
+    """Columns the table lacks, or a key column that is not the store's dim and dtype."""
+    ident, schema, problems = store.identity, store.table.schema, []
     for name in pairs_schema(ident.dim, ident.dtype).names:
         if name not in schema.names:
             problems.append(Problem(ERROR, f"the pairs table has no '{name}' column"))
@@ -124,50 +168,38 @@ def _check(store: "Store", repair: bool) -> CheckReport:
         if not pa.types.is_fixed_size_list(vtype) or vtype.list_size != ident.dim or vtype.value_type != want:
             problems.append(Problem(ERROR, f"the vector column is {vtype}; the store records dim "
                                            f"{ident.dim} {ident.dtype} ({', '.join(DTYPES)} allowed)"))
-    if any(p.severity == ERROR for p in problems):
-        return report
+    return problems
 
-    # 2. Catalog and table agree.
-    try:
-        cols = store.table.columns(["corpus_id", "document_id"])
-    except StoreDamagedError as exc:
-        problems.append(Problem(ERROR, str(exc)))
-        report.damaged = True
-        return report
-    report.table_rows = cols.num_rows
-    rows_by_corpus = _counts(cols.column("corpus_id").to_numpy())
-    rows_by_doc = _counts(cols.column("document_id").to_numpy())
-    writer = store.writer_active() if not repair else False  # repair holds the lock itself
-    with Session(store.engine) as s:
-        corpora = list(s.scalars(select(catalog.Corpus).order_by(catalog.Corpus.id)))
-        docs = list(s.execute(select(catalog.Document.id, catalog.Document.corpus_id,
-                                     catalog.Document.n_pairs, catalog.Document.status)))
-    report.corpora, report.documents = len(corpora), len(docs)
-    docs_by_corpus: dict[int, list] = {}
-    for d in docs:
-        docs_by_corpus.setdefault(d.corpus_id, []).append(d)
-    known = {c.id for c in corpora}
 
-    for cid, n in sorted(rows_by_corpus.items()):
-        if cid not in known:
-            # Deleting is safe only if this catalog is the table's own: else every row of the
-            # real store would look like an orphan. The store refused to open on a mismatch;
-            # a store made before ids (an outside catalog, not bound yet) is never cleaned.
-            if store.bound:
-                p = Problem(ERROR, f"{n:,} rows belong to corpus id {cid}, which the catalog does not know "
-                                   "(a removal that was cut short?)", repair="delete those rows")
-                if repair:
-                    store.verify_lock()
-                    store.table.delete_corpus(cid)
-                    p.repaired = True
-            else:
-                p = Problem(ERROR, f"{n:,} rows belong to corpus id {cid}, which the catalog does not know; "
-                                   "catalog and table carry no store id, so they are not deleted (is this "
-                                   "the store's own catalog?)")
-            problems.append(p)
+def _orphan_rows(store: "Store", seen: _Seen, repair: bool) -> list[Problem]:
+    """Rows of corpora the catalog does not know."""
+    problems = []
+    for cid, n in sorted(seen.rows_by_corpus.items()):
+        if cid in seen.known:
+            continue
+        # Deleting is safe only if this catalog is the table's own: else every row of the
+        # real store would look like an orphan. The store refused to open on a mismatch;
+        # a store made before ids (an outside catalog, not bound yet) is never cleaned.
+        if store.bound:
+            p = Problem(ERROR, f"{n:,} rows belong to corpus id {cid}, which the catalog does not know "
+                               "(a removal that was cut short?)", repair="delete those rows")
+            if repair:
+                store.verify_lock()
+                store.table.delete_corpus(cid)
+                p.repaired = True
+        else:
+            p = Problem(ERROR, f"{n:,} rows belong to corpus id {cid}, which the catalog does not know; "
+                               "catalog and table carry no store id, so they are not deleted (is this "
+                               "the store's own catalog?)")
+        problems.append(p)
+    return problems
 
-    for c in corpora:
-        in_table = rows_by_corpus.get(c.id, 0)
+
+def _corpus_problems(store: "Store", seen: _Seen, repair: bool, writer: bool) -> list[Problem]:
+    """Each corpus by status: removals and ingests cut short, counts of ready ones."""
+    problems = []
+    for c in seen.corpora:
+        in_table = seen.rows_by_corpus.get(c.id, 0)
         if c.status == REMOVING:
             p = Problem(ERROR, f"corpus '{c.name}' was being removed when its writer stopped",
                         repair="finish the removal")
@@ -175,10 +207,9 @@ def _check(store: "Store", repair: bool) -> CheckReport:
                 store.drop_corpus(c.id)
                 p.repaired = True
             problems.append(p)
-            continue
-        if c.status == INGESTING and writer:
+        elif c.status == INGESTING and writer:
             continue  # being written right now: nothing to compare yet
-        if c.status in (INGESTING, FAILED):
+        elif c.status in (INGESTING, FAILED):
             p = Problem(WARNING, f"corpus '{c.name}' is incomplete ({in_table:,} rows, invisible to "
                                  f"readers): `knnstore resume-corpus {store.path} {c.name}` or "
                                  f"`knnstore remove-corpus {store.path} {c.name}`")
@@ -189,61 +220,68 @@ def _check(store: "Store", repair: bool) -> CheckReport:
                         s.execute(update(catalog.Corpus).where(catalog.Corpus.id == c.id).values(status=FAILED))
                     p.repaired = True
             problems.append(p)
+        else:
+            problems += _ready_counts(c, in_table, seen)
+    return problems
+
+
+def _ready_counts(c, in_table: int, seen: _Seen) -> list[Problem]:
+    """A ready corpus: catalog, documents and table must agree on every count."""
+    problems, mine = [], seen.docs_of(c.id)
+    if in_table != c.n_pairs:
+        problems.append(Problem(ERROR, f"corpus '{c.name}': the catalog counts {c.n_pairs:,} pairs, "
+                                       f"the table holds {in_table:,}"))
+    if sum(d.n_pairs for d in mine) != c.n_pairs or len(mine) != c.n_documents:
+        problems.append(Problem(ERROR, f"corpus '{c.name}': its {len(mine):,} documents do not add "
+                                       f"up to its counts ({c.n_documents:,} documents, {c.n_pairs:,} pairs)"))
+    for d in mine:
+        if d.status != READY:
+            problems.append(Problem(ERROR, f"corpus '{c.name}' is ready but document {d.id} is {d.status}"))
+        elif seen.rows_by_doc.get(d.id, 0) != d.n_pairs:
+            problems.append(Problem(ERROR, f"document {d.id} of '{c.name}': the catalog counts "
+                                           f"{d.n_pairs:,} pairs, the table holds {seen.rows_by_doc.get(d.id, 0):,}"))
+    return problems
+
+
+def _stray_documents(store: "Store", seen: _Seen, repair: bool) -> list[Problem]:
+    """Rows of documents the catalog does not know, inside known corpora (unknown corpora
+    were reported as orphans)."""
+    known_docs = {d.id for d in seen.docs}
+    stray = {doc: n for doc, n in seen.rows_by_doc.items() if doc not in known_docs}
+    if not stray:
+        return []
+    ids = ", ".join(str(d) for d in sorted(stray))
+    owners = store.table.columns(["corpus_id", "document_id"], where=f"document_id IN ({ids})")
+    by_doc = dict(zip(owners.column("document_id").to_pylist(), owners.column("corpus_id").to_pylist()))
+    status = {c.id: c.status for c in seen.corpora}
+    problems = []
+    for doc, n in sorted(stray.items()):
+        cid = by_doc.get(doc)
+        if cid not in seen.known:
             continue
-        # ready: every count must agree
-        mine = docs_by_corpus.get(c.id, [])
-        if in_table != c.n_pairs:
-            problems.append(Problem(ERROR, f"corpus '{c.name}': the catalog counts {c.n_pairs:,} pairs, "
-                                           f"the table holds {in_table:,}"))
-        if sum(d.n_pairs for d in mine) != c.n_pairs or len(mine) != c.n_documents:
-            problems.append(Problem(ERROR, f"corpus '{c.name}': its {len(mine):,} documents do not add "
-                                           f"up to its counts ({c.n_documents:,} documents, {c.n_pairs:,} pairs)"))
-        for d in mine:
-            if d.status != READY:
-                problems.append(Problem(ERROR, f"corpus '{c.name}' is ready but document {d.id} is {d.status}"))
-            elif rows_by_doc.get(d.id, 0) != d.n_pairs:
-                problems.append(Problem(ERROR, f"document {d.id} of '{c.name}': the catalog counts "
-                                               f"{d.n_pairs:,} pairs, the table holds {rows_by_doc.get(d.id, 0):,}"))
-
-    known_docs = {d.id for d in docs}
-    stray = {doc: n for doc, n in rows_by_doc.items() if doc not in known_docs}
-    if stray:
-        # Only corpora that are known (unknown ones were reported above).
-        ids = ", ".join(str(d) for d in sorted(stray))
-        owners = store.table.columns(["corpus_id", "document_id"], where=f"document_id IN ({ids})")
-        by_doc = dict(zip(owners.column("document_id").to_pylist(), owners.column("corpus_id").to_pylist()))
-        status = {c.id: c.status for c in corpora}
-        for doc, n in sorted(stray.items()):
-            cid = by_doc.get(doc)
-            if cid not in known:
-                continue
-            p = Problem(ERROR, f"{n:,} rows of document id {doc} (corpus id {cid}) have no catalog row")
-            if status.get(cid) != READY:
-                p.repair = "delete those rows"
-                if repair:
-                    store.verify_lock()
-                    store.table.delete_corpus(cid, [doc])
-                    p.repaired = True
-            problems.append(p)
-
-    # 3. Runs whose process died: `running` with no writer.
-    if not writer:
-        with Session(store.engine) as s:
-            stale = list(s.scalars(select(catalog.IngestRun.id).where(catalog.IngestRun.status == "running")))
-        if stale:
-            p = Problem(WARNING, f"{len(stale)} run(s) are recorded as running, but no process is writing "
-                                 "(killed)", repair="mark them failed")
+        p = Problem(ERROR, f"{n:,} rows of document id {doc} (corpus id {cid}) have no catalog row")
+        if status.get(cid) != READY:
+            p.repair = "delete those rows"
             if repair:
-                with Session(store.engine) as s, s.begin():
-                    s.execute(update(catalog.IngestRun).where(catalog.IngestRun.id.in_(stale)).values(
-                        status="failed", finished_at=catalog.utcnow(),
-                        error=func.coalesce(catalog.IngestRun.error, "interrupted: its process died")))
+                store.verify_lock()
+                store.table.delete_corpus(cid, [doc])
                 p.repaired = True
-            problems.append(p)
+        problems.append(p)
+    return problems
 
-    # 4. The index.
-    state = store.table.index_state()
-    if state["indices"] and state["unindexed_rows"]:
-        problems.append(Problem(WARNING, f"{state['unindexed_rows']:,} rows are not in the ANN index yet "
-                                         "(searched exactly meanwhile): `knnstore index` folds them in"))
-    return report
+
+def _stale_runs(store: "Store", repair: bool) -> list[Problem]:
+    """Runs recorded as running while no process writes: their process died."""
+    with Session(store.engine) as s:
+        stale = list(s.scalars(select(catalog.IngestRun.id).where(catalog.IngestRun.status == "running")))
+    if not stale:
+        return []
+    p = Problem(WARNING, f"{len(stale)} run(s) are recorded as running, but no process is writing "
+                         "(killed)", repair="mark them failed")
+    if repair:
+        with Session(store.engine) as s, s.begin():
+            s.execute(update(catalog.IngestRun).where(catalog.IngestRun.id.in_(stale)).values(
+                status="failed", finished_at=catalog.utcnow(),
+                error=func.coalesce(catalog.IngestRun.error, "interrupted: its process died")))
+        p.repaired = True
+    return [p]
