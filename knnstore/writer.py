@@ -57,15 +57,7 @@ class Writer:
                    options: SourceOptions = SourceOptions(),
                    settings: IngestSettings | None = None,
                    progress: ProgressFn | None = None, index: bool = True) -> CorpusInfo:
-        """Encode every document of ``paths`` and store its pairs as corpus ``name``.
-
-        All sources are read and validated before anything is written: bad input raises
-        InputError and leaves the store as it was. If ingestion dies part way, the corpus
-        stays invisible to readers, is reported failed, and ``resume_corpus(name)`` or
-        ``remove_corpus(name)`` finishes the job. Then, with ``index``, the index policy
-        runs (``maintain_index``): the new rows are indexed incrementally, and the index is
-        trained or retrained only past its thresholds. Searches see the new rows at once.
-        """
+        """``Store.add_corpus``: read and validate, then (under the lock) write and index."""
         settings = settings or IngestSettings.resolve()
         name, paths = self.check_new_corpus(name, paths)  # before the model loads in scan
         # Read and validate every source before taking the lock: a writer never waits for input.

@@ -119,6 +119,30 @@ def write_docs(directory: Path, n: int, repeat: int = 4, template: str =
     return directory
 
 
+def interrupted_cli_ingest(tmp_path: Path, model_dir: Path, signum: int):
+    """`knnstore add-corpus` in a child process, sent ``signum`` once it is committing
+    documents; returns (the finished process, its stderr, the store path)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    s = tmp_path / "s"
+    knnstore = [sys.executable, "-m", "knnstore"]
+    subprocess.run([*knnstore, "init", str(s), "--model", str(model_dir)], check=True, capture_output=True)
+    big = write_docs(tmp_path / "many", 400, 8)
+    env = {**os.environ, "KNNSTORE_WINDOW": "16", "KNNSTORE_STRIDE": "12", "KNNSTORE_BATCH_SIZE": "1"}
+    proc = subprocess.Popen([*knnstore, "add-corpus", str(s), "many", str(big)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not Store.open(s).corpora():  # documents are being committed
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    return proc, err, s
+
+
 class Boom(Exception):
     """A simulated crash raised from inside an ingest."""
 

@@ -32,7 +32,7 @@ from knnstore.cli import cli
 from knnstore.lock import WriteLock
 from knnstore.outputs import atomic_output
 
-from .conftest import snapshot, write_docs
+from .conftest import interrupted_cli_ingest, snapshot
 
 
 def _run(*args, env=None):
@@ -385,19 +385,7 @@ def test_an_error_after_a_corpus_is_ready_leaves_it_ready(store, text_dir, small
 
 
 def test_sigterm_is_handled_like_ctrl_c_and_repair_closes_dead_runs(tmp_path, tiny_model_dir):
-    s = tmp_path / "s"
-    knnstore = [sys.executable, "-m", "knnstore"]
-    subprocess.run([*knnstore, "init", str(s), "--model", str(tiny_model_dir)], check=True, capture_output=True)
-    big = write_docs(tmp_path / "many", 400, 8)
-    env = {**os.environ, "KNNSTORE_WINDOW": "16", "KNNSTORE_STRIDE": "12", "KNNSTORE_BATCH_SIZE": "1"}
-    proc = subprocess.Popen([*knnstore, "add-corpus", str(s), "many", str(big)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not Store.open(s).corpora():
-        time.sleep(0.2)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc, err, s = interrupted_cli_ingest(tmp_path, tiny_model_dir, signal.SIGTERM)
     if proc.returncode == 0:
         pytest.skip("the ingest finished before the signal arrived")
     assert proc.returncode == 143 and "Terminated" in err and "Traceback" not in err

@@ -14,7 +14,7 @@ import pytest
 from knnstore import DiskFullError, Store
 from knnstore.check import check
 
-from .conftest import snapshot, write_docs
+from .conftest import interrupted_cli_ingest, snapshot, write_docs
 
 
 @pytest.fixture
@@ -176,21 +176,7 @@ def test_ctrl_c_in_the_cli_exits_130_with_what_to_do(tmp_path, tiny_model_dir, t
     """A real SIGINT to `knnstore add-corpus` while it encodes."""
     import signal
 
-    s = tmp_path / "s"
-    knnstore = [sys.executable, "-m", "knnstore"]
-    subprocess.run([*knnstore, "init", str(s), "--model", str(tiny_model_dir)], check=True, capture_output=True)
-    big = write_docs(tmp_path / "many", 400, 8)
-    env = {**os.environ, "KNNSTORE_WINDOW": "16", "KNNSTORE_STRIDE": "12", "KNNSTORE_BATCH_SIZE": "1"}
-    proc = subprocess.Popen([*knnstore, "add-corpus", str(s), "many", str(big)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until documents are being committed
-        if Store.open(s).corpora():
-            break
-        time.sleep(0.2)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc, err, s = interrupted_cli_ingest(tmp_path, tiny_model_dir, signal.SIGINT)
     if proc.returncode == 0:
         pytest.skip("the ingest finished before the interrupt arrived")
     assert proc.returncode == 130 and "Interrupted" in err and "Traceback" not in err
