@@ -89,6 +89,7 @@ class Writer:
         scan = ingest.scan(spec["paths"], SourceOptions(**spec["options"]), self.store.encoder.tokenize)
         with self.store.write_lock():
             info = self._resumable(name)
+            name = info.name  # as stored: spaces around a given name are not part of it
             self._check_free_space(name, scan.n_tokens - info.tokens)
             self._ingest(info.id, name, "resume", scan.n_tokens, progress)
             if index:
