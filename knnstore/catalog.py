@@ -26,8 +26,10 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     inspect,
+    select,
 )
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -187,11 +189,29 @@ def record_index_build(engine: Engine, kind: str, seconds: float, rows: int, new
 
 def last_trained_rows(engine: Engine) -> int | None:
     """The table rows the index was last trained on (None: never recorded)."""
-    from sqlalchemy import select
-
     with Session(engine) as s:
         return s.scalars(select(IndexBuild.rows).where(IndexBuild.kind == "train")
                          .order_by(IndexBuild.id.desc()).limit(1)).first()
+
+
+def add_calibration(engine: Engine, **values) -> int:
+    """A new ``calibrations`` row (``--adaptive`` uses the newest); returns its id."""
+    with Session(engine) as s, s.begin():
+        row = Calibration(**values)
+        s.add(row)
+        s.flush()
+        return row.id
+
+
+def newest_calibration_fit(engine: Engine) -> dict | None:
+    with Session(engine) as s:
+        return s.scalars(select(Calibration.fit).order_by(Calibration.id.desc()).limit(1)).first()
+
+
+def clear_calibrations(engine: Engine) -> int:
+    """Delete every calibration; returns how many."""
+    with Session(engine) as s, s.begin():
+        return s.execute(delete(Calibration)).rowcount
 
 
 # --- engine and migrations ---------------------------------------------------------

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -56,7 +56,6 @@ from .errors import (
     StoreLockedError,
     StoreNotFoundError,
 )
-from .faults import crash_point
 from .indexing import IndexPlan, IndexPolicy  # noqa: F401  (IndexPlan: kept importable here)
 from .layout import (
     Marker,
@@ -68,7 +67,7 @@ from .layout import (
     usable_path,
 )
 from .lock import WriteLock, on_read_only_mount, writer_active
-from .vectors import INDEX_TYPES, ExactSearch, Neighbours, PairsTable, pair_id, row_bytes
+from .vectors import ExactSearch, Neighbours, PairsTable, pair_id, row_bytes
 from .writer import ProgressFn, Writer, normalise_name  # noqa: F401  (normalise_name: kept importable here)
 
 
@@ -474,32 +473,13 @@ class Store:
         without re-reading keys) or ``ivf_pq`` (IVF-PQ, re-ranked with exact distances);
         see ``PairsTable.create_index``.
         """
-        with self.write_lock():
-            self.refresh()
-            rows = self.table.count()
-            crash_point("index.before")
-            t0 = time.perf_counter()
-            params = self.table.create_index(num_partitions=num_partitions, num_sub_vectors=num_sub_vectors,
-                                             index_type=index_type)
-            seconds = time.perf_counter() - t0
-            crash_point("index.after")
-            catalog.record_index_build(self.engine, "train", seconds, rows, rows, params)
-        self.refresh()
+        self._writer.create_index(num_partitions=num_partitions, num_sub_vectors=num_sub_vectors,
+                                  index_type=index_type)
 
     def update_index(self) -> int:
         """Index the rows added since the index was trained (a delta index, no retraining);
         returns how many rows it indexed."""
-        with self.write_lock():
-            self.refresh()
-            new = self.table.index_state()["unindexed_rows"]
-            crash_point("index.before")
-            t0 = time.perf_counter()
-            self.table.update_index()
-            seconds = time.perf_counter() - t0
-            crash_point("index.after")
-            catalog.record_index_build(self.engine, "update", seconds, self.table.count(), new, {})
-        self.refresh()
-        return new
+        return self._writer.update_index()
 
     def index_plan(self) -> IndexPlan:
         """What the index policy would do now (``indexing.plan``; ``maintain_index`` does it)."""
@@ -513,42 +493,28 @@ class Store:
 
     def maintain_index(self) -> IndexPlan:
         """Apply the index policy (``index_plan``); returns the plan it carried out."""
-        with self.write_lock():
-            self.refresh()
-            plan = self.index_plan()
-            if plan.action == "train":
-                self.create_index()
-            elif plan.action == "retrain":  # keep the type the user chose
-                kind = self.table.index_type()
-                self.create_index(index_type=kind if kind in INDEX_TYPES else None)
-            elif plan.action == "update":
-                self.update_index()
-        return plan
+        return self._writer.maintain_index()
 
     def calibration(self):
         """The newest adaptive-λ calibration (``adaptive.Calibration``), or None."""
         from .adaptive import Calibration
 
-        with Session(self.engine) as s:
-            row = s.scalars(select(catalog.Calibration).order_by(catalog.Calibration.id.desc()).limit(1)).first()
-            return Calibration.from_dict(row.fit) if row is not None else None
+        fit = catalog.newest_calibration_fit(self.engine)
+        return Calibration.from_dict(fit) if fit is not None else None
 
     # --- writing ---------------------------------------------------------------------
 
     def save_calibration(self, cal, text_source: str, n_tokens: int) -> int:
         """Store a fitted calibration; ``--adaptive`` uses the newest one from now on."""
-        with self.write_lock(), Session(self.engine) as s, s.begin():
-            row = catalog.Calibration(text_source=text_source, n_tokens=n_tokens,
-                                      n_pairs=sum(c.n_pairs for c in self._rows if c.status == READY),
-                                      kind=cal.kind, fit=cal.to_dict())
-            s.add(row)
-            s.flush()
-            return row.id
+        with self.write_lock():
+            return catalog.add_calibration(self.engine, text_source=text_source, n_tokens=n_tokens,
+                                           n_pairs=sum(c.n_pairs for c in self._rows if c.status == READY),
+                                           kind=cal.kind, fit=cal.to_dict())
 
     def clear_calibrations(self) -> int:
         """Delete every calibration (``--adaptive`` falls back to the rule); returns how many."""
-        with self.write_lock(), Session(self.engine) as s, s.begin():
-            return s.execute(delete(catalog.Calibration)).rowcount
+        with self.write_lock():
+            return catalog.clear_calibrations(self.engine)
 
     @contextmanager
     def write_lock(self, wait_s: float = 5.0) -> Iterator[None]:

@@ -38,9 +38,10 @@ from .errors import (
     StoreLockedError,
 )
 from .faults import crash_point
-from .vectors import row_bytes
+from .vectors import INDEX_TYPES, row_bytes
 
 if TYPE_CHECKING:
+    from .indexing import IndexPlan
     from .store import CorpusInfo, Store
 
 ProgressFn = Callable[[int, int], None]  # (tokens done so far, total tokens)
@@ -95,6 +96,57 @@ class Writer:
             if index:
                 self.store.maintain_index()
         return self.store.corpus(name)
+
+    # --- the ANN index: trained, updated, kept by the policy (``indexing``) -----------------
+
+    def create_index(self, num_partitions: int | None = None, num_sub_vectors: int | None = None,
+                     index_type: str | None = None) -> None:
+        """Train the ANN index on the stored keys; searches use it from then on.
+
+        ``index_type``: ``ivf_rq`` (the default: IVF with 4-bit RaBitQ codes, ranked
+        without re-reading keys) or ``ivf_pq`` (IVF-PQ, re-ranked with exact distances);
+        see ``PairsTable.create_index``.
+        """
+        with self.store.write_lock():
+            self.store.refresh()
+            rows = self.store.table.count()
+            crash_point("index.before")
+            t0 = time.perf_counter()
+            params = self.store.table.create_index(num_partitions=num_partitions, num_sub_vectors=num_sub_vectors,
+                                             index_type=index_type)
+            seconds = time.perf_counter() - t0
+            crash_point("index.after")
+            catalog.record_index_build(self.store.engine, "train", seconds, rows, rows, params)
+        self.store.refresh()
+
+    def update_index(self) -> int:
+        """Index the rows added since the index was trained (a delta index, no retraining);
+        returns how many rows it indexed."""
+        with self.store.write_lock():
+            self.store.refresh()
+            new = self.store.table.index_state()["unindexed_rows"]
+            crash_point("index.before")
+            t0 = time.perf_counter()
+            self.store.table.update_index()
+            seconds = time.perf_counter() - t0
+            crash_point("index.after")
+            catalog.record_index_build(self.store.engine, "update", seconds, self.store.table.count(), new, {})
+        self.store.refresh()
+        return new
+
+    def maintain_index(self) -> IndexPlan:
+        """Apply the index policy (``index_plan``); returns the plan it carried out."""
+        with self.store.write_lock():
+            self.store.refresh()
+            plan = self.store.index_plan()
+            if plan.action == "train":
+                self.create_index()
+            elif plan.action == "retrain":  # keep the type the user chose
+                kind = self.store.table.index_type()
+                self.create_index(index_type=kind if kind in INDEX_TYPES else None)
+            elif plan.action == "update":
+                self.update_index()
+        return plan
 
     def _resumable(self, name: str) -> CorpusInfo:
         info = self.store.corpus(name)
