@@ -126,25 +126,12 @@ def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float
             (what ``knnstore calibrate`` fits on).
     """
     s = knnlm.settings
-    policy = knnlm.policy
-    if max_tokens is not None:
-        check_number("max_tokens", max_tokens, 1, None, integer=True)
-    ids = list(text) if not isinstance(text, str) else knnlm.encoder.tokenize(text)
-    if max_tokens is not None:
-        ids = ids[:max_tokens + 1]
-    if len(ids) < 2:
-        raise InputError("the text to evaluate has fewer than two tokens: give a longer text")
+    ids = _token_ids(knnlm, text, max_tokens)
     grid = list(itertools.product(lambdas or [s.lambda_], ks or [s.k], temperatures or [s.temperature]))
     for lam, k, t in grid:
         dataclasses.replace(s, lambda_=lam, k=k, temperature=t)  # validates each point
     k_max = max([k for _, k, _ in grid] + [s.k])
-    total = len(ids) - 1
-
-    n = n_retrieved = n_covered = 0
-    base_nll = knn_only_nll = lambda_sum = 0.0
-    mix_nll = np.zeros(len(grid))
-    ada_nll = np.zeros(len(grid))
-    t_base = t_knn = 0.0
+    tally = _Tally(len(grid))
     windows = scored_windows(knnlm.encoder, ids, window=window, stride=stride, batch_size=batch_size)
     while True:
         t0 = time.perf_counter()
@@ -154,54 +141,98 @@ def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float
         lm_log_probs = torch.log_softmax(win.logits.float(), dim=-1)  # [S, V]
         target_lm = lm_log_probs.gather(1, win.targets.unsqueeze(1)).squeeze(1).double()
         t1 = time.perf_counter()
-
-        retrieve = knnlm.retrieval_mask(lm_log_probs)
-        rows = len(win.targets)
-        d = torch.full((rows, k_max), math.inf, dtype=torch.float32)
-        nt = torch.full((rows, k_max), -1, dtype=torch.long)
-        if retrieve.any():
-            found = knnlm.search(win.keys[retrieve], k=k_max)
-            d[retrieve] = torch.from_numpy(found.distances)
-            nt[retrieve] = torch.from_numpy(found.next_tokens).long()
-        valid = knn.valid_mask(d, nt)
-        matches = nt == win.targets.unsqueeze(1)
-        for i, (lam, k, t) in enumerate(grid):
-            knn_t = knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t)
-            has = valid[:, :k].any(dim=1)
-            mix_nll[i] -= float(knn.interpolate(target_lm, knn_t, lam, has_knn=has).sum())
-            if policy is not None:
-                sig = adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t)
-                lam_i = policy.lambdas(sig, lam).clamp(0, 1)
-                ada_nll[i] -= float(adaptive.mixture_log_prob(target_lm, knn_t, has, lam_i).sum())
-            if i == 0:
-                if policy is not None:
-                    lambda_sum += float(torch.where(has, lam_i, torch.zeros_like(lam_i)).sum())
-                t_knn += time.perf_counter() - t1  # search + one mixture: the kNN-LM's extra cost
-                sel = knn_t[retrieve]
-                knn_only_nll -= float(sel.sum())
-                n_covered += int(torch.isfinite(sel).sum())
-        if records is not None:
-            k, t = s.k, s.temperature
-            records.append(adaptive.Records(
-                adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t), target_lm,
-                knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t),
-                valid[:, :k].any(dim=1)))
-        t_base += t1 - t0
-        base_nll -= float(target_lm.sum())
-        n += rows
-        n_retrieved += int(retrieve.sum())
+        _score_window(knnlm, win, lm_log_probs, target_lm, grid, k_max, tally, t1, records)
+        tally.t_base += t1 - t0
+        tally.base_nll -= float(target_lm.sum())
+        tally.n += len(win.targets)
         if progress:
-            progress(n, total)
+            progress(tally.n, len(ids) - 1)
+    return _result(knnlm, grid, tally)
 
+
+def _token_ids(knnlm: KNNLM, text: str | Sequence[int], max_tokens: int | None) -> list[int]:
+    """The tokens to score: the first ``max_tokens`` + 1 (the first is context only)."""
+    if max_tokens is not None:
+        check_number("max_tokens", max_tokens, 1, None, integer=True)
+    ids = list(text) if not isinstance(text, str) else knnlm.encoder.tokenize(text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens + 1]
+    if len(ids) < 2:
+        raise InputError("the text to evaluate has fewer than two tokens: give a longer text")
+    return ids
+
+
+@dataclass
+class _Tally:
+    """What a scoring pass adds up, window by window (negative log likelihoods in nats)."""
+
+    points: int
+    n: int = 0
+    n_retrieved: int = 0
+    n_covered: int = 0
+    base_nll: float = 0.0
+    knn_only_nll: float = 0.0
+    lambda_sum: float = 0.0
+    t_base: float = 0.0
+    t_knn: float = 0.0
+    mix_nll: np.ndarray = field(init=False)  # [points]: the fixed-λ mixture at each sweep point
+    ada_nll: np.ndarray = field(init=False)  # [points]: the adaptive mixture
+
+    def __post_init__(self) -> None:
+        self.mix_nll, self.ada_nll = np.zeros(self.points), np.zeros(self.points)
+
+
+def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torch.Tensor, grid: list,
+                  k_max: int, tally: _Tally, t1: float, records: list | None) -> None:
+    """One window: search once at the largest k, then every sweep point from those neighbours."""
+    s, policy = knnlm.settings, knnlm.policy
+    retrieve = knnlm.retrieval_mask(lm_log_probs)
+    rows = len(win.targets)
+    d = torch.full((rows, k_max), math.inf, dtype=torch.float32)
+    nt = torch.full((rows, k_max), -1, dtype=torch.long)
+    if retrieve.any():
+        found = knnlm.search(win.keys[retrieve], k=k_max)
+        d[retrieve] = torch.from_numpy(found.distances)
+        nt[retrieve] = torch.from_numpy(found.next_tokens).long()
+    valid = knn.valid_mask(d, nt)
+    matches = nt == win.targets.unsqueeze(1)
+    for i, (lam, k, t) in enumerate(grid):
+        knn_t = knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t)
+        has = valid[:, :k].any(dim=1)
+        tally.mix_nll[i] -= float(knn.interpolate(target_lm, knn_t, lam, has_knn=has).sum())
+        if policy is not None:
+            sig = adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t)
+            lam_i = policy.lambdas(sig, lam).clamp(0, 1)
+            tally.ada_nll[i] -= float(adaptive.mixture_log_prob(target_lm, knn_t, has, lam_i).sum())
+        if i == 0:
+            if policy is not None:
+                tally.lambda_sum += float(torch.where(has, lam_i, torch.zeros_like(lam_i)).sum())
+            tally.t_knn += time.perf_counter() - t1  # search + one mixture: the kNN-LM's extra cost
+            sel = knn_t[retrieve]
+            tally.knn_only_nll -= float(sel.sum())
+            tally.n_covered += int(torch.isfinite(sel).sum())
+    if records is not None:
+        k, t = s.k, s.temperature
+        records.append(adaptive.Records(
+            adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t), target_lm,
+            knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t),
+            valid[:, :k].any(dim=1)))
+    tally.n_retrieved += int(retrieve.sum())
+
+
+def _result(knnlm: KNNLM, grid: list, tally: _Tally) -> EvalResult:
+    policy, n = knnlm.policy, tally.n
     points = [SweepPoint(lam, k, t, _ppl(nll, n), _ppl(a, n) if policy is not None else None)
-              for (lam, k, t), nll, a in zip(grid, mix_nll, ada_nll)]
+              for (lam, k, t), nll, a in zip(grid, tally.mix_nll, tally.ada_nll)]
     best = min(points, key=lambda p: p.knn_ppl if policy is None else p.adaptive_ppl)
+    t_base, t_knn = tally.t_base, tally.t_knn
     return EvalResult(
-        tokens=n, base_ppl=_ppl(base_nll, n),
+        tokens=n, base_ppl=_ppl(tally.base_nll, n),
         knn_ppl=best.knn_ppl if policy is None else best.adaptive_ppl,
-        knn_only_ppl=_ppl(knn_only_nll, n_retrieved) if n_covered == n_retrieved else float("inf"),
-        knn_coverage=n_covered / n_retrieved if n_retrieved else 0.0,
-        retrieved_fraction=n_retrieved / n if n else 0.0,
+        knn_only_ppl=(_ppl(tally.knn_only_nll, tally.n_retrieved) if tally.n_covered == tally.n_retrieved
+                      else float("inf")),
+        knn_coverage=tally.n_covered / tally.n_retrieved if tally.n_retrieved else 0.0,
+        retrieved_fraction=tally.n_retrieved / n if n else 0.0,
         lambda_=best.lambda_, k=best.k, temperature=best.temperature,
         search="exact" if knnlm.settings.exact or not knnlm.store.table.has_vector_index() else "ann",
         base_tokens_per_s=n / t_base if t_base else float("nan"),
@@ -209,7 +240,7 @@ def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float
         sweep=points if len(points) > 1 else [],
         adaptive=policy.describe() if policy is not None else None,
         fixed_knn_ppl=best.knn_ppl if policy is not None else None,
-        mean_lambda=lambda_sum / n if policy is not None and n else None,
+        mean_lambda=tally.lambda_sum / n if policy is not None and n else None,
     )
 
 
