@@ -29,7 +29,16 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import adaptive, knn
-from .config import MAX_K, MAX_WINDOW, SCORE_WINDOW, KNNSettings, check_number
+from .config import (
+    MAX_BEAMS,
+    MAX_K,
+    MAX_NEW_TOKENS,
+    MAX_SEED,
+    MAX_WINDOW,
+    SCORE_WINDOW,
+    KNNSettings,
+    check_number,
+)
 from .encoder import Encoder
 from .errors import InputError
 from .store import Store
@@ -373,10 +382,6 @@ class KNNLogitsProcessor(LogitsProcessor):
         return step.log_probs.to(scores.dtype)
 
 
-MAX_NEW_TOKENS = 100_000
-MAX_BEAMS = 64
-
-
 def check_generation(*, max_new_tokens: int, top_p: float | None, top_k: int | None, num_beams: int,
                      seed: int | None, n_sources: int) -> None:
     """The generation options, each in its range (KNNLM.generate and the CLI check here)."""
@@ -387,5 +392,5 @@ def check_generation(*, max_new_tokens: int, top_p: float | None, top_k: int | N
         check_number("top_k", top_k, 1, None, integer=True)
     check_number("num_beams", num_beams, 1, MAX_BEAMS, integer=True)
     if seed is not None:
-        check_number("seed", seed, 0, 2**32 - 1, integer=True)
+        check_number("seed", seed, 0, MAX_SEED, integer=True)
     check_number("sources", n_sources, 0, MAX_K, integer=True)

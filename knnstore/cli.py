@@ -27,7 +27,14 @@ from .config import (
     DEFAULT_MODEL,
     DTYPES,
     KEY_SITES,
+    MAX_BATCH_SIZE,
+    MAX_BEAMS,
     MAX_K,
+    MAX_NEW_TOKENS,
+    MAX_NPROBES,
+    MAX_PARTITIONS,
+    MAX_REFINE_FACTOR,
+    MAX_SEED,
     MAX_WINDOW,
     SCORE_STRIDE,
     SCORE_WINDOW,
@@ -232,7 +239,7 @@ def init(store, model, key_layer, key_site, dtype, catalog_url):
               help=f"Tokens per encoding window [default: {IngestSettings.window}].")
 @click.option("--stride", type=Num(1, MAX_WINDOW), default=None,
               help=f"Tokens between window starts [default: {IngestSettings.stride}].")
-@click.option("--batch-size", type=Num(1, 4096), default=None,
+@click.option("--batch-size", type=Num(1, MAX_BATCH_SIZE), default=None,
               help=f"Windows per forward pass [default: {IngestSettings.batch_size}].")
 @click.option("--no-index", is_flag=True,
               help="Leave the ANN index as it is (`knnstore index STORE` applies the index policy later).")
@@ -424,9 +431,9 @@ def _knn_options(sweep: bool):
                          help=f"T in p_kNN ∝ exp(-distance / T) [default: {KNNSettings.temperature:g}]{many}."),
             click.option("--exact", is_flag=True, default=None,
                          help="Brute-force search over all stored keys instead of the ANN index."),
-            click.option("--nprobes", type=Num(1, 65536),
+            click.option("--nprobes", type=Num(1, MAX_NPROBES),
                          help=f"ANN: index partitions searched [default: {KNNSettings.nprobes}]."),
-            click.option("--refine-factor", type=Num(0, 100),
+            click.option("--refine-factor", type=Num(0, MAX_REFINE_FACTOR),
                          help="ANN: candidates re-ranked with exact distances, times k; 0: none "
                               "[default: 0 on an IVF-RQ index, 4 on IVF-PQ]."),
             click.option("--skip-above-prob", type=Num(0.0, 1.0, integer=False, lo_open=True),
@@ -567,13 +574,13 @@ def _print_eval(r, files) -> None:
 @cli.command()
 @click.argument("store", type=click.Path())
 @click.argument("prompt")
-@click.option("--max-new-tokens", default=40, show_default=True, type=Num(1, 100_000), help="Tokens to generate.")
+@click.option("--max-new-tokens", default=40, show_default=True, type=Num(1, MAX_NEW_TOKENS), help="Tokens to generate.")
 @_knn_options(sweep=False)
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--top-p", type=Num(0.0, 1.0, integer=False, lo_open=True),
               help="With --sample: nucleus sampling over the mixture.")
-@click.option("--num-beams", default=1, show_default=True, type=Num(1, 64), help="Beam search with this many beams.")
-@click.option("--seed", type=Num(0, 2**32 - 1), help="Random seed for --sample.")
+@click.option("--num-beams", default=1, show_default=True, type=Num(1, MAX_BEAMS), help="Beam search with this many beams.")
+@click.option("--seed", type=Num(0, MAX_SEED), help="Random seed for --sample.")
 @click.option("--explain", is_flag=True, help="Show the source documents of each generated token.")
 @click.option("--sources", "n_sources", default=3, show_default=True, type=Num(0, MAX_K),
               help="With --explain: neighbours shown per token.")
@@ -721,7 +728,7 @@ def _print_explanations(tokens) -> None:
 @click.option("--type", "index_type", type=click.Choice(["ivf_rq", "ivf_pq"]),
               help="Index type to train now [default: ivf_rq, 4-bit RaBitQ codes ranked without "
                    "re-reading keys; ivf_pq: smaller codes, re-ranked with exact distances].")
-@click.option("--partitions", type=Num(1, 65536), help="IVF partitions [default: about sqrt(rows)].")
+@click.option("--partitions", type=Num(1, MAX_PARTITIONS), help="IVF partitions [default: about sqrt(rows)].")
 @click.option("--sub-vectors", type=Num(1, 65536),
               help="PQ sub-vectors, a divisor of the key dimension [default: dim / 8] (implies --type ivf_pq).")
 @click.option("--json", "as_json", is_flag=True, help="Print the index state as JSON.")

@@ -72,7 +72,14 @@ class StoreIdentity:
         return out
 
 
+# Bounds of numeric settings, used by the library's checks and the CLI's option types alike.
 MAX_K = 4096  # neighbours per position: 4x the paper's largest k; bounds search memory
+MAX_BATCH_SIZE = 4096  # windows per forward pass
+MAX_NPROBES = MAX_PARTITIONS = 65536  # IVF partitions searched / trained
+MAX_REFINE_FACTOR = 100  # candidates re-ranked, times k
+MAX_NEW_TOKENS = 100_000  # tokens one generate() call produces
+MAX_BEAMS = 64
+MAX_SEED = 2**32 - 1
 
 
 def describe_range(lo=None, hi=None, *, integer: bool = False, lo_open: bool = False) -> str:
@@ -145,7 +152,7 @@ class IngestSettings:
     def __post_init__(self) -> None:
         check_number("window", self.window, 2, MAX_WINDOW, integer=True)
         check_number("stride", self.stride, 1, self.window, integer=True)
-        check_number("batch_size", self.batch_size, 1, 4096, integer=True)
+        check_number("batch_size", self.batch_size, 1, MAX_BATCH_SIZE, integer=True)
         check_number("commit_every", self.commit_every, 1, None, integer=True)
 
     @classmethod
@@ -213,9 +220,9 @@ class KNNSettings:
         check_number("k", self.k, 1, MAX_K, integer=True)
         check_number("lambda", self.lambda_, 0.0, 1.0)
         check_number("temperature", self.temperature, 0.0, None, lo_open=True)
-        check_number("nprobes", self.nprobes, 1, 65536, integer=True)
+        check_number("nprobes", self.nprobes, 1, MAX_NPROBES, integer=True)
         if self.refine_factor is not None:
-            check_number("refine_factor", self.refine_factor, 0, 100, integer=True)
+            check_number("refine_factor", self.refine_factor, 0, MAX_REFINE_FACTOR, integer=True)
         if self.skip_above_prob is not None:
             check_number("skip_above_prob", self.skip_above_prob, 0.0, 1.0, lo_open=True)
         if self.skip_below_entropy is not None:

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .config import PAIRS_TABLE, check_number
+from .config import MAX_PARTITIONS, PAIRS_TABLE, check_number
 from .errors import InputError, StoreDamagedError
 
 try:  # LanceDB's background event loop, which its sync API runs every query on
@@ -136,7 +136,7 @@ def check_index_params(rows: int, dim: int, num_partitions: int | None, num_sub_
     if rows == 0:
         raise InputError("the store has no rows to train an index on: add a corpus first")
     if num_partitions is not None:
-        check_number(f"partitions (the table has {rows:,} rows)", num_partitions, 1, min(rows, 65536), integer=True)
+        check_number(f"partitions (the table has {rows:,} rows)", num_partitions, 1, min(rows, MAX_PARTITIONS), integer=True)
     if num_sub_vectors is not None:
         check_number("sub_vectors", num_sub_vectors, 1, dim, integer=True)
         if dim % num_sub_vectors:
