@@ -30,6 +30,7 @@ from sqlalchemy import (
     event,
     inspect,
     select,
+    update,
 )
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -181,6 +182,12 @@ class Vocab(Base):
 # --- queries other modules share ----------------------------------------------------
 
 
+def set_corpus_status(engine: Engine, corpus_id: int, status: str, **values) -> None:
+    """One corpus's status (and other columns) in a transaction of its own."""
+    with Session(engine) as s, s.begin():
+        s.execute(update(Corpus).where(Corpus.id == corpus_id).values(status=status, **values))
+
+
 def record_index_build(engine: Engine, kind: str, seconds: float, rows: int, new_rows: int, params: dict) -> None:
     """One row of ``index_builds``: a training (``train``) or an incremental ``update``."""
     with Session(engine) as s, s.begin():
@@ -221,6 +228,18 @@ def sqlite_url(path: Path) -> URL:
     """The URL of a SQLite catalog file, built from the path without string formatting
     (a ``?``, ``%`` or ``#`` in a directory name stays part of the path)."""
     return URL.create("sqlite", database=str(Path(path).resolve()))
+
+
+def sqlite_file(url: URL) -> Path | None:
+    """The file of a SQLite catalog URL (None for a server database); an in-memory or
+    ``file:`` URI database is refused: a catalog must outlive the process."""
+    if url.get_backend_name() != "sqlite":
+        return None
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        raise CatalogError(f"the catalog must be a SQLite file (sqlite:////absolute/path.db), got "
+                           f"{mask(url)}: an in-memory catalog would be lost")
+    return Path(database)
 
 
 def parse_url(url: str | URL) -> URL:
@@ -264,11 +283,8 @@ def make_engine(url: str | URL, *, create: bool = False, read_only: bool = False
     recipe: BEGIN on begin, so one session reads one snapshot); WAL is set once, at creation.
     """
     url = parse_url(url)
-    try:
-        backend = url.get_backend_name()
-    except Exception:
-        backend = None
-    if backend != "sqlite":
+    path = sqlite_file(url)
+    if path is None:
         try:
             return create_engine(url)
         except NoSuchModuleError:
@@ -277,11 +293,6 @@ def make_engine(url: str | URL, *, create: bool = False, read_only: bool = False
         except ModuleNotFoundError as exc:
             raise CatalogError(f"the driver for {mask(url)} is not installed ({exc.name}): "
                                "pip install 'knnstore[postgres]'") from None
-    database = url.database
-    if not database or database == ":memory:" or database.startswith("file:"):
-        raise CatalogError(f"the catalog must be a SQLite file (sqlite:////absolute/path.db), got "
-                           f"{mask(url)}: an in-memory catalog would be lost")
-    path = Path(database)
     mode = "rwc" if create else ("ro" if read_only else "rw")
     uri = f"file:{urllib.parse.quote(str(path))}?mode={mode}"
 

@@ -216,8 +216,7 @@ def _corpus_problems(store: "Store", seen: _Seen, repair: bool, writer: bool) ->
             if c.status == INGESTING:
                 p.repair = "mark it failed"
                 if repair:
-                    with Session(store.engine) as s, s.begin():
-                        s.execute(update(catalog.Corpus).where(catalog.Corpus.id == c.id).values(status=FAILED))
+                    catalog.set_corpus_status(store.engine, c.id, FAILED)
                     p.repaired = True
             problems.append(p)
         else:

@@ -81,19 +81,19 @@ def resolve_catalog_url(url: str | None) -> str | None:
     if url is None:
         return None
     parsed = catalog.parse_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" \
-            and not parsed.database.startswith("file:"):
-        return parsed.set(database=str(Path(parsed.database).resolve())).render_as_string(hide_password=False)
-    return url
+    path = catalog.sqlite_file(parsed)
+    if path is None:
+        return url
+    return parsed.set(database=str(path.resolve())).render_as_string(hide_password=False)
 
 
 def catalog_failure(exc: Exception, path: Path, url, action: str) -> KnnstoreError:
     """The one-line error for a catalog that cannot be opened or read."""
     detail = str(getattr(exc, "orig", exc) or exc.__class__.__name__).strip().splitlines()[0]
-    password = getattr(catalog.parse_url(url), "password", None) if url is not None else None
-    if password:
-        detail = detail.replace(str(password), "***")
-    if catalog.parse_url(url).get_backend_name() == "sqlite":
+    parsed = catalog.parse_url(url)
+    if parsed.password:
+        detail = detail.replace(str(parsed.password), "***")
+    if parsed.get_backend_name() == "sqlite":
         return StoreDamagedError(f"the catalog of {path} ({catalog.mask(url)}) is missing or damaged ({detail}): "
                                  f"restore it from a backup; `knnstore check {path}` lists what is left")
     return CatalogError(f"cannot {action} the catalog of {path} at {catalog.mask(url)} ({detail}): "

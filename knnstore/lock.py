@@ -20,22 +20,17 @@ from pathlib import Path
 from .errors import ReadOnlyError, StoreLockedError
 
 
-def is_read_only(path: Path) -> bool:
-    """Whether the store directory cannot be written: a read-only mount, or no permission."""
-    try:
-        if os.statvfs(path).f_flag & os.ST_RDONLY:
-            return True
-    except OSError:
-        return False
-    return not os.access(path, os.W_OK)
-
-
 def on_read_only_mount(path: Path) -> bool:
     """Whether ``path`` lies on a file system mounted read-only (nobody can write it)."""
     try:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except OSError:
         return False
+
+
+def is_read_only(path: Path) -> bool:
+    """Whether the store directory cannot be written: a read-only mount, or no permission."""
+    return on_read_only_mount(path) or not os.access(path, os.W_OK)
 
 
 def _open_dir(path: Path) -> int:

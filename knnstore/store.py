@@ -219,7 +219,7 @@ class Store:
             raise StoreNotFoundError(f"{path} is not a knnstore store (it has no {MARKER_FILE})")
         marker = Marker.read(path)
         given = os.environ.get("KNNSTORE_CATALOG_URL") or marker.catalog_url
-        url = given or catalog.sqlite_url(path / CATALOG_FILE)
+        url = given or catalog.sqlite_url(path / CATALOG_FILE)  # a URL object: never re-parsed
         read_only = on_read_only_mount(path)
         engine = catalog.make_engine(url, read_only=read_only and given is None)
         try:
@@ -230,8 +230,8 @@ class Store:
         identity = StoreIdentity(**{f.name: getattr(row, f.name) for f in dataclasses.fields(StoreIdentity)})
         table = PairsTable.open(path / VECTORS_DIR)
         check_binding(path, url, marker.store_id, row.store_id, table.store_id())
-        store = cls(path, given or catalog.sqlite_url(path / CATALOG_FILE).render_as_string(), engine, identity, table,
-                    store_id=row.store_id, own_catalog=given is None)
+        shown = url if isinstance(url, str) else url.render_as_string()
+        store = cls(path, shown, engine, identity, table, store_id=row.store_id, own_catalog=given is None)
         if encoder is None and model is not None:
             encoder = Encoder.load(model, key_layer=identity.key_layer, key_site=identity.key_site)
         if encoder is not None:

@@ -112,8 +112,8 @@ class Writer:
             rows = self.store.table.count()
             crash_point("index.before")
             t0 = time.perf_counter()
-            params = self.store.table.create_index(num_partitions=num_partitions, num_sub_vectors=num_sub_vectors,
-                                             index_type=index_type)
+            params = self.store.table.create_index(num_partitions=num_partitions,
+                                                   num_sub_vectors=num_sub_vectors, index_type=index_type)
             seconds = time.perf_counter() - t0
             crash_point("index.after")
             catalog.record_index_build(self.store.engine, "train", seconds, rows, rows, params)
@@ -164,9 +164,7 @@ class Writer:
         with self.store.write_lock():
             info = self.store.corpus(name)
             run = self._start_run(info.id, info.name, "remove")
-            self.store.verify_lock()
-            with Session(self.store.engine) as s, s.begin():
-                s.execute(update(catalog.Corpus).where(catalog.Corpus.id == info.id).values(status=REMOVING))
+            self._set_status(info.id, REMOVING)
             crash_point("remove.after_status")
             self.drop_corpus(info.id)
             self._finish_run(run, "ok", n_documents=info.documents, n_pairs=info.pairs)
@@ -301,8 +299,7 @@ class Writer:
 
     def _set_status(self, corpus_id: int, status: str, **values) -> None:
         self.store.verify_lock()
-        with Session(self.store.engine) as s, s.begin():
-            s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(status=status, **values))
+        catalog.set_corpus_status(self.store.engine, corpus_id, status, **values)
 
     @contextmanager
     def _run(self, corpus_id: int, name: str, kind: str) -> Iterator["_RunTotals"]:
@@ -318,8 +315,7 @@ class Writer:
                 raise
             message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             try:
-                with Session(self.store.engine) as s, s.begin():
-                    s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(status=FAILED))
+                catalog.set_corpus_status(self.store.engine, corpus_id, FAILED)
                 self._finish_run(run, "failed", error=message[:2000], **totals.counts())
             except Exception:  # e.g. the disk is full for the catalog too; it reads failed anyway
                 pass
