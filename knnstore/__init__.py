@@ -27,7 +27,8 @@ from .errors import (
     StoreVersionError,
     UnsupportedModelError,
 )
-from .store import CorpusInfo, Store, StoreStats
+from .results import CorpusInfo, StoreStats
+from .store import Store
 from .vectors import Neighbours
 
 try:  # one version, pyproject.toml's

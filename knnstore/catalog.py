@@ -221,6 +221,63 @@ def clear_calibrations(engine: Engine) -> int:
         return s.execute(delete(Calibration)).rowcount
 
 
+def write_identity(engine: Engine, store_id: str, identity: dict, vocab: list[dict]) -> None:
+    """A new store's ``store_config`` row and its vocabulary, in one transaction."""
+    with Session(engine) as s, s.begin():
+        s.add(StoreConfig(id=1, created_at=utcnow(), store_id=store_id, **identity))
+        s.execute(Vocab.__table__.insert(), vocab)
+
+
+def vocab_rows(tokenizer) -> list[dict]:
+    """A tokenizer's vocabulary as ``vocab`` rows: id, piece, decoded text."""
+    ids = list(range(len(tokenizer)))
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    texts = tokenizer.batch_decode([[i] for i in ids])
+    # SQL text cannot hold NUL (PostgreSQL refuses it): the NUL byte token reads "\x00".
+    clean = lambda s: (s or "").replace("\x00", "\\x00")  # noqa: E731
+    return [{"token_id": i, "piece": clean(p), "text": clean(t)} for i, p, t in zip(ids, pieces, texts)]
+
+
+def set_store_id(engine: Engine, store_id: str) -> None:
+    with Session(engine) as s, s.begin():
+        s.execute(update(StoreConfig).where(StoreConfig.id == 1).values(store_id=store_id))
+
+
+def corpus_states(engine: Engine) -> dict[int, str]:
+    """Every corpus's status, by id."""
+    with Session(engine) as s:
+        return dict(s.execute(select(Corpus.id, Corpus.status)).tuples().all())
+
+
+def corpora(s: Session) -> list[Corpus]:
+    """Every corpus row, in the order added (read in the caller's session)."""
+    return list(s.scalars(select(Corpus).order_by(Corpus.id)))
+
+
+def last_run_error(engine: Engine, corpus_id: int) -> str | None:
+    """The error of a corpus's latest run (None if it recorded none)."""
+    with Session(engine) as s:
+        return s.scalar(select(IngestRun.error).where(IngestRun.corpus_id == corpus_id)
+                        .order_by(IngestRun.id.desc()).limit(1))
+
+
+def ready_documents(engine: Engine, corpus_id: int) -> list[Document]:
+    """A corpus's ready documents, in source order."""
+    with Session(engine, expire_on_commit=False) as s:
+        return list(s.scalars(select(Document)
+                              .where(Document.corpus_id == corpus_id, Document.status == READY)
+                              .order_by(Document.ordinal)))
+
+
+def document_sources(engine: Engine, document_ids: list[int]) -> list[tuple[int, str, str, str | None]]:
+    """(document id, corpus name, source, title) of the given documents (unknown ids left out)."""
+    with Session(engine) as s:
+        return [tuple(r) for r in s.execute(
+            select(Document.id, Corpus.name, Document.source, Document.title)
+            .join(Corpus, Corpus.id == Document.corpus_id)
+            .where(Document.id.in_(document_ids))).all()]
+
+
 # --- engine and migrations ---------------------------------------------------------
 
 

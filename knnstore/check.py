@@ -150,8 +150,8 @@ def _check(store: "Store", repair: bool) -> CheckReport:
     if not writer:
         report.problems += _stale_runs(store, repair)
     state = store.table.index_state()
-    if state["indices"] and state["unindexed_rows"]:
-        report.problems.append(Problem(WARNING, f"{state['unindexed_rows']:,} rows are not in the ANN index yet "
+    if state.indices and state.unindexed_rows:
+        report.problems.append(Problem(WARNING, f"{state.unindexed_rows:,} rows are not in the ANN index yet "
                                                 "(searched exactly meanwhile): `knnstore index` folds them in"))
     return report
 

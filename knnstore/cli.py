@@ -386,8 +386,7 @@ def stats(store, as_json):
         return
     table = Table(show_header=False, box=None)
     index = st.index
-    index_text = (", ".join(i["type"] for i in index["indices"]) or "none (exact search)") + (
-        f"; {index['indexed_rows']:,} rows indexed, {index['unindexed_rows']:,} not")
+    index_text = f"{index.describe()}; {index.indexed_rows:,} rows indexed, {index.unindexed_rows:,} not"
     for key, value in [
         ("store", st.path), ("model", st.model),
         ("key site", f"layer {st.key_layer} {st.key_site}"), ("dim", str(st.dim)),
@@ -763,11 +762,11 @@ def index(store, status_only, rebuild, index_type, partitions, sub_vectors, as_j
         else:
             _maintain_index(s)
     plan = s.index_plan()
-    state = s.stats().index
+    state = s.table.index_state()
     if as_json:
-        _echo_json({**plan.to_dict(), "indices": state["indices"]})
+        _echo_json({**plan.to_dict(), "indices": state.to_dict()["indices"]})
         return
-    kinds = ", ".join(i["type"] for i in state["indices"]) or "none (exact search)"
+    kinds = state.describe()
     trained = f"; trained on {plan.trained_rows:,} rows" if plan.trained_rows else ""
     out.print(f"index: {kinds}; {plan.indexed_rows:,} rows indexed, {plan.unindexed_rows:,} not{trained}")
     out.print(f"policy: {plan.action} ({plan.reason})")
@@ -802,19 +801,17 @@ def sql(store, query, fmt, output, max_rows):
         knnstore sql wiki-store "SELECT next_token_text, count(*) AS n FROM pairs GROUP BY 1 ORDER BY n DESC LIMIT 10"
         knnstore sql wiki-store "SELECT title, n_pairs FROM documents ORDER BY n_pairs DESC" --format csv
     """
-    from .sql import SQLSession
-
     from .outputs import check_output_path
 
     if fmt == "parquet" and not output:
         raise click.BadParameter("parquet is binary: give --output FILE", param_hint="--format")
     if output:
         check_output_path(output)  # before the query runs: never into a store
-    session = SQLSession(_open(store))
-    if query is not None:
-        _emit(session.execute(query), fmt, output, max_rows)
-        return
-    _interactive(session, fmt, max_rows)
+    with _open(store).sql_session() as session:
+        if query is not None:
+            _emit(session.execute(query), fmt, output, max_rows)
+            return
+        _interactive(session, fmt, max_rows)
 
 
 def _emit(table, fmt: str, output, max_rows: int) -> None:

@@ -117,7 +117,10 @@ def check_number(name: str, value, lo=None, hi=None, *, integer: bool = False, l
     return value
 
 
-def _env(name: str, cast, default):
+def env(name: str, cast=str, default=None):
+    """The environment variable ``KNNSTORE_<NAME>`` read as ``cast`` (unset or empty:
+    ``default``); a value that does not parse is an InputError naming the variable. Every
+    KNNSTORE_* setting is read through this one function."""
     var = f"KNNSTORE_{name.upper()}"
     raw = os.environ.get(var)
     if raw in (None, ""):
@@ -161,7 +164,7 @@ class IngestSettings:
         values = {}
         for f in dataclasses.fields(cls):
             value = given.get(f.name)
-            values[f.name] = value if value is not None else _env(f.name, int, f.default)
+            values[f.name] = value if value is not None else env(f.name, int, f.default)
         return cls(**values)
 
 
@@ -239,6 +242,6 @@ class KNNSettings:
                 env_name = "lambda" if f.name == "lambda_" else f.name
                 cast = {"k": int, "nprobes": int, "refine_factor": int,
                         "exact": _flag, "adaptive": _flag}.get(f.name, float)
-                value = _env(env_name, cast, f.default)
+                value = env(env_name, cast, f.default)
             values[f.name] = value
         return cls(**values)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import signal
 
+from .config import env
+
 POINTS = (
     "add.after_corpus_row",          # the corpus row exists (ingesting), nothing else
     "ingest.after_documents_row",    # documents inserted as pending, no pairs yet
@@ -33,7 +35,7 @@ _hits: dict[str, int] = {}
 
 
 def crash_point(name: str) -> None:
-    spec = os.environ.get("KNNSTORE_CRASH_AT")
+    spec = env("crash_at")
     if not spec:
         return
     point, _, nth = spec.partition(":")

@@ -16,10 +16,9 @@ index.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
-from .errors import InputError
+from .config import env
 
 
 @dataclass(frozen=True)
@@ -30,16 +29,8 @@ class IndexPolicy:
     @classmethod
     def from_env(cls) -> "IndexPolicy":
         """The policy with ``KNNSTORE_INDEX_MIN_ROWS`` / ``KNNSTORE_INDEX_RETRAIN_GROWTH`` applied."""
-        values = {}
-        for name, var, cast in (("min_rows", "KNNSTORE_INDEX_MIN_ROWS", int),
-                                ("retrain_growth", "KNNSTORE_INDEX_RETRAIN_GROWTH", float)):
-            raw = os.environ.get(var)
-            if raw not in (None, ""):
-                try:
-                    values[name] = cast(raw)
-                except ValueError:
-                    raise InputError(f"{var}={raw!r} is not a {cast.__name__}: fix or unset it") from None
-        return cls(**values)
+        return cls(min_rows=env("index_min_rows", int, cls.min_rows),
+                   retrain_growth=env("index_retrain_growth", float, cls.retrain_growth))
 
 
 @dataclass

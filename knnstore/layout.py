@@ -4,7 +4,7 @@ binding of its catalog to its vector table (docs/storage.md).
 A store is a directory holding ``knnstore.json`` (the marker: format version, where the
 catalog lives, the store id), ``catalog.db`` (unless the catalog is a server) and
 ``vectors/``. The same store id in marker, catalog and table binds them; a store made
-before ids is bound at its first write (``Store``).
+before ids is bound at its first write (``bind_legacy``).
 """
 
 from __future__ import annotations
@@ -13,23 +13,28 @@ import dataclasses
 import json
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from . import catalog
-from .config import FORMAT_VERSION, MARKER_FILE
+from .config import CATALOG_FILE, FORMAT_VERSION, MARKER_FILE, VECTORS_DIR, StoreIdentity, env
 from .errors import (
     CatalogError,
     InputError,
     KnnstoreError,
     ReadOnlyError,
     StoreDamagedError,
+    StoreExistsError,
     StoreMismatchError,
+    StoreNotFoundError,
     StoreVersionError,
 )
+from .lock import on_read_only_mount
+from .vectors import PairsTable
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ def check_binding(path: Path, url, marker_id: str | None, catalog_id: str | None
     """Refuse a catalog and a table (and marker) that do not carry one store id.
 
     All three None is a store made before ids (bound at its next write, see
-    ``Store._bind_legacy``); anything else must agree exactly.
+    ``bind_legacy``); anything else must agree exactly.
     """
     ids = {"marker": marker_id, "catalog": catalog_id, "vector table": table_id}
     if len(set(ids.values())) == 1:
@@ -162,3 +167,97 @@ def check_binding(path: Path, url, marker_id: str | None, catalog_id: str | None
         f"the catalog at {catalog.mask(url)} does not belong to the store at {path} (store ids: {shown}): "
         "check KNNSTORE_CATALOG_URL and the store's catalog_url; nothing was read or changed"
     )
+
+
+def check_new_store(path: str | os.PathLike) -> Path:
+    """A path a new store can be made at (absent, or an empty directory), as a Path."""
+    path = usable_path(path)
+    if (path / MARKER_FILE).exists():
+        raise StoreExistsError(f"{path} is already a knnstore store; open it, or pick another path")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise StoreExistsError(f"{path} exists and is not an empty directory; pick another path")
+    return path
+
+
+@dataclass
+class StoreParts:
+    """An opened store's parts, bound to each other (``open_parts``)."""
+
+    path: Path
+    catalog_url: str  # as shown (a password masked only when printed: ``catalog.mask``)
+    engine: object
+    identity: StoreIdentity
+    table: PairsTable
+    store_id: str | None  # None: made before ids, not bound yet
+    own_catalog: bool  # the SQLite file inside the store (a legacy store is bindable)
+
+
+def open_parts(path: str | os.PathLike) -> StoreParts:
+    """Open a store's catalog (upgraded if older; ``KNNSTORE_CATALOG_URL`` overrides the
+    marker's) and table, after checking that they belong together (``check_binding``)."""
+    path = usable_path(path)
+    if not path.exists():
+        raise StoreNotFoundError(f"no store at {path}: create one with `knnstore init {path}`")
+    if not path.is_dir() or not (path / MARKER_FILE).exists():
+        raise StoreNotFoundError(f"{path} is not a knnstore store (it has no {MARKER_FILE})")
+    marker = Marker.read(path)
+    given = env("catalog_url", str, None) or marker.catalog_url
+    url = given or catalog.sqlite_url(path / CATALOG_FILE)  # a URL object: never re-parsed
+    read_only = on_read_only_mount(path)
+    engine = catalog.make_engine(url, read_only=read_only and given is None)
+    try:
+        row = read_store_config(engine, path, url, read_only)
+        identity = StoreIdentity(**{f.name: getattr(row, f.name) for f in dataclasses.fields(StoreIdentity)})
+        table = PairsTable.open(path / VECTORS_DIR)
+        check_binding(path, url, marker.store_id, row.store_id, table.store_id())
+    except BaseException:
+        engine.dispose()
+        raise
+    shown = url if isinstance(url, str) else url.render_as_string()
+    return StoreParts(path, shown, engine, identity, table, row.store_id, own_catalog=given is None)
+
+
+def create_store(path: Path, identity: StoreIdentity, vocab: list[dict], catalog_url: str | None) -> None:
+    """Make a store at ``path`` (absent or an empty directory): its catalog (at
+    ``catalog_url``, default the SQLite file inside it), its table and, last, its marker,
+    all bound by a new store id. Nothing is left behind if any step fails."""
+    made = make_dirs(path)
+    url = catalog_url or catalog.sqlite_url(path / CATALOG_FILE)
+    store_id = str(uuid.uuid4())
+    engine = None
+    try:
+        engine = catalog.make_engine(url, create=True)
+        try:
+            if catalog.has_catalog(engine):
+                raise StoreExistsError(
+                    f"the catalog at {catalog.mask(url)} already holds a store; use an empty database")
+            catalog.upgrade(engine)
+        except SQLAlchemyError as exc:
+            raise catalog_failure(exc, path, url, "create") from None
+        fields = {f.name: getattr(identity, f.name) for f in dataclasses.fields(identity) if f.name != "created_at"}
+        catalog.write_identity(engine, store_id, fields, vocab)
+        PairsTable.create(path / VECTORS_DIR, identity.dim, identity.dtype, store_id=store_id)
+        Marker(FORMAT_VERSION, catalog_url, store_id).write(path)  # last: the store exists now
+    except BaseException:
+        if engine is not None:
+            engine.dispose()
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        else:
+            for child in path.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        raise
+    engine.dispose()
+
+
+def bind_legacy(path: Path, engine, table: PairsTable) -> str:
+    """Give a store made before store ids a new id, in table, catalog and marker (in that
+    order: the marker last, as at creation). The caller holds the write lock and has
+    checked that the catalog is the SQLite file inside the store (an outside catalog is
+    never bound by guess). Returns the id."""
+    store_id = str(uuid.uuid4())
+    table.set_store_id(store_id)
+    catalog.set_store_id(engine, store_id)
+    marker = Marker.read(path)
+    Marker(marker.format_version, marker.catalog_url, store_id).write(path)
+    return store_id

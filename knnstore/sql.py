@@ -26,7 +26,7 @@ Example:
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import duckdb
 import lance
@@ -39,9 +39,6 @@ from sqlalchemy.orm import Session
 from . import catalog
 from .catalog import READY
 from .errors import InputError, ReadOnlyError
-
-if TYPE_CHECKING:
-    from .store import Store
 
 _ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 VIEWS = ("pairs", "documents", "corpora", "vocab", "runs")
@@ -84,7 +81,24 @@ class _PairsDataset(lance.LanceDataset):
         return pds.Scanner.from_batches(batches(), schema=target)
 
 
-def _read_catalog(s: Session) -> dict:
+@dataclass(frozen=True)
+class Views:
+    """What a session shows, read at one moment of a store (``Store.sql_views``).
+
+    Attributes:
+        rows: the catalog rows (``read_catalog``), read in the snapshot's transaction.
+        statuses: each corpus's status as ``knnstore list`` shows it (dead writers: failed).
+        dataset: the Lance dataset of the pairs table, pinned at the snapshot's version.
+        visible: the ids of the corpora readers see (the ready ones).
+    """
+
+    rows: dict
+    statuses: dict[int, str]
+    dataset: lance.LanceDataset
+    visible: frozenset[int]
+
+
+def read_catalog(s: Session) -> dict:
     """The catalog rows the views show, read in the snapshot's one transaction."""
     C, D, R, V = catalog.Corpus, catalog.Document, catalog.IngestRun, catalog.Vocab
     corpora = s.execute(select(
@@ -102,14 +116,13 @@ def _read_catalog(s: Session) -> dict:
     return {"corpora": corpora, "docs": docs, "runs": runs, "vocab": vocab}
 
 
-def _catalog_tables(store: "Store", rows: dict) -> dict[str, pa.Table]:
-    """The catalog tables as Arrow (rows read by ``_read_catalog``)."""
+def _catalog_tables(rows: dict, statuses: dict[int, str]) -> dict[str, pa.Table]:
+    """The catalog tables as Arrow (rows read by ``read_catalog``)."""
     corpora, docs, runs, vocab = rows["corpora"], rows["docs"], rows["runs"], rows["vocab"]
     names = {r.id: r.name for r in corpora}
     vocab_table = pa.table({"token_id": pa.array([r[0] for r in vocab], pa.int32()),
                             "piece": pa.array([r[1] for r in vocab], pa.string()),
                             "text": pa.array([r[2] for r in vocab], pa.string())})
-    info = {c.id: c for c in store.corpora()}  # statuses as `list` shows them (dead writers: failed)
 
     def table(rows, schema: pa.Schema) -> pa.Table:
         return pa.Table.from_pylist(rows, schema=schema)
@@ -117,7 +130,7 @@ def _catalog_tables(store: "Store", rows: dict) -> dict[str, pa.Table]:
     ts = pa.timestamp("us")
     return {
         "corpora": table([{
-            "id": r.id, "name": r.name, "status": info[r.id].status if r.id in info else r.status,
+            "id": r.id, "name": r.name, "status": statuses.get(r.id, r.status),
             "source": r.source, "n_documents": r.n_documents, "n_tokens": r.n_tokens,
             "n_pairs": r.n_pairs, "created_at": r.created_at, "ready_at": r.ready_at,
         } for r in corpora], pa.schema([
@@ -144,23 +157,24 @@ def _catalog_tables(store: "Store", rows: dict) -> dict[str, pa.Table]:
 
 
 class SQLSession:
-    """A read-only DuckDB connection over one snapshot of a store.
+    """A read-only DuckDB connection over one moment of a store.
 
     Args:
-        store: an open store; the session moves it to the latest consistent snapshot of
-            catalog and table (``Store.read_snapshot``) and shows exactly that moment.
+        views: what to show (``Store.sql_views()``, or ``Store.sql_session()`` for the
+            session itself). An open ``Store`` is taken too (as before ``Views``): the
+            session then reads its latest consistent snapshot.
     """
 
-    def __init__(self, store: "Store") -> None:
-        rows = store.read_snapshot(_read_catalog)
-        visible = set(store.visible_corpora)
+    def __init__(self, views: Views) -> None:
+        if not isinstance(views, Views):  # a Store
+            views = views.sql_views()
         con = duckdb.connect(":memory:", config={
             "autoinstall_known_extensions": False, "autoload_known_extensions": False})
-        for name, data in _catalog_tables(store, rows).items():
+        for name, data in _catalog_tables(views.rows, views.statuses).items():
             con.register(f"_{name}", data)
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}")
         # Hidden corpora are filtered inside the scan, so even `_pairs` shows none of them.
-        con.register("_pairs", _PairsDataset.of(store.table.dataset(), visible))
+        con.register("_pairs", _PairsDataset.of(views.dataset, set(views.visible)))
         con.execute("""
             CREATE VIEW pairs AS
             SELECT p.pair_id, c.name AS corpus, p.corpus_id, p.document_id, p.position,
@@ -187,6 +201,12 @@ class SQLSession:
 
     def close(self) -> None:
         self._con.close()
+
+    def __enter__(self) -> "SQLSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def check_read_only(query: str) -> None:

@@ -17,31 +17,21 @@ filtered out. A store handle reads a consistent snapshot; ``refresh()`` moves it
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import shutil
 import time
-import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import select, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from . import catalog, indexing
+from . import catalog
 from .catalog import FAILED, INGESTING, READY
 from .config import (
     CATALOG_FILE,
     DEFAULT_MODEL,
     DTYPES,
-    FORMAT_VERSION,
-    MARKER_FILE,
-    VECTORS_DIR,
     IngestSettings,
     SourceOptions,
     StoreIdentity,
@@ -51,80 +41,17 @@ from .errors import (
     CorpusNotFoundError,
     InputError,
     ModelMismatchError,
-    StoreDamagedError,
-    StoreExistsError,
     StoreLockedError,
-    StoreNotFoundError,
 )
-from .indexing import IndexPlan, IndexPolicy  # noqa: F401  (IndexPlan: kept importable here)
-from .layout import (
-    Marker,
-    catalog_failure,
-    check_binding,
-    make_dirs,
-    read_store_config,
-    resolve_catalog_url,
-    usable_path,
-)
-from .lock import WriteLock, on_read_only_mount, writer_active
+from .indexing import IndexPlan
+from .layout import bind_legacy, check_new_store, create_store, open_parts, resolve_catalog_url
+from .lock import WriteLock, writer_active
+from .results import CorpusInfo, DocumentRef, StoreStats  # noqa: F401  (importable from here, as before)
 from .vectors import ExactSearch, Neighbours, PairsTable, pair_id, row_bytes
 from .writer import ProgressFn, Writer, normalise_name  # noqa: F401  (normalise_name: kept importable here)
 
-
-
-@dataclass
-class CorpusInfo:
-    id: int
-    name: str
-    status: str  # ready | ingesting | failed | removing
-    source: str
-    documents: int
-    tokens: int
-    pairs: int
-    bytes: int  # the corpus's rows at their stored size (index and garbage excluded)
-    created_at: datetime
-    ready_at: datetime | None
-    error: str | None = None  # why it failed, for a failed corpus
-    skipped: list = dataclasses.field(default_factory=list)  # [path, reason] of files left out
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for key in ("created_at", "ready_at"):
-            d[key] = d[key].isoformat() if d[key] else None
-        return d
-
-
-@dataclass
-class StoreStats:
-    path: str
-    model: str
-    key_layer: int
-    key_site: str
-    dim: int
-    dtype: str
-    metric: str
-    format_version: int
-    catalog: str
-    corpora: int
-    documents: int
-    pairs: int  # pairs visible to readers (ready corpora)
-    table_rows: int  # rows in the LanceDB table, hidden ones included
-    bytes_on_disk: int
-    bytes_per_pair: float | None
-    index: dict
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class DocumentRef:
-    """Where a stored pair came from, as the catalog names it."""
-
-    id: int
-    corpus: str
-    source: str
-    title: str | None
+if TYPE_CHECKING:
+    from .sql import SQLSession, Views
 
 
 class Store:
@@ -156,48 +83,13 @@ class Store:
         The model is loaded once to read its identity and vocabulary; pass ``encoder`` to
         reuse one already loaded. Nothing is left behind if creation fails.
         """
-        path = usable_path(path)
+        path = check_new_store(path)  # the cheap checks first: before the model loads
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if (path / MARKER_FILE).exists():
-            raise StoreExistsError(f"{path} is already a knnstore store; open it, or pick another path")
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise StoreExistsError(f"{path} exists and is not an empty directory; pick another path")
-        catalog_url = resolve_catalog_url(catalog_url)  # a bad URL fails before the model loads
+        catalog_url = resolve_catalog_url(catalog_url)
         if encoder is None:
             encoder = Encoder.load(model, key_layer=key_layer, key_site=key_site)
-        identity = encoder.identity(dtype)
-        made = make_dirs(path)
-        url = catalog_url or catalog.sqlite_url(path / CATALOG_FILE)
-        store_id = str(uuid.uuid4())
-        engine = None
-        try:
-            engine = catalog.make_engine(url, create=True)
-            try:
-                if catalog.has_catalog(engine):
-                    raise StoreExistsError(
-                        f"the catalog at {catalog.mask(url)} already holds a store; use an empty database"
-                    )
-                catalog.upgrade(engine)
-            except SQLAlchemyError as exc:
-                raise catalog_failure(exc, path, url, "create") from None
-            with Session(engine) as s, s.begin():
-                s.add(catalog.StoreConfig(id=1, created_at=catalog.utcnow(), store_id=store_id, **{
-                    f.name: getattr(identity, f.name)
-                    for f in dataclasses.fields(identity) if f.name != "created_at"}))
-                s.execute(catalog.Vocab.__table__.insert(), _vocab_rows(encoder.tokenizer))
-            PairsTable.create(path / VECTORS_DIR, identity.dim, dtype, store_id=store_id)
-            Marker(FORMAT_VERSION, catalog_url, store_id).write(path)  # last: the store exists now
-        except BaseException:
-            if engine is not None:
-                engine.dispose()
-            if made is not None:
-                shutil.rmtree(made, ignore_errors=True)
-            else:
-                for child in path.iterdir():
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-            raise
-        engine.dispose()
+        create_store(path, encoder.identity(dtype), catalog.vocab_rows(encoder.tokenizer), catalog_url)
         return cls.open(path, encoder=encoder)
 
     @classmethod
@@ -212,28 +104,11 @@ class Store:
             model: check now that this model is the store's (refused if it differs).
             encoder: an already loaded model to use (checked the same way).
         """
-        path = usable_path(path)
-        if not path.exists():
-            raise StoreNotFoundError(f"no store at {path}: create one with `knnstore init {path}`")
-        if not path.is_dir() or not (path / MARKER_FILE).exists():
-            raise StoreNotFoundError(f"{path} is not a knnstore store (it has no {MARKER_FILE})")
-        marker = Marker.read(path)
-        given = os.environ.get("KNNSTORE_CATALOG_URL") or marker.catalog_url
-        url = given or catalog.sqlite_url(path / CATALOG_FILE)  # a URL object: never re-parsed
-        read_only = on_read_only_mount(path)
-        engine = catalog.make_engine(url, read_only=read_only and given is None)
-        try:
-            row = read_store_config(engine, path, url, read_only)
-        except BaseException:
-            engine.dispose()
-            raise
-        identity = StoreIdentity(**{f.name: getattr(row, f.name) for f in dataclasses.fields(StoreIdentity)})
-        table = PairsTable.open(path / VECTORS_DIR)
-        check_binding(path, url, marker.store_id, row.store_id, table.store_id())
-        shown = url if isinstance(url, str) else url.render_as_string()
-        store = cls(path, shown, engine, identity, table, store_id=row.store_id, own_catalog=given is None)
+        parts = open_parts(path)
+        store = cls(parts.path, parts.catalog_url, parts.engine, parts.identity, parts.table,
+                    store_id=parts.store_id, own_catalog=parts.own_catalog)
         if encoder is None and model is not None:
-            encoder = Encoder.load(model, key_layer=identity.key_layer, key_site=identity.key_site)
+            encoder = Encoder.load(model, key_layer=store.identity.key_layer, key_site=store.identity.key_site)
         if encoder is not None:
             store.use_encoder(encoder)
         return store
@@ -242,19 +117,6 @@ class Store:
     def bound(self) -> bool:
         """Whether catalog and table carry this store's id (checked when the store opened)."""
         return self.store_id is not None
-
-    def _bind_legacy(self) -> None:
-        """Give a store made before store ids its id, under the write lock, when its catalog
-        is the SQLite file inside it (an outside catalog is never bound by guess)."""
-        if self.store_id is not None or not self._own_catalog:
-            return
-        store_id = str(uuid.uuid4())
-        self.table.set_store_id(store_id)
-        with Session(self.engine) as s, s.begin():
-            s.execute(update(catalog.StoreConfig).where(catalog.StoreConfig.id == 1).values(store_id=store_id))
-        marker = Marker.read(self.path)
-        Marker(marker.format_version, marker.catalog_url, store_id).write(self.path)
-        self.store_id = store_id
 
     def close(self) -> None:
         self.engine.dispose()
@@ -305,10 +167,10 @@ class Store:
         """
         delay = 0.001
         for _ in range(200):
-            before = self._corpus_states()
+            before = catalog.corpus_states(self.engine)
             self.table.refresh()
             with catalog.snapshot_session(self.engine) as s:
-                rows = list(s.scalars(select(catalog.Corpus).order_by(catalog.Corpus.id)))
+                rows = catalog.corpora(s)
                 result = read(s) if read is not None else None
             if {c.id: c.status for c in rows} == before:
                 self._rows = rows
@@ -323,10 +185,6 @@ class Store:
         """Ids of the corpora readers see in this snapshot (the ready ones)."""
         return self._visible
 
-    def _corpus_states(self) -> dict[int, str]:
-        with Session(self.engine) as s:
-            return dict(s.execute(select(catalog.Corpus.id, catalog.Corpus.status)).tuples().all())
-
     def writer_active(self) -> bool:
         """Whether a process (this one included) holds the store's write lock now."""
         return self._lock.held or writer_active(self.path)
@@ -336,12 +194,7 @@ class Store:
         if status == INGESTING and not writer_active:
             status = FAILED  # its writer is gone: killed or crashed
         if status == FAILED:
-            with Session(self.engine) as s:
-                error = s.scalar(
-                    select(catalog.IngestRun.error)
-                    .where(catalog.IngestRun.corpus_id == c.id)
-                    .order_by(catalog.IngestRun.id.desc()).limit(1)
-                ) or "interrupted"
+            error = catalog.last_run_error(self.engine, c.id) or "interrupted"
         return CorpusInfo(
             id=c.id, name=c.name, status=status, source=c.source, documents=c.n_documents,
             tokens=c.n_tokens, pairs=c.n_pairs,
@@ -367,27 +220,14 @@ class Store:
 
     def documents(self, corpus: str) -> list[catalog.Document]:
         """The ready documents of a corpus, in source order."""
-        corpus_id = self.corpus(corpus).id
-        with Session(self.engine, expire_on_commit=False) as s:
-            return list(s.scalars(
-                select(catalog.Document)
-                .where(catalog.Document.corpus_id == corpus_id, catalog.Document.status == READY)
-                .order_by(catalog.Document.ordinal)
-            ))
+        return catalog.ready_documents(self.engine, self.corpus(corpus).id)
 
     def document_refs(self, document_ids: Sequence[int]) -> dict[int, DocumentRef]:
         """Corpus name, source and title of documents, by id (unknown ids are left out)."""
         ids = sorted({int(d) for d in document_ids})
         if not ids:
             return {}
-        with Session(self.engine) as s:
-            rows = s.execute(
-                select(catalog.Document.id, catalog.Corpus.name, catalog.Document.source,
-                       catalog.Document.title)
-                .join(catalog.Corpus, catalog.Corpus.id == catalog.Document.corpus_id)
-                .where(catalog.Document.id.in_(ids))
-            ).all()
-        return {r[0]: DocumentRef(*r) for r in rows}
+        return {r[0]: DocumentRef(*r) for r in catalog.document_sources(self.engine, ids)}
 
     def snippet(self, document_id: int, position: int, before: int = 24, after: int = 8) -> str:
         """Source text around one stored pair, decoded from the stored tokens.
@@ -457,13 +297,23 @@ class Store:
         Views: pairs, documents, corpora, vocab, runs (see ``knnstore.sql``). Anything
         but SELECT is refused with ReadOnlyError, and the store is never changed.
         """
+        with self.sql_session() as session:
+            return session.execute(query)
+
+    def sql_session(self) -> "SQLSession":
+        """A read-only SQL session over the latest consistent snapshot (``sql_views``);
+        close it when done (it is a context manager)."""
         from .sql import SQLSession
 
-        session = SQLSession(self)
-        try:
-            return session.execute(query)
-        finally:
-            session.close()
+        return SQLSession(self.sql_views())
+
+    def sql_views(self) -> "Views":
+        """What the SQL views show, read at one moment (``read_snapshot``)."""
+        from .sql import Views, read_catalog
+
+        rows = self.read_snapshot(read_catalog)
+        return Views(rows=rows, statuses={c.id: c.status for c in self.corpora()},
+                     dataset=self.table.dataset(), visible=self.visible_corpora)
 
     def create_index(self, num_partitions: int | None = None, num_sub_vectors: int | None = None,
                      index_type: str | None = None) -> None:
@@ -483,13 +333,7 @@ class Store:
 
     def index_plan(self) -> IndexPlan:
         """What the index policy would do now (``indexing.plan``; ``maintain_index`` does it)."""
-        state = self.table.index_state()
-        has_index = any("vector" in i["columns"] for i in state["indices"])
-        trained = catalog.last_trained_rows(self.engine)
-        if trained is None and has_index:  # trained before builds were recorded
-            trained = state["indexed_rows"] or None
-        return indexing.plan(self.table.count(), has_index, state["indexed_rows"], state["unindexed_rows"],
-                             trained, IndexPolicy.from_env())
+        return self._writer.index_plan()
 
     def maintain_index(self) -> IndexPlan:
         """Apply the index policy (``index_plan``); returns the plan it carried out."""
@@ -506,15 +350,11 @@ class Store:
 
     def save_calibration(self, cal, text_source: str, n_tokens: int) -> int:
         """Store a fitted calibration; ``--adaptive`` uses the newest one from now on."""
-        with self.write_lock():
-            return catalog.add_calibration(self.engine, text_source=text_source, n_tokens=n_tokens,
-                                           n_pairs=sum(c.n_pairs for c in self._rows if c.status == READY),
-                                           kind=cal.kind, fit=cal.to_dict())
+        return self._writer.save_calibration(cal, text_source, n_tokens)
 
     def clear_calibrations(self) -> int:
         """Delete every calibration (``--adaptive`` falls back to the rule); returns how many."""
-        with self.write_lock():
-            return catalog.clear_calibrations(self.engine)
+        return self._writer.clear_calibrations()
 
     @contextmanager
     def write_lock(self, wait_s: float = 5.0) -> Iterator[None]:
@@ -523,13 +363,9 @@ class Store:
         first = self._lock.acquire(wait_s)
         try:
             if first:
-                missing = self.table.missing_files()
-                if missing:  # a write would fail half way through (a removal left `removing`)
-                    raise StoreDamagedError(
-                        f"the pairs table of {self.path} is damaged ({len(missing)} data file(s) missing, "
-                        f"e.g. {missing[0]}): nothing was changed; `knnstore check {self.path}` lists "
-                        "the damage, restore the store from a backup")
-                self._bind_legacy()
+                self.table.check_complete(self.path)  # else a write would fail half way through
+                if self.store_id is None and self._own_catalog:  # made before ids: bind it now
+                    self.store_id = bind_legacy(self.path, self.engine, self.table)
                 self.refresh()
             yield
         finally:
@@ -580,12 +416,3 @@ class Store:
     def holds_lock(self) -> bool:
         """Whether this handle holds the store's write lock now."""
         return self._lock.held
-
-
-def _vocab_rows(tokenizer) -> list[dict]:
-    ids = list(range(len(tokenizer)))
-    pieces = tokenizer.convert_ids_to_tokens(ids)
-    texts = tokenizer.batch_decode([[i] for i in ids])
-    # SQL text cannot hold NUL (PostgreSQL refuses it): the NUL byte token reads "\x00".
-    clean = lambda s: (s or "").replace("\x00", "\\x00")  # noqa: E731
-    return [{"token_id": i, "piece": clean(p), "text": clean(t)} for i, p, t in zip(ids, pieces, texts)]

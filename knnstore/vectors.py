@@ -9,12 +9,19 @@ table (``refresh`` moves it forward), so a reader never sees a write half-done.
 
 from __future__ import annotations
 
-import asyncio
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .config import MAX_PARTITIONS, PAIRS_TABLE, check_number
+from .errors import InputError, StoreDamagedError
 
 
 def _cpus() -> int:
@@ -24,28 +31,28 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-# LanceDB's index builder warns once per partition ("partition N is empty, skipping",
-# "visited_generator_queue is full": thousands of lines at millions of rows), which tells a
-# knnstore user nothing; errors still show. Set LANCEDB_LOG=warn to see them again.
-os.environ.setdefault("LANCEDB_LOG", "error")
-# Lance runs the CPU work of searches and index builds on a pool of max(1, CPUs - 2) threads
-# (two kept for I/O, which matters for object stores, not a local store): one thread on a
-# 2-CPU machine. knnstore's work is CPU-bound on local disk, so it gets every CPU unless the
-# user says otherwise; a batch search then runs as concurrent sub-batches (SEARCH_PARTS).
-os.environ.setdefault("LANCE_CPU_THREADS", str(_cpus()))
+def connect(uri: Path):
+    """A LanceDB connection at ``uri``, with knnstore's LanceDB settings applied first.
 
-import lancedb  # noqa: E402
-import numpy as np
-import pyarrow as pa
-import torch
+    Each is set only where the user has not set it, before LanceDB is first imported (it
+    reads its log level then) and runs anything (it sizes its CPU pool then); importing
+    knnstore changes no environment variable:
 
-from .config import MAX_PARTITIONS, PAIRS_TABLE, check_number
-from .errors import InputError, StoreDamagedError
+    * ``LANCEDB_LOG=error``: the index builder warns once per partition ("partition N is
+      empty, skipping", "visited_generator_queue is full": thousands of lines at millions
+      of rows), which tells a knnstore user nothing; errors still show. Set
+      ``LANCEDB_LOG=warn`` to see them again.
+    * ``LANCE_CPU_THREADS`` = every CPU: Lance runs the CPU work of searches and index
+      builds on max(1, CPUs - 2) threads (two kept for I/O, which matters for object
+      stores, not a local one): one thread on a 2-CPU machine. A batch search then runs as
+      concurrent sub-batches (``search_parts``).
+    """
+    os.environ.setdefault("LANCEDB_LOG", "error")
+    os.environ.setdefault("LANCE_CPU_THREADS", str(_cpus()))
+    import lancedb
 
-try:  # LanceDB's background event loop, which its sync API runs every query on
-    from lancedb.background_loop import LOOP as _LOOP
-except ImportError:  # moved in some other LanceDB version: batches are not split
-    _LOOP = None
+    return lancedb.connect(str(uri))
+
 
 STORE_ID_KEY = "knnstore.store_id"  # the table's config entry binding it to its catalog
 
@@ -124,11 +131,18 @@ RQ_BITS = 4
 # distances are precise enough to rank without it (recall@64 0.97 at nprobes 32 on a
 # WikiText-2 store, docs/performance.md); 8-bit PQ codes are not (0.77 without, 0.96 with x4).
 AUTO_REFINE = {"ivf_rq": 0, "ivf_pq": 4}
-# One LanceDB multi-vector query runs on one thread; a batch is split into this many
-# sub-batches of at least MIN_PART_QUERIES queries, searched at the same time (measured on 2
-# CPUs: 2.0x the queries/s of one batch, docs/performance.md).
-SEARCH_PARTS = max(1, int(os.environ.get("LANCE_CPU_THREADS") or 1))
+# One LanceDB multi-vector query runs on one thread; a batch is split into up to
+# search_parts() sub-batches of at least MIN_PART_QUERIES queries, searched at the same time
+# (measured on 2 CPUs: 2.0x the queries/s of one batch, docs/performance.md).
+SEARCH_PARTS: int | None = None  # None: one per thread of Lance's CPU pool
 MIN_PART_QUERIES = 16
+
+
+def search_parts() -> int:
+    """How many sub-batches a big batch search is split into."""
+    if SEARCH_PARTS is not None:
+        return SEARCH_PARTS
+    return max(1, int(os.environ.get("LANCE_CPU_THREADS") or _cpus()))
 
 
 def check_index_params(rows: int, dim: int, num_partitions: int | None, num_sub_vectors: int | None) -> None:
@@ -167,6 +181,42 @@ class Neighbours:
                    ints(), ints(), ints())
 
 
+@dataclass(frozen=True)
+class IndexInfo:
+    """One index of the table (LanceDB's name and type, the columns it covers)."""
+
+    name: str
+    type: str
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class IndexState:
+    """The table's indices, and the rows the key column's index covers and does not
+    (rows added since it was trained, searched exactly until ``update_index``)."""
+
+    indices: tuple[IndexInfo, ...]
+    indexed_rows: int
+    unindexed_rows: int
+
+    @property
+    def has_vector_index(self) -> bool:
+        return any("vector" in i.columns for i in self.indices)
+
+    def describe(self) -> str:
+        """The index types, as ``stats`` and ``index`` print them."""
+        return ", ".join(i.type for i in self.indices) or "none (exact search)"
+
+    def __getitem__(self, key: str):
+        """``state["indexed_rows"]``: as when this was a dict (kept for code that reads it so)."""
+        return self.to_dict()[key]
+
+    def to_dict(self) -> dict:
+        """As ``stats --json`` shows it: indices as {name, type, columns} objects."""
+        return {"indices": [{"name": i.name, "type": i.type, "columns": list(i.columns)} for i in self.indices],
+                "indexed_rows": self.indexed_rows, "unindexed_rows": self.unindexed_rows}
+
+
 def directory_bytes(path: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
@@ -189,7 +239,7 @@ class PairsTable:
 
     @classmethod
     def create(cls, uri: Path, dim: int, dtype: str, *, store_id: str | None = None) -> "PairsTable":
-        db = lancedb.connect(str(uri))
+        db = connect(uri)
         table = cls(uri, db.create_table(PAIRS_TABLE, schema=pairs_schema(dim, dtype)))
         if store_id is not None:
             table.set_store_id(store_id)
@@ -202,7 +252,7 @@ class PairsTable:
             raise StoreDamagedError(f"the vector table directory {uri} is missing: restore the store from "
                                     "a backup (the catalog alone cannot rebuild the keys)")
         try:
-            return cls(uri, lancedb.connect(str(uri)).open_table(PAIRS_TABLE))
+            return cls(uri, connect(uri).open_table(PAIRS_TABLE))
         except Exception as exc:  # LanceDB raises ValueError / OSError / RuntimeError here
             raise StoreDamagedError(f"the vector table {uri / (PAIRS_TABLE + '.lance')} cannot be opened "
                                     f"({_first_line(exc)}): restore the store from a backup") from None
@@ -258,6 +308,16 @@ class PairsTable:
         return [f.path for frag in self._table.to_lance().get_fragments() for f in frag.data_files()
                 if not (base / f.path).is_file()]
 
+    def check_complete(self, store_path: Path) -> None:
+        """Refuse (StoreDamagedError) a table whose data files are not all there: a write
+        would fail half way through (a removal would be left ``removing``)."""
+        missing = self.missing_files()
+        if missing:
+            raise StoreDamagedError(
+                f"the pairs table of {store_path} is damaged ({len(missing)} data file(s) missing, "
+                f"e.g. {missing[0]}): nothing was changed; `knnstore check {store_path}` lists "
+                "the damage, restore the store from a backup")
+
     def columns(self, names: list[str], where: str | None = None) -> pa.Table:
         """Some columns of every row (of the rows matching ``where``), from this snapshot."""
         with damage_errors(self.uri):
@@ -280,17 +340,15 @@ class PairsTable:
         """Bytes on disk, including old versions not yet cleaned up."""
         return directory_bytes(self.uri)
 
-    def index_state(self) -> dict:
-        indices = self._table.list_indices()
-        state = {"indices": [], "indexed_rows": 0, "unindexed_rows": self._table.count_rows()}
-        for index in indices:
+    def index_state(self) -> "IndexState":
+        """The table's indices and how many rows the key column's index covers."""
+        indices, indexed, unindexed = [], 0, self._table.count_rows()
+        for index in self._table.list_indices():
             stats = self._table.index_stats(index.name)
-            state["indices"].append({"name": index.name, "type": str(index.index_type),
-                                     "columns": list(index.columns)})
+            indices.append(IndexInfo(index.name, str(index.index_type), tuple(index.columns)))
             if stats is not None and "vector" in index.columns:
-                state["indexed_rows"] = stats.num_indexed_rows
-                state["unindexed_rows"] = stats.num_unindexed_rows
-        return state
+                indexed, unindexed = stats.num_indexed_rows, stats.num_unindexed_rows
+        return IndexState(tuple(indices), indexed, unindexed)
 
     def has_vector_index(self) -> bool:
         """Whether the key column has an ANN index (asked once per table version: every
@@ -424,37 +482,31 @@ class PairsTable:
     def _run(self, queries: np.ndarray, k: int, nprobes: int | None, refine_factor: int | None,
              where: str | None) -> tuple[pa.Table, np.ndarray]:
         """LanceDB's rows for a batch and the query index of each row: one multi-vector query,
-        or (a batch big enough to split) SEARCH_PARTS of them at once on LanceDB's own event
-        loop; all on the table's pinned version."""
+        or (a batch big enough to split) ``search_parts()`` of them from a thread pool, which
+        LanceDB's sync API runs at the same time on its event loop; all on the table's
+        pinned version."""
         cols = [*RESULT_FIELDS, "_distance"]
 
-        def configure(query, **filter_options):  # a sync or async LanceDB vector query
-            query = query.limit(k)
+        def one(part: np.ndarray) -> pa.Table:
+            query = self._table.search(part if len(part) > 1 else part[0]).limit(k)
             if nprobes is not None:
                 query = query.nprobes(nprobes)
                 if refine_factor:
                     query = query.refine_factor(refine_factor)
             if where is not None:
-                query = query.where(where, **filter_options)
-            return query.select(cols)
+                query = query.where(where, prefilter=True)
+            return query.select(cols).to_arrow()
 
-        parts = min(SEARCH_PARTS, len(queries) // MIN_PART_QUERIES)
-        inner = getattr(self._table, "_table", None)  # the AsyncTable behind LanceDB's sync one
-        if parts > 1 and _LOOP is not None and hasattr(inner, "query"):
-            chunks = np.array_split(queries, parts)
-
-            async def all_parts() -> list[pa.Table]:
-                # async vector queries prefilter by default, like prefilter=True below
-                return await asyncio.gather(*(configure(inner.query().nearest_to(list(part))).to_arrow()
-                                              for part in chunks))
-
-            tables = _LOOP.run(all_parts())
-            offsets = np.cumsum([0] + [len(c) for c in chunks[:-1]])
-            qi = np.concatenate([_query_index(t) + off for t, off in zip(tables, offsets)])
-            return pa.concat_tables([t.select(cols) for t in tables]), qi
-        result = configure(self._table.search(queries if len(queries) > 1 else queries[0]),
-                           prefilter=True).to_arrow()
-        return result, _query_index(result)
+        parts = min(search_parts(), len(queries) // MIN_PART_QUERIES)
+        if parts <= 1:
+            result = one(queries)
+            return result, _query_index(result)
+        chunks = np.array_split(queries, parts)
+        with ThreadPoolExecutor(parts) as pool:
+            tables = list(pool.map(one, chunks))
+        offsets = np.cumsum([0] + [len(c) for c in chunks[:-1]])
+        qi = np.concatenate([_query_index(t) + off for t, off in zip(tables, offsets)])
+        return pa.concat_tables([t.select(cols) for t in tables]), qi
 
 
 def _query_index(result: pa.Table) -> np.ndarray:

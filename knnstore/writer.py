@@ -25,7 +25,7 @@ import pyarrow as pa
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from . import catalog, ingest
+from . import catalog, indexing, ingest
 from .catalog import FAILED, INGESTING, PENDING, READY, REMOVING
 from .config import VECTORS_DIR, IngestSettings, SourceOptions
 from .encoder import Encoder
@@ -38,11 +38,12 @@ from .errors import (
     StoreLockedError,
 )
 from .faults import crash_point
+from .indexing import IndexPlan, IndexPolicy
 from .vectors import INDEX_TYPES, row_bytes
 
 if TYPE_CHECKING:
-    from .indexing import IndexPlan
-    from .store import CorpusInfo, Store
+    from .results import CorpusInfo
+    from .store import Store
 
 ProgressFn = Callable[[int, int], None]  # (tokens done so far, total tokens)
 _MAX_DOCS_PER_COMMIT = 10_000
@@ -107,38 +108,46 @@ class Writer:
         without re-reading keys) or ``ivf_pq`` (IVF-PQ, re-ranked with exact distances);
         see ``PairsTable.create_index``.
         """
-        with self.store.write_lock():
-            self.store.refresh()
-            rows = self.store.table.count()
-            crash_point("index.before")
-            t0 = time.perf_counter()
-            params = self.store.table.create_index(num_partitions=num_partitions,
-                                                   num_sub_vectors=num_sub_vectors, index_type=index_type)
-            seconds = time.perf_counter() - t0
-            crash_point("index.after")
-            catalog.record_index_build(self.store.engine, "train", seconds, rows, rows, params)
-        self.store.refresh()
+        table = self.store.table
+        self._index_build("train", lambda: table.count(), lambda: table.create_index(
+            num_partitions=num_partitions, num_sub_vectors=num_sub_vectors, index_type=index_type))
 
     def update_index(self) -> int:
         """Index the rows added since the index was trained (a delta index, no retraining);
         returns how many rows it indexed."""
+        table = self.store.table
+        return self._index_build("update", lambda: table.index_state().unindexed_rows,
+                                 lambda: table.update_index() or {})
+
+    def _index_build(self, kind: str, new_rows: Callable[[], int], build: Callable[[], dict]) -> int:
+        """Run one index build under the write lock and record it (``index_builds``);
+        returns the rows it indexed (``new_rows()`` before the build)."""
         with self.store.write_lock():
             self.store.refresh()
-            new = self.store.table.index_state()["unindexed_rows"]
+            new = new_rows()
             crash_point("index.before")
             t0 = time.perf_counter()
-            self.store.table.update_index()
+            params = build()
             seconds = time.perf_counter() - t0
             crash_point("index.after")
-            catalog.record_index_build(self.store.engine, "update", seconds, self.store.table.count(), new, {})
+            catalog.record_index_build(self.store.engine, kind, seconds, self.store.table.count(), new, params)
         self.store.refresh()
         return new
+
+    def index_plan(self) -> IndexPlan:
+        """What the index policy would do now (``indexing.plan``)."""
+        state = self.store.table.index_state()
+        trained = catalog.last_trained_rows(self.store.engine)
+        if trained is None and state.has_vector_index:  # trained before builds were recorded
+            trained = state.indexed_rows or None
+        return indexing.plan(self.store.table.count(), state.has_vector_index, state.indexed_rows,
+                             state.unindexed_rows, trained, IndexPolicy.from_env())
 
     def maintain_index(self) -> IndexPlan:
         """Apply the index policy (``index_plan``); returns the plan it carried out."""
         with self.store.write_lock():
             self.store.refresh()
-            plan = self.store.index_plan()
+            plan = self.index_plan()
             if plan.action == "train":
                 self.create_index()
             elif plan.action == "retrain":  # keep the type the user chose
@@ -147,6 +156,18 @@ class Writer:
             elif plan.action == "update":
                 self.update_index()
         return plan
+
+    # --- calibrations (adaptive λ): rows of their own, written under the lock ----------------
+
+    def save_calibration(self, cal, text_source: str, n_tokens: int) -> int:
+        with self.store.write_lock():
+            pairs = sum(c.pairs for c in self.store.corpora() if c.status == READY)
+            return catalog.add_calibration(self.store.engine, text_source=text_source, n_tokens=n_tokens,
+                                           n_pairs=pairs, kind=cal.kind, fit=cal.to_dict())
+
+    def clear_calibrations(self) -> int:
+        with self.store.write_lock():
+            return catalog.clear_calibrations(self.store.engine)
 
     def _resumable(self, name: str) -> CorpusInfo:
         info = self.store.corpus(name)

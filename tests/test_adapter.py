@@ -103,7 +103,7 @@ def test_exact_and_ann_search_agree_on_a_small_store(tmp_path, tiny_encoder, sma
     keys, _ = tiny_encoder.forward(torch.tensor([tiny_encoder.tokenize(HAMLET + " 17 " + LOBSTER)]))
     exact = s.search(keys[0].numpy(), k=10)
     s.create_index(num_partitions=4, num_sub_vectors=4)
-    assert s.table.has_vector_index() and s.stats().index["indexed_rows"] == s.table.count()
+    assert s.table.has_vector_index() and s.stats().index.indexed_rows == s.table.count()
     ann = s.search(keys[0].numpy(), k=10, nprobes=4, refine_factor=50)
     # The repeated text stores many identical keys, so compare distances, not pair ids
     # (ties); Lance re-ranks in float16, hence the tolerance.

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def test_the_index_lifecycle_from_exact_to_incremental_to_retrained(store, tmp_p
     assert builds(store)[-1] == ("update", store.corpus("new").pairs)
     assert [k for k, _ in builds(store)].count("train") == 1
     state = store.table.index_state()
-    assert state["unindexed_rows"] == 0 and state["indexed_rows"] == store.table.count()
+    assert state.unindexed_rows == 0 and state.indexed_rows == store.table.count()
     after = store.search(query, k=1, nprobes=128, refine_factor=500)  # everything re-ranked: exact
     assert (after.corpus_ids[:, 0] == new_id).all()
     assert np.allclose(after.distances, exact.distances, rtol=1e-3, atol=1e-3)
@@ -151,13 +152,18 @@ def test_index_types_rq_by_default_pq_on_request(store, tmp_path, small_settings
 
 
 LANCE_WARNINGS = """
-import sys
-import knnstore  # noqa: F401  (before LanceDB builds anything)
-import lancedb, numpy as np, pyarrow as pa
+import os, sys
+from pathlib import Path
+import numpy as np, pyarrow as pa
+import knnstore
+from knnstore.vectors import PairsTable, pairs_batch
+assert os.environ.get("LANCEDB_LOG") == (sys.argv[2] if len(sys.argv) > 2 else None)  # import sets nothing
 x = np.repeat(np.random.default_rng(0).standard_normal((20, 16)).astype(np.float32), 300, axis=0)
-table = lancedb.connect(sys.argv[1]).create_table(
-    "t", pa.table({"vector": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 16)}))
-table.create_index(vector_column_name="vector", index_type="IVF_PQ", num_partitions=256, num_sub_vectors=2)
+n = len(x)
+table = PairsTable.create(Path(sys.argv[1]), 16, "float32")
+table.add(pa.Table.from_batches([pairs_batch(table.schema, document_id=np.zeros(n, np.int64), position=np.arange(n),
+                                             corpus_id=1, token=np.zeros(n), next_token=np.zeros(n), vector=x)]))
+table.create_index(num_partitions=256, num_sub_vectors=2)
 """
 
 
@@ -165,7 +171,7 @@ table.create_index(vector_column_name="vector", index_type="IVF_PQ", num_partiti
 def test_lancedb_index_builder_warnings_are_silenced_unless_asked_for(tmp_path, env, shown):
     # 20 distinct keys in 256 partitions: LanceDB warns "partition N is empty" for most of them
     child_env = {k: v for k, v in os.environ.items() if k != "LANCEDB_LOG"} | env
-    result = subprocess.run([sys.executable, "-c", LANCE_WARNINGS, str(tmp_path / "t")],
+    result = subprocess.run([sys.executable, "-c", LANCE_WARNINGS, str(tmp_path / "t"), *env.values()],
                             capture_output=True, text=True, env=child_env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert ("is empty" in result.stderr) == shown, result.stderr[-2000:]
@@ -184,13 +190,12 @@ def test_a_big_batch_searched_as_concurrent_parts_answers_as_one_query(store, tm
     queries = np.random.default_rng(0).standard_normal((67, store.identity.dim)).astype(np.float32)
     runs = []
 
-    class CountingLoop:  # LanceDB's loop, counting the split searches
-        def run(self, coro):
-            runs.append(1)
-            return vectors._LOOP_REAL.run(coro)
+    class CountingPool(ThreadPoolExecutor):  # the pool the parts run on, counting split searches
+        def __init__(self, workers):
+            runs.append(workers)
+            super().__init__(workers)
 
-    monkeypatch.setattr(vectors, "_LOOP_REAL", vectors._LOOP, raising=False)
-    monkeypatch.setattr(vectors, "_LOOP", CountingLoop())
+    monkeypatch.setattr(vectors, "ThreadPoolExecutor", CountingPool)
     for corpora in (None, [b_id]):
         monkeypatch.setattr(vectors, "SEARCH_PARTS", 1)
         whole = store.table.search(queries, 8, corpora)
@@ -201,4 +206,4 @@ def test_a_big_batch_searched_as_concurrent_parts_answers_as_one_query(store, tm
         assert (split.pair_ids >= 0).all()
         if corpora:
             assert (split.corpus_ids == b_id).all()
-    assert len(runs) == 2  # one split search per corpora setting, none for SEARCH_PARTS=1
+    assert runs == [3, 3]  # one split search per corpora setting, none for SEARCH_PARTS=1

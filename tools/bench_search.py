@@ -59,7 +59,7 @@ def main() -> None:
     n_q, k = len(queries), args.k
     state = store.stats()
     print(f"store: {state.pairs:,} pairs, dim {state.dim}, {state.dtype}; index: "
-          f"{', '.join(i['type'] for i in state.index['indices']) or 'none'}; "
+          f"{', '.join(i.type for i in state.index.indices) or 'none'}; "
           f"{n_q} queries from {args.text}, k={k}; torch threads {torch.get_num_threads()}")
 
     truth = store.search(queries, k, exact=True).pair_ids

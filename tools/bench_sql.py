@@ -22,7 +22,6 @@ import numpy as np
 from benchlib import DATA, RandomKeys
 
 from knnstore import IngestSettings, Store
-from knnstore.sql import SQLSession
 
 BOOKS = DATA / "gutenberg" / "docs"
 
@@ -77,14 +76,14 @@ def main() -> None:
          f"SELECT position, token_text, next_token_text FROM pairs WHERE document_id = {doc.id} ORDER BY position",
          lambda: ds.to_table(columns=["position", "token", "next_token"], filter=f"document_id = {doc.id}")),
     ]
-    session = SQLSession(store)  # what the prompt and a long-lived user keep open
+    session = store.sql_session()  # what the prompt and a long-lived user keep open
     print(f"{'query':72} {'Store.sql':>10} {'session':>8} {'numpy':>8} {'session/numpy':>13}")
     for name, query, baseline in cases:
         t_call, _ = timed(lambda: store.sql(query), args.repeat)
         t_session, _ = timed(lambda: session.execute(query), args.repeat)
         t_np, _ = timed(baseline, args.repeat)
         print(f"{name:72} {t_call:9.3f}s {t_session:7.3f}s {t_np:7.3f}s {t_session / t_np:12.1f}x")
-    t_open, _ = timed(lambda: SQLSession(store).close(), args.repeat)
+    t_open, _ = timed(lambda: store.sql_session().close(), args.repeat)
     print(f"Store.sql = opening a session ({t_open:.3f} s: catalog tables read into DuckDB) + the query")
 
 

@@ -31,7 +31,7 @@ def report(label: str, store: Store) -> None:
     cat = sum(p.stat().st_size for p in store.path.glob(CATALOG_FILE + "*"))
     raw = store.identity.dim * 2
     index = store.stats().index
-    kind = ", ".join(i["type"] for i in index["indices"]) or "no index"
+    kind = ", ".join(i.type for i in index.indices) or "no index"
     print(f"{label:34} {pairs:>9,} pairs  {kind:14} table {table / pairs:7.1f} B/pair  "
           f"catalog {cat / pairs:5.1f} B/pair  total {(table + cat) / pairs:7.1f} B/pair "
           f"= {(table + cat) / pairs / raw:.2f}x raw fp16 key")

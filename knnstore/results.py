@@ -1,0 +1,65 @@
+"""What a store's reads return: a corpus as ``knnstore list`` shows it, the store's
+statistics, and a document reference for provenance (plain data, no behaviour)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime
+
+from .vectors import IndexState
+
+
+@dataclass
+class CorpusInfo:
+    id: int
+    name: str
+    status: str  # ready | ingesting | failed | removing
+    source: str
+    documents: int
+    tokens: int
+    pairs: int
+    bytes: int  # the corpus's rows at their stored size (index and garbage excluded)
+    created_at: datetime
+    ready_at: datetime | None
+    error: str | None = None  # why it failed, for a failed corpus
+    skipped: list = dataclasses.field(default_factory=list)  # [path, reason] of files left out
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for key in ("created_at", "ready_at"):
+            d[key] = d[key].isoformat() if d[key] else None
+        return d
+
+
+@dataclass
+class StoreStats:
+    path: str
+    model: str
+    key_layer: int
+    key_site: str
+    dim: int
+    dtype: str
+    metric: str
+    format_version: int
+    catalog: str
+    corpora: int
+    documents: int
+    pairs: int  # pairs visible to readers (ready corpora)
+    table_rows: int  # rows in the LanceDB table, hidden ones included
+    bytes_on_disk: int
+    bytes_per_pair: float | None
+    index: IndexState
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "index": self.index.to_dict()}
+
+
+@dataclass(frozen=True)
+class DocumentRef:
+    """Where a stored pair came from, as the catalog names it."""
+
+    id: int
+    corpus: str
+    source: str
+    title: str | None
