@@ -9,8 +9,9 @@ table (``refresh`` moves it forward), so a reader never sees a write half-done.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,28 @@ def connect(uri: Path):
     import lancedb
 
     return lancedb.connect(str(uri))
+
+
+class EventLoop:
+    """An asyncio loop on a daemon thread, for LanceDB's public async API: the concurrent
+    sub-batches of a big search run on it (``PairsTable.search``). One per process."""
+
+    _current: "EventLoop | None" = None
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="knnstore-lancedb", daemon=True).start()
+
+    @classmethod
+    def get(cls) -> "EventLoop":
+        if cls._current is None or cls._current.pid != os.getpid():  # none yet, or a forked child
+            cls._current = cls()
+        return cls._current
+
+    def run(self, coro):
+        """Run ``coro`` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
 
 STORE_ID_KEY = "knnstore.store_id"  # the table's config entry binding it to its catalog
@@ -236,6 +259,8 @@ class PairsTable:
         self._has_index: tuple[int, bool] | None = None
         self._index_type: tuple[int, str | None] | None = None
         self._corpus_ids: tuple[int, frozenset[int]] | None = None
+        self._async_table = None  # the same table through LanceDB's async API (split searches)
+        self._async_version: int | None = None
 
     @classmethod
     def create(cls, uri: Path, dim: int, dtype: str, *, store_id: str | None = None) -> "PairsTable":
@@ -482,31 +507,50 @@ class PairsTable:
     def _run(self, queries: np.ndarray, k: int, nprobes: int | None, refine_factor: int | None,
              where: str | None) -> tuple[pa.Table, np.ndarray]:
         """LanceDB's rows for a batch and the query index of each row: one multi-vector query,
-        or (a batch big enough to split) ``search_parts()`` of them from a thread pool, which
-        LanceDB's sync API runs at the same time on its event loop; all on the table's
-        pinned version."""
+        or (a batch big enough to split) ``search_parts()`` of them at once through LanceDB's
+        async API (each answered whole in Rust); all on the table's pinned version."""
         cols = [*RESULT_FIELDS, "_distance"]
 
-        def one(part: np.ndarray) -> pa.Table:
-            query = self._table.search(part if len(part) > 1 else part[0]).limit(k)
+        def configure(query, **filter_options):  # a sync or async LanceDB vector query
+            query = query.limit(k)
             if nprobes is not None:
                 query = query.nprobes(nprobes)
                 if refine_factor:
                     query = query.refine_factor(refine_factor)
             if where is not None:
-                query = query.where(where, prefilter=True)
-            return query.select(cols).to_arrow()
+                query = query.where(where, **filter_options)
+            return query.select(cols)
 
         parts = min(search_parts(), len(queries) // MIN_PART_QUERIES)
         if parts <= 1:
-            result = one(queries)
+            result = configure(self._table.search(queries if len(queries) > 1 else queries[0]),
+                               prefilter=True).to_arrow()
             return result, _query_index(result)
         chunks = np.array_split(queries, parts)
-        with ThreadPoolExecutor(parts) as pool:
-            tables = list(pool.map(one, chunks))
+        version = self.version
+
+        async def all_parts() -> list[pa.Table]:
+            table = await self._async_at(version)
+            # async vector queries prefilter by default, like prefilter=True above
+            return await asyncio.gather(*(configure(table.query().nearest_to(list(part))).to_arrow()
+                                          for part in chunks))
+
+        tables = EventLoop.get().run(all_parts())
         offsets = np.cumsum([0] + [len(c) for c in chunks[:-1]])
         qi = np.concatenate([_query_index(t) + off for t, off in zip(tables, offsets)])
         return pa.concat_tables([t.select(cols) for t in tables]), qi
+
+    async def _async_at(self, version: int):
+        """The table through LanceDB's async API, checked out at ``version`` (opened once)."""
+        if self._async_table is None:
+            import lancedb
+
+            db = await lancedb.connect_async(str(self.uri))
+            self._async_table, self._async_version = await db.open_table(PAIRS_TABLE), None
+        if self._async_version != version:
+            await self._async_table.checkout(version)
+            self._async_version = version
+        return self._async_table
 
 
 def _query_index(result: pa.Table) -> np.ndarray:
