@@ -491,7 +491,7 @@ def _read_text_arg(path) -> str:
 @click.option("--stride", default=SCORE_STRIDE, show_default=True, type=Num(1, MAX_WINDOW),
               help="Step between windows; each token is scored once, with at least window - stride tokens of context.")
 @click.option("--sweep-out", default="knnstore-sweep", show_default=True,
-              help="With a sweep: write PREFIX.csv and PREFIX.png.")
+              help="With a sweep: write PREFIX.csv and PREFIX.png (the PNG needs knnstore[plot]).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def eval_(store, text_path, max_tokens, window, stride, sweep_out, as_json, **knn_opts):
     """Perplexity of a text with and without the store, side by side.
@@ -567,7 +567,9 @@ def _print_eval(r, files) -> None:
             table.add_row(f"{p.lambda_:g}", str(p.k), f"{p.temperature:g}", fmt(p.knn_ppl), *extra, style=style)
         out.print(table)
     if files:
-        out.print(f"Wrote {files[0]} and {files[1]}")
+        out.print(f"Wrote {' and '.join(map(str, files))}")
+        if len(files) == 1:
+            err.print("No plot: install matplotlib (pip install 'knnstore[plot]') for the PNG")
 
 
 @cli.command()
@@ -925,11 +927,10 @@ def _echo_json(data) -> None:
 
 
 def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)
+    """Bytes in SI units, as labelled (1 MB = 10^6 bytes)."""
+    from rich.filesize import decimal
+
+    return decimal(n)
 
 
 def main() -> None:

@@ -251,13 +251,10 @@ def check_sweep_prefix(prefix: str | Path) -> None:
         check_output_path(path)
 
 
-def write_sweep(result: EvalResult, prefix: str | Path) -> tuple[Path, Path]:
-    """Write a sweep as CSV and as a PNG plot (perplexity vs λ, one line per k and T)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def write_sweep(result: EvalResult, prefix: str | Path) -> tuple[Path, ...]:
+    """Write a sweep as CSV and, where matplotlib is installed (``pip install
+    'knnstore[plot]'``), as a PNG plot (perplexity vs λ, one line per k and T). Returns the
+    files written."""
     prefix = Path(prefix)
     csv_path, png_path = prefix.with_suffix(".csv"), prefix.with_suffix(".png")
     text = io.StringIO()  # a sweep is a few hundred rows: written whole below
@@ -269,6 +266,13 @@ def write_sweep(result: EvalResult, prefix: str | Path) -> tuple[Path, Path]:
                     result.tokens])
     with atomic_output(csv_path) as f:
         f.write(text.getvalue().encode("utf-8"))
+    try:
+        import matplotlib
+    except ImportError:
+        return (csv_path,)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     lines = sorted({(p.k, p.temperature) for p in result.sweep})
     for k, t in lines:

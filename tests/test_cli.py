@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -148,6 +149,17 @@ def test_eval_sweep_writes_a_csv_and_a_plot(runner, filled_store, text_dir, tmp_
     rows = (tmp_path / "sweep.csv").read_text().splitlines()
     assert rows[0] == "lambda,k,temperature,knn_ppl,adaptive_ppl,base_ppl,tokens" and len(rows) == 5
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_sweep_without_matplotlib_writes_the_csv_and_says_how_to_get_the_plot(
+        runner, filled_store, text_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: import fails
+    prefix = tmp_path / "sweep"
+    result = runner.invoke(cli, ["eval", str(filled_store), "--text", str(text_dir / "a.txt"),
+                                 "--lambda", "0.1,0.5", "--sweep-out", str(prefix)])
+    assert result.exit_code == 0, result.output
+    assert "knnstore[plot]" in result.stderr and f"Wrote {prefix}.csv" in result.stdout
+    assert len((tmp_path / "sweep.csv").read_text().splitlines()) == 3 and not (tmp_path / "sweep.png").exists()
 
 
 def test_generate_and_explain_show_the_sources(runner, filled_store):
