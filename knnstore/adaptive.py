@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import knn
+from .errors import InputError
 
 SIGNALS = ("log_d1", "log_spread", "knn_top", "knn_entropy", "lm_entropy", "lm_top",
            "lm_on_knn_top", "knn_on_lm_top")
@@ -264,32 +265,51 @@ def fit(rec: Records, *, kind: str = "logistic", k: int, temperature: float, ini
     held-out rows). The skip threshold is then chosen on all rows (``keep``).
     """
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise InputError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     n = len(rec)
     n_fit = max(1, int(round(n * (1 - holdout)))) if n > 1 else n
-    fit_rows = torch.arange(n_fit)
-    train = rec.subset(fit_rows)
-    use = train.has
-    sig = train.signals[use]
+    train = rec.subset(torch.arange(n_fit))
+    sig = train.signals[train.has]
     mean = sig.mean(dim=0) if len(sig) else torch.zeros(len(SIGNALS), dtype=torch.float64)
     std = sig.std(dim=0).nan_to_num(1.0).clamp(min=1e-3) if len(sig) > 1 else torch.ones(len(SIGNALS), dtype=torch.float64)
-    z = (sig - mean) / std
-    lm_t = train.lm_target[use].double()
-    knn_t = train.knn_target[use].double().clamp(min=-1e4)
+    params = _initial_params(kind, init_lambda, seed)
+    _maximise_likelihood(kind, params, (sig - mean) / std, train.lm_target[train.has].double(),
+                         train.knn_target[train.has].double().clamp(min=-1e4), steps)
+    cal = Calibration(kind=kind, mean=mean.tolist(), std=std.tolist(),
+                      params={name: v.detach().tolist() for name, v in params.items()},
+                      k=k, temperature=temperature, gate=GATE,
+                      support=_support(rec.signals[rec.has][:, SIGNALS.index("log_d1")]))
+    cal.metrics = {"fit": _report(cal, train, init_lambda),
+                   "holdout": _report(cal, rec.subset(torch.arange(n_fit, n)), init_lambda),
+                   "fixed_lambda": init_lambda}
+    best_lambda, best_gain = best_fixed(rec)
+    cal.skip_above_prob, retained = choose_skip(rec, cal, keep, reference_gain=best_gain)
+    cal.metrics.update(retrieved_fraction=retained, best_fixed_lambda=best_lambda,
+                       best_fixed_ppl=_ppl(rec.lm_target.double()) * math.exp(-best_gain / max(1, n)))
+    return cal
 
-    gen = torch.Generator().manual_seed(seed)
+
+def _initial_params(kind: str, init_lambda: float, seed: int) -> dict[str, torch.Tensor]:
+    """Parameters of f at the start of the fit: every position at λ = ``init_lambda``."""
     f = len(SIGNALS)
     b0 = math.log(init_lambda / (1 - init_lambda))
     if kind == "logistic":
         params = {"w": torch.zeros(f, dtype=torch.float64), "b": torch.tensor(b0, dtype=torch.float64)}
     else:
-        h = 16
+        gen, h = torch.Generator().manual_seed(seed), 16
         params = {"w1": torch.randn(f, h, generator=gen, dtype=torch.float64) * 0.3,
                   "b1": torch.zeros(h, dtype=torch.float64),
                   "w2": torch.zeros(h, dtype=torch.float64),
                   "b2": torch.tensor(b0, dtype=torch.float64)}
     for p in params.values():
         p.requires_grad_(True)
+    return params
+
+
+def _maximise_likelihood(kind: str, params: dict[str, torch.Tensor], z: torch.Tensor,
+                         lm_t: torch.Tensor, knn_t: torch.Tensor, steps: int) -> None:
+    """Adam on the mean log-likelihood of the mixture σ(f(z)) p_kNN + (1 - σ(f(z))) p_LM of
+    the targets (a little L2 on the weights), in place."""
     opt = torch.optim.Adam(params.values(), lr=0.05)
     for _ in range(steps if len(z) else 0):
         opt.zero_grad()
@@ -300,28 +320,18 @@ def fit(rec: Records, *, kind: str = "logistic", k: int, temperature: float, ini
         loss = -ll.mean() + 1e-3 * sum((v ** 2).sum() for v in weights)
         loss.backward()
         opt.step()
-    cal = Calibration(kind=kind, mean=mean.tolist(), std=std.tolist(),
-                      params={name: v.detach().tolist() for name, v in params.items()},
-                      k=k, temperature=temperature, gate=GATE,
-                      support=_support(rec.signals[rec.has][:, SIGNALS.index("log_d1")]))
 
-    def report(part: Records) -> dict:
-        if not len(part):
-            return {}
-        lam = cal.lambdas(part.signals)
-        return {"tokens": len(part), "base_ppl": _ppl(part.lm_target.double()),
-                "fixed_ppl": _ppl(mixture_log_prob(part.lm_target, part.knn_target, part.has,
-                                                   torch.full((len(part),), init_lambda, dtype=torch.float64))),
-                "calibrated_ppl": _ppl(mixture_log_prob(part.lm_target, part.knn_target, part.has, lam)),
-                "mean_lambda": float(lam[part.has].mean()) if part.has.any() else 0.0}
 
-    cal.metrics = {"fit": report(train), "holdout": report(rec.subset(torch.arange(n_fit, n))),
-                   "fixed_lambda": init_lambda}
-    best_lambda, best_gain = best_fixed(rec)
-    cal.skip_above_prob, retained = choose_skip(rec, cal, keep, reference_gain=best_gain)
-    cal.metrics.update(retrieved_fraction=retained, best_fixed_lambda=best_lambda,
-                       best_fixed_ppl=_ppl(rec.lm_target.double()) * math.exp(-best_gain / max(1, n)))
-    return cal
+def _report(cal: Calibration, part: Records, fixed_lambda: float) -> dict:
+    """Perplexities of ``part``: base LM, fixed λ, calibrated λ; and the mean calibrated λ."""
+    if not len(part):
+        return {}
+    lambdas = cal.lambdas(part.signals)
+    fixed = torch.full((len(part),), fixed_lambda, dtype=torch.float64)
+    return {"tokens": len(part), "base_ppl": _ppl(part.lm_target.double()),
+            "fixed_ppl": _ppl(mixture_log_prob(part.lm_target, part.knn_target, part.has, fixed)),
+            "calibrated_ppl": _ppl(mixture_log_prob(part.lm_target, part.knn_target, part.has, lambdas)),
+            "mean_lambda": float(lambdas[part.has].mean()) if part.has.any() else 0.0}
 
 
 SKIP_CANDIDATES = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98)
