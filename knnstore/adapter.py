@@ -209,12 +209,12 @@ class KNNLM:
                 getattr(neighbours, f.name)[rows] = getattr(found, f.name)
         d, nt = torch.from_numpy(neighbours.distances), torch.from_numpy(neighbours.next_tokens)
         knn_lp = knn.knn_log_probs(d, nt, vocab, s.temperature)
-        lam: float | torch.Tensor = s.lambda_
+        lambdas: float | torch.Tensor = s.lambda_
         if self.policy is not None and len(rows):
             sig = adaptive.signals(d, nt, lm_log_probs, s.temperature)
-            lam = self.policy.lambdas(sig, s.lambda_).clamp(0, 1).to(lm_log_probs.dtype)
-        mixed = knn.interpolate(lm_log_probs, knn_lp, lam)
-        return Step(mixed, lm_log_probs, knn_lp, retrieve, neighbours, lam)
+            lambdas = self.policy.lambdas(sig, s.lambda_).clamp(0, 1).to(lm_log_probs.dtype)
+        mixed = knn.interpolate(lm_log_probs, knn_lp, lambdas)
+        return Step(mixed, lm_log_probs, knn_lp, retrieve, neighbours, lambdas)
 
     def evaluate(self, text: str | list[int], **kwargs):
         """Perplexity of ``text`` with and without the store: see ``evaluate.evaluate``."""
@@ -259,14 +259,14 @@ class KNNLM:
     def _explain_row(self, step: Step, row: int, index: int, token: int, n_sources: int) -> TokenExplanation:
         retrieved = bool(step.retrieved[row])
         p_knn = float(step.knn_log_probs[row, token].exp()) if retrieved else None
-        lam = step.lambdas
-        weight = float(lam[row]) if isinstance(lam, torch.Tensor) else float(lam)
+        lambdas = step.lambdas
+        lambda_ = float(lambdas[row]) if isinstance(lambdas, torch.Tensor) else float(lambdas)
         return TokenExplanation(
             index=index, token=token, text=self.tokenizer.decode([token]),
             p_lm=float(step.lm_log_probs[row, token].exp()), p_knn=p_knn,
             p=float(step.log_probs[row, token].exp()), retrieved=retrieved,
             sources=self.sources(step.neighbours, row, n_sources, token=token) if retrieved and n_sources else [],
-            knn_weight=weight if retrieved else 0.0,
+            knn_weight=lambda_ if retrieved else 0.0,
         )
 
     def explain(self, text: str, n_sources: int = 3, window: int = SCORE_WINDOW) -> list[TokenExplanation]:

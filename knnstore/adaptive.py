@@ -169,14 +169,14 @@ class Calibration(Policy):
                         self._z(sig))
 
     def lambdas(self, sig: torch.Tensor, lambda_: float | None = None) -> torch.Tensor:
-        lam = torch.sigmoid(self.logits(sig))
+        lambdas = torch.sigmoid(self.logits(sig))
         if self.gate is not None:
-            lam = lam * _gate(sig, self.gate)
+            lambdas = lambdas * _gate(sig, self.gate)
         if self.support is not None:
             lo, hi = self.support
             d1 = sig[:, SIGNALS.index("log_d1")].double()
-            lam = lam * ((hi - d1) / max(hi - lo, 1e-6)).clamp(0, 1)
-        return lam
+            lambdas = lambdas * ((hi - d1) / max(hi - lo, 1e-6)).clamp(0, 1)
+        return lambdas
 
     def describe(self) -> str:
         skip = f", skip at LM top probability >= {self.skip_above_prob:g}" if self.skip_above_prob else ""
@@ -341,11 +341,13 @@ FIXED_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
 def best_fixed(rec: Records) -> tuple[float, float]:
     """The fixed λ of ``FIXED_GRID`` with the highest total log-likelihood gain over the
     LM on ``rec``, and that gain (nats, summed over positions)."""
-    gains = {lam: float((mixture_log_prob(rec.lm_target, rec.knn_target, rec.has,
-                                          torch.full((len(rec),), lam, dtype=torch.float64))
-                         - rec.lm_target.double()).sum()) for lam in FIXED_GRID}
-    lam = max(gains, key=gains.get)
-    return lam, gains[lam]
+    def gain(lambda_: float) -> float:
+        fixed = torch.full((len(rec),), lambda_, dtype=torch.float64)
+        return float((mixture_log_prob(rec.lm_target, rec.knn_target, rec.has, fixed) - rec.lm_target.double()).sum())
+
+    gains = {lambda_: gain(lambda_) for lambda_ in FIXED_GRID}
+    best = max(gains, key=gains.get)
+    return best, gains[best]
 
 
 def choose_skip(rec: Records, cal: Policy, keep: float = 0.9, lambda_: float | None = None,
@@ -354,8 +356,8 @@ def choose_skip(rec: Records, cal: Policy, keep: float = 0.9, lambda_: float | N
     a reference log-likelihood gain: ``reference_gain`` (e.g. the best fixed λ's) when
     given, capped at the policy's own gain when it always retrieves; returns (threshold or
     None for never skip, fraction retrieved)."""
-    lam = cal.lambdas(rec.signals, lambda_)
-    gain = mixture_log_prob(rec.lm_target, rec.knn_target, rec.has, lam) - rec.lm_target.double()
+    lambdas = cal.lambdas(rec.signals, lambda_)
+    gain = mixture_log_prob(rec.lm_target, rec.knn_target, rec.has, lambdas) - rec.lm_target.double()
     total = float(gain.sum())
     target = keep * (total if reference_gain is None else min(total, reference_gain))
     top = rec.signals[:, SIGNALS.index("lm_top")]

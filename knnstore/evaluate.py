@@ -128,8 +128,8 @@ def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float
     s = knnlm.settings
     ids = _token_ids(knnlm, text, max_tokens)
     grid = list(itertools.product(lambdas or [s.lambda_], ks or [s.k], temperatures or [s.temperature]))
-    for lam, k, t in grid:
-        dataclasses.replace(s, lambda_=lam, k=k, temperature=t)  # validates each point
+    for lambda_, k, t in grid:
+        dataclasses.replace(s, lambda_=lambda_, k=k, temperature=t)  # validates each point
     k_max = max([k for _, k, _ in grid] + [s.k])
     tally = _Tally(len(grid))
     windows = scored_windows(knnlm.encoder, ids, window=window, stride=stride, batch_size=batch_size)
@@ -196,17 +196,17 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
         nt[retrieve] = torch.from_numpy(found.next_tokens).long()
     valid = knn.valid_mask(d, nt)
     matches = nt == win.targets.unsqueeze(1)
-    for i, (lam, k, t) in enumerate(grid):
+    for i, (lambda_, k, t) in enumerate(grid):
         knn_t = knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t)
         has = valid[:, :k].any(dim=1)
-        tally.mix_nll[i] -= float(knn.interpolate(target_lm, knn_t, lam, has_knn=has).sum())
+        tally.mix_nll[i] -= float(knn.interpolate(target_lm, knn_t, lambda_, has_knn=has).sum())
         if policy is not None:
             sig = adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t)
-            lam_i = policy.lambdas(sig, lam).clamp(0, 1)
-            tally.ada_nll[i] -= float(adaptive.mixture_log_prob(target_lm, knn_t, has, lam_i).sum())
+            lambdas = policy.lambdas(sig, lambda_).clamp(0, 1)
+            tally.ada_nll[i] -= float(adaptive.mixture_log_prob(target_lm, knn_t, has, lambdas).sum())
         if i == 0:
             if policy is not None:
-                tally.lambda_sum += float(torch.where(has, lam_i, torch.zeros_like(lam_i)).sum())
+                tally.lambda_sum += float(torch.where(has, lambdas, torch.zeros_like(lambdas)).sum())
             tally.t_knn += time.perf_counter() - t1  # search + one mixture: the kNN-LM's extra cost
             sel = knn_t[retrieve]
             tally.knn_only_nll -= float(sel.sum())
@@ -222,8 +222,8 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
 
 def _result(knnlm: KNNLM, grid: list, tally: _Tally) -> EvalResult:
     policy, n = knnlm.policy, tally.n
-    points = [SweepPoint(lam, k, t, _ppl(nll, n), _ppl(a, n) if policy is not None else None)
-              for (lam, k, t), nll, a in zip(grid, tally.mix_nll, tally.ada_nll)]
+    points = [SweepPoint(lambda_, k, t, _ppl(nll, n), _ppl(a, n) if policy is not None else None)
+              for (lambda_, k, t), nll, a in zip(grid, tally.mix_nll, tally.ada_nll)]
     best = min(points, key=lambda p: p.knn_ppl if policy is None else p.adaptive_ppl)
     t_base, t_knn = tally.t_base, tally.t_knn
     return EvalResult(

@@ -73,12 +73,12 @@ def knn_target_log_prob(distances: torch.Tensor, matches: torch.Tensor,
 
 
 def _lambda_column(lambda_: float | torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
-    lam = torch.as_tensor(lambda_, dtype=like.dtype, device=like.device)
-    if lam.ndim == 0:
-        if not 0.0 <= float(lam) <= 1.0:
-            raise ValueError(f"lambda must be in [0, 1], got {float(lam)}")
-        lam = lam.expand(n)
-    return lam
+    lambdas = torch.as_tensor(lambda_, dtype=like.dtype, device=like.device)
+    if lambdas.ndim == 0:
+        if not 0.0 <= float(lambdas) <= 1.0:
+            raise ValueError(f"lambda must be in [0, 1], got {float(lambdas)}")
+        lambdas = lambdas.expand(n)
+    return lambdas
 
 
 def interpolate(lm_log_probs: torch.Tensor, knn_log_probs: torch.Tensor,
@@ -95,18 +95,18 @@ def interpolate(lm_log_probs: torch.Tensor, knn_log_probs: torch.Tensor,
             not all -inf (required for the [N] form, where -inf only means a miss).
     """
     n = lm_log_probs.shape[0]
-    lam = _lambda_column(lambda_, n, lm_log_probs)
+    lambdas = _lambda_column(lambda_, n, lm_log_probs)
     if has_knn is None:
         if knn_log_probs.ndim != 2:
             raise ValueError("pass has_knn with target-only log probabilities")
         has_knn = ~torch.isneginf(knn_log_probs).all(dim=-1)
-    lam = torch.where(has_knn, lam, torch.zeros_like(lam))
+    lambdas = torch.where(has_knn, lambdas, torch.zeros_like(lambdas))
     if lm_log_probs.ndim == 2:
-        lam = lam.unsqueeze(-1)
+        lambdas = lambdas.unsqueeze(-1)
     # λ = 0 gives the LM exactly and λ = 1 the kNN distribution exactly.
     minus_inf = torch.tensor(-math.inf, dtype=lm_log_probs.dtype, device=lm_log_probs.device)
-    knn_part = torch.where(lam > 0, knn_log_probs.to(lm_log_probs.dtype) + lam.log(), minus_inf)
-    lm_part = torch.where(lam < 1, lm_log_probs + torch.log1p(-lam), minus_inf)
+    knn_part = torch.where(lambdas > 0, knn_log_probs.to(lm_log_probs.dtype) + lambdas.log(), minus_inf)
+    lm_part = torch.where(lambdas < 1, lm_log_probs + torch.log1p(-lambdas), minus_inf)
     return torch.logaddexp(knn_part, lm_part)
 
 
