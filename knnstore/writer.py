@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import os
 import shutil
 import time
@@ -272,7 +273,8 @@ class Writer:
             settings, options = IngestSettings(**spec["settings"]), SourceOptions(**spec["options"])
             encoder = self.store.encoder
             forward = _model_forward(encoder, name, self.store.path)
-            buffer = _CommitBuffer(self, corpus_id, settings.commit_every)
+            buffer = _CommitBuffer(self._add_pairs, functools.partial(self._commit, corpus_id),
+                                   settings.commit_every)
             counter = _Progress(progress, total_tokens)
             docs = ingest.limited(ingest.iter_documents(spec["paths"], options), options.max_documents)
             for group in _groups(docs, encoder.tokenize, settings):
@@ -422,8 +424,11 @@ class _CommitBuffer:
     stays pending, so those pairs stay invisible, until the commit that marks it ready.
     """
 
-    def __init__(self, writer: "Writer", corpus_id: int, commit_every: int) -> None:
-        self.writer, self.corpus_id, self.commit_every = writer, corpus_id, commit_every
+    def __init__(self, add_pairs: Callable[[list[pa.RecordBatch]], int],
+                 commit: Callable[[list[pa.RecordBatch], list[int]], int], commit_every: int) -> None:
+        """``add_pairs(batches)`` writes pairs (documents stay pending); ``commit(batches,
+        documents)`` writes pairs and makes documents ready; both return the pairs written."""
+        self.add_pairs, self.commit_pairs, self.commit_every = add_pairs, commit, commit_every
         self.batches: list[pa.RecordBatch] = []
         self.rows = 0
         self.documents: list[int] = []  # documents not yet ready
@@ -433,7 +438,7 @@ class _CommitBuffer:
         self.batches.append(batch)
         self.rows += batch.num_rows
         if self.rows >= self.commit_every:
-            self.flushed += self.writer._add_pairs(self.batches)
+            self.flushed += self.add_pairs(self.batches)
             crash_point("commit.after_partial_add")
             self.batches, self.rows = [], 0
 
@@ -443,7 +448,7 @@ class _CommitBuffer:
 
     def commit(self) -> tuple[int, int]:
         """Commit everything buffered; returns (documents, pairs) made ready."""
-        pairs = self.flushed + self.writer._commit(self.corpus_id, self.batches, self.documents)
+        pairs = self.flushed + self.commit_pairs(self.batches, self.documents)
         documents = len(self.documents)
         self.batches, self.documents, self.rows, self.flushed = [], [], 0, 0
         return documents, pairs
