@@ -47,7 +47,7 @@ from .indexing import IndexPlan
 from .layout import bind_legacy, check_new_store, create_store, open_parts, resolve_catalog_url
 from .lock import WriteLock, writer_active
 from .results import CorpusInfo, DocumentRef, StoreStats  # noqa: F401  (importable from here, as before)
-from .vectors import ExactSearch, Neighbours, PairsTable, pair_id, row_bytes
+from .vectors import ExactSearch, Neighbours, PairsTable, row_bytes
 from .writer import ProgressFn, Writer, normalise_name  # noqa: F401  (normalise_name: kept importable here)
 
 if TYPE_CHECKING:
@@ -234,16 +234,10 @@ class Store:
 
         The pair's token (position) and next token are marked with ``[[...]]``.
         """
-        lo = max(0, position - before)
-        ids = pair_id(document_id, np.arange(lo, position + after + 1))
-        rows = self.table.take(ids.tolist(), columns=["position", "token", "next_token"]).to_pydict()
-        by_pos = dict(zip(rows["position"], zip(rows["token"], rows["next_token"])))
-        decode = self.encoder.tokenizer.decode
-        left = [by_pos[p][0] for p in range(lo, position) if p in by_pos]
-        here, nxt = by_pos.get(position, (None, None))
-        right = [by_pos[p][0] for p in range(position + 2, position + after + 1) if p in by_pos]
+        left, here, nxt, right = self.table.tokens_around(document_id, position, before, after)
         if here is None:
             return ""
+        decode = self.encoder.tokenizer.decode
         return f"{decode(left)}{decode([here])}[[{decode([nxt])}]]{decode(right)}"
 
     def stats(self) -> StoreStats:

@@ -361,6 +361,20 @@ class PairsTable:
         ids = ", ".join(str(int(p)) for p in pair_ids)
         return self.columns(columns, where=f"pair_id IN ({ids})")
 
+    def tokens_around(self, document_id: int, position: int, before: int,
+                      after: int) -> tuple[list[int], int | None, int | None, list[int]]:
+        """A stored pair's document tokens around it, from the stored pairs: up to ``before``
+        tokens before ``position``, its token and next token (None, None if the pair is not
+        stored), and the tokens after the next one, up to ``position + after``."""
+        lo = max(0, position - before)
+        ids = pair_id(document_id, np.arange(lo, position + after + 1))
+        rows = self.take(ids.tolist(), columns=["position", "token", "next_token"]).to_pydict()
+        by_pos = dict(zip(rows["position"], zip(rows["token"], rows["next_token"])))
+        here, nxt = by_pos.get(position, (None, None))
+        left = [by_pos[p][0] for p in range(lo, position) if p in by_pos]
+        right = [by_pos[p][0] for p in range(position + 2, position + after + 1) if p in by_pos]
+        return left, here, nxt, right
+
     def nbytes(self) -> int:
         """Bytes on disk, including old versions not yet cleaned up."""
         return directory_bytes(self.uri)
