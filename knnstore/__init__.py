@@ -27,9 +27,10 @@ from .errors import (
     StoreVersionError,
     UnsupportedModelError,
 )
-from .results import CorpusInfo, StoreStats
+from .indexing import IndexPlan
+from .results import CorpusInfo, DocumentRef, StoreStats
 from .store import Store
-from .vectors import Neighbours
+from .vectors import IndexState, Neighbours
 
 try:  # one version, pyproject.toml's
     from importlib.metadata import PackageNotFoundError, version
@@ -56,9 +57,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "CatalogError", "CheckReport", "CorpusExistsError", "calibrate", "CorpusInfo", "EvalResult", "Generation", "KNNLM", "KNNLogitsProcessor",
+    "CatalogError", "CheckReport", "CorpusExistsError", "calibrate", "CorpusInfo", "DocumentRef", "EvalResult", "Generation", "KNNLM", "KNNLogitsProcessor",
     "KNNSettings", "Source", "TokenExplanation", "CorpusNotFoundError", "DiskFullError", "Encoder", "IngestSettings",
-    "InputError", "KnnstoreError", "ModelLoadError", "ModelMismatchError", "ModelRunError", "Neighbours",
+    "IndexPlan", "IndexState", "InputError", "KnnstoreError", "ModelLoadError", "ModelMismatchError", "ModelRunError", "Neighbours",
     "ReadOnlyError", "SourceOptions", "Store", "StoreDamagedError", "StoreExistsError", "StoreIdentity",
     "StoreLockedError", "StoreMismatchError", "StoreNotFoundError", "StoreStats", "StoreVersionError",
     "UnsupportedModelError", "__version__",
