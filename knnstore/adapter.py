@@ -141,19 +141,23 @@ class KNNLM:
                  settings: KNNSettings | None = None, **overrides) -> None:
         self.store = store if isinstance(store, Store) else Store.open(store)
         ident = self.store.identity
-        encoder = Encoder(model, tokenizer, name=getattr(model, "name_or_path", "model"),
-                          key_layer=ident.key_layer, key_site=ident.key_site)
-        self.store.use_encoder(encoder)  # refuses another model, with what differs
+        if self.store.encoder_loaded and self.store.encoder.model is model:  # already checked
+            encoder = self.store.encoder
+        else:
+            encoder = Encoder(model, tokenizer, name=getattr(model, "name_or_path", "model"),
+                              key_layer=ident.key_layer, key_site=ident.key_site)
+            self.store.use_encoder(encoder)  # refuses another model, with what differs
         self.encoder, self.model, self.tokenizer = encoder, model, tokenizer
         base = settings or KNNSettings.resolve()
         self.settings = dataclasses.replace(base, **overrides) if overrides else base
         self._policy: adaptive.Policy | None = None
 
     @classmethod
-    def from_store(cls, store: Store | str | os.PathLike, settings: KNNSettings | None = None,
-                   **overrides) -> "KNNLM":
-        """Open a store and load the model it was built with."""
-        store = store if isinstance(store, Store) else Store.open(store)
+    def from_store(cls, store: Store | str | os.PathLike, settings: KNNSettings | None = None, *,
+                   device: str = "auto", compute_dtype: str = "auto", **overrides) -> "KNNLM":
+        """Open a store and load the model it was built with (a path is opened on
+        ``device`` in ``compute_dtype``: see ``Store.open``; an open store keeps its own)."""
+        store = store if isinstance(store, Store) else Store.open(store, device=device, compute_dtype=compute_dtype)
         enc = store.encoder
         return cls(enc.model, enc.tokenizer, store, settings, **overrides)
 
@@ -304,7 +308,7 @@ class KNNLM:
                          seed=seed, n_sources=n_sources)
         if seed is not None:
             torch.manual_seed(seed)
-        enc = self.tokenizer(prompt, return_tensors="pt")
+        enc = self.tokenizer(prompt, return_tensors="pt").to(self.encoder.device)
         if enc["input_ids"].shape[1] == 0:
             raise InputError("the prompt is empty: give at least one word")
         warpers = []
@@ -370,16 +374,16 @@ class KNNLogitsProcessor(LogitsProcessor):
         if not self._captured:
             raise RuntimeError("no key was captured for this step: is the processor's model "
                                "the one running generate()?")
-        keys = self._captured[-1][:, -1, :].float()  # the last position of each row
+        keys = self._captured[-1][:, -1, :].float().cpu()  # the last position of each row
         self._captured.clear()
         if keys.shape[0] != scores.shape[0]:
             raise RuntimeError(f"captured {keys.shape[0]} keys for {scores.shape[0]} rows of scores")
-        step = self.knnlm.step(keys, scores)
+        step = self.knnlm.step(keys, scores.cpu())  # the mixture is computed on the CPU
         self._retrieved += int(step.retrieved.sum())
         self._total += int(step.retrieved.numel())
         if self.record:
             self.steps.append(step)
-        return step.log_probs.to(scores.dtype)
+        return step.log_probs.to(device=scores.device, dtype=scores.dtype)
 
 
 def check_generation(*, max_new_tokens: int, top_p: float | None, top_k: int | None, num_beams: int,

@@ -11,6 +11,7 @@ library's own ``config.check_number`` before anything loads.
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import sys
@@ -139,7 +140,42 @@ def _status(message: str):
 def _open(path, model=None):
     from .store import Store
 
-    return Store.open(path, model=model)
+    return Store.open(path, model=model, **_device())
+
+
+def _device() -> dict:
+    """The --device / --compute-dtype of the command running (``_device_options``)."""
+    ctx = click.get_current_context(silent=True)
+    device, compute_dtype = (ctx.meta.get("knnstore.device") if ctx else None) or ("auto", "auto")
+    return {"device": device, "compute_dtype": compute_dtype}
+
+
+def _check_device(ctx, param, value):
+    from .devices import resolve_device
+
+    try:
+        resolve_device(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _device_options(f):
+    """--device and --compute-dtype, for the commands that load the model."""
+    from .devices import COMPUTE_DTYPES
+
+    @functools.wraps(f)
+    def run(*args, device, compute_dtype, **kwargs):
+        click.get_current_context().meta["knnstore.device"] = (device, compute_dtype)
+        return f(*args, **kwargs)
+
+    run = click.option("--compute-dtype", type=click.Choice(["auto", *COMPUTE_DTYPES]), default="auto",
+                       show_default=True,
+                       help="The model's float type: auto = float32 on the CPU, bfloat16 (or float16) "
+                            "on a GPU. Keys are stored in the store's dtype either way.")(run)
+    return click.option("--device", default="auto", show_default=True, callback=_check_device,
+                        help="Where the model runs: auto (a GPU when there is one), cpu, cuda, "
+                             "cuda:N or mps.")(run)
 
 
 def _load_model(store) -> None:
@@ -208,6 +244,7 @@ def cli():
               help="How key vectors are stored.")
 @click.option("--catalog-url", default=None,
               help="SQLAlchemy URL of the catalog (default: SQLite file inside STORE).")
+@_device_options
 def init(store, model, key_layer, key_site, dtype, catalog_url):
     """Create an empty store for a model.
 
@@ -219,7 +256,7 @@ def init(store, model, key_layer, key_site, dtype, catalog_url):
 
     with _status(f"Loading model {model}..."):
         s = Store.create(store, model=model, key_layer=key_layer, key_site=key_site,
-                         dtype=dtype, catalog_url=catalog_url)
+                         dtype=dtype, catalog_url=catalog_url, **_device())
     ident = s.identity
     out.print(f"Created store {_safe(store)}: model {_safe(ident.model)}, key = layer {ident.key_layer} "
               f"{ident.key_site}, dim {ident.dim}, {ident.dtype}, vocabulary {ident.vocab_size:,} tokens")
@@ -244,6 +281,7 @@ def init(store, model, key_layer, key_site, dtype, catalog_url):
 @click.option("--no-index", is_flag=True,
               help="Leave the ANN index as it is (`knnstore index STORE` applies the index policy later).")
 @click.option("--json", "as_json", is_flag=True, help="Print the new corpus as JSON.")
+@_device_options
 def add_corpus(store, name, paths, split_on_heading, text_field, max_documents, window, stride,
                batch_size, no_index, as_json):
     """Encode documents with the store's model and add them as corpus NAME.
@@ -275,6 +313,7 @@ def add_corpus(store, name, paths, split_on_heading, text_field, max_documents, 
 @click.argument("store", type=click.Path())
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the corpus as JSON.")
+@_device_options
 def resume_corpus(store, name, as_json):
     """Finish adding a corpus whose ingestion was interrupted or failed.
 
@@ -493,6 +532,7 @@ def _read_text_arg(path) -> str:
 @click.option("--sweep-out", default="knnstore-sweep", show_default=True,
               help="With a sweep: write PREFIX.csv and PREFIX.png (the PNG needs knnstore[plot]).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@_device_options
 def eval_(store, text_path, max_tokens, window, stride, sweep_out, as_json, **knn_opts):
     """Perplexity of a text with and without the store, side by side.
 
@@ -586,6 +626,7 @@ def _print_eval(r, files) -> None:
 @click.option("--sources", "n_sources", default=3, show_default=True, type=Num(0, MAX_K),
               help="With --explain: neighbours shown per token.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@_device_options
 def generate(store, prompt, max_new_tokens, sample, top_p, num_beams, seed, explain, n_sources,
              as_json, **knn_opts):
     """Continue PROMPT with the kNN-LM (greedy unless --sample).
@@ -618,6 +659,7 @@ def generate(store, prompt, max_new_tokens, sample, top_p, num_beams, seed, expl
 @click.option("--sources", "n_sources", default=3, show_default=True, type=Num(0, MAX_K),
               help="Neighbours shown per token.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per token, in a list.")
+@_device_options
 def explain(store, text, n_sources, as_json, **knn_opts):
     """Score TEXT and show, for each token, its probability and the stored sources behind it.
 
@@ -652,6 +694,7 @@ def explain(store, text, n_sources, as_json, **knn_opts):
 @click.option("--exact", is_flag=True, default=None, help="Brute-force search instead of the ANN index.")
 @click.option("--clear", is_flag=True, help="Delete the store's calibrations (--adaptive then uses the rule).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@_device_options
 def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature, exact, clear, as_json):
     """Fit adaptive interpolation (--adaptive) for STORE on held-out text, and save it.
 

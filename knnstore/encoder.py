@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .config import KEY_SITES, StoreIdentity
+from .devices import is_out_of_memory, resolve_compute_dtype, resolve_device
 from .errors import InputError, ModelLoadError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,27 @@ class Encoder:
         layer = layers[self.key_layer]
         self._module = find_mlp(layer) if key_site == "ffn_input" else layer
         self.dim = int(model.config.hidden_size)
+        self._fingerprint: str | None = None  # kept from before a cast to a reduced dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (the device of its first parameter)."""
+        return next(self.model.parameters()).device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to(self, device: str | torch.device = "auto", compute_dtype: str | None = "auto") -> "Encoder":
+        """Move the model to ``device`` (``devices.resolve_device``) in ``compute_dtype``
+        (``devices.resolve_compute_dtype``); returns self. The store identity's weight
+        fingerprint is taken first, from the weights as loaded, so a store built on one
+        device and dtype opens with the model on another."""
+        device = resolve_device(device)
+        dtype = resolve_compute_dtype(device, compute_dtype)
+        self._fingerprint = self.model_fingerprint()
+        self.model.to(device=device, dtype=dtype)
+        return self
 
     @property
     def max_length(self) -> int | None:
@@ -192,18 +214,29 @@ class Encoder:
         return None
 
     @classmethod
-    def load(cls, name: str, key_layer: int = -1, key_site: str = "ffn_input") -> "Encoder":
+    def load(cls, name: str, key_layer: int = -1, key_site: str = "ffn_input", *,
+             device: str | torch.device = "auto", compute_dtype: str | None = "auto") -> "Encoder":
+        """Load a model by alias, hub id or path onto ``device`` ("auto": a GPU if there is
+        one) in ``compute_dtype`` ("auto": float32 on the CPU, bfloat16 / float16 on a GPU)."""
+        device = resolve_device(device)  # a bad device fails before the model loads
+        resolve_compute_dtype(device, compute_dtype)
         torch.set_num_threads(default_threads())
         model, tokenizer = load_model_and_tokenizer(name)
-        return cls(model, tokenizer, canonical_model_name(name), key_layer, key_site)
+        encoder = cls(model, tokenizer, canonical_model_name(name), key_layer, key_site)
+        if device.type != "cpu" or resolve_compute_dtype(device, compute_dtype) != torch.float32:
+            encoder.to(device, compute_dtype)
+        return encoder
 
     def model_fingerprint(self) -> str:
-        """sha256 of the key layer's weights (and every layer's parameter shapes)."""
+        """sha256 of the key layer's weights (and every layer's parameter shapes), as they
+        were before the model was cast to a compute dtype (``to``)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.sha256()
         layers = find_layers(self.model)
         h.update(repr([tuple(p.shape) for p in layers.parameters()]).encode())
         for p in layers[self.key_layer].parameters():
-            h.update(p.detach().float().contiguous().numpy().tobytes())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
     def identity(self, dtype: str) -> StoreIdentity:
@@ -254,12 +287,32 @@ class Encoder:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 with_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Keys [B, T, dim] (float32) and, if asked, the LM's logits [B, T, vocab]."""
+        """Keys [B, T, dim] and, if asked, the LM's logits [B, T, vocab]: float32, on the CPU,
+        wherever the model runs. A batch too big for an accelerator's memory is run in
+        halves (down to one row) instead of failing."""
+        try:
+            return self._forward(input_ids, attention_mask, with_logits)
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc) or input_ids.shape[0] < 2 or self.device.type == "cpu":
+                raise
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = input_ids.shape[0] // 2
+        parts = [self.forward(input_ids[rows], None if attention_mask is None else attention_mask[rows], with_logits)
+                 for rows in (slice(0, half), slice(half, None))]
+        logits = torch.cat([p[1] for p in parts]) if with_logits else None
+        return torch.cat([p[0] for p in parts]), logits
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 with_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        device = self.device
+        input_ids = input_ids.to(device)
+        attention_mask = None if attention_mask is None else attention_mask.to(device)
         if with_logits:
             with self.capture() as captured:
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                                  use_cache=False)
-            return captured[0].float(), out.logits
+            return captured[0].float().cpu(), out.logits.float().cpu()
         # Keys only: skip the LM head, and the layers after the key site.
         with self.capture(stop=True) as captured:
             try:
@@ -267,7 +320,7 @@ class Encoder:
                                       use_cache=False)
             except _StopForward:
                 pass
-        return captured[0].float(), None
+        return captured[0].float().cpu(), None
 
 
 def default_threads() -> int:

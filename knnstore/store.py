@@ -36,6 +36,7 @@ from .config import (
     SourceOptions,
     StoreIdentity,
 )
+from .devices import resolve_compute_dtype, resolve_device
 from .encoder import Encoder
 from .errors import (
     CorpusNotFoundError,
@@ -59,7 +60,7 @@ class Store:
 
     def __init__(self, path: Path, catalog_url: str, engine, identity: StoreIdentity,
                  table: PairsTable, encoder: Encoder | None = None, *, store_id: str | None = None,
-                 own_catalog: bool = True) -> None:
+                 own_catalog: bool = True, device: str = "auto", compute_dtype: str = "auto") -> None:
         self.path, self.catalog_url, self.engine = path, catalog_url, engine
         self.identity, self.table = identity, table
         self.store_id = store_id  # None: a store made before ids, not bound yet
@@ -69,7 +70,9 @@ class Store:
         self._visible: frozenset[int] = frozenset()  # ready corpora in this snapshot
         self._lock = WriteLock(path)
         self._writer = Writer(self)
-        self._exact = ExactSearch(table)
+        self.device = resolve_device(device)  # where the model runs, and the exact search
+        self.compute_dtype = compute_dtype  # the model's float type there ("auto": devices.py)
+        self._exact = ExactSearch(table, device=self.device)
         self.refresh()
 
     # --- creating and opening -----------------------------------------------------
@@ -77,24 +80,28 @@ class Store:
     @classmethod
     def create(cls, path: str | os.PathLike, model: str = DEFAULT_MODEL, *, key_layer: int = -1,
                key_site: str = "ffn_input", dtype: str = "float16",
-               catalog_url: str | None = None, encoder: Encoder | None = None) -> "Store":
+               catalog_url: str | None = None, encoder: Encoder | None = None,
+               device: str = "auto", compute_dtype: str = "auto") -> "Store":
         """Create a store for ``model`` (alias, Hugging Face id or local path).
 
-        The model is loaded once to read its identity and vocabulary; pass ``encoder`` to
-        reuse one already loaded. Nothing is left behind if creation fails.
+        The model is loaded once (on ``device`` in ``compute_dtype``, see ``open``) to read
+        its identity and vocabulary; pass ``encoder`` to reuse one already loaded. Nothing
+        is left behind if creation fails.
         """
         path = check_new_store(path)  # the cheap checks first: before the model loads
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         catalog_url = resolve_catalog_url(catalog_url)
+        resolve_compute_dtype(resolve_device(device), compute_dtype)
         if encoder is None:
-            encoder = Encoder.load(model, key_layer=key_layer, key_site=key_site)
+            encoder = Encoder.load(model, key_layer=key_layer, key_site=key_site, device=device,
+                                   compute_dtype=compute_dtype)
         create_store(path, encoder.identity(dtype), catalog.vocab_rows(encoder.tokenizer), catalog_url)
-        return cls.open(path, encoder=encoder)
+        return cls.open(path, encoder=encoder, device=device, compute_dtype=compute_dtype)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, model: str | None = None,
-             encoder: Encoder | None = None) -> "Store":
+             encoder: Encoder | None = None, device: str = "auto", compute_dtype: str = "auto") -> "Store":
         """Open a store; upgrades an older catalog. The model is loaded only when needed.
 
         Refuses, before reading anything else, a catalog that belongs to another store
@@ -103,12 +110,20 @@ class Store:
         Args:
             model: check now that this model is the store's (refused if it differs).
             encoder: an already loaded model to use (checked the same way).
+            device: where the model is loaded and the exact search runs: ``auto`` (a GPU
+                when there is one), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+            compute_dtype: the model's float type there: ``auto`` (float32 on the CPU,
+                bfloat16 or float16 on a GPU), ``float32``, ``float16``, ``bfloat16``.
+                Keys are stored in the store's dtype whatever this is.
         """
+        device = resolve_device(device)  # a bad device fails before anything is opened
+        resolve_compute_dtype(device, compute_dtype)
         parts = open_parts(path)
         store = cls(parts.path, parts.catalog_url, parts.engine, parts.identity, parts.table,
-                    store_id=parts.store_id, own_catalog=parts.own_catalog)
+                    store_id=parts.store_id, own_catalog=parts.own_catalog, device=device,
+                    compute_dtype=compute_dtype)
         if encoder is None and model is not None:
-            encoder = Encoder.load(model, key_layer=store.identity.key_layer, key_site=store.identity.key_site)
+            encoder = store.load_encoder(model)
         if encoder is not None:
             store.use_encoder(encoder)
         return store
@@ -143,11 +158,19 @@ class Store:
 
     @property
     def encoder(self) -> Encoder:
-        """The store's model, loaded on first use."""
+        """The store's model, loaded on first use (on the store handle's device)."""
         if self._encoder is None:
-            self.use_encoder(Encoder.load(self.identity.model, key_layer=self.identity.key_layer,
-                                          key_site=self.identity.key_site))
+            self.use_encoder(self.load_encoder(self.identity.model))
         return self._encoder
+
+    @property
+    def encoder_loaded(self) -> bool:
+        return self._encoder is not None
+
+    def load_encoder(self, model: str) -> Encoder:
+        """Load ``model`` at this store's key site, on its device and compute dtype."""
+        return Encoder.load(model, key_layer=self.identity.key_layer, key_site=self.identity.key_site,
+                            device=self.device, compute_dtype=self.compute_dtype)
 
     # --- reading ---------------------------------------------------------------------
 

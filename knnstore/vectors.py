@@ -581,12 +581,14 @@ class ExactSearch:
     Streams the table in batches and keeps a running top-k per query (torch matmul,
     float32). The float32 keys are kept in memory between searches while they fit in
     ``cache_bytes``; a larger table is streamed again for each search, so memory stays
-    bounded whatever the store's size.
+    bounded whatever the store's size. On a GPU (``device``) the keys are kept and the
+    distances computed there.
     """
 
     def __init__(self, table: PairsTable, cache_bytes: int = 2 << 30,
-                 batch_rows: int = 32768, query_block: int = 1024) -> None:
+                 batch_rows: int = 32768, query_block: int = 1024, device: torch.device | None = None) -> None:
         self.table, self.cache_bytes = table, cache_bytes
+        self.device = torch.device("cpu") if device is None else device
         self.batch_rows, self.query_block = batch_rows, query_block
         self._cache: list | None = None
         self._cache_version: int | None = None
@@ -601,7 +603,7 @@ class ExactSearch:
         for vectors, meta in self.table.scan_vectors(self.batch_rows):
             if not vectors.flags.writeable:  # zero-copy from Arrow (float32 stores)
                 vectors = vectors.copy()
-            x = torch.from_numpy(np.ascontiguousarray(vectors))
+            x = torch.from_numpy(np.ascontiguousarray(vectors)).to(self.device)
             item = (x, (x * x).sum(dim=1), meta)
             if cache is not None:
                 used += x.nbytes
@@ -612,18 +614,19 @@ class ExactSearch:
     @torch.inference_mode()
     def search(self, queries: np.ndarray, k: int, corpora: Collection[int] | None = None) -> Neighbours:
         """Same contract as ``PairsTable.search``, with exact results."""
-        q_all = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32))
+        dev = self.device
+        q_all = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)).to(dev)
         n_queries = q_all.shape[0]
         out = Neighbours.empty(n_queries, k)
         if n_queries == 0 or k <= 0:
             return out
         allowed = np.array(sorted(corpora), dtype=np.int64) if self.table.needs_filter(corpora) else None
-        best_d = torch.full((n_queries, k), float("inf"))
-        best_rows = {name: torch.full((n_queries, k), -1, dtype=torch.int64) for name in RESULT_FIELDS}
+        best_d = torch.full((n_queries, k), float("inf"), device=dev)
+        best_rows = {name: torch.full((n_queries, k), -1, dtype=torch.int64, device=dev) for name in RESULT_FIELDS}
         q_norm = (q_all * q_all).sum(dim=1, keepdim=True)  # [Q, 1]
         for x, x_norm, meta in self._batches():
-            hidden = None if allowed is None else torch.from_numpy(~np.isin(meta["corpus_id"], allowed))
-            cols = {name: torch.from_numpy(meta[name].astype(np.int64)) for name in RESULT_FIELDS}
+            hidden = None if allowed is None else torch.from_numpy(~np.isin(meta["corpus_id"], allowed)).to(dev)
+            cols = {name: torch.from_numpy(meta[name].astype(np.int64)).to(dev) for name in RESULT_FIELDS}
             for lo in range(0, n_queries, self.query_block):
                 hi = min(n_queries, lo + self.query_block)
                 # ||q - x||^2 = ||q||^2 - 2 q.x + ||x||^2, [block, n]
@@ -639,7 +642,7 @@ class ExactSearch:
                     merged = torch.cat([target[lo:hi], cols[name][part_i]], dim=1)
                     target[lo:hi] = torch.gather(merged, 1, order)
         missing = torch.isinf(best_d)
-        out.distances[:] = best_d.numpy()
+        out.distances[:] = best_d.cpu().numpy()
         for name, field in RESULT_FIELDS.items():
-            getattr(out, field)[:] = best_rows[name].masked_fill(missing, -1).numpy()
+            getattr(out, field)[:] = best_rows[name].masked_fill(missing, -1).cpu().numpy()
         return out

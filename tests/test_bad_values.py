@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 
 from knnstore.cli import Num, cli
@@ -56,6 +57,8 @@ NAMED = {
 }
 # A store argument is the same everywhere.
 STORE_BAD = ["/nonexistent/store", "{file}", "{dir}", "/dev/zero", "{dir}/odd?x"]
+# So is --device (on a machine with a GPU, "cuda" is no bad value).
+DEVICE_BAD = ["", "gpu", "cuda:-1", "cuda:99", "tpu", *([] if torch.cuda.is_available() else ["cuda"])]
 
 # A valid invocation of each command, by parameter name; each case changes one of them.
 BASE = {
@@ -83,6 +86,8 @@ def _bad_values(command: str, param: click.Parameter) -> list[str]:
         return ["nope", ""]
     if param.name == "store" and command != "init":
         return STORE_BAD
+    if param.name == "device":  # the same on every command that loads the model
+        return DEVICE_BAD
     if (command, param.name) in NAMED:
         return NAMED[(command, param.name)]
     raise AssertionError(f"no bad values known for {param.name!r} of `knnstore {command}`: add them to "
