@@ -39,16 +39,18 @@ def connect(uri: Path):
     reads its log level then) and runs anything (it sizes its CPU pool then); importing
     knnstore changes no environment variable:
 
-    * ``LANCEDB_LOG=error``: the index builder warns once per partition ("partition N is
-      empty, skipping", "visited_generator_queue is full": thousands of lines at millions
-      of rows), which tells a knnstore user nothing; errors still show. Set
-      ``LANCEDB_LOG=warn`` to see them again.
+    * ``LANCEDB_LOG=error`` and ``LANCE_LOG`` (Lance's own) the same: the index builder
+      warns once per partition ("partition N is empty, skipping", "visited_generator_queue
+      is full": thousands of lines at millions of rows), which tells a knnstore user
+      nothing; errors still show. Set ``LANCEDB_LOG=warn`` to see them again (Lance's
+      follow it unless ``LANCE_LOG`` is set too).
     * ``LANCE_CPU_THREADS`` = every CPU: Lance runs the CPU work of searches and index
       builds on max(1, CPUs - 2) threads (two kept for I/O, which matters for object
       stores, not a local one): one thread on a 2-CPU machine. A batch search then runs as
       concurrent sub-batches (``search_parts``).
     """
     os.environ.setdefault("LANCEDB_LOG", "error")
+    os.environ.setdefault("LANCE_LOG", os.environ["LANCEDB_LOG"])
     os.environ.setdefault("LANCE_CPU_THREADS", str(_cpus()))
     import lancedb
 
@@ -411,16 +413,16 @@ class PairsTable:
         return corpora is not None and not self.corpus_ids() <= frozenset(corpora)
 
     def create_index(self, num_partitions: int | None = None, num_sub_vectors: int | None = None,
-                     index_type: str | None = None) -> dict:
+                     index_type: str | None = None, device: torch.device | None = None) -> dict:
         """Train an ANN index (squared L2) on the vectors; replaces any previous one.
         Returns the parameters used.
 
         ``index_type``: ``ivf_rq`` (default; RaBitQ, 4 bits per dimension) or ``ivf_pq``
         (8-bit product quantisation; implied by ``num_sub_vectors``). Defaults: about
-        sqrt(rows) partitions; for PQ one sub-vector per 8 dimensions.
+        sqrt(rows) partitions; for PQ one sub-vector per 8 dimensions. The partitions'
+        centroids are trained by ``kmeans`` on ``device`` (a GPU when the store has one)
+        from a sample of the keys; Lance assigns every row and encodes it.
         """
-        from lancedb.index import IvfPq, IvfRq
-
         if index_type is None:
             index_type = "ivf_pq" if num_sub_vectors is not None else DEFAULT_INDEX_TYPE
         if index_type not in INDEX_TYPES:
@@ -431,16 +433,35 @@ class PairsTable:
         if num_partitions is None:
             num_partitions = max(1, min(4096, int(round(rows ** 0.5))))
         params = {"type": index_type, "partitions": num_partitions}
+        options = {"metric": "L2", "num_partitions": num_partitions, "replace": True,
+                   "ivf_centroids": self.train_centroids(num_partitions, device).cpu().numpy()}
         if index_type == "ivf_pq":
             if num_sub_vectors is None:
                 num_sub_vectors = dim // 8 if dim % 8 == 0 else 1
             params["sub_vectors"] = num_sub_vectors
-            config = IvfPq(distance_type="l2", num_partitions=num_partitions, num_sub_vectors=num_sub_vectors)
+            options.update(num_sub_vectors=num_sub_vectors)
         else:
             params["bits"] = RQ_BITS
-            config = IvfRq(distance_type="l2", num_partitions=num_partitions, num_bits=RQ_BITS)
-        self._table.create_index("vector", config=config, replace=True)
+            options.update(num_bits=RQ_BITS)
+        with damage_errors(self.uri):
+            self._table.to_lance().create_index("vector", index_type.upper(), **options)
+        self.refresh()
         return params
+
+    def train_centroids(self, partitions: int, device: torch.device | None = None, seed: int = 0) -> torch.Tensor:
+        """IVF centroids [partitions, dim] of a random sample of the keys (``kmeans``:
+        ``SAMPLE_PER_PARTITION`` keys per partition, or every key of a smaller table)."""
+        from .kmeans import SAMPLE_PER_PARTITION, kmeans
+
+        ds = self._table.to_lance()
+        rows = ds.count_rows()
+        take = min(rows, SAMPLE_PER_PARTITION * partitions)
+        picked = np.sort(np.random.default_rng(seed).choice(rows, take, replace=False))
+        with damage_errors(self.uri):
+            column = ds.take(picked, columns=["vector"]).column("vector").combine_chunks()
+        dim = column.type.list_size
+        keys = column.values.to_numpy(zero_copy_only=False).reshape(take, dim).astype(np.float32)
+        return kmeans(torch.from_numpy(keys).to(device or "cpu"), partitions, seed=seed)
 
     def index_type(self) -> str | None:
         """``ivf_rq`` / ``ivf_pq`` (or another Lance type, lower case) of the key column's

@@ -111,7 +111,8 @@ class Writer:
         """
         table = self.store.table
         self._index_build("train", lambda: table.count(), lambda: table.create_index(
-            num_partitions=num_partitions, num_sub_vectors=num_sub_vectors, index_type=index_type))
+            num_partitions=num_partitions, num_sub_vectors=num_sub_vectors, index_type=index_type,
+            device=self.store.device))
 
     def update_index(self) -> int:
         """Index the rows added since the index was trained (a delta index, no retraining);
