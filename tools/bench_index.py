@@ -10,7 +10,7 @@ same table, alternated in --rounds rounds, best time kept:
 * "lance": LanceDB trains the partitions itself (`create_index` without centroids: what
   knnstore did before);
 * "knnstore": `PairsTable.create_index` (`kmeans.kmeans` on a sample of 256 keys per
-  partition, on the CPU here, then Lance assigns and encodes every row).
+  partition, on --device, then Lance assigns and encodes every row).
 
 After each build, recall@k at nprobes 16 and 32 against exact search over the same keys.
 Prints the times, their ratio and the recalls.
@@ -37,13 +37,14 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=512)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where knnstore's k-means runs (auto, cpu, cuda, ...)")
     args = parser.parse_args()
 
     source = Path(args.store).resolve()
     work = Path(tempfile.mkdtemp(prefix="bench-index-", dir=source.parent))
     try:
         shutil.copytree(source, work / "store")
-        store = Store.open(work / "store", device="cpu")
+        store = Store.open(work / "store", device=args.device)
         table = store.table
         rows = table.count()
         partitions = max(1, min(4096, int(round(rows ** 0.5))))

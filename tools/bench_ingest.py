@@ -1,6 +1,6 @@
 """Ingest throughput vs the same model's plain forward throughput, on the same text.
 
-    python tools/bench_ingest.py [--tokens 12000] [--repeats 2] [--model smollm2-135m]
+    python tools/bench_ingest.py [--tokens 12000] [--repeats 2] [--model smollm2-135m] [--device cpu]
 
 Both sides run in one process, alternated, best of --repeats each, so a shared and noisy
 machine affects both alike. "forward" is model(input_ids) with the LM head over the text
@@ -41,7 +41,9 @@ def forward_tokens_per_s(enc: Encoder, docs: list[list[int]], window: int, batch
             for r, c in enumerate(batch):
                 ids[r, : len(c)] = torch.tensor(c)
                 mask[r, : len(c)] = 1
-            enc.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            enc.model(input_ids=ids.to(enc.device), attention_mask=mask.to(enc.device), use_cache=False)
+    if enc.device.type == "cuda":
+        torch.cuda.synchronize()
     return n / (time.perf_counter() - start)
 
 
@@ -51,10 +53,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=12000, help="about this many tokens of whole articles")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu", help="where the model runs (auto, cpu, cuda, ...)")
     args = parser.parse_args()
     settings = IngestSettings.resolve()
 
-    enc = Encoder.load(args.model)
+    enc = Encoder.load(args.model, device=args.device)
     work = Path(tempfile.mkdtemp(prefix="knnstore-bench-"))
     try:
         # Whole articles up to --tokens, written as one file per article.
@@ -69,12 +72,13 @@ def main() -> None:
             if total >= args.tokens:
                 break
         print(f"text: {len(docs)} articles of {args.text}, {total:,} tokens; window {settings.window}, "
-              f"stride {settings.stride}, batch {settings.batch_size}; torch threads {torch.get_num_threads()}; "
+              f"stride {settings.stride}, batch {settings.batch_size}; device {enc.device} {enc.compute_dtype}; "
+              f"torch threads {torch.get_num_threads()}; "
               f"{platform.processor() or platform.machine()}")
         fwd, ing = [], []
         for r in range(args.repeats):
             fwd.append(forward_tokens_per_s(enc, docs, settings.window, settings.batch_size))
-            store = Store.create(work / f"store{r}", encoder=enc)
+            store = Store.create(work / f"store{r}", encoder=enc, device=args.device)
             start = time.perf_counter()
             info = store.add_corpus("bench", [src], settings=settings)
             ing.append(info.tokens / (time.perf_counter() - start))
