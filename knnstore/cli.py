@@ -160,6 +160,18 @@ def _check_device(ctx, param, value):
     return value
 
 
+def _ray_options(f):
+    """--workers and --ray-address: encode on Ray (add-corpus, resume-corpus)."""
+    from .distributed import MAX_WORKERS
+
+    f = click.option("--ray-address", default=None,
+                     help="Encode on the Ray cluster at ADDRESS (default: RAY_ADDRESS if set, else a "
+                          "local Ray runtime with --workers).")(f)
+    return click.option("--workers", type=Num(1, MAX_WORKERS), default=None,
+                        help="Encode on N Ray workers (needs knnstore[ray]); the corpus's pairs are "
+                             "committed at once when all are encoded.")(f)
+
+
 def _device_options(f):
     """--device and --compute-dtype, for the commands that load the model."""
     from .devices import COMPUTE_DTYPES
@@ -281,9 +293,10 @@ def init(store, model, key_layer, key_site, dtype, catalog_url):
 @click.option("--no-index", is_flag=True,
               help="Leave the ANN index as it is (`knnstore index STORE` applies the index policy later).")
 @click.option("--json", "as_json", is_flag=True, help="Print the new corpus as JSON.")
+@_ray_options
 @_device_options
 def add_corpus(store, name, paths, split_on_heading, text_field, max_documents, window, stride,
-               batch_size, no_index, as_json):
+               batch_size, no_index, as_json, workers, ray_address):
     """Encode documents with the store's model and add them as corpus NAME.
 
     PATHS may be directories of .txt/.md files, .txt/.md files, .jsonl or .parquet files,
@@ -303,7 +316,8 @@ def add_corpus(store, name, paths, split_on_heading, text_field, max_documents, 
     s.check_new_corpus(name, paths)  # fail fast, before the model loads
     _load_model(s)
     with _progress(f"Adding {name}") as update:
-        info = s.add_corpus(name, paths, options=options, settings=settings, progress=update, index=False)
+        info = s.add_corpus(name, paths, options=options, settings=settings, progress=update, index=False,
+                            workers=workers, ray_address=ray_address)
     _print_added(info, as_json)
     if not no_index:
         _maintain_index(s)
@@ -313,8 +327,9 @@ def add_corpus(store, name, paths, split_on_heading, text_field, max_documents, 
 @click.argument("store", type=click.Path())
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the corpus as JSON.")
+@_ray_options
 @_device_options
-def resume_corpus(store, name, as_json):
+def resume_corpus(store, name, as_json, workers, ray_address):
     """Finish adding a corpus whose ingestion was interrupted or failed.
 
     Documents already committed are kept; the rest are encoded again.
@@ -326,7 +341,7 @@ def resume_corpus(store, name, as_json):
     s = _open(store)
     _load_model(s)
     with _progress(f"Resuming {name}") as update:
-        info = s.resume_corpus(name, progress=update, index=False)
+        info = s.resume_corpus(name, progress=update, index=False, workers=workers, ray_address=ray_address)
     _print_added(info, as_json)
     _maintain_index(s)
 

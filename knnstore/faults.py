@@ -2,7 +2,9 @@
 
 With ``KNNSTORE_CRASH_AT=<point>`` (or ``<point>:<n>``: the n-th time it is reached) in
 the environment, the process kills itself with SIGKILL when it reaches that point: what
-kill -9, the OOM killer or a power cut would do there. Without it, a point costs one
+kill -9, the OOM killer or a power cut would do there. With ``KNNSTORE_CRASH_ONCE_FILE=PATH``
+too, only the first process to get there dies (it creates PATH): a Ray worker that is
+restarted then goes on. Without it, a point costs one
 environment lookup. The points, in the order a write reaches them:
 """
 
@@ -29,6 +31,7 @@ POINTS = (
     "remove.after_table_delete",     # pairs deleted, catalog rows still there
     "index.before",                  # about to train the index
     "index.after",                   # index trained and committed
+    "ray.worker_after_fragments",    # a Ray worker wrote a shard's fragments, not yet returned them
 )
 
 _hits: dict[str, int] = {}
@@ -43,4 +46,10 @@ def crash_point(name: str) -> None:
         return
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] >= int(nth or 1):
+        once = env("crash_once_file")  # crash in one process only (a worker Ray restarts would again)
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
         os.kill(os.getpid(), signal.SIGKILL)

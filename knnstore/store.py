@@ -37,6 +37,7 @@ from .config import (
     StoreIdentity,
 )
 from .devices import resolve_compute_dtype, resolve_device
+from .distributed import ray_options
 from .encoder import Encoder
 from .errors import (
     CorpusNotFoundError,
@@ -397,7 +398,8 @@ class Store:
     def add_corpus(self, name: str, paths: Sequence[str | os.PathLike], *,
                    options: SourceOptions = SourceOptions(),
                    settings: IngestSettings | None = None,
-                   progress: ProgressFn | None = None, index: bool = True) -> CorpusInfo:
+                   progress: ProgressFn | None = None, index: bool = True,
+                   workers: int | None = None, ray_address: str | None = None) -> CorpusInfo:
         """Encode every document of ``paths`` and store its pairs as corpus ``name``.
 
         All sources are read and validated before anything is written: bad input raises
@@ -406,13 +408,20 @@ class Store:
         ``remove_corpus(name)`` finishes the job. Then, with ``index``, the index policy
         runs (``maintain_index``): the new rows are indexed incrementally, and the index is
         trained or retrained only past its thresholds. Searches see the new rows at once.
+
+        With ``workers`` (or ``ray_address``), the documents are encoded by that many Ray
+        workers (on a local Ray runtime, or the cluster at ``ray_address``) and committed in
+        one commit at the end (``knnstore.distributed``): the same pairs as without.
         """
         return self._writer.add_corpus(name, paths, options=options, settings=settings,
-                                       progress=progress, index=index)
+                                       progress=progress, index=index, ray=ray_options(workers, ray_address))
 
-    def resume_corpus(self, name: str, progress: ProgressFn | None = None, index: bool = True) -> CorpusInfo:
-        """Finish an interrupted or failed add: keeps the documents already committed."""
-        return self._writer.resume_corpus(name, progress=progress, index=index)
+    def resume_corpus(self, name: str, progress: ProgressFn | None = None, index: bool = True,
+                      workers: int | None = None, ray_address: str | None = None) -> CorpusInfo:
+        """Finish an interrupted or failed add: keeps the documents already committed
+        (``workers`` / ``ray_address``: on Ray, as ``add_corpus``)."""
+        return self._writer.resume_corpus(name, progress=progress, index=index,
+                                          ray=ray_options(workers, ray_address))
 
     def remove_corpus(self, name: str) -> None:
         """Delete a corpus's pairs and catalog rows. The index is not rebuilt."""

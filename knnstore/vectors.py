@@ -329,9 +329,24 @@ class PairsTable:
         """The Lance dataset at this handle's pinned version (for scans such as SQL's)."""
         return self._table.to_lance()
 
+    @property
+    def table_uri(self) -> Path:
+        """The Lance dataset's own directory (``pairs.lance``)."""
+        return self.uri / (PAIRS_TABLE + ".lance")
+
+    def append_fragments(self, fragments: list) -> None:
+        """Commit data fragments written by other processes (``lance.fragment.write_fragments``)
+        in one commit, on top of this handle's version (the caller holds the write lock)."""
+        import lance
+
+        if fragments:
+            lance.LanceDataset.commit(str(self.table_uri), lance.LanceOperation.Append(fragments),
+                                      read_version=self.version)
+        self.refresh()
+
     def missing_files(self) -> list[str]:
         """Data files the table's current version names but the disk does not hold."""
-        base = self.uri / (PAIRS_TABLE + ".lance") / "data"
+        base = self.table_uri / "data"
         return [f.path for frag in self._table.to_lance().get_fragments() for f in frag.data_files()
                 if not (base / f.path).is_file()]
 

@@ -38,6 +38,7 @@ from .errors import (
     ModelRunError,
     StoreLockedError,
 )
+from .distributed import RayOptions, encode_on_ray, ray_module
 from .faults import crash_point
 from .indexing import IndexPlan, IndexPolicy
 from .vectors import INDEX_TYPES, row_bytes
@@ -59,9 +60,12 @@ class Writer:
     def add_corpus(self, name: str, paths: Sequence[str | os.PathLike], *,
                    options: SourceOptions = SourceOptions(),
                    settings: IngestSettings | None = None,
-                   progress: ProgressFn | None = None, index: bool = True) -> CorpusInfo:
+                   progress: ProgressFn | None = None, index: bool = True,
+                   ray: RayOptions | None = None) -> CorpusInfo:
         """``Store.add_corpus``: read and validate, then (under the lock) write and index."""
         settings = settings or IngestSettings.resolve()
+        if ray is not None:
+            ray_module()  # installed? Before anything is read or written
         name, paths = self.check_new_corpus(name, paths)  # before the model loads in scan
         # Read and validate every source before taking the lock: a writer never waits for input.
         scan = ingest.scan(paths, options, self.store.encoder.tokenize)
@@ -77,13 +81,16 @@ class Writer:
                 s.flush()
                 corpus_id = row.id
             crash_point("add.after_corpus_row")
-            self._ingest(corpus_id, name, "add", scan.n_tokens, progress)
+            self._ingest(corpus_id, name, "add", scan.n_tokens, progress, ray)
             if index:
                 self.store.maintain_index()
         return self.store.corpus(name)
 
-    def resume_corpus(self, name: str, progress: ProgressFn | None = None, index: bool = True) -> CorpusInfo:
+    def resume_corpus(self, name: str, progress: ProgressFn | None = None, index: bool = True,
+                      ray: RayOptions | None = None) -> CorpusInfo:
         """Finish an interrupted or failed add: keeps the documents already committed."""
+        if ray is not None:
+            ray_module()
         self.store.refresh()
         info = self._resumable(name)
         with Session(self.store.engine) as s:
@@ -94,7 +101,7 @@ class Writer:
             info = self._resumable(name)
             name = info.name  # as stored: spaces around a given name are not part of it
             self._check_free_space(name, scan.n_tokens - info.tokens)
-            self._ingest(info.id, name, "resume", scan.n_tokens, progress)
+            self._ingest(info.id, name, "resume", scan.n_tokens, progress, ray)
             if index:
                 self.store.maintain_index()
         return self.store.corpus(name)
@@ -256,16 +263,54 @@ class Writer:
                       .values(status=status, finished_at=catalog.utcnow(), **values))
 
     def _ingest(self, corpus_id: int, name: str, kind: str, total_tokens: int,
-                progress: ProgressFn | None) -> None:
-        """Encode the corpus's documents not yet committed, commit by commit.
+                progress: ProgressFn | None, ray: RayOptions | None = None) -> None:
+        """Encode the corpus's documents not yet committed, commit by commit (or, on Ray,
+        in one commit at the end).
 
         This handle hides the corpus from its own searches until it is ready.
         """
         self.store.refresh()
         try:
-            self._ingest_documents(corpus_id, name, kind, total_tokens, progress)
+            if ray is None:
+                self._ingest_documents(corpus_id, name, kind, total_tokens, progress)
+            else:
+                self._ingest_on_ray(corpus_id, name, kind, total_tokens, progress, ray)
         finally:
             self.store.refresh()
+
+    def _ingest_on_ray(self, corpus_id: int, name: str, kind: str, total_tokens: int,
+                       progress: ProgressFn | None, ray: RayOptions) -> None:
+        """The documents not yet committed, encoded by Ray workers into uncommitted
+        fragments, then committed in one Lance commit and made ready (``distributed``)."""
+        with self._run(corpus_id, name, kind) as totals:
+            spec, done = self._restart(corpus_id)
+            settings, options = IngestSettings(**spec["settings"]), SourceOptions(**spec["options"])
+            counter = _Progress(progress, total_tokens)
+            docs = ingest.limited(ingest.iter_documents(spec["paths"], options), options.max_documents)
+            pending: list[tuple[int, list[int]]] = []
+            for group in _groups(docs, self.store.encoder.tokenize, settings):
+                fresh = _not_yet_done(group, done, name, counter)
+                if fresh:
+                    doc_ids = self._insert_documents(corpus_id, fresh)
+                    pending += list(zip(doc_ids, (tokens for _, tokens in fresh)))
+                    totals.tokens += sum(len(tokens) for _, tokens in fresh)
+            crash_point("ingest.after_documents_row")
+            fragments, pairs = encode_on_ray(
+                pending, identity=self.store.identity, table_uri=self.store.table.table_uri, schema=self.store.table.schema,
+                settings=settings, corpus_id=corpus_id, options=ray, device=str(self.store.device),
+                compute_dtype=self.store.compute_dtype,
+                progress=lambda documents, pairs: counter.advance(pairs + documents))  # a document's tokens
+            crash_point("commit.before_table_add")
+            self.store.verify_lock()
+            self.store.table.append_fragments(fragments)
+            crash_point("commit.after_table_add")
+            totals.add_commit(len(pending), pairs)
+            self._mark_ready(corpus_id, [doc_id for doc_id, _ in pending])
+            crash_point("ingest.before_corpus_ready")
+            self._set_status(corpus_id, READY, ready_at=catalog.utcnow())
+            totals.ready = True
+            crash_point("ingest.after_corpus_ready")
+            counter.finish()
 
     def _ingest_documents(self, corpus_id: int, name: str, kind: str, total_tokens: int,
                           progress: ProgressFn | None) -> None:
@@ -385,6 +430,12 @@ class Writer:
             return 0
         n_pairs = self._add_pairs(batches)
         crash_point("commit.after_table_add")
+        self._mark_ready(corpus_id, doc_ids)
+        crash_point("commit.after_documents_ready")
+        return n_pairs
+
+    def _mark_ready(self, corpus_id: int, doc_ids: list[int]) -> None:
+        """Documents whose pairs are all committed turn ready; the corpus's counts follow."""
         self.store.verify_lock()
         with Session(self.store.engine) as s, s.begin():
             s.execute(update(catalog.Document).where(catalog.Document.id.in_(doc_ids)).values(status=READY))
@@ -395,8 +446,6 @@ class Writer:
             ).one()
             s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(
                 n_documents=totals[0], n_tokens=totals[1], n_pairs=totals[2]))
-        crash_point("commit.after_documents_ready")
-        return n_pairs
 
 
 @dataclass

@@ -1,0 +1,186 @@
+"""Distributed ingest on Ray Data: encoder actors write Lance data fragments, the driver
+commits them all in one Lance commit (``add-corpus --workers N`` / ``--ray-address``).
+
+The driver (the ``Writer`` holding the store's lock) reads and validates the sources,
+writes the catalog rows (documents ``pending``), cuts the documents into shards and hands
+them to a pool of encoder actors (``ray.data`` ``map_batches`` with a callable class: one
+model per actor, a GPU each where there are GPUs). Each actor encodes its shards exactly as
+the single-process path does (``ingest.encode_documents``: same windows, same pair ids) and
+writes their pairs as new data files of the store's table (``lance.fragment.
+write_fragments``), committing nothing. The driver then commits every fragment of the
+corpus in one ``LanceOperation.Append`` and marks documents and corpus ready: a corpus is
+all or nothing, as with one process. Files of a worker that died, or of a run that
+failed, are referenced by no version of the table: ``check --repair`` (Lance's cleanup)
+deletes them, and ``resume-corpus`` encodes the documents again.
+
+Ray is an optional extra: ``pip install 'knnstore[ray]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import pyarrow as pa
+
+from .config import IngestSettings, StoreIdentity, check_number
+from .errors import InputError, ModelMismatchError
+from .faults import crash_point
+
+MAX_WORKERS = 1024
+SHARDS_PER_WORKER = 4  # shards per worker: a slow shard or a restarted worker delays less
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where encoding runs: ``workers`` encoder actors on a local Ray runtime started for
+    the run, or on the cluster at ``address`` (also read from ``RAY_ADDRESS``)."""
+
+    workers: int = 1
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        check_number("workers", self.workers, 1, MAX_WORKERS, integer=True)
+
+
+def ray_options(workers: int | None, address: str | None) -> RayOptions | None:
+    """RayOptions for ``workers`` / ``address`` (None for neither: one process)."""
+    if workers is None and address is None:
+        return None
+    if address is not None and not address.strip():
+        raise InputError("the Ray address is empty: give ADDRESS (e.g. ray://head:10001), or leave "
+                         "--ray-address out to start a local Ray runtime")
+    return RayOptions(workers=1 if workers is None else workers, address=address)
+
+
+def ray_module():
+    """``ray`` (with Ray Data), or a one-line InputError saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise InputError("--workers and --ray-address need Ray: pip install 'knnstore[ray]'") from None
+    return ray
+
+
+@contextmanager
+def ray_runtime(options: RayOptions) -> Iterator[None]:
+    """A Ray runtime for one run: the cluster at ``options.address`` (or ``RAY_ADDRESS``),
+    else a local one started here with one CPU per worker and shut down afterwards."""
+    ray = ray_module()
+    if ray.is_initialized():
+        yield
+        return
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = {"address": address} if address else {"num_cpus": max(options.workers, 1)}
+    try:
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", **kwargs)
+    except ConnectionError as exc:
+        raise InputError(f"cannot reach the Ray cluster at {address} ({exc}): check --ray-address "
+                         "or RAY_ADDRESS") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def shards(documents: Sequence[tuple[int, list[int]]], n: int) -> list[str]:
+    """``documents`` (id, tokens) cut into at most ``n`` shards of about equal tokens (whole
+    documents each, longest first), as JSON strings for Ray's object store."""
+    bins: list[list[tuple[int, list[int]]]] = [[] for _ in range(max(1, min(n, len(documents))))]
+    loads = [0] * len(bins)
+    for doc in sorted(documents, key=lambda d: -len(d[1])):
+        i = loads.index(min(loads))
+        bins[i].append(doc)
+        loads[i] += len(doc[1])
+    return [json.dumps(b) for b in bins if b]
+
+
+class EncoderWorker:
+    """One Ray actor: the store's model, loaded once, encoding shards into fragments."""
+
+    def __init__(self, identity: dict, uri: str, schema: bytes, settings: dict, corpus_id: int,
+                 device: str, compute_dtype: str, threads: int) -> None:
+        import torch
+
+        from .encoder import Encoder
+
+        torch.set_num_threads(threads)
+        ident = StoreIdentity(**identity)
+        self.encoder = Encoder.load(ident.model, ident.key_layer, ident.key_site, device=device,
+                                    compute_dtype=compute_dtype)
+        if self.encoder.model_fingerprint() != ident.model_fingerprint:
+            raise ModelMismatchError(f"a Ray worker loaded {ident.model} with other weights than the "
+                                     "store's: give every worker the same model files")
+        self.uri, self.corpus_id = uri, corpus_id
+        self.schema = pa.ipc.read_schema(pa.py_buffer(schema))
+        self.settings = IngestSettings(**settings)
+
+    def __call__(self, batch: dict) -> dict:
+        from lance.fragment import write_fragments
+
+        from .ingest import encode_documents
+
+        out: dict[str, list] = {"fragments": [], "pairs": [], "documents": []}
+        for shard in batch["shard"]:
+            docs = [(int(d), list(t)) for d, t in json.loads(shard)]
+            pairs = 0
+
+            def batches():
+                nonlocal pairs
+                forward = lambda ids, mask: self.encoder.forward(ids, mask)[0]  # noqa: E731
+                for record_batch, _ in encode_documents(forward, docs, self.corpus_id, self.settings,
+                                                        self.schema):
+                    pairs += record_batch.num_rows
+                    yield record_batch
+
+            frags = write_fragments(pa.RecordBatchReader.from_batches(self.schema, batches()), self.uri,
+                                    schema=self.schema, mode="append")
+            crash_point("ray.worker_after_fragments")
+            out["fragments"].append(json.dumps([f.to_json() for f in frags]))
+            out["pairs"].append(pairs)
+            out["documents"].append(len(docs))
+        return out
+
+
+def encode_on_ray(documents: Sequence[tuple[int, list[int]]], *, identity: StoreIdentity, table_uri: Path,
+                  schema: pa.Schema, settings: IngestSettings, corpus_id: int, options: RayOptions,
+                  device: str, compute_dtype: str,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[list, int]:
+    """Encode ``documents`` (id, tokens) on Ray and write their pairs as uncommitted
+    fragments of the table at ``table_uri``; returns (fragments, pairs). ``progress(documents,
+    pairs)`` is called as shards finish."""
+    ray = ray_module()
+    from lance.fragment import FragmentMetadata
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # knnstore shows its own progress
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    with ray_runtime(options):
+        gpus = ray.cluster_resources().get("GPU", 0)
+        use_gpu = gpus > 0 and device != "cpu"
+        cpus = ray.cluster_resources().get("CPU", 1)
+        threads = max(1, int(cpus // options.workers))
+        items = [{"shard": s} for s in shards(documents, options.workers * SHARDS_PER_WORKER)]
+        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            EncoderWorker, batch_size=1, concurrency=options.workers,
+            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else threads,
+            fn_constructor_kwargs={
+                "identity": {k: getattr(identity, k) for k in identity.__dataclass_fields__},
+                "uri": str(table_uri), "schema": schema.serialize().to_pybytes(),
+                "settings": settings.__dict__ | {}, "corpus_id": corpus_id,
+                "device": "auto" if use_gpu else "cpu", "compute_dtype": compute_dtype, "threads": threads},
+            max_restarts=3, max_task_retries=3)  # a worker that dies is restarted, its shard retried
+        fragments, pairs = [], 0
+        for row in dataset.iter_rows():
+            fragments += [FragmentMetadata.from_json(json.dumps(f)) for f in json.loads(row["fragments"])]
+            pairs += int(row["pairs"])
+            if progress is not None:
+                progress(int(row["documents"]), int(row["pairs"]))
+    return fragments, pairs
