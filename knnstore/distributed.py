@@ -18,6 +18,7 @@ Ray is an optional extra: ``pip install 'knnstore[ray]'``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -71,15 +72,16 @@ def ray_module():
 @contextmanager
 def ray_runtime(options: RayOptions) -> Iterator[None]:
     """A Ray runtime for one run: the cluster at ``options.address`` (or ``RAY_ADDRESS``),
-    else a local one started here with one CPU per worker and shut down afterwards."""
+    else a local one started here (every CPU, shared by the workers) and shut down afterwards."""
     ray = ray_module()
     if ray.is_initialized():
         yield
         return
     address = options.address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = {"address": address} if address else {"num_cpus": max(options.workers, 1)}
     try:
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", **kwargs)
+        # "local": a runtime of its own, never one that another run left behind
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR")
     except ConnectionError as exc:
         raise InputError(f"cannot reach the Ray cluster at {address} ({exc}): check --ray-address "
                          "or RAY_ADDRESS") from None
@@ -169,14 +171,15 @@ def encode_on_ray(documents: Sequence[tuple[int, list[int]]], *, identity: Store
         threads = max(1, int(cpus // options.workers))
         items = [{"shard": s} for s in shards(documents, options.workers * SHARDS_PER_WORKER)]
         dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            EncoderWorker, batch_size=1, concurrency=options.workers,
+            EncoderWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=options.workers),
             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else threads,
             fn_constructor_kwargs={
-                "identity": {k: getattr(identity, k) for k in identity.__dataclass_fields__},
+                "identity": dataclasses.asdict(identity),
                 "uri": str(table_uri), "schema": schema.serialize().to_pybytes(),
-                "settings": settings.__dict__ | {}, "corpus_id": corpus_id,
-                "device": "auto" if use_gpu else "cpu", "compute_dtype": compute_dtype, "threads": threads},
-            max_restarts=3, max_task_retries=3)  # a worker that dies is restarted, its shard retried
+                "settings": dataclasses.asdict(settings), "corpus_id": corpus_id,
+                "device": "auto" if use_gpu else "cpu", "compute_dtype": compute_dtype, "threads": threads})
+        # Ray Data restarts an actor whose process dies and retries its shard (its defaults);
+        # an exception raised in Python fails the run (the corpus is kept failed).
         fragments, pairs = [], 0
         for row in dataset.iter_rows():
             fragments += [FragmentMetadata.from_json(json.dumps(f)) for f in json.loads(row["fragments"])]
