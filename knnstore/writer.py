@@ -295,11 +295,13 @@ class Writer:
                     pending += list(zip(doc_ids, (tokens for _, tokens in fresh)))
                     totals.tokens += sum(len(tokens) for _, tokens in fresh)
             crash_point("ingest.after_documents_row")
-            fragments, pairs = encode_on_ray(
-                pending, identity=self.store.identity, table_uri=self.store.table.table_uri, schema=self.store.table.schema,
-                settings=settings, corpus_id=corpus_id, options=ray, device=str(self.store.device),
-                compute_dtype=self.store.compute_dtype,
-                progress=lambda documents, pairs: counter.advance(pairs + documents))  # a document's tokens
+            fragments, pairs = [], 0
+            if pending:  # (a resume may find every document committed already)
+                fragments, pairs = encode_on_ray(
+                    pending, identity=self.store.identity, table_uri=self.store.table.table_uri,
+                    schema=self.store.table.schema, settings=settings, corpus_id=corpus_id, options=ray,
+                    device=str(self.store.device), compute_dtype=self.store.compute_dtype,
+                    progress=lambda n_docs, n_pairs: counter.advance(n_pairs + n_docs))  # their tokens
             crash_point("commit.before_table_add")
             self.store.verify_lock()
             self.store.table.append_fragments(fragments)
