@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import WIKI_TEST, held_out_queries, recall
+from benchlib import held_out_queries, query_args, recall
 
 from knnstore import Store
 from knnstore.vectors import RQ_BITS
@@ -32,10 +32,7 @@ from knnstore.vectors import RQ_BITS
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("store")
-    parser.add_argument("--text", default=str(WIKI_TEST))
-    parser.add_argument("--queries", type=int, default=512)
-    parser.add_argument("--k", type=int, default=64)
+    query_args(parser)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="where knnstore's k-means runs (auto, cpu, cuda, ...)")
     args = parser.parse_args()

@@ -28,11 +28,11 @@ import time
 
 import torch
 from benchlib import (
-    WIKI_TEST,
     faiss_ivfpq,
     faiss_rabitq,
     faiss_search,
     held_out_queries,
+    query_args,
     table_keys,
     time_rounds,
 )
@@ -46,10 +46,7 @@ LANCE_GRID = {"ivf_rq": ((8, 0), (16, 0), (32, 0), (64, 0), (16, 2), (32, 2)),
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("store")
-    parser.add_argument("--text", default=str(WIKI_TEST))
-    parser.add_argument("--queries", type=int, default=512)
-    parser.add_argument("--k", type=int, default=64)
+    query_args(parser)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds over every method (best kept)")
     args = parser.parse_args()
     import faiss

@@ -31,6 +31,15 @@ class RandomKeys(Encoder):
         return cls(enc.model, enc.tokenizer, enc.name)
 
 
+def query_args(parser, queries: int = 512) -> None:
+    """The arguments of a benchmark that searches a store with held-out queries: STORE,
+    --text, --queries, --k."""
+    parser.add_argument("store")
+    parser.add_argument("--text", default=str(WIKI_TEST))
+    parser.add_argument("--queries", type=int, default=queries)
+    parser.add_argument("--k", type=int, default=64)
+
+
 def timed(fn):
     """(seconds, result) of one call."""
     t = time.perf_counter()
