@@ -314,6 +314,16 @@ def parse_url(url: str | URL) -> URL:
                            "dialect+driver://user:password@host:port/database") from None
 
 
+def without_password(url: str) -> str:
+    """The URL as a store records it: its password left out (a later open takes it from
+    the environment, e.g. PGPASSWORD or ~/.pgpass, or from KNNSTORE_CATALOG_URL)."""
+    parsed = parse_url(url)
+    if parsed.password is None:
+        return url
+    return URL.create(parsed.drivername, username=parsed.username, host=parsed.host, port=parsed.port,
+                      database=parsed.database, query=parsed.query).render_as_string(hide_password=False)
+
+
 def mask(url) -> str:
     """A URL (or anything) as it may be shown: with its password hidden."""
     if isinstance(url, URL):

@@ -102,7 +102,8 @@ def catalog_failure(exc: Exception, path: Path, url, action: str) -> KnnstoreErr
         return StoreDamagedError(f"the catalog of {path} ({catalog.mask(url)}) is missing or damaged ({detail}): "
                                  f"restore it from a backup; `knnstore check {path}` lists what is left")
     return CatalogError(f"cannot {action} the catalog of {path} at {catalog.mask(url)} ({detail}): "
-                        "check that the database server is running and the URL is right")
+                        "check that the database server is running and the URL is right (a store never "
+                        "records the catalog's password: give it in PGPASSWORD or KNNSTORE_CATALOG_URL)")
 
 
 def usable_path(path: str | os.PathLike) -> Path:
@@ -237,7 +238,8 @@ def create_store(path: Path, identity: StoreIdentity, vocab: list[dict], catalog
         fields = {f.name: getattr(identity, f.name) for f in dataclasses.fields(identity) if f.name != "created_at"}
         catalog.write_identity(engine, store_id, fields, vocab)
         PairsTable.create(path / VECTORS_DIR, identity.dim, identity.dtype, store_id=store_id)
-        Marker(FORMAT_VERSION, catalog_url, store_id).write(path)  # last: the store exists now
+        marker_url = None if catalog_url is None else catalog.without_password(catalog_url)
+        Marker(FORMAT_VERSION, marker_url, store_id).write(path)  # last: the store exists now
     except BaseException:
         if engine is not None:
             engine.dispose()

@@ -211,6 +211,23 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_a_catalog_password_is_never_written_with_the_store(postgres_url, tmp_path, tiny_encoder):
+    # The test server trusts loopback, so any password connects; the store must not keep it.
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text("CREATE DATABASE pwtest"))
+    engine.dispose()
+    postgres_url = postgres_url.rsplit("/", 1)[0] + "/pwtest"
+    with_password = postgres_url.replace("knnstore@", "knnstore:s3cret-pw@")
+    store = Store.create(tmp_path / "pw-store", encoder=tiny_encoder, catalog_url=with_password)
+    assert "s3cret-pw" not in (tmp_path / "pw-store" / "knnstore.json").read_text()
+    assert not any("s3cret-pw".encode() in p.read_bytes() for p in (tmp_path / "pw-store").rglob("*") if p.is_file())
+    assert Store.open(tmp_path / "pw-store").catalog_url == postgres_url
+    store.close()
+
+
 def test_a_postgresql_catalog_serves_the_store_and_sql(postgres_url, tmp_path, tiny_encoder, text_dir, small_settings):
     store = Store.create(tmp_path / "pg-store", encoder=tiny_encoder, catalog_url=postgres_url)
     info = store.add_corpus("docs", [text_dir], settings=small_settings)
