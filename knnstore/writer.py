@@ -301,7 +301,7 @@ class Writer:
                     pending, identity=self.store.identity, table_uri=self.store.table.table_uri,
                     schema=self.store.table.schema, settings=settings, corpus_id=corpus_id, options=ray,
                     device=str(self.store.device), compute_dtype=self.store.compute_dtype,
-                    progress=lambda n_docs, n_pairs: counter.advance(n_pairs + n_docs))  # their tokens
+                    encoder=self.store.encoder, progress=lambda n_docs, n_pairs: counter.advance(n_pairs + n_docs))  # their tokens
             crash_point("commit.before_table_add")
             self.store.verify_lock()
             self.store.table.append_fragments(fragments)

@@ -152,3 +152,17 @@ def test_bad_ray_options_are_one_line_errors_that_change_nothing(tmp_path, store
     with pytest.raises(ValueError, match="workers"):
         store.add_corpus("c", [docs], workers=0)
     assert snapshot(Path(store.path)) == before
+
+
+def test_workers_load_the_model_by_name_when_the_driver_runs_it_in_another_dtype(tmp_path, tiny_model_dir, reference):
+    # The driver's bfloat16 model is not shipped (workers get float32 weights or none): each
+    # worker loads the model itself, in the store handle's compute dtype.
+    single, docs = reference
+    store = Store.create(tmp_path / "bf", model=str(tiny_model_dir), device="cpu", compute_dtype="bfloat16",
+                         dtype="float32")
+    store.add_corpus("c", [docs], settings=SETTINGS, workers=1)
+    got, want = by_source(store, "c"), by_source(single, "c")
+    for column in ("ordinal", "position", "token", "next_token"):
+        assert np.array_equal(got[column], want[column]), column
+    diff = np.linalg.norm(got["vector"] - want["vector"], axis=1) / np.linalg.norm(want["vector"], axis=1)
+    assert 0 < np.median(diff) < 0.03  # bfloat16 keys: close, and not float32's
