@@ -50,9 +50,13 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     raise InputError(f"device {spec!r} is not supported: use one of {', '.join(DEVICE_CHOICES)}")
 
 
-def resolve_compute_dtype(device: torch.device, spec: str | None = "auto") -> torch.dtype:
+def resolve_compute_dtype(device: torch.device, spec: str | torch.dtype | None = "auto") -> torch.dtype:
     """The float type the model runs in on ``device`` ("auto": float32 on the CPU, bfloat16
-    on a GPU that has it, else float16)."""
+    on a GPU that has it, else float16; a torch dtype given is taken as it is)."""
+    if isinstance(spec, torch.dtype):
+        if spec not in COMPUTE_DTYPES.values():
+            raise InputError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {spec}")
+        return spec
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
         if device.type == "cpu":

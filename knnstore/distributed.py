@@ -32,6 +32,7 @@ import pyarrow as pa
 from .config import IngestSettings, StoreIdentity, check_number
 from .errors import InputError, ModelMismatchError
 from .faults import crash_point
+from .ingest import encode_documents, model_forward
 
 MAX_WORKERS = 1024
 SHARDS_PER_WORKER = 4  # shards per worker: a slow shard or a restarted worker delays less
@@ -107,7 +108,8 @@ class EncoderWorker:
     """One Ray actor: the store's model, loaded once, encoding shards into fragments."""
 
     def __init__(self, identity: dict, uri: str, schema: bytes, settings: dict, corpus_id: int,
-                 device: str, compute_dtype: str, threads: int, weights=None) -> None:
+                 corpus: str, store_path: str, device: str, compute_dtype: str, threads: int,
+                 weights=None) -> None:
         import torch
 
         torch.set_num_threads(threads)
@@ -117,32 +119,22 @@ class EncoderWorker:
             raise ModelMismatchError(f"a Ray worker loaded {ident.model} with other weights than the "
                                      "store's: give every worker the same model files")
         self.uri, self.corpus_id = uri, corpus_id
+        self.forward = model_forward(self.encoder, corpus, store_path)
         self.schema = pa.ipc.read_schema(pa.py_buffer(schema))
         self.settings = IngestSettings(**settings)
 
     def __call__(self, batch: dict) -> dict:
         from lance.fragment import write_fragments
 
-        from .ingest import encode_documents
-
         out: dict[str, list] = {"fragments": [], "pairs": [], "documents": []}
         for shard in batch["shard"]:
             docs = [(int(d), list(t)) for d, t in json.loads(shard)]
-            pairs = 0
-
-            def batches():
-                nonlocal pairs
-                forward = lambda ids, mask: self.encoder.forward(ids, mask)[0]  # noqa: E731
-                for record_batch, _ in encode_documents(forward, docs, self.corpus_id, self.settings,
-                                                        self.schema):
-                    pairs += record_batch.num_rows
-                    yield record_batch
-
-            frags = write_fragments(pa.RecordBatchReader.from_batches(self.schema, batches()), self.uri,
+            batches = (b for b, _ in encode_documents(self.forward, docs, self.corpus_id, self.settings, self.schema))
+            frags = write_fragments(pa.RecordBatchReader.from_batches(self.schema, batches), self.uri,
                                     schema=self.schema, mode="append")
             crash_point("ray.worker_after_fragments")
             out["fragments"].append(json.dumps([f.to_json() for f in frags]))
-            out["pairs"].append(pairs)
+            out["pairs"].append(sum(f.num_rows for f in frags))
             out["documents"].append(len(docs))
         return out
 
@@ -182,11 +174,12 @@ def model_weights(encoder) -> dict | None:
 
 
 def encode_on_ray(documents: Sequence[tuple[int, list[int]]], *, identity: StoreIdentity, table_uri: Path,
-                  schema: pa.Schema, settings: IngestSettings, corpus_id: int, options: RayOptions,
-                  device: str, compute_dtype: str, encoder=None,
+                  schema: pa.Schema, settings: IngestSettings, corpus_id: int, corpus: str, store_path: str,
+                  options: RayOptions, device: str, compute_dtype: str, encoder=None,
                   progress: Callable[[int, int], None] | None = None) -> tuple[list, int]:
     """Encode ``documents`` (id, tokens) on Ray and write their pairs as uncommitted
-    fragments of the table at ``table_uri``; returns (fragments, pairs). ``encoder``: the
+    fragments of the table at ``table_uri``; returns (fragments, pairs). ``corpus`` and
+    ``store_path`` name them in a model failure's message. ``encoder``: the
     driver's loaded model, whose weights the workers then take instead of loading it again.
     ``progress(documents, pairs)`` is called as shards finish."""
     ray = ray_module()
@@ -210,7 +203,8 @@ def encode_on_ray(documents: Sequence[tuple[int, list[int]]], *, identity: Store
             fn_constructor_kwargs={
                 "identity": dataclasses.asdict(identity),
                 "uri": str(table_uri), "schema": schema.serialize().to_pybytes(),
-                "settings": dataclasses.asdict(settings), "corpus_id": corpus_id,
+                "settings": dataclasses.asdict(settings), "corpus_id": corpus_id, "corpus": corpus,
+                "store_path": store_path,
                 "device": "auto" if use_gpu else "cpu", "compute_dtype": compute_dtype, "threads": threads,
                 "weights": weights_ref})
         # Ray Data restarts an actor whose process dies and retries its shard (its defaults);

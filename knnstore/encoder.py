@@ -192,7 +192,8 @@ class Encoder:
     def compute_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def to(self, device: str | torch.device = "auto", compute_dtype: str | None = "auto") -> "Encoder":
+    def to(self, device: str | torch.device = "auto",
+           compute_dtype: str | torch.dtype | None = "auto") -> "Encoder":
         """Move the model to ``device`` (``devices.resolve_device``) in ``compute_dtype``
         (``devices.resolve_compute_dtype``); returns self. The store identity's weight
         fingerprint is taken first, from the weights as loaded, so a store built on one
@@ -218,14 +219,11 @@ class Encoder:
              device: str | torch.device = "auto", compute_dtype: str | None = "auto") -> "Encoder":
         """Load a model by alias, hub id or path onto ``device`` ("auto": a GPU if there is
         one) in ``compute_dtype`` ("auto": float32 on the CPU, bfloat16 / float16 on a GPU)."""
-        device = resolve_device(device)  # a bad device fails before the model loads
-        resolve_compute_dtype(device, compute_dtype)
+        device = resolve_device(device)  # a bad device or dtype fails before the model loads
+        dtype = resolve_compute_dtype(device, compute_dtype)
         torch.set_num_threads(default_threads())
         model, tokenizer = load_model_and_tokenizer(name)
-        encoder = cls(model, tokenizer, canonical_model_name(name), key_layer, key_site)
-        if device.type != "cpu" or resolve_compute_dtype(device, compute_dtype) != torch.float32:
-            encoder.to(device, compute_dtype)
-        return encoder
+        return cls(model, tokenizer, canonical_model_name(name), key_layer, key_site).to(device, dtype)
 
     def model_fingerprint(self) -> str:
         """sha256 of the key layer's weights (and every layer's parameter shapes), as they

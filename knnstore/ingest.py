@@ -32,7 +32,7 @@ import pyarrow as pa
 import torch
 
 from .config import IngestSettings, SourceOptions
-from .errors import InputError
+from .errors import InputError, ModelRunError
 from .vectors import pair_id, pairs_batch, pairs_schema  # noqa: F401  (pair_id, pairs_schema: kept importable here)
 from .windows import right_padded, windows
 
@@ -349,3 +349,20 @@ def encode_documents(
                                token=np.concatenate(cols["tok"]), next_token=np.concatenate(cols["next"]),
                                vector=np.concatenate(cols["vec"]))
         yield batch_rb, len(pos)
+
+
+def model_forward(encoder, corpus: str, store_path) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``forward`` for ``encode_documents``: the encoder's keys for a batch, with the model's
+    own failures (torch's errors inside it: bad weights, a device out of memory) as one
+    ModelRunError that says how to go on (in one process and in a Ray worker alike)."""
+    def forward(ids, mask):
+        try:
+            return encoder.forward(ids, mask)[0]
+        except (RuntimeError, ValueError, IndexError) as exc:
+            detail = (str(exc).strip().splitlines() or ["-"])[0]
+            raise ModelRunError(
+                f"the model {encoder.name} failed while encoding corpus {corpus!r} ({type(exc).__name__}: "
+                f"{detail}); the corpus is kept as failed: fix the model, then "
+                f"`knnstore resume-corpus {store_path} {corpus}`"
+            ) from exc
+    return forward

@@ -93,7 +93,7 @@ class Store:
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         catalog_url = resolve_catalog_url(catalog_url)
-        resolve_compute_dtype(resolve_device(device), compute_dtype)
+        resolve_compute_dtype(resolve_device(device), compute_dtype)  # before anything loads or is written
         if encoder is None:
             encoder = Encoder.load(model, key_layer=key_layer, key_site=key_site, device=device,
                                    compute_dtype=compute_dtype)

@@ -242,6 +242,12 @@ class IndexState:
                 "indexed_rows": self.indexed_rows, "unindexed_rows": self.unindexed_rows}
 
 
+def key_matrix(column: pa.FixedSizeListArray) -> np.ndarray:
+    """A key column as float32 [rows, dim] (zero-copy and read-only for a float32 store)."""
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(column), column.type.list_size).astype(np.float32, copy=False)
+
+
 def directory_bytes(path: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
@@ -473,9 +479,7 @@ class PairsTable:
         take = min(rows, SAMPLE_PER_PARTITION * partitions)
         picked = np.sort(np.random.default_rng(seed).choice(rows, take, replace=False))
         with damage_errors(self.uri):
-            column = ds.take(picked, columns=["vector"]).column("vector").combine_chunks()
-        dim = column.type.list_size
-        keys = column.values.to_numpy(zero_copy_only=False).reshape(take, dim).astype(np.float32)
+            keys = key_matrix(ds.take(picked, columns=["vector"]).column("vector").combine_chunks())
         return kmeans(torch.from_numpy(keys).to(device or "cpu"), partitions, seed=seed)
 
     def index_type(self) -> str | None:
@@ -499,16 +503,12 @@ class PairsTable:
 
     def scan_vectors(self, batch_rows: int = 32768) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Every row's key (float32 [n, dim]) and result columns, streamed in batches."""
-        dim = self.schema.field("vector").type.list_size
         ds = self._table.to_lance()
         with damage_errors(self.uri):
             for batch in ds.to_batches(columns=["vector", *RESULT_FIELDS], batch_size=batch_rows):
-                n = batch.num_rows
-                if n == 0:
+                if batch.num_rows == 0:
                     continue
-                flat = batch.column("vector").values.to_numpy(zero_copy_only=False)
-                vectors = flat.reshape(n, dim).astype(np.float32, copy=False)
-                yield vectors, {name: batch.column(name).to_numpy() for name in RESULT_FIELDS}
+                yield key_matrix(batch.column("vector")), {name: batch.column(name).to_numpy() for name in RESULT_FIELDS}
 
     def search(self, queries: np.ndarray, k: int, corpora: Collection[int] | None = None, *,
                nprobes: int = 32, refine_factor: int | None = None) -> Neighbours:

@@ -29,13 +29,11 @@ from sqlalchemy.orm import Session
 from . import catalog, indexing, ingest
 from .catalog import FAILED, INGESTING, PENDING, READY, REMOVING
 from .config import VECTORS_DIR, IngestSettings, SourceOptions
-from .encoder import Encoder
 from .errors import (
     CorpusExistsError,
     CorpusNotFoundError,
     DiskFullError,
     InputError,
-    ModelRunError,
     StoreLockedError,
 )
 from .distributed import RayOptions, encode_on_ray, ray_module
@@ -284,70 +282,72 @@ class Writer:
         fragments, then committed in one Lance commit and made ready (``distributed``)."""
         with self._run(corpus_id, name, kind) as totals:
             spec, done = self._restart(corpus_id)
-            settings, options = IngestSettings(**spec["settings"]), SourceOptions(**spec["options"])
+            settings = IngestSettings(**spec["settings"])
             counter = _Progress(progress, total_tokens)
-            docs = ingest.limited(ingest.iter_documents(spec["paths"], options), options.max_documents)
             pending: list[tuple[int, list[int]]] = []
-            for group in _groups(docs, self.store.encoder.tokenize, settings):
-                fresh = _not_yet_done(group, done, name, counter)
-                if fresh:
-                    doc_ids = self._insert_documents(corpus_id, fresh)
-                    pending += list(zip(doc_ids, (tokens for _, tokens in fresh)))
-                    totals.tokens += sum(len(tokens) for _, tokens in fresh)
+            for group in self._pending_groups(corpus_id, name, spec, done, counter):
+                pending += group
+                totals.tokens += sum(len(tokens) for _, tokens in group)
             crash_point("ingest.after_documents_row")
             fragments, pairs = [], 0
             if pending:  # (a resume may find every document committed already)
                 fragments, pairs = encode_on_ray(
                     pending, identity=self.store.identity, table_uri=self.store.table.table_uri,
-                    schema=self.store.table.schema, settings=settings, corpus_id=corpus_id, options=ray,
-                    device=str(self.store.device), compute_dtype=self.store.compute_dtype,
-                    encoder=self.store.encoder, progress=lambda n_docs, n_pairs: counter.advance(n_pairs + n_docs))  # their tokens
+                    schema=self.store.table.schema, settings=settings, corpus_id=corpus_id, corpus=name,
+                    store_path=str(self.store.path), options=ray, device=str(self.store.device),
+                    compute_dtype=self.store.compute_dtype, encoder=self.store.encoder,
+                    progress=lambda n_docs, n_pairs: counter.advance(n_pairs + n_docs))  # their tokens
             crash_point("commit.before_table_add")
             self.store.verify_lock()
             self.store.table.append_fragments(fragments)
             crash_point("commit.after_table_add")
             totals.add_commit(len(pending), pairs)
             self._mark_ready(corpus_id, [doc_id for doc_id, _ in pending])
-            crash_point("ingest.before_corpus_ready")
-            self._set_status(corpus_id, READY, ready_at=catalog.utcnow())
-            totals.ready = True
-            crash_point("ingest.after_corpus_ready")
-            counter.finish()
+            self._corpus_ready(corpus_id, totals, counter)
 
     def _ingest_documents(self, corpus_id: int, name: str, kind: str, total_tokens: int,
                           progress: ProgressFn | None) -> None:
         with self._run(corpus_id, name, kind) as totals:
             spec, done = self._restart(corpus_id)
-            settings, options = IngestSettings(**spec["settings"]), SourceOptions(**spec["options"])
-            encoder = self.store.encoder
-            forward = _model_forward(encoder, name, self.store.path)
+            settings = IngestSettings(**spec["settings"])
+            forward = ingest.model_forward(self.store.encoder, name, self.store.path)
             buffer = _CommitBuffer(self._add_pairs, functools.partial(self._commit, corpus_id),
                                    settings.commit_every)
             counter = _Progress(progress, total_tokens)
-            docs = ingest.limited(ingest.iter_documents(spec["paths"], options), options.max_documents)
-            for group in _groups(docs, encoder.tokenize, settings):
-                fresh = _not_yet_done(group, done, name, counter)
-                if not fresh:
-                    continue
-                doc_ids = self._insert_documents(corpus_id, fresh)
+            for group in self._pending_groups(corpus_id, name, spec, done, counter):
                 crash_point("ingest.after_documents_row")
-                buffer.documents += doc_ids
-                for batch, n_new in ingest.encode_documents(
-                        forward, list(zip(doc_ids, (t for _, t in fresh))), corpus_id, settings,
-                        self.store.table.schema):
+                buffer.documents += [doc_id for doc_id, _ in group]
+                for batch, n_new in ingest.encode_documents(forward, group, corpus_id, settings,
+                                                            self.store.table.schema):
                     crash_point("ingest.after_encode")
                     buffer.add(batch)
                     counter.advance(n_new)
-                totals.tokens += sum(len(t) for _, t in fresh)
-                counter.advance(len(fresh), report=False)  # each document's last token adds no pair
+                totals.tokens += sum(len(tokens) for _, tokens in group)
+                counter.advance(len(group), report=False)  # each document's last token adds no pair
                 if buffer.full():
                     totals.add_commit(*buffer.commit())
             totals.add_commit(*buffer.commit())
-            crash_point("ingest.before_corpus_ready")
-            self._set_status(corpus_id, READY, ready_at=catalog.utcnow())
-            totals.ready = True
-            crash_point("ingest.after_corpus_ready")
-            counter.finish()
+            self._corpus_ready(corpus_id, totals, counter)
+
+    def _pending_groups(self, corpus_id: int, name: str, spec: dict, done: dict[int, str],
+                        counter: "_Progress") -> Iterator[list[tuple[int, list[int]]]]:
+        """The corpus's documents an earlier run did not commit, tokenised, in groups of about
+        four batches of windows, each group inserted as pending documents first: (document
+        id, tokens) per document. Documents already committed count as progress."""
+        settings, options = IngestSettings(**spec["settings"]), SourceOptions(**spec["options"])
+        docs = ingest.limited(ingest.iter_documents(spec["paths"], options), options.max_documents)
+        for group in _groups(docs, self.store.encoder.tokenize, settings):
+            fresh = _not_yet_done(group, done, name, counter)
+            if fresh:
+                yield list(zip(self._insert_documents(corpus_id, fresh), (tokens for _, tokens in fresh)))
+
+    def _corpus_ready(self, corpus_id: int, totals: "_RunTotals", counter: "_Progress") -> None:
+        """Every pair is committed and every document ready: the corpus turns ready."""
+        crash_point("ingest.before_corpus_ready")
+        self._set_status(corpus_id, READY, ready_at=catalog.utcnow())
+        totals.ready = True
+        crash_point("ingest.after_corpus_ready")
+        counter.finish()
 
     def _restart(self, corpus_id: int) -> tuple[dict, dict[int, str]]:
         """Drop what an interrupted run left half-done (pairs of documents still pending)
@@ -552,22 +552,6 @@ def normalise_name(name: str) -> str:
     if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in name):
         raise InputError(f"corpus name {name!r} holds control characters: use printable text")
     return name
-
-
-def _model_forward(encoder: Encoder, corpus: str, path: Path):
-    """The encoder's keys for a batch, with the model's own failures (torch's errors inside
-    it: bad weights, a device out of memory) as one ModelRunError that says how to go on."""
-    def forward(ids, mask):
-        try:
-            return encoder.forward(ids, mask)[0]
-        except (RuntimeError, ValueError, IndexError) as exc:
-            detail = (str(exc).strip().splitlines() or ["-"])[0]
-            raise ModelRunError(
-                f"the model {encoder.name} failed while encoding corpus {corpus!r} ({type(exc).__name__}: "
-                f"{detail}); the corpus is kept as failed: fix the model, then "
-                f"`knnstore resume-corpus {path} {corpus}`"
-            ) from exc
-    return forward
 
 
 def _is_disk_full(exc: BaseException) -> bool:
