@@ -120,6 +120,15 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except KnnstoreError as exc:
             raise click.ClickException(_safe(exc)) from None
+        except (OSError, RuntimeError, ValueError) as exc:  # an object store failing: one line too
+            from .location import storage_failure
+
+            failure = storage_failure(exc)
+            if failure is None:
+                raise
+            raise click.ClickException(_safe(f"the object store failed ({failure}): nothing more was "
+                                             "written; check that it is reachable and retry "
+                                             "(`knnstore check STORE` shows the state)")) from None
         except KeyboardInterrupt as exc:
             what = "Terminated." if isinstance(exc, Terminated) else "Interrupted."
             err.print(Text(what, style="red"), "Anything half-written stays invisible; "
@@ -140,7 +149,35 @@ def _status(message: str):
 def _open(path, model=None):
     from .store import Store
 
-    return Store.open(path, model=model, **_device())
+    return Store.open(path, model=model, storage_options=_storage_options(), **_device())
+
+
+def _storage_options() -> dict | None:
+    """The --storage-option KEY=VALUE pairs of the command running (``_store_argument``)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get("knnstore.storage_options") if ctx else None
+
+
+def _store_argument(f):
+    """The STORE argument (a directory, or s3://bucket/prefix, gs://, az://) and
+    --storage-option, for every command that opens a store."""
+    from .location import parse_storage_options
+
+    @functools.wraps(f)
+    def run(*args, storage_option, **kwargs):
+        try:
+            options = parse_storage_options(storage_option)
+        except InputError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--storage-option'") from None
+        click.get_current_context().meta["knnstore.storage_options"] = options or None
+        return f(*args, **kwargs)
+
+    run = click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+                       help="For a store on an object store: an option for its client, e.g. "
+                            "aws_endpoint=http://127.0.0.1:9000 or aws_region=eu-west-1 (repeatable; "
+                            "default: the standard environment variables such as AWS_ENDPOINT_URL). "
+                            "Never recorded with the store.")(run)
+    return click.argument("store", type=click.Path())(run)
 
 
 def _device() -> dict:
@@ -246,7 +283,7 @@ def cli():
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@_store_argument
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Model alias (smollm2-135m), Hugging Face id or local directory.")
 @click.option("--key-layer", default=-1, show_default=True, type=Num(),
@@ -255,7 +292,8 @@ def cli():
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(DTYPES),
               help="How key vectors are stored.")
 @click.option("--catalog-url", default=None,
-              help="SQLAlchemy URL of the catalog (default: SQLite file inside STORE).")
+              help="SQLAlchemy URL of the catalog (default: SQLite file inside STORE; required for "
+                   "a store on an object store: PostgreSQL to share it between machines).")
 @_device_options
 def init(store, model, key_layer, key_site, dtype, catalog_url):
     """Create an empty store for a model.
@@ -268,14 +306,15 @@ def init(store, model, key_layer, key_site, dtype, catalog_url):
 
     with _status(f"Loading model {model}..."):
         s = Store.create(store, model=model, key_layer=key_layer, key_site=key_site,
-                         dtype=dtype, catalog_url=catalog_url, **_device())
+                         dtype=dtype, catalog_url=catalog_url, storage_options=_storage_options(),
+                         **_device())
     ident = s.identity
     out.print(f"Created store {_safe(store)}: model {_safe(ident.model)}, key = layer {ident.key_layer} "
               f"{ident.key_site}, dim {ident.dim}, {ident.dtype}, vocabulary {ident.vocab_size:,} tokens")
 
 
 @cli.command("add-corpus")
-@click.argument("store", type=click.Path())
+@_store_argument
 @click.argument("name")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--split-on-heading", is_flag=True,
@@ -324,7 +363,7 @@ def add_corpus(store, name, paths, split_on_heading, text_field, max_documents, 
 
 
 @cli.command("resume-corpus")
-@click.argument("store", type=click.Path())
+@_store_argument
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the corpus as JSON.")
 @_ray_options
@@ -376,7 +415,7 @@ def _print_added(info, as_json: bool) -> None:
 
 
 @cli.command("remove-corpus")
-@click.argument("store", type=click.Path())
+@_store_argument
 @click.argument("name")
 def remove_corpus(store, name):
     """Delete corpus NAME: its pairs and catalog rows. The index is not rebuilt.
@@ -392,7 +431,7 @@ def remove_corpus(store, name):
 
 
 @cli.command("list")
-@click.argument("store", type=click.Path())
+@_store_argument
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per corpus, in a list.")
 def list_(store, as_json):
     """List the corpora of a store with status, documents, pairs and bytes.
@@ -425,7 +464,7 @@ def list_(store, as_json):
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@_store_argument
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def stats(store, as_json):
     """Show the model, key site, sizes and index state of a store.
@@ -535,7 +574,7 @@ def _read_text_arg(path) -> str:
 
 
 @cli.command("eval")
-@click.argument("store", type=click.Path())
+@_store_argument
 @click.option("--text", "text_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="UTF-8 text file to score (one token stream).")
 @_knn_options(sweep=True)
@@ -628,7 +667,7 @@ def _print_eval(r, files) -> None:
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@_store_argument
 @click.argument("prompt")
 @click.option("--max-new-tokens", default=40, show_default=True, type=Num(1, MAX_NEW_TOKENS), help="Tokens to generate.")
 @_knn_options(sweep=False)
@@ -668,7 +707,7 @@ def generate(store, prompt, max_new_tokens, sample, top_p, num_beams, seed, expl
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@_store_argument
 @click.argument("text")
 @_knn_options(sweep=False)
 @click.option("--sources", "n_sources", default=3, show_default=True, type=Num(0, MAX_K),
@@ -691,7 +730,7 @@ def explain(store, text, n_sources, as_json, **knn_opts):
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@_store_argument
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False),
               help="Held-out UTF-8 text of the store's own domain (not text stored in it).")
 @click.option("--max-tokens", type=Num(100), default=20000, show_default=True,
@@ -781,7 +820,7 @@ def _print_explanations(tokens) -> None:
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@_store_argument
 @click.option("--status", "status_only", is_flag=True, help="Only show the index state and what the policy would do.")
 @click.option("--rebuild", is_flag=True, help="Re-train the index now, whatever the policy says.")
 @click.option("--type", "index_type", type=click.Choice(["ivf_rq", "ivf_pq"]),
@@ -833,7 +872,7 @@ def index(store, status_only, rebuild, index_type, partitions, sub_vectors, as_j
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@_store_argument
 @click.argument("query", required=False)
 @click.option("--format", "fmt", default="table", show_default=True,
               type=click.Choice(["table", "csv", "json", "parquet"]),
@@ -938,7 +977,7 @@ def _interactive(session, fmt: str, max_rows: int) -> None:
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@_store_argument
 @click.option("--repair", is_flag=True,
               help="Fix what can be fixed without touching ready corpora (takes the write lock).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")

@@ -24,7 +24,6 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import pyarrow as pa
@@ -33,6 +32,7 @@ from .config import IngestSettings, StoreIdentity, check_number
 from .errors import InputError, ModelMismatchError
 from .faults import crash_point
 from .ingest import encode_documents, model_forward
+from .location import Location
 
 MAX_WORKERS = 1024
 SHARDS_PER_WORKER = 4  # shards per worker: a slow shard or a restarted worker delays less
@@ -109,7 +109,7 @@ class EncoderWorker:
 
     def __init__(self, identity: dict, uri: str, schema: bytes, settings: dict, corpus_id: int,
                  corpus: str, store_path: str, device: str, compute_dtype: str, threads: int,
-                 weights=None) -> None:
+                 weights=None, storage_options: dict | None = None) -> None:
         import torch
 
         torch.set_num_threads(threads)
@@ -118,7 +118,7 @@ class EncoderWorker:
         if self.encoder.model_fingerprint() != ident.model_fingerprint:
             raise ModelMismatchError(f"a Ray worker loaded {ident.model} with other weights than the "
                                      "store's: give every worker the same model files")
-        self.uri, self.corpus_id = uri, corpus_id
+        self.uri, self.corpus_id, self.storage_options = uri, corpus_id, storage_options
         self.forward = model_forward(self.encoder, corpus, store_path)
         self.schema = pa.ipc.read_schema(pa.py_buffer(schema))
         self.settings = IngestSettings(**settings)
@@ -131,7 +131,7 @@ class EncoderWorker:
             docs = [(int(d), list(t)) for d, t in json.loads(shard)]
             batches = (b for b, _ in encode_documents(self.forward, docs, self.corpus_id, self.settings, self.schema))
             frags = write_fragments(pa.RecordBatchReader.from_batches(self.schema, batches), self.uri,
-                                    schema=self.schema, mode="append")
+                                    schema=self.schema, mode="append", storage_options=self.storage_options)
             crash_point("ray.worker_after_fragments")
             out["fragments"].append(json.dumps([f.to_json() for f in frags]))
             out["pairs"].append(sum(f.num_rows for f in frags))
@@ -173,7 +173,7 @@ def model_weights(encoder) -> dict | None:
             "state": {k: v.detach().numpy() for k, v in encoder.model.state_dict().items()}}
 
 
-def encode_on_ray(documents: Sequence[tuple[int, list[int]]], *, identity: StoreIdentity, table_uri: Path,
+def encode_on_ray(documents: Sequence[tuple[int, list[int]]], *, identity: StoreIdentity, table_uri: Location,
                   schema: pa.Schema, settings: IngestSettings, corpus_id: int, corpus: str, store_path: str,
                   options: RayOptions, device: str, compute_dtype: str, encoder=None,
                   progress: Callable[[int, int], None] | None = None) -> tuple[list, int]:
@@ -202,7 +202,7 @@ def encode_on_ray(documents: Sequence[tuple[int, list[int]]], *, identity: Store
             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else threads,
             fn_constructor_kwargs={
                 "identity": dataclasses.asdict(identity),
-                "uri": str(table_uri), "schema": schema.serialize().to_pybytes(),
+                "uri": table_uri.uri, "storage_options": table_uri.lance_options(), "schema": schema.serialize().to_pybytes(),
                 "settings": dataclasses.asdict(settings), "corpus_id": corpus_id, "corpus": corpus,
                 "store_path": store_path,
                 "device": "auto" if use_gpu else "cpu", "compute_dtype": compute_dtype, "threads": threads,

@@ -77,3 +77,7 @@ class StoreMismatchError(KnnstoreError):
 
 class CatalogError(KnnstoreError):
     """The catalog URL is malformed, its driver is missing, or its server cannot be reached."""
+
+
+class StorageError(KnnstoreError, OSError):
+    """The object store holding the store cannot be reached, or refused a request."""

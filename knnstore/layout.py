@@ -31,9 +31,11 @@ from .errors import (
     StoreExistsError,
     StoreMismatchError,
     StoreNotFoundError,
+    StorageError,
     StoreVersionError,
 )
-from .lock import on_read_only_mount
+from .location import Location
+from .lock import CatalogLock, WriteLock, on_read_only_mount
 from .vectors import PairsTable
 
 
@@ -47,11 +49,13 @@ class Marker:
     store_id: str | None
 
     @classmethod
-    def read(cls, path: Path) -> "Marker":
-        marker_path = path / MARKER_FILE
+    def read(cls, place: Location) -> "Marker":
+        marker_path = place.child(MARKER_FILE)
         try:
-            data = json.loads(marker_path.read_text(encoding="utf-8"))
+            data = json.loads(place.read_text(MARKER_FILE))
         except (OSError, ValueError) as exc:
+            if isinstance(exc, StorageError):
+                raise
             raise StoreDamagedError(f"{marker_path} is damaged ({exc.__class__.__name__}): it is not "
                                     "a knnstore marker; restore it from a backup") from None
         if not isinstance(data, dict):
@@ -62,7 +66,7 @@ class Marker:
                                     f"from 1, got {version!r}; restore it from a backup")
         if version > FORMAT_VERSION:
             raise StoreVersionError(
-                f"{path} has store format {version}; this knnstore reads up to {FORMAT_VERSION}: "
+                f"{place} has store format {version}; this knnstore reads up to {FORMAT_VERSION}: "
                 "upgrade knnstore"
             )
         if url is not None and (not isinstance(url, str) or not url.strip()):
@@ -73,11 +77,9 @@ class Marker:
                                     f"got {type(store_id).__name__}; restore it from a backup")
         return cls(version, url, store_id)
 
-    def write(self, path: Path) -> None:
-        """Atomically (temp file + rename): a store exists once its marker does."""
-        tmp = path / (MARKER_FILE + ".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
-        tmp.replace(path / MARKER_FILE)
+    def write(self, place: Location) -> None:
+        """Atomically (``Location.write_text``): a store exists once its marker does."""
+        place.write_text(MARKER_FILE, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
 
 
 def resolve_catalog_url(url: str | None) -> str | None:
@@ -92,7 +94,7 @@ def resolve_catalog_url(url: str | None) -> str | None:
     return parsed.set(database=str(path.resolve())).render_as_string(hide_password=False)
 
 
-def catalog_failure(exc: Exception, path: Path, url, action: str) -> KnnstoreError:
+def catalog_failure(exc: Exception, path: "Location | Path", url, action: str) -> KnnstoreError:
     """The one-line error for a catalog that cannot be opened or read."""
     detail = str(getattr(exc, "orig", exc) or exc.__class__.__name__).strip().splitlines()[0]
     parsed = catalog.parse_url(url)
@@ -106,19 +108,8 @@ def catalog_failure(exc: Exception, path: Path, url, action: str) -> KnnstoreErr
                         "records the catalog's password: give it in PGPASSWORD or KNNSTORE_CATALOG_URL)")
 
 
-def usable_path(path: str | os.PathLike) -> Path:
-    """A store path, refused if LanceDB would read it as a URL: it takes a '?' for the start
-    of a query string and would write the table somewhere else (the catalog, opened by
-    path, has no such limit)."""
-    path = Path(path)
-    if "?" in str(path.absolute()):
-        raise InputError(f"{path}: a store path cannot contain '?' (LanceDB reads it as the start of a "
-                         "URL query and would write elsewhere); pick a path without it")
-    return path
-
-
 def make_dirs(path: Path) -> Path | None:
-    """Create the store directory (and missing parents); returns the top-most directory
+    """Create a local store directory (and missing parents); returns the top-most directory
     made, for a failed init to remove, or None if ``path`` was already there."""
     top = None
     for parent in reversed([path, *path.parents]):
@@ -135,7 +126,7 @@ def make_dirs(path: Path) -> Path | None:
     return top
 
 
-def read_store_config(engine, path: Path, url, read_only: bool) -> catalog.StoreConfig:
+def read_store_config(engine, path: Location, url, read_only: bool) -> catalog.StoreConfig:
     """The catalog's identity row, after bringing an older catalog to this knnstore's schema."""
     try:
         if catalog.current_revision(engine) != catalog.head_revision():
@@ -153,7 +144,7 @@ def read_store_config(engine, path: Path, url, read_only: bool) -> catalog.Store
     return row
 
 
-def check_binding(path: Path, url, marker_id: str | None, catalog_id: str | None,
+def check_binding(path: Location, url, marker_id: str | None, catalog_id: str | None,
                    table_id: str | None) -> None:
     """Refuse a catalog and a table (and marker) that do not carry one store id.
 
@@ -170,21 +161,30 @@ def check_binding(path: Path, url, marker_id: str | None, catalog_id: str | None
     )
 
 
-def check_new_store(path: str | os.PathLike) -> Path:
-    """A path a new store can be made at (absent, or an empty directory), as a Path."""
-    path = usable_path(path)
-    if (path / MARKER_FILE).exists():
-        raise StoreExistsError(f"{path} is already a knnstore store; open it, or pick another path")
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise StoreExistsError(f"{path} exists and is not an empty directory; pick another path")
-    return path
+def check_new_store(given: "str | os.PathLike | Location", catalog_url: str | None = None,
+                    storage_options: dict[str, str] | None = None) -> Location:
+    """Where a new store can be made (absent, or an empty directory or prefix). A store on
+    an object store needs a catalog outside it (``catalog_url``)."""
+    place = Location.of(given, storage_options)
+    if place.remote and catalog_url is None:
+        raise InputError(f"{place} is on an object store, where the default catalog (an SQLite file "
+                         "inside the store) cannot live: give --catalog-url (PostgreSQL, e.g. "
+                         "postgresql+psycopg://user@host/db, to share the store between machines)")
+    if place.file_exists(MARKER_FILE):
+        raise StoreExistsError(f"{place} is already a knnstore store; open it, or pick another path")
+    if not place.remote and place.path.exists() and not place.path.is_dir():
+        raise StoreExistsError(f"{place} exists and is not an empty directory; pick another path")
+    if not place.is_empty():
+        raise StoreExistsError(f"{place} exists and is not an empty {'prefix' if place.remote else 'directory'}; "
+                               "pick another path")
+    return place
 
 
 @dataclass
 class StoreParts:
     """An opened store's parts, bound to each other (``open_parts``)."""
 
-    path: Path
+    place: Location
     catalog_url: str  # as shown (a password masked only when printed: ``catalog.mask``)
     engine: object
     identity: StoreIdentity
@@ -192,67 +192,85 @@ class StoreParts:
     store_id: str | None  # None: made before ids, not bound yet
     own_catalog: bool  # the SQLite file inside the store (a legacy store is bindable)
 
+    def write_lock(self) -> "WriteLock | CatalogLock":
+        """The store's one-writer lock (``knnstore.lock``): a ``flock`` on a local store's
+        directory; for a store on an object store, its catalog's (a PostgreSQL advisory
+        lock, or a ``flock`` on an SQLite catalog's file: one machine)."""
+        if not self.place.remote:
+            return WriteLock(self.place.path)
+        if self.engine.dialect.name == "postgresql":
+            return CatalogLock(self.engine, self.store_id or self.place.uri, str(self.place))
+        return WriteLock(catalog.sqlite_file(self.engine.url))
 
-def open_parts(path: str | os.PathLike) -> StoreParts:
+
+def open_parts(given: "str | os.PathLike | Location", storage_options: dict[str, str] | None = None) -> StoreParts:
     """Open a store's catalog (upgraded if older; ``KNNSTORE_CATALOG_URL`` overrides the
     marker's) and table, after checking that they belong together (``check_binding``)."""
-    path = usable_path(path)
-    if not path.exists():
-        raise StoreNotFoundError(f"no store at {path}: create one with `knnstore init {path}`")
-    if not path.is_dir() or not (path / MARKER_FILE).exists():
-        raise StoreNotFoundError(f"{path} is not a knnstore store (it has no {MARKER_FILE})")
-    marker = Marker.read(path)
-    given = env("catalog_url", str, None) or marker.catalog_url
-    url = given or catalog.sqlite_url(path / CATALOG_FILE)  # a URL object: never re-parsed
-    read_only = on_read_only_mount(path)
-    engine = catalog.make_engine(url, read_only=read_only and given is None)
+    place = Location.of(given, storage_options)
+    if not place.file_exists(MARKER_FILE):
+        if not place.exists():
+            raise StoreNotFoundError(f"no store at {place}: create one with `knnstore init {place}`")
+        raise StoreNotFoundError(f"{place} is not a knnstore store (it has no {MARKER_FILE})")
+    marker = Marker.read(place)
+    given_url = env("catalog_url", str, None) or marker.catalog_url
+    if given_url is None and place.remote:
+        raise StoreDamagedError(f"{place} records no catalog URL, and a store on an object store cannot hold "
+                                "its own: set KNNSTORE_CATALOG_URL to its catalog")
+    url = given_url or catalog.sqlite_url(place.path / CATALOG_FILE)  # a URL object: never re-parsed
+    read_only = not place.remote and on_read_only_mount(place.path)
+    engine = catalog.make_engine(url, read_only=read_only and given_url is None)
     try:
-        row = read_store_config(engine, path, url, read_only)
+        row = read_store_config(engine, place, url, read_only)
         identity = StoreIdentity(**{f.name: getattr(row, f.name) for f in dataclasses.fields(StoreIdentity)})
-        table = PairsTable.open(path / VECTORS_DIR)
-        check_binding(path, url, marker.store_id, row.store_id, table.store_id())
+        table = PairsTable.open(place.child(VECTORS_DIR))
+        check_binding(place, url, marker.store_id, row.store_id, table.store_id())
     except BaseException:
         engine.dispose()
         raise
     shown = url if isinstance(url, str) else url.render_as_string()
-    return StoreParts(path, shown, engine, identity, table, row.store_id, own_catalog=given is None)
+    return StoreParts(place, shown, engine, identity, table, row.store_id, own_catalog=given_url is None)
 
 
-def create_store(path: Path, identity: StoreIdentity, vocab: list[dict], catalog_url: str | None) -> None:
-    """Make a store at ``path`` (absent or an empty directory): its catalog (at
+def create_store(place: Location, identity: StoreIdentity, vocab: list[dict], catalog_url: str | None) -> None:
+    """Make a store at ``place`` (absent or empty, ``check_new_store``): its catalog (at
     ``catalog_url``, default the SQLite file inside it), its table and, last, its marker,
     all bound by a new store id. Nothing is left behind if any step fails."""
-    made = make_dirs(path)
-    url = catalog_url or catalog.sqlite_url(path / CATALOG_FILE)
+    made = None if place.remote else make_dirs(place.path)
+    url = catalog_url or catalog.sqlite_url(place.path / CATALOG_FILE)
     store_id = str(uuid.uuid4())
-    engine = None
+    engine, made_catalog = None, False
     try:
         engine = catalog.make_engine(url, create=True)
         try:
             if catalog.has_catalog(engine):
                 raise StoreExistsError(
                     f"the catalog at {catalog.mask(url)} already holds a store; use an empty database")
+            made_catalog = True
             catalog.upgrade(engine)
         except SQLAlchemyError as exc:
-            raise catalog_failure(exc, path, url, "create") from None
+            raise catalog_failure(exc, place, url, "create") from None
         fields = {f.name: getattr(identity, f.name) for f in dataclasses.fields(identity) if f.name != "created_at"}
         catalog.write_identity(engine, store_id, fields, vocab)
-        PairsTable.create(path / VECTORS_DIR, identity.dim, identity.dtype, store_id=store_id)
+        PairsTable.create(place.child(VECTORS_DIR), identity.dim, identity.dtype, store_id=store_id)
         marker_url = None if catalog_url is None else catalog.without_password(catalog_url)
-        Marker(FORMAT_VERSION, marker_url, store_id).write(path)  # last: the store exists now
+        Marker(FORMAT_VERSION, marker_url, store_id).write(place)  # last: the store exists now
     except BaseException:
         if engine is not None:
+            if made_catalog and catalog_url is not None:
+                catalog.downgrade(engine, "base")  # a server catalog this init filled: empty again
             engine.dispose()
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
+        elif place.remote:
+            place.remove_all()
         else:
-            for child in path.iterdir():
+            for child in place.path.iterdir():
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         raise
     engine.dispose()
 
 
-def bind_legacy(path: Path, engine, table: PairsTable) -> str:
+def bind_legacy(place: Location, engine, table: PairsTable) -> str:
     """Give a store made before store ids a new id, in table, catalog and marker (in that
     order: the marker last, as at creation). The caller holds the write lock and has
     checked that the catalog is the SQLite file inside the store (an outside catalog is
@@ -260,6 +278,6 @@ def bind_legacy(path: Path, engine, table: PairsTable) -> str:
     store_id = str(uuid.uuid4())
     table.set_store_id(store_id)
     catalog.set_store_id(engine, store_id)
-    marker = Marker.read(path)
-    Marker(marker.format_version, marker.catalog_url, store_id).write(path)
+    marker = Marker.read(place)
+    Marker(marker.format_version, marker.catalog_url, store_id).write(place)
     return store_id

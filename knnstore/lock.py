@@ -1,4 +1,5 @@
-"""The one-writer rule: an exclusive ``flock`` on the store directory itself.
+"""The one-writer rule: an exclusive ``flock`` on the store directory itself, or, for a
+store on an object store, a lock its catalog holds (``CatalogLock``).
 
 A lock *file* can be deleted or replaced under a writer (a second writer then creates a
 new file and locks that one); the directory cannot be swapped without moving the whole
@@ -6,13 +7,18 @@ store, and ``verify()`` notices even that: it compares the directory at the stor
 with the one locked, before every commit. Readers never take the lock; they only probe
 it (``writer_active``) to tell a live ingest from one whose process died.
 
-A local ``flock``: it does not protect a store on object storage or on a network file
-system without flock (docs/reliability.md, Limits).
+A local ``flock`` does not reach other machines: a store on an object store is locked in
+its catalog instead. With a PostgreSQL catalog that is a session advisory lock (every
+machine sharing the store asks the same server; the server drops it when the writer's
+connection dies, so a killed writer never leaves it held); with an SQLite catalog (one
+machine), a ``flock`` on the catalog file. A store on a network file system without
+flock is not protected (docs/reliability.md, Limits).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -34,7 +40,8 @@ def is_read_only(path: Path) -> bool:
 
 
 def _open_dir(path: Path) -> int:
-    return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    """A descriptor to ``flock``: the store directory, or a file (an SQLite catalog's)."""
+    return os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
 
 
 def writer_active(path: Path) -> bool:
@@ -53,7 +60,8 @@ def writer_active(path: Path) -> bool:
 
 
 class WriteLock:
-    """The write lock of one store directory; re-entrant within one handle."""
+    """The write lock of one store directory (or of the one file standing for a store
+    elsewhere: ``CatalogLock``); re-entrant within one handle."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -117,9 +125,124 @@ class WriteLock:
                 "it; stopped before committing anything more. Run `knnstore check` on both copies"
             )
 
+    def active_elsewhere(self) -> bool:
+        """Whether another process holds this lock now."""
+        return writer_active(self.path)
+
     def __enter__(self) -> "WriteLock":
         self.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_key(name: str) -> int:
+    """A PostgreSQL advisory lock key (signed 64-bit) for a store id."""
+    digest = hashlib.sha256(f"knnstore.write:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class CatalogLock:
+    """The write lock of a store whose catalog is a PostgreSQL server: a session advisory
+    lock held on one connection for as long as the lock is, keyed by the store id (so two
+    stores sharing a server never block each other). Same interface as ``WriteLock``."""
+
+    def __init__(self, engine, store_id: str, shown: str) -> None:
+        self.engine, self.key, self.path = engine, lock_key(store_id), shown
+        self._conn = None
+        self._depth = 0
+
+    @property
+    def held(self) -> bool:
+        return self._conn is not None
+
+    def _connect(self):
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        except SQLAlchemyError as exc:
+            raise StoreLockedError(f"cannot take the write lock of {self.path} in its catalog "
+                                   f"({_first_line(exc)}): check that the catalog's server is running") from None
+
+    def _ask(self, conn, sql: str) -> bool:
+        from sqlalchemy import text
+
+        unsigned = self.key & 0xFFFFFFFFFFFFFFFF  # pg_locks shows a bigint key as two oids
+        params = {"k": self.key, "hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF}
+        return bool(conn.execute(text(sql), params).scalar())
+
+    def acquire(self, wait_s: float = 5.0) -> bool:
+        if self._conn is not None:
+            self._depth += 1
+            return False
+        conn = self._connect()
+        deadline = time.monotonic() + wait_s
+        try:
+            while not self._ask(conn, "SELECT pg_try_advisory_lock(:k)"):
+                if time.monotonic() > deadline:
+                    raise StoreLockedError(f"another process (maybe on another machine) is writing to "
+                                           f"{self.path}; wait for it to finish and retry")
+                time.sleep(0.1)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn, self._depth = conn, 1
+        return True
+
+    def release(self) -> None:
+        if self._conn is None:
+            return
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        conn, self._conn = self._conn, None
+        try:
+            self._ask(conn, "SELECT pg_advisory_unlock(:k)")
+        except Exception:  # the connection is gone: the server released the lock with it
+            pass
+        finally:
+            conn.close()
+
+    def verify(self) -> None:
+        """Refuse to go on unless this handle's connection, and so its lock, is alive (the
+        server drops a session's locks with the session)."""
+        if self._conn is None:
+            raise StoreLockedError(f"writing to {self.path} without its write lock (a bug in knnstore)")
+        try:
+            held = self._ask(self._conn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                         "AND pid = pg_backend_pid() AND granted AND "
+                                         "classid::bigint = :hi AND objid::bigint = :lo AND objsubid = 1")
+        except Exception as exc:
+            raise StoreLockedError(f"lost the connection to the catalog holding the write lock of {self.path} "
+                                   f"({_first_line(exc)}); stopped before committing anything more. "
+                                   "`knnstore resume-corpus` finishes the work once it is back") from None
+        if not held:
+            raise StoreLockedError(f"the write lock of {self.path} was released while this process wrote "
+                                   "to it; stopped before committing anything more")
+
+    def active_elsewhere(self) -> bool:
+        if self._conn is not None:
+            return False
+        try:
+            conn = self._connect()
+        except StoreLockedError:
+            return False
+        with conn:
+            if self._ask(conn, "SELECT pg_try_advisory_lock_shared(:k)"):
+                self._ask(conn, "SELECT pg_advisory_unlock_shared(:k)")
+                return False
+            return True
+
+    def __enter__(self) -> "CatalogLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", exc) or exc.__class__.__name__).strip()
+    return (text.splitlines() or [exc.__class__.__name__])[0]

@@ -34,7 +34,6 @@ from .config import (
     DTYPES,
     IngestSettings,
     SourceOptions,
-    StoreIdentity,
 )
 from .devices import resolve_compute_dtype, resolve_device
 from .distributed import ray_options
@@ -46,10 +45,9 @@ from .errors import (
     StoreLockedError,
 )
 from .indexing import IndexPlan
-from .layout import bind_legacy, check_new_store, create_store, open_parts, resolve_catalog_url
-from .lock import WriteLock, writer_active
+from .layout import StoreParts, bind_legacy, check_new_store, create_store, open_parts, resolve_catalog_url
 from .results import CorpusInfo, DocumentRef, StoreStats  # noqa: F401  (importable from here, as before)
-from .vectors import ExactSearch, Neighbours, PairsTable, row_bytes
+from .vectors import ExactSearch, Neighbours, row_bytes
 from .writer import ProgressFn, Writer, normalise_name  # noqa: F401  (normalise_name: kept importable here)
 
 if TYPE_CHECKING:
@@ -59,22 +57,27 @@ if TYPE_CHECKING:
 class Store:
     """A knnstore store: a directory with a SQL catalog and a LanceDB `pairs` table."""
 
-    def __init__(self, path: Path, catalog_url: str, engine, identity: StoreIdentity,
-                 table: PairsTable, encoder: Encoder | None = None, *, store_id: str | None = None,
-                 own_catalog: bool = True, device: str = "auto", compute_dtype: str = "auto") -> None:
-        self.path, self.catalog_url, self.engine = path, catalog_url, engine
-        self.identity, self.table = identity, table
-        self.store_id = store_id  # None: a store made before ids, not bound yet
-        self._own_catalog = own_catalog  # the SQLite file inside the store (bindable when legacy)
+    def __init__(self, parts: StoreParts, encoder: Encoder | None = None, *,
+                 device: str = "auto", compute_dtype: str = "auto") -> None:
+        self.location = parts.place  # a local directory or an object-store prefix
+        self.catalog_url, self.engine = parts.catalog_url, parts.engine
+        self.identity, self.table = parts.identity, parts.table
+        self.store_id = parts.store_id  # None: a store made before ids, not bound yet
+        self._own_catalog = parts.own_catalog  # the SQLite file inside the store (bindable when legacy)
         self._encoder = encoder
         self._rows: list[catalog.Corpus] = []  # the catalog's corpora in this snapshot
         self._visible: frozenset[int] = frozenset()  # ready corpora in this snapshot
-        self._lock = WriteLock(path)
+        self._lock = parts.write_lock()
         self._writer = Writer(self)
         self.device = resolve_device(device)  # where the model runs, and the exact search
         self.compute_dtype = compute_dtype  # the model's float type there ("auto": devices.py)
-        self._exact = ExactSearch(table, device=self.device)
+        self._exact = ExactSearch(self.table, device=self.device)
         self.refresh()
+
+    @property
+    def path(self) -> "Path | str":
+        """The store's directory (a Path); for a store on an object store, its URI (a str)."""
+        return self.location.uri if self.location.remote else self.location.path
 
     # --- creating and opening -----------------------------------------------------
 
@@ -82,27 +85,31 @@ class Store:
     def create(cls, path: str | os.PathLike, model: str = DEFAULT_MODEL, *, key_layer: int = -1,
                key_site: str = "ffn_input", dtype: str = "float16",
                catalog_url: str | None = None, encoder: Encoder | None = None,
-               device: str = "auto", compute_dtype: str = "auto") -> "Store":
-        """Create a store for ``model`` (alias, Hugging Face id or local path).
+               device: str = "auto", compute_dtype: str = "auto",
+               storage_options: dict[str, str] | None = None) -> "Store":
+        """Create a store for ``model`` (alias, Hugging Face id or local path) at ``path``:
+        a local directory, or ``s3://bucket/prefix`` (``gs://``, ``az://``) with a
+        ``catalog_url`` outside it (PostgreSQL to share it between machines).
 
         The model is loaded once (on ``device`` in ``compute_dtype``, see ``open``) to read
         its identity and vocabulary; pass ``encoder`` to reuse one already loaded. Nothing
-        is left behind if creation fails.
+        is left behind if creation fails. ``storage_options``: see ``open``.
         """
-        path = check_new_store(path)  # the cheap checks first: before the model loads
+        catalog_url = resolve_catalog_url(catalog_url)
+        place = check_new_store(path, catalog_url, storage_options)  # cheap checks first: before the model loads
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        catalog_url = resolve_catalog_url(catalog_url)
         resolve_compute_dtype(resolve_device(device), compute_dtype)  # before anything loads or is written
         if encoder is None:
             encoder = Encoder.load(model, key_layer=key_layer, key_site=key_site, device=device,
                                    compute_dtype=compute_dtype)
-        create_store(path, encoder.identity(dtype), catalog.vocab_rows(encoder.tokenizer), catalog_url)
-        return cls.open(path, encoder=encoder, device=device, compute_dtype=compute_dtype)
+        create_store(place, encoder.identity(dtype), catalog.vocab_rows(encoder.tokenizer), catalog_url)
+        return cls.open(place, encoder=encoder, device=device, compute_dtype=compute_dtype)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, model: str | None = None,
-             encoder: Encoder | None = None, device: str = "auto", compute_dtype: str = "auto") -> "Store":
+             encoder: Encoder | None = None, device: str = "auto", compute_dtype: str = "auto",
+             storage_options: dict[str, str] | None = None) -> "Store":
         """Open a store; upgrades an older catalog. The model is loaded only when needed.
 
         Refuses, before reading anything else, a catalog that belongs to another store
@@ -116,13 +123,15 @@ class Store:
             compute_dtype: the model's float type there: ``auto`` (float32 on the CPU,
                 bfloat16 or float16 on a GPU), ``float32``, ``float16``, ``bfloat16``.
                 Keys are stored in the store's dtype whatever this is.
+            storage_options: for a store on an object store, Lance's options (e.g.
+                ``aws_endpoint``, ``aws_region``, ``allow_http``); by default the standard
+                environment variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...).
+                Never recorded with the store.
         """
         device = resolve_device(device)  # a bad device fails before anything is opened
         resolve_compute_dtype(device, compute_dtype)
-        parts = open_parts(path)
-        store = cls(parts.path, parts.catalog_url, parts.engine, parts.identity, parts.table,
-                    store_id=parts.store_id, own_catalog=parts.own_catalog, device=device,
-                    compute_dtype=compute_dtype)
+        parts = open_parts(path, storage_options)
+        store = cls(parts, device=device, compute_dtype=compute_dtype)
         if encoder is None and model is not None:
             encoder = store.load_encoder(model)
         if encoder is not None:
@@ -211,7 +220,7 @@ class Store:
 
     def writer_active(self) -> bool:
         """Whether a process (this one included) holds the store's write lock now."""
-        return self._lock.held or writer_active(self.path)
+        return self._lock.held or self._lock.active_elsewhere()
 
     def _info(self, c: catalog.Corpus, writer_active: bool) -> CorpusInfo:
         status, error = c.status, None
@@ -269,8 +278,8 @@ class Store:
         ready = [c for c in rows if c.status == READY]
         pairs = sum(c.n_pairs for c in ready)
         nbytes = self.table.nbytes()
-        if self.engine.dialect.name == "sqlite":
-            nbytes += sum(p.stat().st_size for p in self.path.glob(CATALOG_FILE + "*"))
+        if self._own_catalog:
+            nbytes += sum(p.stat().st_size for p in self.location.path.glob(CATALOG_FILE + "*"))
         ident = self.identity
         return StoreStats(
             path=str(self.path), model=ident.model, key_layer=ident.key_layer,
@@ -381,16 +390,16 @@ class Store:
         first = self._lock.acquire(wait_s)
         try:
             if first:
-                self.table.check_complete(self.path)  # else a write would fail half way through
+                self.table.check_complete(self.location)  # else a write would fail half way through
                 if self.store_id is None and self._own_catalog:  # made before ids: bind it now
-                    self.store_id = bind_legacy(self.path, self.engine, self.table)
+                    self.store_id = bind_legacy(self.location, self.engine, self.table)
                 self.refresh()
             yield
         finally:
             self._lock.release()
 
     def verify_lock(self) -> None:
-        """Before a commit: this handle still holds the lock of the directory at its path."""
+        """Before a commit: this handle still holds its write lock (``knnstore.lock``)."""
         self._lock.verify()
 
     # --- writing: the protocol lives in writer.py ----------------------------------------

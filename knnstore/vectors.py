@@ -14,7 +14,6 @@ import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Collection, Iterator
 
 import numpy as np
@@ -22,7 +21,8 @@ import pyarrow as pa
 import torch
 
 from .config import MAX_PARTITIONS, PAIRS_TABLE, check_number
-from .errors import InputError, StoreDamagedError
+from .errors import InputError, StorageError, StoreDamagedError
+from .location import Location, storage_failure
 
 
 def _cpus() -> int:
@@ -32,8 +32,8 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def connect(uri: Path):
-    """A LanceDB connection at ``uri``, with knnstore's LanceDB settings applied first.
+def connect(place: Location):
+    """A LanceDB connection at ``place``, with knnstore's LanceDB settings applied first.
 
     Each is set only where the user has not set it, before LanceDB is first imported (it
     reads its log level then) and runs anything (it sizes its CPU pool then); importing
@@ -54,7 +54,7 @@ def connect(uri: Path):
     os.environ.setdefault("LANCE_CPU_THREADS", str(_cpus()))
     import lancedb
 
-    return lancedb.connect(str(uri))
+    return lancedb.connect(place.uri, storage_options=place.lance_options())
 
 
 class EventLoop:
@@ -87,12 +87,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 @contextmanager
-def damage_errors(uri: Path) -> Iterator[None]:
+def damage_errors(uri: Location) -> Iterator[None]:
     """Lance's errors about files it cannot read (a data file deleted or cut short) as one
     StoreDamagedError that names the table; other errors pass through unchanged."""
     try:
         yield
     except (OSError, ValueError, RuntimeError) as exc:
+        failure = storage_failure(exc) if uri.remote else None
+        if failure is not None:
+            raise StorageError(f"cannot read the pairs table under {uri} ({failure}): check that the object "
+                               "store is reachable and retry") from None
         text = str(exc)
         if "LanceError(IO)" not in text and "Not found" not in text and not isinstance(exc, OSError):
             raise
@@ -248,21 +252,10 @@ def key_matrix(column: pa.FixedSizeListArray) -> np.ndarray:
     return flat.reshape(len(column), column.type.list_size).astype(np.float32, copy=False)
 
 
-def directory_bytes(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.path.getsize(os.path.join(root, name))
-            except OSError:  # removed while we walked (a concurrent cleanup)
-                pass
-    return total
-
-
 class PairsTable:
     """The `pairs` table of one store."""
 
-    def __init__(self, uri: Path, table) -> None:
+    def __init__(self, uri: Location, table) -> None:
         self.uri, self._table = uri, table
         self._has_index: tuple[int, bool] | None = None
         self._index_type: tuple[int, str | None] | None = None
@@ -271,7 +264,9 @@ class PairsTable:
         self._async_version: int | None = None
 
     @classmethod
-    def create(cls, uri: Path, dim: int, dtype: str, *, store_id: str | None = None) -> "PairsTable":
+    def create(cls, uri: "Location | str | os.PathLike", dim: int, dtype: str, *,
+               store_id: str | None = None) -> "PairsTable":
+        uri = Location.of(uri)
         db = connect(uri)
         table = cls(uri, db.create_table(PAIRS_TABLE, schema=pairs_schema(dim, dtype)))
         if store_id is not None:
@@ -279,15 +274,16 @@ class PairsTable:
         return table
 
     @classmethod
-    def open(cls, uri: Path) -> "PairsTable":
+    def open(cls, uri: "Location | str | os.PathLike") -> "PairsTable":
         """Open the table; a missing or unreadable one is a StoreDamagedError."""
-        if not uri.is_dir():
+        uri = Location.of(uri)
+        if not uri.exists():
             raise StoreDamagedError(f"the vector table directory {uri} is missing: restore the store from "
                                     "a backup (the catalog alone cannot rebuild the keys)")
         try:
             return cls(uri, connect(uri).open_table(PAIRS_TABLE))
         except Exception as exc:  # LanceDB raises ValueError / OSError / RuntimeError here
-            raise StoreDamagedError(f"the vector table {uri / (PAIRS_TABLE + '.lance')} cannot be opened "
+            raise StoreDamagedError(f"the vector table {uri.child(PAIRS_TABLE + '.lance')} cannot be opened "
                                     f"({_first_line(exc)}): restore the store from a backup") from None
 
     def store_id(self) -> str | None:
@@ -336,9 +332,9 @@ class PairsTable:
         return self._table.to_lance()
 
     @property
-    def table_uri(self) -> Path:
+    def table_uri(self) -> Location:
         """The Lance dataset's own directory (``pairs.lance``)."""
-        return self.uri / (PAIRS_TABLE + ".lance")
+        return self.uri.child(PAIRS_TABLE + ".lance")
 
     def append_fragments(self, fragments: list) -> None:
         """Commit data fragments written by other processes (``lance.fragment.write_fragments``)
@@ -346,17 +342,22 @@ class PairsTable:
         import lance
 
         if fragments:
-            lance.LanceDataset.commit(str(self.table_uri), lance.LanceOperation.Append(fragments),
-                                      read_version=self.version)
+            lance.LanceDataset.commit(self.table_uri.uri, lance.LanceOperation.Append(fragments),
+                                      read_version=self.version, storage_options=self.uri.lance_options())
         self.refresh()
+
+    def data_files(self) -> dict[str, int]:
+        """The table's data files on disk (or object store): name -> bytes, whether or not
+        a version names them (one listing)."""
+        return self.table_uri.files("data")
 
     def missing_files(self) -> list[str]:
         """Data files the table's current version names but the disk does not hold."""
-        base = self.table_uri / "data"
+        present = self.data_files()
         return [f.path for frag in self._table.to_lance().get_fragments() for f in frag.data_files()
-                if not (base / f.path).is_file()]
+                if f.path not in present]
 
-    def check_complete(self, store_path: Path) -> None:
+    def check_complete(self, store_path: Location) -> None:
         """Refuse (StoreDamagedError) a table whose data files are not all there: a write
         would fail half way through (a removal would be left ``removing``)."""
         missing = self.missing_files()
@@ -399,8 +400,8 @@ class PairsTable:
         return left, here, nxt, right
 
     def nbytes(self) -> int:
-        """Bytes on disk, including old versions not yet cleaned up."""
-        return directory_bytes(self.uri)
+        """Bytes on disk (or object store), including old versions not yet cleaned up."""
+        return sum(self.uri.files().values())
 
     def index_state(self) -> "IndexState":
         """The table's indices and how many rows the key column's index covers."""
@@ -595,7 +596,7 @@ class PairsTable:
         if self._async_table is None:
             import lancedb
 
-            db = await lancedb.connect_async(str(self.uri))
+            db = await lancedb.connect_async(self.uri.uri, storage_options=self.uri.lance_options())
             self._async_table, self._async_version = await db.open_table(PAIRS_TABLE), None
         if self._async_version != version:
             await self._async_table.checkout(version)

@@ -34,11 +34,13 @@ from .errors import (
     CorpusNotFoundError,
     DiskFullError,
     InputError,
+    StorageError,
     StoreLockedError,
 )
 from .distributed import RayOptions, encode_on_ray, ray_module
 from .faults import crash_point
 from .indexing import IndexPlan, IndexPolicy
+from .location import storage_failure
 from .vectors import INDEX_TYPES, row_bytes
 
 if TYPE_CHECKING:
@@ -208,9 +210,12 @@ class Writer:
             s.execute(delete(catalog.Corpus).where(catalog.Corpus.id == corpus_id))
 
     def _check_free_space(self, name: str, n_tokens: int) -> None:
-        """Refuse, before writing anything, a corpus the disk cannot hold."""
+        """Refuse, before writing anything, a corpus the disk cannot hold (an object store
+        has no free space to ask)."""
+        if self.store.location.remote:
+            return
         need = int(n_tokens * row_bytes(self.store.identity.dim, self.store.identity.dtype) * 1.2) + (1 << 20)
-        free = shutil.disk_usage(self.store.path / VECTORS_DIR).free
+        free = shutil.disk_usage(self.store.location.path / VECTORS_DIR).free
         if free < need:
             raise DiskFullError(
                 f"the disk holding {self.store.path} has {free / 2**20:,.1f} MiB free; corpus '{name}' "
@@ -273,8 +278,13 @@ class Writer:
                 self._ingest_documents(corpus_id, name, kind, total_tokens, progress)
             else:
                 self._ingest_on_ray(corpus_id, name, kind, total_tokens, progress, ray)
-        finally:
-            self.store.refresh()
+        except BaseException:
+            try:
+                self.store.refresh()
+            except Exception:  # e.g. the object store is gone: the error raised says so
+                pass
+            raise
+        self.store.refresh()
 
     def _ingest_on_ray(self, corpus_id: int, name: str, kind: str, total_tokens: int,
                        progress: ProgressFn | None, ray: RayOptions) -> None:
@@ -390,6 +400,13 @@ class Writer:
                 self._finish_run(run, "failed", error=message[:2000], **totals.counts())
             except Exception:  # e.g. the disk is full for the catalog too; it reads failed anyway
                 pass
+            failure = storage_failure(exc) if self.store.location.remote else None
+            if failure is not None:
+                raise StorageError(
+                    f"the object store holding {self.store.path} failed while adding '{name}' ({failure}); "
+                    f"the corpus is kept as failed and invisible. Once it is reachable again, `knnstore "
+                    f"resume-corpus {self.store.path} {name}` (or `knnstore remove-corpus {self.store.path} "
+                    f"{name}`)") from None
             if _is_disk_full(exc):
                 raise DiskFullError(
                     f"the disk holding {self.store.path} filled up while adding '{name}'; the corpus is "

@@ -15,6 +15,8 @@ import torch
 
 from knnstore import Encoder, IngestSettings, Store
 
+from . import servers
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not SHARED.exists():  # a checkout at ../main next to ../shared, or the repo itself
     SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -64,6 +66,18 @@ def make_tiny_model(directory: Path, seed: int = 0, vocab_size: int = 300, arch:
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on 127.0.0.1 for the session (``servers.start_postgres``)."""
+    yield from servers.start_postgres()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server on 127.0.0.1 for the session (``servers.start_s3``)."""
+    yield from servers.start_s3()
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,8 @@ def _numbers(kind: Num) -> list[str]:
 
 # Values for parameters whose type says too little (strings, paths), by command and name.
 NAMED = {
-    ("init", "store"): ["{store}", "{file}/below", "/proc/knnstore-bad/s", "{dir}/odd?x"],
+    ("init", "store"): ["{store}", "{file}/below", "/proc/knnstore-bad/s", "{dir}/odd?x",
+                        "s3://bucket/needs-a-catalog-url", "s3://", "ftp://host/store"],
     ("init", "model"): ["no/such-model-anywhere", "", "{file}"],
     ("init", "catalog_url"): ["", "nope://u:pw@h/db", "sqlite://", "::bad", "{store}/catalog.db"],
     ("add-corpus", "name"): ["", "   ", "keep", "bad\x1b[31mname", "x" * 300],
@@ -58,7 +59,9 @@ NAMED = {
                         "{dir}"],
 }
 # A store argument is the same everywhere.
-STORE_BAD = ["/nonexistent/store", "{file}", "{dir}", "/dev/zero", "{dir}/odd?x"]
+STORE_BAD = ["/nonexistent/store", "{file}", "{dir}", "/dev/zero", "{dir}/odd?x", "ftp://host/store"]
+# And --storage-option (KEY=VALUE).
+STORAGE_OPTION_BAD = ["", "no-equals-sign", "=value"]
 # So is --device (on a machine with a GPU, "cuda" is no bad value).
 DEVICE_BAD = ["", "gpu", "cuda:-1", "cuda:99", "tpu", *([] if torch.cuda.is_available() else ["cuda"])]
 
@@ -90,6 +93,8 @@ def _bad_values(command: str, param: click.Parameter) -> list[str]:
         return STORE_BAD
     if param.name == "device":  # the same on every command that loads the model
         return DEVICE_BAD
+    if param.name == "storage_option":
+        return STORAGE_OPTION_BAD
     if (command, param.name) in NAMED:
         return NAMED[(command, param.name)]
     raise AssertionError(f"no bad values known for {param.name!r} of `knnstore {command}`: add them to "

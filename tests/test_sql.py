@@ -4,14 +4,8 @@ The PostgreSQL tests start their own server on loopback (Debian's postgresql pac
 installs it) and are skipped, with the reason shown, where no server binaries exist.
 """
 
-import glob
 import json
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -173,42 +167,10 @@ def test_the_interactive_prompt_runs_statements_until_quit(filled):
 
 # --- PostgreSQL catalog ----------------------------------------------------------------
 
-def _pg_bin() -> str | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return os.path.dirname(found[-1]) if found else (os.path.dirname(shutil.which("initdb")) if shutil.which("initdb") else None)
-
-
 @pytest.fixture(scope="module")
-def postgres_url():
-    """A throwaway PostgreSQL server on 127.0.0.1, started and stopped here."""
-    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'knnstore[postgres]')")
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql); .ci/run installs them")
-    # Not under pytest's tmp dir: that is private to root, and a root test runs the server
-    # as the package's `postgres` user (initdb refuses to run as root).
-    root = Path(tempfile.mkdtemp(prefix="knnstore-pg-"))
-    data = root / "data"
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root without runuser: cannot start PostgreSQL")
-        as_user = ["runuser", "-u", "postgres", "--"]
-        os.chmod(root, 0o777)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
-    run(f"{bindir}/initdb", "-D", str(data), "-U", "knnstore", "--auth=trust", "-E", "UTF8")
-    run(f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-        f"-c listen_addresses=127.0.0.1 -c port={port} -k {root}", "start")
-    try:
-        run(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "knnstore", "catalog")
-        yield f"postgresql+psycopg://knnstore@127.0.0.1:{port}/catalog"
-    finally:
-        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+def postgres_url(postgres):
+    """An empty database on the test PostgreSQL server (``servers.start_postgres``)."""
+    return postgres.database("catalog")
 
 
 def test_a_catalog_password_is_never_written_with_the_store(postgres_url, tmp_path, tiny_encoder):
