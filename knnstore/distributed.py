@@ -22,10 +22,12 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from .config import IngestSettings, StoreIdentity, check_number
@@ -92,16 +94,22 @@ def ray_runtime(options: RayOptions) -> Iterator[None]:
         ray.shutdown()
 
 
-def shards(documents: Sequence[tuple[int, list[int]]], n: int) -> list[str]:
+def shards(documents: Sequence[tuple[int, Sequence[int]]], n: int) -> list[bytes]:
     """``documents`` (id, tokens) cut into at most ``n`` shards of about equal tokens (whole
-    documents each, longest first), as JSON strings for Ray's object store."""
+    documents each, longest first), for Ray's object store: each a pickled list of (id,
+    int32 array), 4 bytes a token (``read_shard``)."""
     bins: list[list[tuple[int, list[int]]]] = [[] for _ in range(max(1, min(n, len(documents))))]
     loads = [0] * len(bins)
     for doc in sorted(documents, key=lambda d: -len(d[1])):
         i = loads.index(min(loads))
         bins[i].append(doc)
         loads[i] += len(doc[1])
-    return [json.dumps(b) for b in bins if b]
+    return [pickle.dumps([(int(d), np.asarray(t, dtype=np.int32)) for d, t in b], protocol=5) for b in bins if b]
+
+
+def read_shard(shard: bytes) -> list[tuple[int, np.ndarray]]:
+    """A shard's documents (``shards``); pickled by this knnstore's own driver."""
+    return pickle.loads(shard)
 
 
 class EncoderWorker:
@@ -128,7 +136,7 @@ class EncoderWorker:
 
         out: dict[str, list] = {"fragments": [], "pairs": [], "documents": []}
         for shard in batch["shard"]:
-            docs = [(int(d), list(t)) for d, t in json.loads(shard)]
+            docs = read_shard(shard)
             batches = (b for b, _ in encode_documents(self.forward, docs, self.corpus_id, self.settings, self.schema))
             frags = write_fragments(pa.RecordBatchReader.from_batches(self.schema, batches), self.uri,
                                     schema=self.schema, mode="append", storage_options=self.storage_options)

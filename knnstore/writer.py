@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
@@ -294,9 +295,9 @@ class Writer:
             spec, done = self._restart(corpus_id)
             settings = IngestSettings(**spec["settings"])
             counter = _Progress(progress, total_tokens)
-            pending: list[tuple[int, list[int]]] = []
+            pending: list[tuple[int, np.ndarray]] = []  # int32 tokens: 4 bytes a token in the driver
             for group in self._pending_groups(corpus_id, name, spec, done, counter):
-                pending += group
+                pending += [(doc_id, np.asarray(tokens, dtype=np.int32)) for doc_id, tokens in group]
                 totals.tokens += sum(len(tokens) for _, tokens in group)
             crash_point("ingest.after_documents_row")
             fragments, pairs = [], 0

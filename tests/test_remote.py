@@ -80,6 +80,8 @@ def test_an_s3_store_with_a_postgresql_catalog_works_from_its_uri_alone(s3, post
     scored = runner.invoke(cli, ["eval", uri, "--text", str(next(text.iterdir())), "--json", *SMALL[:4]])
     assert scored.exit_code == 0, scored.output
     assert json.loads(scored.stdout)["knn_ppl"] > 0
+    generated = runner.invoke(cli, ["generate", uri, "The European", "--max-new-tokens", "3", "--explain"])
+    assert generated.exit_code == 0 and "sources" in generated.stdout.lower(), generated.output
     assert runner.invoke(cli, ["check", uri]).exit_code == 0
 
     # the same pairs as a local store built from the same text

@@ -24,23 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from knnstore import Encoder, IngestSettings, SourceOptions, Store
-from knnstore.ingest import iter_documents
+from benchlib import DATA, write_articles
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def write_articles(src: Path, out: Path, tokenize, tokens: int) -> int:
-    """Whole WikiText articles up to about ``tokens`` tokens, one file each; returns tokens."""
-    out.mkdir(parents=True)
-    total = 0
-    for doc in iter_documents([src], SourceOptions(split_on_heading=True)):
-        (out / f"{doc.ordinal:04}.txt").write_text(doc.text)
-        total += len(tokenize(doc.text))
-        if total >= tokens:
-            break
-    return total
-
+from knnstore import Encoder, IngestSettings, Store
 
 def run(label: str, model: str, docs: Path, tokens: int, workers: list[int], repeats: int,
         work: Path, settings: IngestSettings) -> None:

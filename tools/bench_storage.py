@@ -22,12 +22,11 @@ from benchlib import DATA, RandomKeys
 
 from knnstore import IngestSettings, Store
 from knnstore.config import CATALOG_FILE
-from knnstore.vectors import directory_bytes
 
 
 def report(label: str, store: Store) -> None:
     pairs = store.stats().pairs
-    table = directory_bytes(store.path / "vectors")
+    table = store.table.nbytes()
     cat = sum(p.stat().st_size for p in store.path.glob(CATALOG_FILE + "*"))
     raw = store.identity.dim * 2
     index = store.stats().index

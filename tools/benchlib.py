@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knnstore import Encoder, Store
+from knnstore import Encoder, SourceOptions, Store
 from knnstore.adapter import scored_windows
+from knnstore.ingest import iter_documents
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKI_TEST = DATA / "wikitext-2" / "test.txt"
@@ -155,3 +156,15 @@ def faiss_rabitq(xb: np.ndarray, n_list: int, bits: int = 4, train_rows: int | N
     _add_in_chunks(index, xb)
     index.qb = 8
     return index
+
+
+def write_articles(src: Path, out: Path, tokenize, tokens: int) -> int:
+    """Whole WikiText articles up to about ``tokens`` tokens, one file each; returns tokens."""
+    out.mkdir(parents=True)
+    total = 0
+    for doc in iter_documents([src], SourceOptions(split_on_heading=True)):
+        (out / f"{doc.ordinal:04}.txt").write_text(doc.text)
+        total += len(tokenize(doc.text))
+        if total >= tokens:
+            break
+    return total
