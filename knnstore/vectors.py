@@ -174,6 +174,13 @@ def search_parts() -> int:
     return max(1, int(os.environ.get("LANCE_CPU_THREADS") or _cpus()))
 
 
+def default_partitions(rows: int) -> int:
+    """IVF partitions for ``rows`` keys: about sqrt(rows), so a probe scans about sqrt(rows)
+    codes per partition as the store grows (uncapped up to MAX_PARTITIONS, 4.3e9 rows; a
+    cap of 4,096 would leave 244k rows a partition at 10^9 rows)."""
+    return max(1, min(MAX_PARTITIONS, int(round(rows ** 0.5))))
+
+
 def check_index_params(rows: int, dim: int, num_partitions: int | None, num_sub_vectors: int | None) -> None:
     """Index parameters a table of ``rows`` keys of ``dim`` can be trained with."""
     if rows == 0:
@@ -453,7 +460,7 @@ class PairsTable:
         dim = self.schema.field("vector").type.list_size
         check_index_params(rows, dim, num_partitions, num_sub_vectors)
         if num_partitions is None:
-            num_partitions = max(1, min(4096, int(round(rows ** 0.5))))
+            num_partitions = default_partitions(rows)
         params = {"type": index_type, "partitions": num_partitions}
         options = {"metric": "L2", "num_partitions": num_partitions, "replace": True,
                    "ivf_centroids": self.train_centroids(num_partitions, device).cpu().numpy()}

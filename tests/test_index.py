@@ -207,3 +207,13 @@ def test_a_big_batch_searched_as_concurrent_parts_answers_as_one_query(store, tm
         if corpora:
             assert (split.corpus_ids == b_id).all()
     assert len(runs) == 2  # one split search per corpora setting, none for SEARCH_PARTS=1
+
+
+def test_default_partitions_follow_the_store_past_4096():
+    from knnstore.config import MAX_PARTITIONS
+    from knnstore.vectors import default_partitions
+
+    assert default_partitions(1) == 1 and default_partitions(266_918) == 517
+    assert default_partitions(16_777_216) == 4096
+    assert default_partitions(10**9) == 31_623  # ~1M codes per query at nprobes 32
+    assert default_partitions(10**12) == MAX_PARTITIONS

@@ -27,7 +27,7 @@ from pathlib import Path
 from benchlib import held_out_queries, query_args, recall
 
 from knnstore import Store
-from knnstore.vectors import RQ_BITS
+from knnstore.vectors import RQ_BITS, default_partitions
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
         store = Store.open(work / "store", device=args.device)
         table = store.table
         rows = table.count()
-        partitions = max(1, min(4096, int(round(rows ** 0.5))))
+        partitions = default_partitions(rows)
         queries = held_out_queries(store, args.text, args.queries)
         truth = store.search(queries, args.k, exact=True).pair_ids
         print(f"store {source}: {rows:,} rows, dim {store.identity.dim}; IVF-RQ {RQ_BITS} bits, "

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from knnstore import Store
-from knnstore.vectors import PairsTable, key_matrix
+from knnstore.vectors import PairsTable, default_partitions, key_matrix
 
 
 def recall(ds, queries: np.ndarray, exact: list[set], nprobes: int) -> float:
@@ -55,7 +55,7 @@ def main() -> None:
         table = PairsTable.open(copy)
         ds = table.dataset()
         rows, dim = ds.count_rows(), source.schema.field("vector").type.list_size
-        partitions = max(1, min(4096, int(round(rows ** 0.5))))
+        partitions = default_partitions(rows)
         rng = np.random.default_rng(3)
         keys = torch.from_numpy(key_matrix(ds.to_table(columns=["vector"]).column("vector").combine_chunks()))
         ids = ds.to_table(columns=["pair_id"]).column("pair_id").to_numpy()
