@@ -257,7 +257,10 @@ def create_store(place: Location, identity: StoreIdentity, vocab: list[dict], ca
     except BaseException:
         if engine is not None:
             if made_catalog and catalog_url is not None:
-                catalog.downgrade(engine, "base")  # a server catalog this init filled: empty again
+                try:
+                    catalog.downgrade(engine, "base")  # a server catalog this init filled: empty again
+                except Exception:  # unreachable now: the error raised below says why init failed
+                    pass
             engine.dispose()
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)

@@ -290,6 +290,10 @@ class PairsTable:
         try:
             return cls(uri, connect(uri).open_table(PAIRS_TABLE))
         except Exception as exc:  # LanceDB raises ValueError / OSError / RuntimeError here
+            failure = storage_failure(exc) if uri.remote else None
+            if failure is not None:
+                raise StorageError(f"cannot open the pairs table under {uri} ({failure}): check that the "
+                                   "object store is reachable and retry") from None
             raise StoreDamagedError(f"the vector table {uri.child(PAIRS_TABLE + '.lance')} cannot be opened "
                                     f"({_first_line(exc)}): restore the store from a backup") from None
 
