@@ -169,6 +169,27 @@ class IndexBuild(Base):
     params: Mapped[dict] = mapped_column(JSON)  # partitions, sub-vectors
 
 
+class Removal(Base):
+    """One removal of documents (``remove-documents``; later ``forget``): the audit of what
+    was taken out, kept after the rows are gone. Never the removed text itself: a
+    forgotten string is kept only as a salted hash."""
+
+    __tablename__ = "removals"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    command: Mapped[str] = mapped_column(String(32))  # remove-documents
+    condition: Mapped[str | None] = mapped_column(Text, nullable=True)  # the --where condition
+    corpus: Mapped[str | None] = mapped_column(String(256), nullable=True)  # --corpus
+    text_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)  # sha256(salt + text)
+    salt: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    status: Mapped[str] = mapped_column(String(16))  # removing | ok
+    n_documents: Mapped[int] = mapped_column(Integer, default=0)
+    n_pairs: Mapped[int] = mapped_column(BigInteger, default=0)
+    document_ids: Mapped[list | None] = mapped_column(JSON, nullable=True)  # while removing
+
+
 class Vocab(Base):
     """The tokenizer's vocabulary: token id -> raw piece and decoded text (for SQL)."""
 
@@ -279,6 +300,12 @@ def document_sources(engine: Engine, document_ids: list[int]) -> list[tuple[int,
 
 
 # --- engine and migrations ---------------------------------------------------------
+
+
+def unfinished_removals(engine: Engine) -> list[Removal]:
+    """Document removals a killed writer left ``removing`` (oldest first)."""
+    with Session(engine, expire_on_commit=False) as s:
+        return list(s.scalars(select(Removal).where(Removal.status == REMOVING).order_by(Removal.id)))
 
 
 def sqlite_url(path: Path) -> URL:

@@ -10,6 +10,7 @@ also fixes what can be fixed without touching ready corpora (under the write loc
 | a data file of the table is missing or unreadable | error | none: restore from a backup |
 | rows whose corpus is not in the catalog (a removal killed half way, a lost catalog row) | error | delete those rows, only while catalog and table carry the same store id |
 | a corpus left `removing` (remove-corpus was killed) | error | finish the removal |
+| a document removal left `removing` (remove-documents was killed) | error | finish it (before the counts are compared) |
 | a corpus left `ingesting` with no writer alive | warning | mark it failed |
 | a failed corpus (rows invisible, resumable) | warning | none: resume-corpus or remove-corpus |
 | ready corpus: catalog pairs != table rows, or != sum of its documents | error | none |
@@ -130,6 +131,7 @@ def _check(store: "Store", repair: bool) -> CheckReport:
     report.problems += _schema_problems(store)
     if report.problems:
         return report
+    report.problems += _unfinished_removals(store, repair)
     try:
         cols = store.table.columns(["corpus_id", "document_id"])
     except StoreDamagedError as exc:
@@ -154,6 +156,21 @@ def _check(store: "Store", repair: bool) -> CheckReport:
         report.problems.append(Problem(WARNING, f"{state.unindexed_rows:,} rows are not in the ANN index yet "
                                                 "(searched exactly meanwhile): `knnstore index` folds them in"))
     return report
+
+
+def _unfinished_removals(store: "Store", repair: bool) -> list[Problem]:
+    """Document removals cut short (``knnstore.removal``): finished by repair, before the
+    counts are compared."""
+    pending = catalog.unfinished_removals(store.engine)
+    if not pending:
+        return []
+    documents = sum(r.n_documents for r in pending)
+    p = Problem(ERROR, f"{len(pending)} document removal(s) ({documents:,} documents) were cut short",
+                repair="finish them")
+    if repair:
+        store.finish_removals()
+        p.repaired = True
+    return [p]
 
 
 def _schema_problems(store: "Store") -> list[Problem]:

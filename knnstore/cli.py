@@ -430,6 +430,39 @@ def remove_corpus(store, name):
     out.print(f"Removed corpus {_safe(info.name)}: {info.documents:,} documents, {info.pairs:,} pairs")
 
 
+@cli.command("remove-documents")
+@_store_argument
+@click.option("--where", "where", required=True,
+              help="SQL condition over the documents view (columns as `knnstore sql` shows them: "
+                   "document_id, path, title, corpus, metadata, ...), e.g. \"path LIKE '%/2019/%'\".")
+@click.option("--corpus", "corpus", default=None, help="Only documents of this corpus.")
+@click.option("--dry-run", is_flag=True, help="Show what would be removed; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the removal as one JSON object.")
+def remove_documents(store, where, corpus, dry_run, as_json):
+    """Delete the documents matching a condition, and their pairs, without a rebuild.
+
+    The condition is evaluated by the read-only SQL sandbox over the documents view. The
+    pairs go in one commit; corpus counts are updated; the index is not rebuilt. A
+    condition that matches nothing is an error and changes nothing.
+
+    \b
+    Examples:
+        knnstore remove-documents wiki-store --where "document_id IN (3, 7)" --dry-run
+        knnstore remove-documents wiki-store --where "json_extract(metadata, '$.author') = 'X'"
+    """
+    removal = _open(store).remove_documents(where, corpus, dry_run=dry_run)
+    if as_json:
+        _echo_json(removal.to_dict())
+        return
+    verb = "Would remove" if dry_run else "Removed"
+    out.print(f"{verb} {len(removal.documents):,} documents, {removal.pairs:,} pairs")
+    for d in removal.documents[:20]:
+        shown = f"{d['title']}  ({d['source']})" if d["title"] else d["source"]
+        out.print(Text(_safe(f"  {d['id']}  {d['corpus']}  {shown}  {d['n_pairs']:,} pairs")))
+    if len(removal.documents) > 20:
+        out.print(f"  ... and {len(removal.documents) - 20:,} more (--json lists them all)")
+
+
 @cli.command("list")
 @_store_argument
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per corpus, in a list.")

@@ -32,6 +32,8 @@ POINTS = (
     "index.before",                  # about to train the index
     "index.after",                   # index trained and committed
     "ray.worker_after_fragments",    # a Ray worker wrote a shard's fragments, not yet returned them
+    "remove_documents.after_intent",        # the removal row written, nothing deleted
+    "remove_documents.after_table_delete",  # the documents' pairs deleted, catalog rows still there
 )
 
 _hits: dict[str, int] = {}

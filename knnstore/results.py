@@ -63,3 +63,18 @@ class DocumentRef:
     corpus: str
     source: str
     title: str | None
+
+
+@dataclass
+class DocumentRemoval:
+    """What ``remove-documents`` took out (or, with ``dry_run``, would take out): every
+    matching document (id, corpus, source, title, pairs) and the totals."""
+
+    condition: str
+    documents: list[dict]
+    pairs: int
+    dry_run: bool
+
+    def to_dict(self) -> dict:
+        return {"condition": self.condition, "dry_run": self.dry_run, "n_documents": len(self.documents),
+                "n_pairs": self.pairs, "documents": self.documents}

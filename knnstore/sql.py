@@ -7,7 +7,8 @@ Views (``knnstore sql STORE "SELECT ..."`` or ``Store.sql(query)``):
   scanned in place, with projections and filters pushed down; ``vector`` (float32) is
   read only when a query selects it.
 * ``documents``: the ready documents of ready corpora (id, corpus, corpus_id, ordinal,
-  source, title, sha256, n_tokens, n_pairs, status, metadata as JSON text).
+  source, title, sha256, n_tokens, n_pairs, status, metadata as JSON text; and id again as
+  document_id, source again as path).
 * ``corpora``: every corpus with its status (as ``knnstore list`` shows them).
 * ``vocab``: token_id, piece, text.
 * ``runs``: the history of adds, resumes and removals.
@@ -42,6 +43,9 @@ from .errors import InputError, ReadOnlyError
 
 _ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 VIEWS = ("pairs", "documents", "corpora", "vocab", "runs")
+# Columns a view shows under a second name too: `document_id` as in `pairs`, and `path`
+# for the source (what `remove-documents --where` conditions naturally name).
+_ALIASES = {"documents": ", id AS document_id, source AS path"}
 
 
 class _PairsDataset(lance.LanceDataset):
@@ -172,7 +176,7 @@ class SQLSession:
             "autoinstall_known_extensions": False, "autoload_known_extensions": False})
         for name, data in _catalog_tables(views.rows, views.statuses).items():
             con.register(f"_{name}", data)
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}")
+            con.execute(f"CREATE VIEW {name} AS SELECT *{_ALIASES.get(name, '')} FROM _{name}")
         # Hidden corpora are filtered inside the scan, so even `_pairs` shows none of them.
         con.register("_pairs", _PairsDataset.of(views.dataset, set(views.visible)))
         con.execute("""

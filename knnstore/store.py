@@ -436,6 +436,23 @@ class Store:
         """Delete a corpus's pairs and catalog rows. The index is not rebuilt."""
         self._writer.remove_corpus(name)
 
+    def remove_documents(self, where: str, corpus: str | None = None, *, dry_run: bool = False):
+        """Remove the documents matching ``where``, an SQL condition over the ``documents``
+        view (e.g. ``"path LIKE '%/2019/%'"``, ``"document_id IN (3, 7)"``), and their pairs,
+        without a rebuild; ``corpus`` limits it to one corpus; ``dry_run`` only says what
+        would go. Returns a ``DocumentRemoval``. A condition that matches nothing, or is not
+        a read-only SQL condition, raises and changes nothing (see ``knnstore.removal``)."""
+        from .removal import remove_documents
+
+        return remove_documents(self, where, corpus, dry_run=dry_run)
+
+    def finish_removals(self) -> int:
+        """Finish document removals a killed writer left half done (the caller holds the
+        write lock; ``check --repair`` does); returns how many."""
+        from .removal import finish_removals
+
+        return finish_removals(self)
+
     def drop_corpus(self, corpus_id: int) -> None:
         """Delete a corpus's pairs, then its catalog rows (the caller holds the write lock)."""
         self._writer.drop_corpus(corpus_id)

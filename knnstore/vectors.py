@@ -330,6 +330,11 @@ class PairsTable:
             where += f" AND document_id IN ({', '.join(str(int(d)) for d in document_ids)})"
         self._table.delete(where)
 
+    def delete_documents(self, document_ids: Collection[int]) -> None:
+        """Delete every row of these documents, in one commit."""
+        if document_ids:
+            self._table.delete(f"document_id IN ({', '.join(str(int(d)) for d in document_ids)})")
+
     def cleanup(self) -> None:
         """Drop old versions and data files no version references (a killed add leaves
         some). Run it only under the write lock: a reader pinned to an old version loses it."""
