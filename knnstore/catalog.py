@@ -302,6 +302,21 @@ def document_sources(engine: Engine, document_ids: list[int]) -> list[tuple[int,
 # --- engine and migrations ---------------------------------------------------------
 
 
+def vacuum(engine: Engine) -> None:
+    """Rewrite the catalog so deleted rows leave its files: SQLite ``VACUUM`` and a WAL
+    checkpoint; PostgreSQL ``VACUUM FULL`` (needs the tables' owner)."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM FULL")
+        return
+    raw = engine.raw_connection()  # outside SQLAlchemy's transaction: VACUUM refuses to run in one
+    try:
+        raw.driver_connection.execute("VACUUM")
+        raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        raw.close()
+
+
 def unfinished_removals(engine: Engine) -> list[Removal]:
     """Document removals a killed writer left ``removing`` (oldest first)."""
     with Session(engine, expire_on_commit=False) as s:

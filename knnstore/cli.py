@@ -209,6 +209,19 @@ def _ray_options(f):
                              "committed at once when all are encoded.")(f)
 
 
+def _purge_option(f):
+    return click.option("--purge", is_flag=True,
+                        help="Then take the removed rows off the disk too (as `knnstore purge`).")(f)
+
+
+def _print_purge(done: dict) -> None:
+    from rich.filesize import decimal
+
+    out.print(f"Purged: {done['fragments_rewritten']:,} data fragments rewritten into "
+              f"{done['fragments_written']:,}, {done['versions_dropped']:,} old versions dropped; table "
+              f"{decimal(done['bytes_before'])} -> {decimal(done['bytes_after'])}")
+
+
 def _device_options(f):
     """--device and --compute-dtype, for the commands that load the model."""
     from .devices import COMPUTE_DTYPES
@@ -417,7 +430,8 @@ def _print_added(info, as_json: bool) -> None:
 @cli.command("remove-corpus")
 @_store_argument
 @click.argument("name")
-def remove_corpus(store, name):
+@_purge_option
+def remove_corpus(store, name, purge):
     """Delete corpus NAME: its pairs and catalog rows. The index is not rebuilt.
 
     \b
@@ -428,6 +442,8 @@ def remove_corpus(store, name):
     info = s.corpus(name)
     s.remove_corpus(name)
     out.print(f"Removed corpus {_safe(info.name)}: {info.documents:,} documents, {info.pairs:,} pairs")
+    if purge:
+        _print_purge(s.purge())
 
 
 @cli.command("remove-documents")
@@ -438,7 +454,8 @@ def remove_corpus(store, name):
 @click.option("--corpus", "corpus", default=None, help="Only documents of this corpus.")
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the removal as one JSON object.")
-def remove_documents(store, where, corpus, dry_run, as_json):
+@_purge_option
+def remove_documents(store, where, corpus, dry_run, as_json, purge):
     """Delete the documents matching a condition, and their pairs, without a rebuild.
 
     The condition is evaluated by the read-only SQL sandbox over the documents view. The
@@ -450,9 +467,11 @@ def remove_documents(store, where, corpus, dry_run, as_json):
         knnstore remove-documents wiki-store --where "document_id IN (3, 7)" --dry-run
         knnstore remove-documents wiki-store --where "json_extract(metadata, '$.author') = 'X'"
     """
-    removal = _open(store).remove_documents(where, corpus, dry_run=dry_run)
+    s = _open(store)
+    removal = s.remove_documents(where, corpus, dry_run=dry_run)
+    purged = s.purge() if purge and not dry_run else None
     if as_json:
-        _echo_json(removal.to_dict())
+        _echo_json({**removal.to_dict(), **({"purge": purged} if purged is not None else {})})
         return
     verb = "Would remove" if dry_run else "Removed"
     out.print(f"{verb} {len(removal.documents):,} documents, {removal.pairs:,} pairs")
@@ -461,6 +480,30 @@ def remove_documents(store, where, corpus, dry_run, as_json):
         out.print(Text(_safe(f"  {d['id']}  {d['corpus']}  {shown}  {d['n_pairs']:,} pairs")))
     if len(removal.documents) > 20:
         out.print(f"  ... and {len(removal.documents) - 20:,} more (--json lists them all)")
+    if purged is not None:
+        _print_purge(purged)
+
+
+@cli.command()
+@_store_argument
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as one JSON object.")
+def purge(store, as_json):
+    """Take removed rows off the disk: rewrite the data files that still hold deleted rows,
+    drop old table versions, vacuum the catalog.
+
+    Removals (remove-documents, remove-corpus) are logical until then: the rows are out of
+    every search and query, but old data files and versions still hold them. A reader that
+    holds a snapshot from before the purge must reopen the store.
+
+    \b
+    Example:
+        knnstore purge wiki-store
+    """
+    done = _open(store).purge()
+    if as_json:
+        _echo_json(done)
+    else:
+        _print_purge(done)
 
 
 @cli.command("list")

@@ -34,6 +34,7 @@ POINTS = (
     "ray.worker_after_fragments",    # a Ray worker wrote a shard's fragments, not yet returned them
     "remove_documents.after_intent",        # the removal row written, nothing deleted
     "remove_documents.after_table_delete",  # the documents' pairs deleted, catalog rows still there
+    "purge.after_table",                    # data files rewritten, old versions dropped, catalog not vacuumed
 )
 
 _hits: dict[str, int] = {}

@@ -1,4 +1,5 @@
-"""Taking documents out of a store without a rebuild (``knnstore remove-documents``).
+"""Taking documents out of a store without a rebuild (``knnstore remove-documents``), and
+removed rows off the disk (``knnstore purge``).
 
 The documents are chosen by an SQL condition over the read-only ``documents`` view, run
 in the same sandbox as ``knnstore sql`` (one SELECT, no files, no writes). Under the write
@@ -13,6 +14,10 @@ lock, the removal is three steps, each safe to be killed after:
 A removal killed after step 1 is finished by the next writer that takes the lock for a
 removal, or by ``knnstore check --repair`` (``finish_removals``): steps 2 and 3 again,
 both idempotent. The index is not rebuilt: deleted rows leave it as Lance deletes them.
+
+Lance deletes are logical (deletion vectors beside the data files, older versions still
+whole): ``purge`` rewrites the data files holding deleted rows, drops old versions and
+vacuums the catalog (docs/forget.md).
 """
 
 from __future__ import annotations
@@ -109,3 +114,18 @@ def _finish(store: "Store", removal_id: int, document_ids: list[int]) -> None:
         s.execute(delete(D).where(D.id.in_(document_ids)))
         s.execute(update(catalog.Removal).where(catalog.Removal.id == removal_id).values(status=DONE))
 
+
+def purge(store: "Store") -> dict[str, int]:
+    """``knnstore purge``: removed rows off the disk. Finishes cut-short removals, rewrites
+    the table's data files that hold deleted rows and drops old table versions
+    (``PairsTable.purge``), then vacuums the catalog. Returns what it did, with the store's
+    bytes before and after."""
+    with store.write_lock():
+        finish_removals(store)
+        before = store.table.nbytes()
+        store.verify_lock()
+        done = store.table.purge()
+        crash_point("purge.after_table")
+        catalog.vacuum(store.engine)
+    store.refresh()
+    return {**done, "bytes_before": before, "bytes_after": store.table.nbytes()}

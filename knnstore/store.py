@@ -446,6 +446,14 @@ class Store:
 
         return remove_documents(self, where, corpus, dry_run=dry_run)
 
+    def purge(self) -> dict[str, int]:
+        """Take removed rows off the disk (``knnstore purge``): rewrite the data files that
+        hold deleted rows, drop old table versions, vacuum the catalog. A reader that holds
+        a snapshot from before may fail to read it afterwards and must ``refresh``."""
+        from .removal import purge
+
+        return purge(self)
+
     def finish_removals(self) -> int:
         """Finish document removals a killed writer left half done (the caller holds the
         write lock; ``check --repair`` does); returns how many."""

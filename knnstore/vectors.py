@@ -335,13 +335,27 @@ class PairsTable:
         if document_ids:
             self._table.delete(f"document_id IN ({', '.join(str(int(d)) for d in document_ids)})")
 
-    def cleanup(self) -> None:
+    def cleanup(self) -> int:
         """Drop old versions and data files no version references (a killed add leaves
-        some). Run it only under the write lock: a reader pinned to an old version loses it."""
+        some). Run it only under the write lock: a reader pinned to an old version loses it.
+        Returns how many old versions went."""
         from datetime import timedelta
 
-        self._table.to_lance().cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
+        stats = self._table.to_lance().cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
         self.refresh()
+        return int(getattr(stats, "old_versions", 0) or 0)
+
+    def purge(self) -> dict[str, int]:
+        """Take deleted rows off the disk: rewrite every data file that holds one (Lance
+        compaction, which also merges small fragments and remaps the index), then drop the
+        old versions that still name the old files (``cleanup``). Under the write lock."""
+        self.refresh()
+        with damage_errors(self.uri):
+            metrics = self._table.to_lance().optimize.compact_files(
+                materialize_deletions=True, materialize_deletions_threshold=1e-9)
+        self.refresh()
+        return {"fragments_rewritten": int(metrics.fragments_removed), "fragments_written": int(metrics.fragments_added),
+                "versions_dropped": self.cleanup()}
 
     def dataset(self):
         """The Lance dataset at this handle's pinned version (for scans such as SQL's)."""

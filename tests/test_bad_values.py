@@ -76,6 +76,7 @@ BASE = {
     "resume-corpus": {"store": "{store}", "name": "keep"},
     "remove-corpus": {"store": "{store}", "name": "keep"},
     "remove-documents": {"store": "{store}", "where": "n_pairs > 0", "dry_run": True},
+    "purge": {"store": "{store}"},
     "list": {"store": "{store}"},
     "stats": {"store": "{store}"},
     "check": {"store": "{store}"},

@@ -89,6 +89,15 @@ def test_an_s3_store_with_a_postgresql_catalog_works_from_its_uri_alone(s3, post
     local.add_corpus("docs", [text], settings=SETTINGS)
     assert_same_corpus(local, Store.open(uri), "docs")
 
+    first = runner.invoke(cli, ["remove-documents", uri, "--where", "ordinal = 0", "--json"])
+    assert first.exit_code == 0, first.output
+    assert json.loads(runner.invoke(cli, ["stats", uri, "--json"]).stdout)["pairs"] == \
+        pairs - json.loads(first.stdout)["n_pairs"]
+    purged = runner.invoke(cli, ["purge", uri, "--json"])  # data files rewritten on S3, VACUUM FULL
+    assert purged.exit_code == 0, purged.output
+    assert json.loads(purged.stdout)["fragments_rewritten"] >= 1
+    assert runner.invoke(cli, ["check", uri]).exit_code == 0
+
     removed = runner.invoke(cli, ["remove-corpus", uri, "docs"])
     assert removed.exit_code == 0, removed.output
     assert json.loads(runner.invoke(cli, ["list", uri, "--json"]).stdout) == []

@@ -117,7 +117,8 @@ def test_bad_conditions_are_one_line_errors_that_change_nothing(docs_store, wher
 CHILD = """
 import sys
 from knnstore import Store
-Store.open(sys.argv[1]).remove_documents(sys.argv[2])
+store = Store.open(sys.argv[1])
+store.purge() if sys.argv[2] == "purge" else store.remove_documents(sys.argv[2])
 """
 
 
@@ -144,3 +145,55 @@ def test_a_killed_removal_leaves_a_store_that_opens_and_one_command_finishes_it(
     report = check(after)
     assert report.ok, [p.what for p in report.problems]
     assert after.sql("SELECT count(*) AS n FROM pairs").to_pylist()[0]["n"] == after.stats().pairs
+
+
+def _pair_ids_on_disk(store) -> set[int]:
+    """Every pair id in every data file of the table, deleted or not (the files read raw,
+    without Lance's deletion vectors), and in every version the table still has."""
+    import lance
+    from lance.file import LanceFileReader
+
+    data = store.table.table_uri.path / "data"
+    found: set[int] = set()
+    for f in data.iterdir():
+        found |= set(LanceFileReader(str(f), columns=["pair_id"]).read_all().to_table().column("pair_id").to_pylist())
+    ds = lance.dataset(str(store.table.table_uri.path))
+    for v in ds.versions():
+        found |= set(ds.checkout_version(v["version"]).to_table(columns=["pair_id"]).column("pair_id").to_pylist())
+    return found
+
+
+def test_purge_takes_removed_rows_off_the_disk_and_out_of_every_version(docs_store, tmp_path):
+    store = docs_store
+    store.create_index(num_partitions=2, index_type="ivf_pq", num_sub_vectors=4)
+    victim = _ids(store, "path LIKE '%b.txt'")[0]
+    sha = next(d.sha256 for d in store.documents("docs") if d.id == victim)
+    removed = set(store.sql(f"SELECT pair_id FROM pairs WHERE document_id = {victim}").column("pair_id").to_pylist())
+    kept = store.sql(f"SELECT pair_id FROM pairs WHERE document_id <> {victim} ORDER BY pair_id").to_pylist()
+    store.remove_documents(f"document_id = {victim}")
+    assert removed <= _pair_ids_on_disk(store)  # a removal is logical: the rows are still on disk
+    result = CliRunner().invoke(cli, ["purge", str(store.path), "--json"])
+    assert result.exit_code == 0, result.output
+    done = json.loads(result.stdout)
+    assert done["fragments_rewritten"] >= 1 and done["bytes_after"] < done["bytes_before"]
+    store.refresh()
+    assert not removed & _pair_ids_on_disk(store)
+    assert sha not in (store.path / "catalog.db").read_bytes().decode("latin-1")  # vacuumed
+    assert store.sql("SELECT pair_id FROM pairs ORDER BY pair_id").to_pylist() == kept
+    assert store.search(store.table.columns(["vector"]).column("vector").to_numpy(zero_copy_only=False)[0]
+                        .astype("float32")[None], k=4).pair_ids.size == 4  # the index still answers
+    assert check(store).ok
+
+
+def test_a_killed_purge_leaves_a_consistent_store(docs_store):
+    store = docs_store
+    store.remove_documents("path LIKE '%b.txt'")
+    expected = store.sql("SELECT pair_id FROM pairs ORDER BY pair_id").to_pylist()
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(store.path), "purge"],
+                          env={**os.environ, "KNNSTORE_CRASH_AT": "purge.after_table"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    after = Store.open(store.path)
+    assert after.sql("SELECT pair_id FROM pairs ORDER BY pair_id").to_pylist() == expected
+    assert check(after).ok
+    assert after.purge()["bytes_after"] > 0  # and it runs again
