@@ -28,6 +28,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     inspect,
     select,
     update,
@@ -179,7 +180,7 @@ class Removal(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-    command: Mapped[str] = mapped_column(String(32))  # remove-documents
+    command: Mapped[str] = mapped_column(String(32))  # remove-documents | forget
     condition: Mapped[str | None] = mapped_column(Text, nullable=True)  # the --where condition
     corpus: Mapped[str | None] = mapped_column(String(256), nullable=True)  # --corpus
     text_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)  # sha256(salt + text)
@@ -187,7 +188,9 @@ class Removal(Base):
     status: Mapped[str] = mapped_column(String(16))  # removing | ok
     n_documents: Mapped[int] = mapped_column(Integer, default=0)
     n_pairs: Mapped[int] = mapped_column(BigInteger, default=0)
-    document_ids: Mapped[list | None] = mapped_column(JSON, nullable=True)  # while removing
+    n_occurrences: Mapped[int | None] = mapped_column(Integer, nullable=True)  # forget: matches found
+    document_ids: Mapped[list | None] = mapped_column(JSON, nullable=True)  # documents removed (or touched)
+    pair_ids: Mapped[list | None] = mapped_column(JSON, nullable=True)  # forget: pairs removed, while removing
 
 
 class Vocab(Base):
@@ -300,6 +303,15 @@ def document_sources(engine: Engine, document_ids: list[int]) -> list[tuple[int,
 
 
 # --- engine and migrations ---------------------------------------------------------
+
+
+def recount_corpus(s: Session, corpus_id: int) -> None:
+    """A corpus's counts as the sums over its ready documents (in the caller's transaction)."""
+    totals = s.execute(select(func.count(), func.coalesce(func.sum(Document.n_tokens), 0),
+                              func.coalesce(func.sum(Document.n_pairs), 0))
+                       .where(Document.corpus_id == corpus_id, Document.status == READY)).one()
+    s.execute(update(Corpus).where(Corpus.id == corpus_id).values(
+        n_documents=totals[0], n_tokens=totals[1], n_pairs=totals[2]))
 
 
 def vacuum(engine: Engine) -> None:

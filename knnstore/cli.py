@@ -486,6 +486,45 @@ def remove_documents(store, where, corpus, dry_run, as_json, purge):
 
 @cli.command()
 @_store_argument
+@click.option("--text", "text", required=True, help="The text to forget, e.g. an e-mail address or a name.")
+@click.option("--ignore-case", is_flag=True, help="Match it in any case.")
+@click.option("--context", type=Num(0, MAX_WINDOW), default=0, show_default=True,
+              help="Also remove the pairs that have a token of it among their last N context tokens.")
+@click.option("--documents", is_flag=True, help="Remove the whole documents that contain it instead.")
+@click.option("--dry-run", is_flag=True, help="Show what would be removed; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@_purge_option
+def forget(store, text, ignore_case, context, documents, dry_run, as_json, purge):
+    """Remove a text (personal data, a secret) wherever a stored document contains it.
+
+    Every occurrence is found in the documents' decoded text (not by token ids, which
+    depend on what precedes the text), and every pair whose next token overlaps one is
+    deleted, so the store can no longer put any token of it into a prediction. The catalog
+    keeps a salted hash of the text, never the text. --purge takes the rows off the disk.
+
+    \b
+    Examples:
+        knnstore forget wiki-store --text "jane.doe@example.com" --dry-run
+        knnstore forget wiki-store --text "Jane Doe" --ignore-case --context 8 --purge
+    """
+    s = _open(store)
+    done = s.forget(text, ignore_case=ignore_case, context=context, documents=documents, dry_run=dry_run)
+    purged = s.purge() if purge and not dry_run else None
+    if as_json:
+        _echo_json({**done.to_dict(), **({"purge": purged} if purged is not None else {})})
+        return
+    verb = "Would remove" if dry_run else "Removed"
+    what = f"{done.pairs_removed:,} pairs" + (" (whole documents)" if documents else "")
+    out.print(f"{verb} {what}: {done.occurrences:,} occurrences in {done.documents:,} documents")
+    for d in done.by_document[:20]:
+        out.print(Text(_safe(f"  {d['document_id']}  {d['corpus']}  {d['source']}  {d['occurrences']} occurrences, "
+                             f"{d['pairs']:,} pairs")))
+    if purged is not None:
+        _print_purge(purged)
+
+
+@cli.command()
+@_store_argument
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as one JSON object.")
 def purge(store, as_json):
     """Take removed rows off the disk: rewrite the data files that still hold deleted rows,

@@ -22,15 +22,22 @@ vacuums the catalog (docs/forget.md).
 
 from __future__ import annotations
 
+import hashlib
+import secrets
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, func, select, update
+import numpy as np
+
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from . import catalog
+from . import catalog, occurrences
+from .config import MAX_WINDOW, check_number
 from .errors import InputError
 from .faults import crash_point
-from .results import DocumentRemoval
+from .results import DocumentRemoval, Forgetting
+from .vectors import pair_id
 
 if TYPE_CHECKING:
     from .store import Store
@@ -74,15 +81,11 @@ def remove_documents(store: "Store", where: str, corpus: str | None = None,
         chosen = select_documents(store, where, corpus)  # again, under the lock: what is there now
         if not chosen:
             raise InputError(f"no document matches {where!r} any more: nothing was removed")
-        with Session(store.engine) as s, s.begin():
-            row = catalog.Removal(command="remove-documents", condition=where, corpus=corpus, status=catalog.REMOVING,
-                                  n_documents=len(chosen), n_pairs=sum(d["n_pairs"] for d in chosen),
-                                  document_ids=[d["id"] for d in chosen])
-            s.add(row)
-            s.flush()
-            removal_id = row.id
+        removal = _record(store, command="remove-documents", condition=where, corpus=corpus,
+                          n_documents=len(chosen), n_pairs=sum(d["n_pairs"] for d in chosen),
+                          document_ids=[d["id"] for d in chosen])
         crash_point("remove_documents.after_intent")
-        _finish(store, removal_id, [d["id"] for d in chosen])
+        _finish(store, removal)
     store.refresh()
     return DocumentRemoval(where, chosen, sum(d["n_pairs"] for d in chosen), dry_run=False)
 
@@ -92,27 +95,139 @@ def finish_removals(store: "Store") -> int:
     returns how many."""
     pending = catalog.unfinished_removals(store.engine)
     for removal in pending:
-        _finish(store, removal.id, list(removal.document_ids or []))
+        _finish(store, removal)
     return len(pending)
 
 
-def _finish(store: "Store", removal_id: int, document_ids: list[int]) -> None:
+def _record(store: "Store", **values) -> catalog.Removal:
+    """Step 1: the removal's intent row (``removing``), committed before anything goes."""
+    with Session(store.engine, expire_on_commit=False) as s, s.begin():
+        row = catalog.Removal(status=catalog.REMOVING, **values)
+        s.add(row)
+    return row
+
+
+def _finish(store: "Store", removal: catalog.Removal) -> None:
     """Steps 2 and 3: the pairs (one Lance commit), then the catalog rows and counts (one
-    transaction). Both may run again after a crash."""
+    transaction). Both may run again after a crash. Whole documents go with their rows;
+    single pairs (``forget``) leave their documents with recounted pairs."""
     store.verify_lock()
-    if document_ids:
-        store.table.delete_documents(document_ids)
+    documents, pairs = list(removal.document_ids or []), removal.pair_ids
+    if pairs is None:
+        store.table.delete_documents(documents)
+    else:
+        store.table.delete_pairs(pairs)
     crash_point("remove_documents.after_table_delete")
-    D, C = catalog.Document, catalog.Corpus
+    store.table.refresh()
+    left = {} if pairs is None else store.table.counts_by_document(documents)
+    D = catalog.Document
     with Session(store.engine) as s, s.begin():
-        gone = s.execute(select(D.corpus_id, func.count(), func.coalesce(func.sum(D.n_tokens), 0),
-                                func.coalesce(func.sum(D.n_pairs), 0))
-                         .where(D.id.in_(document_ids)).group_by(D.corpus_id)).all()
-        for corpus_id, n_docs, n_tokens, n_pairs in gone:
-            s.execute(update(C).where(C.id == corpus_id).values(
-                n_documents=C.n_documents - n_docs, n_tokens=C.n_tokens - n_tokens, n_pairs=C.n_pairs - n_pairs))
-        s.execute(delete(D).where(D.id.in_(document_ids)))
-        s.execute(update(catalog.Removal).where(catalog.Removal.id == removal_id).values(status=DONE))
+        corpora = s.scalars(select(D.corpus_id).where(D.id.in_(documents)).distinct()).all()
+        if pairs is None:
+            s.execute(delete(D).where(D.id.in_(documents)))
+        else:
+            for doc in documents:
+                s.execute(update(D).where(D.id == doc).values(n_pairs=left.get(doc, 0)))
+        for corpus_id in corpora:
+            catalog.recount_corpus(s, corpus_id)
+        s.execute(update(catalog.Removal).where(catalog.Removal.id == removal.id)
+                  .values(status=DONE, pair_ids=None))
+
+
+def forget(store: "Store", text: str, *, ignore_case: bool = False, context: int = 0,
+           documents: bool = False, dry_run: bool = False) -> Forgetting:
+    """Remove every pair whose next token overlaps an occurrence of ``text`` in a stored
+    document (matched on the decoded text, ``occurrences``); with ``context`` N, also the
+    pairs whose last N context tokens overlap one; with ``documents``, the whole documents
+    that contain it. The catalog keeps a salted hash of the text, never the text."""
+    if not isinstance(text, str) or not text.strip():
+        raise InputError("--text needs the text to forget (e.g. an e-mail address); it was empty")
+    check_number("context", context, 0, MAX_WINDOW, integer=True)
+    plan = _forget_plan(store, text, ignore_case, context, documents)
+    if not plan.occurrences:
+        raise InputError("the text occurs in no stored document (matched on the decoded text"
+                         f"{', ignoring case' if ignore_case else ''}): nothing was removed")
+    if dry_run:
+        return plan
+    with store.write_lock():
+        finish_removals(store)
+        plan = _forget_plan(store, text, ignore_case, context, documents)  # what is there now
+        if plan.occurrences:
+            salt = secrets.token_hex(16)
+            removal = _record(
+                store, command="forget", corpus=None, salt=salt,
+                condition=f"ignore_case={ignore_case} context={context} documents={documents}",
+                text_hash=hashlib.sha256((salt + text).encode("utf-8")).hexdigest(),
+                n_occurrences=plan.occurrences, n_documents=plan.documents, n_pairs=plan.pairs_removed,
+                document_ids=[d["document_id"] for d in plan.by_document],
+                pair_ids=None if documents else plan.pair_ids)
+            crash_point("remove_documents.after_intent")
+            _finish(store, removal)
+    store.refresh()
+    return Forgetting(plan.occurrences, plan.documents, plan.pairs_removed, False, documents, plan.by_document)
+
+
+@dataclass
+class _Plan(Forgetting):
+    pair_ids: list[int] = field(default_factory=list)
+
+
+def _forget_plan(store: "Store", text: str, ignore_case: bool, context: int, documents: bool) -> _Plan:
+    """Find ``text`` in every ready document (decoded from its stored tokens) and the pairs
+    (or documents) that would go."""
+    visible = sorted(store.visible_corpora)
+    by_document, pair_ids, total = [], [], 0
+    if visible:
+        cols = store.table.columns(["document_id", "position", "token", "next_token"],
+                                   where=f"corpus_id IN ({', '.join(map(str, visible))})")
+        doc, pos = cols.column("document_id").to_numpy(), cols.column("position").to_numpy()
+        tok, nxt = cols.column("token").to_numpy(), cols.column("next_token").to_numpy()
+        order = np.lexsort((pos, doc))
+        doc, pos, tok, nxt = doc[order], pos[order], tok[order], nxt[order]
+        bounds = np.flatnonzero(np.diff(doc)) + 1
+        tokenizer = store.encoder.tokenizer
+        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(doc)]):
+            found, stored = _find_in_document(tokenizer, int(doc[lo]), pos[lo:hi], tok[lo:hi], nxt[lo:hi],
+                                              text, ignore_case)
+            if not found:
+                continue
+            total += len(found)
+            if documents:
+                gone = stored
+            else:
+                gone = set()
+                for o in found:  # pair t predicts token t + 1, from a context ending at token t
+                    last = o.last_token - 1 + context  # its next token, or (--context) its last N tokens
+                    gone.update(range(max(0, o.first_token - 1), last + 1))
+                gone &= stored
+            ids = [int(pair_id(int(doc[lo]), p)) for p in sorted(gone)]
+            pair_ids += ids
+            by_document.append({"document_id": int(doc[lo]), "occurrences": len(found), "pairs": len(ids)})
+    refs = store.document_refs([d["document_id"] for d in by_document])
+    for d in by_document:
+        ref = refs.get(d["document_id"])
+        d.update(corpus=ref.corpus if ref else None, source=ref.source if ref else None)
+    return _Plan(total, len(by_document), len(pair_ids), True, documents, by_document, pair_ids)
+
+
+def _find_in_document(tokenizer, document_id: int, pos: np.ndarray, tok: np.ndarray, nxt: np.ndarray,
+                      text: str, ignore_case: bool):
+    """Occurrences of ``text`` in one document, from its stored pairs: the token at each
+    stored position, and the next token (the token at position + 1). Runs of known tokens
+    are searched apart (a gap: tokens whose pairs an earlier ``forget`` took). Returns the
+    occurrences (token positions in the document) and the set of stored positions."""
+    length = int(pos.max()) + 2
+    seq = np.full(length, -1, dtype=np.int64)
+    seq[pos + 1] = nxt
+    seq[pos] = tok
+    known = seq >= 0
+    found = []
+    edges = np.flatnonzero(np.diff(np.r_[0, known.astype(np.int8), 0]))
+    for start, end in zip(edges[::2], edges[1::2]):
+        for o in occurrences.find(tokenizer, document_id, seq[start:end].tolist(), text, ignore_case):
+            found.append(occurrences.Occurrence(o.document_id, o.start, o.end,
+                                                o.first_token + int(start), o.last_token + int(start)))
+    return found, set(int(p) for p in pos)
 
 
 def purge(store: "Store") -> dict[str, int]:

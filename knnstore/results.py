@@ -78,3 +78,19 @@ class DocumentRemoval:
     def to_dict(self) -> dict:
         return {"condition": self.condition, "dry_run": self.dry_run, "n_documents": len(self.documents),
                 "n_pairs": self.pairs, "documents": self.documents}
+
+
+@dataclass
+class Forgetting:
+    """What ``forget`` took out (or, with ``dry_run``, would): how often the text occurs,
+    in how many documents, and the pairs removed (whole documents with ``documents``)."""
+
+    occurrences: int
+    documents: int
+    pairs_removed: int
+    dry_run: bool
+    whole_documents: bool
+    by_document: list[dict]  # document_id, corpus, source, occurrences, pairs
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -446,6 +446,18 @@ class Store:
 
         return remove_documents(self, where, corpus, dry_run=dry_run)
 
+    def forget(self, text: str, *, ignore_case: bool = False, context: int = 0, documents: bool = False,
+               dry_run: bool = False):
+        """Remove every pair whose next token overlaps an occurrence of ``text`` in a
+        stored document, matched on the documents' decoded text (``ignore_case``: any
+        case); ``context`` N: also the pairs with an occurrence token among their last N
+        context tokens; ``documents``: the whole documents that contain it instead.
+        ``dry_run`` only says what would go. Returns a ``Forgetting``; the catalog keeps a
+        salted hash of the text, never the text. The rows leave the disk with ``purge``."""
+        from .removal import forget
+
+        return forget(self, text, ignore_case=ignore_case, context=context, documents=documents, dry_run=dry_run)
+
     def purge(self) -> dict[str, int]:
         """Take removed rows off the disk (``knnstore purge``): rewrite the data files that
         hold deleted rows, drop old table versions, vacuum the catalog. A reader that holds

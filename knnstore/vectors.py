@@ -335,6 +335,19 @@ class PairsTable:
         if document_ids:
             self._table.delete(f"document_id IN ({', '.join(str(int(d)) for d in document_ids)})")
 
+    def delete_pairs(self, pair_ids: Collection[int]) -> None:
+        """Delete these pairs, in one commit."""
+        if pair_ids:
+            self._table.delete(f"pair_id IN ({', '.join(str(int(p)) for p in pair_ids)})")
+
+    def counts_by_document(self, document_ids: Collection[int]) -> dict[int, int]:
+        """Rows of each of these documents (absent: none)."""
+        if not document_ids:
+            return {}
+        col = self.columns(["document_id"], where=f"document_id IN ({', '.join(str(int(d)) for d in document_ids)})")
+        ids, counts = np.unique(col.column("document_id").to_numpy(), return_counts=True)
+        return {int(i): int(c) for i, c in zip(ids, counts)}
+
     def cleanup(self) -> int:
         """Drop old versions and data files no version references (a killed add leaves
         some). Run it only under the write lock: a reader pinned to an old version loses it.

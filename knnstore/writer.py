@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from . import catalog, indexing, ingest
@@ -459,13 +459,7 @@ class Writer:
         self.store.verify_lock()
         with Session(self.store.engine) as s, s.begin():
             s.execute(update(catalog.Document).where(catalog.Document.id.in_(doc_ids)).values(status=READY))
-            totals = s.execute(
-                select(func.count(), func.coalesce(func.sum(catalog.Document.n_tokens), 0),
-                       func.coalesce(func.sum(catalog.Document.n_pairs), 0))
-                .where(catalog.Document.corpus_id == corpus_id, catalog.Document.status == READY)
-            ).one()
-            s.execute(update(catalog.Corpus).where(catalog.Corpus.id == corpus_id).values(
-                n_documents=totals[0], n_tokens=totals[1], n_pairs=totals[2]))
+            catalog.recount_corpus(s, corpus_id)
 
 
 @dataclass

@@ -28,7 +28,9 @@ def upgrade() -> None:
         sa.Column('status', sa.String(length=16), nullable=False),
         sa.Column('n_documents', sa.Integer(), nullable=False),
         sa.Column('n_pairs', sa.BigInteger(), nullable=False),
+        sa.Column('n_occurrences', sa.Integer(), nullable=True),
         sa.Column('document_ids', sa.JSON(), nullable=True),
+        sa.Column('pair_ids', sa.JSON(), nullable=True),
         sa.PrimaryKeyConstraint('id'),
         sqlite_autoincrement=True,
     )
