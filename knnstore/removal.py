@@ -67,9 +67,7 @@ def remove_documents(store: "Store", where: str, corpus: str | None = None,
                      dry_run: bool = False) -> DocumentRemoval:
     """Remove the documents matching ``where`` (see ``select_documents``) and their pairs;
     with ``dry_run``, only say what would go. A condition matching nothing is an error."""
-    if corpus is not None and not dry_run:
-        store.corpus(corpus)  # a missing corpus fails before the lock is taken
-    chosen = select_documents(store, where, corpus)
+    chosen = select_documents(store, where, corpus)  # a missing corpus fails here, before the lock
     if not chosen:
         scope = f" in corpus '{corpus}'" if corpus is not None else ""
         raise InputError(f"no document{scope} matches {where!r}: nothing was removed (try it first with "
