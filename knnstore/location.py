@@ -54,7 +54,7 @@ def parse_storage_options(items) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Location:
-    """A store's place: ``uri`` is an absolute local path or ``scheme://bucket/prefix``."""
+    """A store's place: ``uri`` is a local path (as given) or ``scheme://bucket/prefix``."""
 
     uri: str
     storage_options: dict[str, str] = field(default_factory=dict, compare=False)
@@ -80,8 +80,8 @@ class Location:
             scheme = given.split("://", 1)[0]
             raise InputError(f"{given}: knnstore stores live in a local directory or on "
                              f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}, not {scheme}://")
-        path = Path(given).absolute()
-        if "?" in str(path):
+        path = Path(given)  # as given (messages show it so); checked in full
+        if "?" in str(path.absolute()):
             raise InputError(f"{given}: a store path cannot contain '?' (LanceDB reads it as the start of a "
                              "URL query and would write elsewhere); pick a path without it")
         return cls(str(path), options)
