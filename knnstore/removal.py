@@ -184,7 +184,7 @@ def _forget_plan(store: "Store", text: str, ignore_case: bool, context: int, doc
         doc, pos, tok, nxt = doc[order], pos[order], tok[order], nxt[order]
         bounds = np.flatnonzero(np.diff(doc)) + 1
         tokenizer = store.encoder.tokenizer
-        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(doc)]):
+        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(doc)]) if len(doc) else ():
             found, stored = _find_in_document(tokenizer, int(doc[lo]), pos[lo:hi], tok[lo:hi], nxt[lo:hi],
                                               text, ignore_case)
             if not found:

@@ -155,3 +155,10 @@ def test_bad_text_is_a_one_line_error_that_changes_nothing(planted, text):
     result = CliRunner().invoke(cli, ["forget", str(store.path), "--text", text])
     assert result.exit_code == 1 and len([x for x in result.output.splitlines() if x.startswith("Error:")]) == 1
     assert snapshot(store.path) == before
+
+
+def test_a_store_with_no_pairs_left_finds_nothing_and_says_so(planted):
+    store, _ = planted
+    store.remove_documents("n_pairs >= 0")
+    with pytest.raises(InputError, match="occurs in no stored document"):
+        store.forget(EMAIL)
