@@ -41,7 +41,7 @@ except PackageNotFoundError:  # a source tree that was never installed
 
 # The adapter imports transformers' generation utilities (slow); load it on first use.
 _LAZY = {"KNNLM": "adapter", "KNNLogitsProcessor": "adapter", "Generation": "adapter",
-         "Source": "adapter", "TokenExplanation": "adapter", "EvalResult": "evaluate",
+         "Source": "adapter", "Span": "adapter", "TokenExplanation": "adapter", "EvalResult": "evaluate",
          # the Python twins of `knnstore calibrate` and `check` (`eval`: KNNLM.evaluate;
          # `check`: Store.check; the functions `evaluate` and `check` share their modules' names)
          "calibrate": "evaluate", "CheckReport": "check"}
@@ -58,7 +58,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CatalogError", "CheckReport", "CorpusExistsError", "calibrate", "CorpusInfo", "DocumentRef", "EvalResult", "Generation", "KNNLM", "KNNLogitsProcessor",
-    "KNNSettings", "Source", "TokenExplanation", "CorpusNotFoundError", "DiskFullError", "Encoder", "IngestSettings",
+    "KNNSettings", "Source", "Span", "TokenExplanation", "CorpusNotFoundError", "DiskFullError", "Encoder", "IngestSettings",
     "IndexPlan", "IndexState", "InputError", "KnnstoreError", "ModelLoadError", "ModelMismatchError", "ModelRunError", "Neighbours",
     "ReadOnlyError", "SourceOptions", "Store", "StoreDamagedError", "StoreExistsError", "StoreIdentity",
     "StoreLockedError", "StoreMismatchError", "StoreNotFoundError", "StoreStats", "StoreVersionError",

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -98,6 +99,51 @@ class TokenExplanation:
 
 
 @dataclass
+class Span:
+    """Consecutive tokens (``first``..``last``, their sequence indices) whose heaviest
+    supporting neighbours are consecutive stored positions of one document: a passage
+    the output follows, shown once as a citation instead of token by token."""
+
+    first: int
+    last: int
+    text: str  # the tokens' text
+    corpus: str
+    document_id: int
+    document: str
+    title: str | None
+    start_position: int  # stored positions whose next tokens these are
+    end_position: int
+    passage: str  # the stored text: the token at start_position and the next tokens to end_position
+
+    @property
+    def length(self) -> int:
+        return self.last - self.first + 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def follows(t: TokenExplanation) -> Source | None:
+    """The heaviest neighbour that predicted this very token (None: none did)."""
+    return t.sources[0] if t.sources and t.sources[0].next_token == t.token else None
+
+
+def span_runs(tokens: Sequence[TokenExplanation], min_length: int = 2) -> list[list[TokenExplanation]]:
+    """Runs of consecutive tokens whose supporting neighbours (``follows``) are consecutive
+    positions of one document, at least ``min_length`` long."""
+    runs: list[list[TokenExplanation]] = []
+    for t in tokens:
+        src, run = follows(t), runs[-1] if runs else None
+        prev = follows(run[-1]) if run else None
+        if (src is not None and prev is not None and t.index == run[-1].index + 1
+                and src.document_id == prev.document_id and src.position == prev.position + 1):
+            run.append(t)
+        else:
+            runs.append([t])
+    return [r for r in runs if follows(r[0]) is not None and len(r) >= min_length]
+
+
+@dataclass
 class Generation:
     """The result of ``KNNLM.generate``."""
 
@@ -106,11 +152,12 @@ class Generation:
     token_ids: list[int]
     retrieved_fraction: float
     tokens: list[TokenExplanation] = field(default_factory=list)  # with explain=True
+    spans: list[Span] = field(default_factory=list)  # with explain=True: copied passages
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
                 "retrieved_fraction": self.retrieved_fraction,
-                "tokens": [t.to_dict() for t in self.tokens]}
+                "tokens": [t.to_dict() for t in self.tokens], "spans": [s.to_dict() for s in self.spans]}
 
 
 @dataclass
@@ -287,6 +334,22 @@ class KNNLM:
                 out.append(self._explain_row(step, row, index, token, n_sources))
         return out
 
+    def spans(self, tokens: Sequence[TokenExplanation], min_length: int = 2) -> list[Span]:
+        """Merge explained tokens into the stored passages they follow (``span_runs``):
+        "tokens 4-11 follow document D, positions 120-127", with the stored passage."""
+        out = []
+        for run in span_runs(tokens, min_length):
+            first, last = follows(run[0]), follows(run[-1])
+            left, here, nxt, right = self.store.table.tokens_around(
+                first.document_id, first.position, 0, last.position - first.position + 1)
+            stored = ([here] if here is not None else []) + ([nxt] if nxt is not None else []) + right
+            out.append(Span(
+                first=run[0].index, last=run[-1].index, text="".join(t.text for t in run), corpus=first.corpus,
+                document_id=first.document_id, document=first.document, title=first.title,
+                start_position=first.position, end_position=last.position,
+                passage=self.tokenizer.decode(stored)))
+        return out
+
     # --- generation -------------------------------------------------------------------
 
     def logits_processor(self, record: bool = False) -> "KNNLogitsProcessor":
@@ -334,7 +397,8 @@ class KNNLM:
             for i, (tok, step) in enumerate(zip(new, proc.steps)):
                 tokens.append(self._explain_row(step, 0, start + i, tok, n_sources))
         return Generation(prompt=prompt, text=self.tokenizer.decode(new, skip_special_tokens=True),
-                          token_ids=new, retrieved_fraction=proc.retrieved_fraction, tokens=tokens)
+                          token_ids=new, retrieved_fraction=proc.retrieved_fraction, tokens=tokens,
+                          spans=self.spans(tokens))
 
 
 class KNNLogitsProcessor(LogitsProcessor):

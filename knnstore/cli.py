@@ -818,6 +818,7 @@ def generate(store, prompt, max_new_tokens, sample, top_p, num_beams, seed, expl
     out.print(Text(_safe(prompt), style="bold") + Text(_safe(g.text)))
     if explain:
         _print_explanations(g.tokens)
+        _print_spans(g.spans)
     err.print(f"retrieved at {100 * g.retrieved_fraction:.0f}% of steps")
 
 
@@ -828,8 +829,11 @@ def generate(store, prompt, max_new_tokens, sample, top_p, num_beams, seed, expl
 @click.option("--sources", "n_sources", default=3, show_default=True, type=Num(0, MAX_K),
               help="Neighbours shown per token.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per token, in a list.")
+@click.option("--spans", "with_spans", is_flag=True,
+              help="With --json: print {\"tokens\": [...], \"spans\": [...]} (passages followed "
+                   "token after token, each once); the text output always shows them.")
 @_device_options
-def explain(store, text, n_sources, as_json, **knn_opts):
+def explain(store, text, n_sources, as_json, with_spans, **knn_opts):
     """Score TEXT and show, for each token, its probability and the stored sources behind it.
 
     \b
@@ -839,9 +843,11 @@ def explain(store, text, n_sources, as_json, **knn_opts):
     lm = _knnlm(store, knn_opts, single=True)
     tokens = lm.explain(text, n_sources=n_sources)
     if as_json:
-        _echo_json([t.to_dict() for t in tokens])
+        listed = [t.to_dict() for t in tokens]
+        _echo_json({"tokens": listed, "spans": [sp.to_dict() for sp in lm.spans(tokens)]} if with_spans else listed)
         return
     _print_explanations(tokens)
+    _print_spans(lm.spans(tokens))
 
 
 @cli.command()
@@ -917,6 +923,14 @@ def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature,
     out.print(f"retrieval: {'always' if skip is None else f'skipped where the LM top probability >= {skip:g}'}"
               f" ({100 * cal.metrics['retrieved_fraction']:.1f}% of positions retrieve). "
               f"Use it with --adaptive.")
+
+
+def _print_spans(spans) -> None:
+    """Passages the text follows token after token, each once, as a citation."""
+    for sp in spans:
+        name = f"{sp.title} ({sp.document})" if sp.title else sp.document
+        out.print(Text(_safe(f"tokens {sp.first}-{sp.last} follow {sp.corpus}: {name}, positions "
+                             f"{sp.start_position}-{sp.end_position}: \"{' '.join(sp.passage.split())}\"")))
 
 
 def _print_explanations(tokens) -> None:

@@ -206,3 +206,20 @@ def test_the_adapter_refuses_another_model_and_says_what_differs(knn_store, tmp_
 def test_bad_knn_settings_are_refused_with_what_to_change(lm, change, message):
     with pytest.raises(InputError, match=message):
         lm.with_settings(**change)
+
+
+def test_a_copied_passage_is_one_span_citing_its_document(knn_store, tiny_encoder):
+    """Explaining stored text: consecutive tokens follow consecutive stored positions of one
+    document, merged into spans that name it and quote the stored passage."""
+    lm = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, knn_store, k=8, lambda_=0.5, temperature=1.0, exact=True)
+    tokens = lm.explain(LOBSTER, n_sources=4)
+    spans = lm.spans(tokens)
+    assert spans and max(sp.length for sp in spans) >= 5
+    ordered = sorted(spans, key=lambda sp: sp.first)
+    assert all(a.last < b.first for a, b in zip(ordered, ordered[1:]))  # no token in two spans
+    for sp in spans:
+        assert sp.end_position - sp.start_position == sp.last - sp.first  # one stored position a token
+        run = [t for t in tokens if sp.first <= t.index <= sp.last]
+        assert all(t.sources[0].document_id == sp.document_id and t.sources[0].next_token == t.token for t in run)
+        assert sp.text in sp.passage  # the stored passage holds what was followed
+    assert sum(sp.length for sp in spans) >= len(tokens) // 2  # stored text: mostly copied

@@ -176,6 +176,15 @@ def test_generate_and_explain_show_the_sources(runner, filled_store):
     assert ex.exit_code == 0, ex.output
     tokens = json.loads(ex.stdout)
     assert tokens[-1]["sources"][0]["document"].endswith("c.txt")
+    assert "spans" in g and isinstance(g["spans"], list)
+    text = "First Citizen: Before we proceed any further, hear me speak."
+    both = json.loads(runner.invoke(cli, ["explain", str(filled_store), text, "--json", "--spans", "--exact",
+                                          "--lambda", "0.9", "--temperature", "1"]).stdout)
+    assert {"tokens", "spans"} == both.keys() and both["spans"]
+    assert {"first", "last", "document", "start_position", "end_position", "passage"} <= both["spans"][0].keys()
+    shown = runner.invoke(cli, ["explain", str(filled_store), text, "--exact"])
+    flat = " ".join(shown.stdout.split())  # rich wraps long lines
+    assert shown.exit_code == 0 and " follow docs: c (" in flat and "c.txt), positions " in flat
 
 
 def test_index_trains_and_reports_the_ann_index(runner, filled_store, tmp_path):

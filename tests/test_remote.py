@@ -93,6 +93,9 @@ def test_an_s3_store_with_a_postgresql_catalog_works_from_its_uri_alone(s3, post
     assert first.exit_code == 0, first.output
     assert json.loads(runner.invoke(cli, ["stats", uri, "--json"]).stdout)["pairs"] == \
         pairs - json.loads(first.stdout)["n_pairs"]
+    forgot = runner.invoke(cli, ["forget", uri, "--text", "lobster", "--json"])
+    assert forgot.exit_code == 0, forgot.output
+    assert json.loads(forgot.stdout)["occurrences"] > 0 and json.loads(forgot.stdout)["pairs_removed"] > 0
     purged = runner.invoke(cli, ["purge", uri, "--json"])  # data files rewritten on S3, VACUUM FULL
     assert purged.exit_code == 0, purged.output
     assert json.loads(purged.stdout)["fragments_rewritten"] >= 1
