@@ -171,9 +171,10 @@ class IndexBuild(Base):
 
 
 class Removal(Base):
-    """One removal of documents (``remove-documents``; later ``forget``): the audit of what
-    was taken out, kept after the rows are gone. Never the removed text itself: a
-    forgotten string is kept only as a salted hash."""
+    """One removal (``remove-documents`` or ``forget``): the audit of what was taken out,
+    kept after the rows are gone, and while ``removing`` the intent a cut-short removal is
+    finished from. Never the removed text itself: a forgotten string is kept only as a
+    salted hash."""
 
     __tablename__ = "removals"
     __table_args__ = {"sqlite_autoincrement": True}
@@ -330,7 +331,7 @@ def vacuum(engine: Engine) -> None:
 
 
 def unfinished_removals(engine: Engine) -> list[Removal]:
-    """Document removals a killed writer left ``removing`` (oldest first)."""
+    """Removals a killed writer left ``removing`` (oldest first)."""
     with Session(engine, expire_on_commit=False) as s:
         return list(s.scalars(select(Removal).where(Removal.status == REMOVING).order_by(Removal.id)))
 

@@ -29,7 +29,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pyarrow as pa
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -38,7 +37,7 @@ from . import catalog
 from .catalog import FAILED, INGESTING, READY, REMOVING
 from .config import DTYPES
 from .errors import StoreDamagedError
-from .vectors import VECTOR_TYPES, pairs_schema
+from .vectors import VECTOR_TYPES, in_list, pairs_schema, value_counts
 
 if TYPE_CHECKING:
     from .store import Store
@@ -74,11 +73,6 @@ class CheckReport:
     def to_dict(self) -> dict:
         return {"store": self.store, "ok": self.ok, "corpora": self.corpora, "documents": self.documents,
                 "table_rows": self.table_rows, "problems": [p.to_dict() for p in self.problems]}
-
-
-def _counts(column: np.ndarray) -> dict[int, int]:
-    ids, counts = np.unique(column, return_counts=True)
-    return {int(i): int(c) for i, c in zip(ids, counts)}
 
 
 def check(store: "Store", repair: bool = False) -> CheckReport:
@@ -142,7 +136,8 @@ def _check(store: "Store", repair: bool) -> CheckReport:
         corpora = list(s.scalars(select(catalog.Corpus).order_by(catalog.Corpus.id)))
         docs = list(s.execute(select(catalog.Document.id, catalog.Document.corpus_id,
                                      catalog.Document.n_pairs, catalog.Document.status)))
-    seen = _Seen(_counts(cols.column("corpus_id").to_numpy()), _counts(cols.column("document_id").to_numpy()),
+    seen = _Seen(value_counts(cols.column("corpus_id").to_numpy()),
+                 value_counts(cols.column("document_id").to_numpy()),
                  corpora, docs)
     report.table_rows, report.corpora, report.documents = cols.num_rows, len(corpora), len(docs)
     writer = store.writer_active() if not repair else False  # repair holds the lock itself
@@ -266,8 +261,7 @@ def _stray_documents(store: "Store", seen: _Seen, repair: bool) -> list[Problem]
     stray = {doc: n for doc, n in seen.rows_by_doc.items() if doc not in known_docs}
     if not stray:
         return []
-    ids = ", ".join(str(d) for d in sorted(stray))
-    owners = store.table.columns(["corpus_id", "document_id"], where=f"document_id IN ({ids})")
+    owners = store.table.columns(["corpus_id", "document_id"], where=in_list("document_id", sorted(stray)))
     by_doc = dict(zip(owners.column("document_id").to_pylist(), owners.column("corpus_id").to_pylist()))
     status = {c.id: c.status for c in seen.corpora}
     problems = []
@@ -280,7 +274,7 @@ def _stray_documents(store: "Store", seen: _Seen, repair: bool) -> list[Problem]
             p.repair = "delete those rows"
             if repair:
                 store.verify_lock()
-                store.table.delete_corpus(cid, [doc])
+                store.table.delete_documents([doc])
                 p.repaired = True
         problems.append(p)
     return problems

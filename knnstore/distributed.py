@@ -98,7 +98,7 @@ def shards(documents: Sequence[tuple[int, Sequence[int]]], n: int) -> list[bytes
     """``documents`` (id, tokens) cut into at most ``n`` shards of about equal tokens (whole
     documents each, longest first), for Ray's object store: each a pickled list of (id,
     int32 array), 4 bytes a token (``read_shard``)."""
-    bins: list[list[tuple[int, list[int]]]] = [[] for _ in range(max(1, min(n, len(documents))))]
+    bins: list[list[tuple[int, Sequence[int]]]] = [[] for _ in range(max(1, min(n, len(documents))))]
     loads = [0] * len(bins)
     for doc in sorted(documents, key=lambda d: -len(d[1])):
         i = loads.index(min(loads))
@@ -151,7 +151,6 @@ def _worker_encoder(ident: StoreIdentity, weights, device: str, compute_dtype: s
     """The store's model in a worker: from the driver's weights when it shipped them
     (``model_weights``: a model built from its config, the float32 weights loaded, 1.5 s for
     SmolLM2), else loaded by name (15.6 s for SmolLM2's GGUF)."""
-    import numpy as np
     import torch
 
     from .encoder import Encoder
@@ -181,7 +180,7 @@ def model_weights(encoder) -> dict | None:
             "state": {k: v.detach().numpy() for k, v in encoder.model.state_dict().items()}}
 
 
-def encode_on_ray(documents: Sequence[tuple[int, list[int]]], *, identity: StoreIdentity, table_uri: Location,
+def encode_on_ray(documents: Sequence[tuple[int, Sequence[int]]], *, identity: StoreIdentity, table_uri: Location,
                   schema: pa.Schema, settings: IngestSettings, corpus_id: int, corpus: str, store_path: str,
                   options: RayOptions, device: str, compute_dtype: str, encoder=None,
                   progress: Callable[[int, int], None] | None = None) -> tuple[list, int]:

@@ -15,6 +15,13 @@ class KnnstoreError(Exception):
         return str(self.args[0]) if self.args else self.__class__.__name__
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (a database driver's own, where SQLAlchemy
+    wraps one), or its class name: the detail a one-line error quotes."""
+    text = str(getattr(exc, "orig", exc) or "").strip()
+    return (text.splitlines() or [type(exc).__name__])[0]
+
+
 class StoreNotFoundError(KnnstoreError, FileNotFoundError):
     """The path is missing or is not a knnstore store."""
 

@@ -33,6 +33,7 @@ from .errors import (
     StoreNotFoundError,
     StorageError,
     StoreVersionError,
+    first_line,
 )
 from .location import Location
 from .lock import CatalogLock, WriteLock, on_read_only_mount
@@ -96,7 +97,7 @@ def resolve_catalog_url(url: str | None) -> str | None:
 
 def catalog_failure(exc: Exception, path: "Location | Path", url, action: str) -> KnnstoreError:
     """The one-line error for a catalog that cannot be opened or read."""
-    detail = str(getattr(exc, "orig", exc) or exc.__class__.__name__).strip().splitlines()[0]
+    detail = first_line(exc)
     parsed = catalog.parse_url(url)
     if parsed.password:
         detail = detail.replace(str(parsed.password), "***")

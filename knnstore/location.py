@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import InputError, StorageError
+from .errors import InputError, StorageError, first_line
 
 REMOTE_SCHEMES = ("s3", "gs", "az")  # the object stores Lance supports
 # pyarrow's file system names for them (Azure Blob: "abfs")
@@ -143,7 +143,7 @@ class Location:
         try:
             fs, path = pafs.FileSystem.from_uri(f"{_PYARROW_SCHEMES[scheme]}://{rest}")
         except (ValueError, OSError) as exc:
-            raise InputError(f"cannot reach {self.uri} ({_first_line(exc)}): check the credentials "
+            raise InputError(f"cannot reach {self.uri} ({first_line(exc)}): check the credentials "
                              "in the environment") from None
         return fs, path
 
@@ -151,7 +151,7 @@ class Location:
         try:
             return fn()
         except OSError as exc:
-            raise StorageError(f"cannot {what} {self.uri} ({_first_line(exc)}): check that the object "
+            raise StorageError(f"cannot {what} {self.uri} ({first_line(exc)}): check that the object "
                                "store is reachable and the credentials and endpoint are right "
                                "(environment, or --storage-option)") from None
 
@@ -254,14 +254,8 @@ def storage_failure(exc: BaseException) -> str | None:
     if not isinstance(exc, (OSError, RuntimeError, ValueError)):
         return None
     text = str(exc)
-    if not any(marker in text for marker in _STORE_FAILURES):
-        return None
     for marker in _STORE_FAILURES:
         if marker in text:
-            start = text.index(marker)
-            return text[start:].splitlines()[0][:300]
+            return text[text.index(marker):].splitlines()[0][:300]
     return None
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

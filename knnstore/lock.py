@@ -23,7 +23,7 @@ import os
 import time
 from pathlib import Path
 
-from .errors import ReadOnlyError, StoreLockedError
+from .errors import ReadOnlyError, StoreLockedError, first_line
 
 
 def on_read_only_mount(path: Path) -> bool:
@@ -59,62 +59,97 @@ def writer_active(path: Path) -> bool:
         os.close(fd)
 
 
-class WriteLock:
-    """The write lock of one store directory (or of the one file standing for a store
-    elsewhere: ``CatalogLock``); re-entrant within one handle."""
+class _ReentrantLock:
+    """Re-entrant within one handle: taken once (``_open``, then ``_try`` until it holds
+    or ``wait_s`` passes), released when the outermost holder lets go (``_close``)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._fd: int | None = None
+    poll_s = 0.05
+    path: object  # what the messages name
+
+    def __init__(self) -> None:
+        self._handle = None  # the open descriptor / connection while the lock is held
         self._depth = 0
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._handle is not None
 
     def acquire(self, wait_s: float = 5.0) -> bool:
         """Take the lock, waiting briefly (a reader's probe holds it for microseconds).
         Returns True where this call took it (False: this handle held it already)."""
-        if self._fd is not None:
+        if self._handle is not None:
             self._depth += 1
             return False
+        handle = self._open()
+        deadline = time.monotonic() + wait_s
+        try:
+            while not self._try(handle):
+                if time.monotonic() > deadline:
+                    raise StoreLockedError(self._busy_message())
+                time.sleep(self.poll_s)
+        except BaseException:
+            self._close(handle, locked=False)
+            raise
+        self._handle, self._depth = handle, 1
+        return True
+
+    def release(self) -> None:
+        if self._handle is None:
+            return
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        handle, self._handle = self._handle, None
+        self._close(handle, locked=True)
+
+    def _not_held(self) -> StoreLockedError:
+        return StoreLockedError(f"writing to {self.path} without its write lock (a bug in knnstore)")
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class WriteLock(_ReentrantLock):
+    """The write lock of one store directory (or of the one file standing for a store
+    elsewhere: ``CatalogLock``); re-entrant within one handle."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+
+    def _open(self) -> int:
         if is_read_only(self.path):
             raise ReadOnlyError(
                 f"{self.path} is read-only (a read-only mount, or no write permission): this "
                 "command writes to the store; list, stats, sql, check and eval only read it"
             )
-        fd = _open_dir(self.path)
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise StoreLockedError(
-                        f"another process is writing to {self.path}; wait for it to finish and retry"
-                    ) from None
-                time.sleep(0.05)
-        self._fd, self._depth = fd, 1
-        return True
+        return _open_dir(self.path)
 
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        self._depth -= 1
-        if self._depth > 0:
-            return
-        fd, self._fd = self._fd, None
-        fcntl.flock(fd, fcntl.LOCK_UN)
+    def _try(self, fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def _busy_message(self) -> str:
+        return f"another process is writing to {self.path}; wait for it to finish and retry"
+
+    def _close(self, fd: int, locked: bool) -> None:
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
     def verify(self) -> None:
         """Refuse to go on unless this handle still holds the lock of the directory at the
         store's path (it was not moved away and replaced while we wrote)."""
-        if self._fd is None:
-            raise StoreLockedError(f"writing to {self.path} without its write lock (a bug in knnstore)")
-        held = os.fstat(self._fd)
+        if self._handle is None:
+            raise self._not_held()
+        held = os.fstat(self._handle)
         try:
             here = os.stat(self.path)
         except OSError:
@@ -129,13 +164,6 @@ class WriteLock:
         """Whether another process holds this lock now."""
         return writer_active(self.path)
 
-    def __enter__(self) -> "WriteLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
 
 def lock_key(name: str) -> int:
     """A PostgreSQL advisory lock key (signed 64-bit) for a store id."""
@@ -143,28 +171,25 @@ def lock_key(name: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-class CatalogLock:
+class CatalogLock(_ReentrantLock):
     """The write lock of a store whose catalog is a PostgreSQL server: a session advisory
     lock held on one connection for as long as the lock is, keyed by the store id (so two
     stores sharing a server never block each other). Same interface as ``WriteLock``."""
 
+    poll_s = 0.1
+
     def __init__(self, engine, store_id: str, shown: str) -> None:
+        super().__init__()
         self.engine, self.key, self.path = engine, lock_key(store_id), shown
-        self._conn = None
-        self._depth = 0
 
-    @property
-    def held(self) -> bool:
-        return self._conn is not None
-
-    def _connect(self):
+    def _open(self):
         from sqlalchemy.exc import SQLAlchemyError
 
         try:
             return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         except SQLAlchemyError as exc:
             raise StoreLockedError(f"cannot take the write lock of {self.path} in its catalog "
-                                   f"({_first_line(exc)}): check that the catalog's server is running") from None
+                                   f"({first_line(exc)}): check that the catalog's server is running") from None
 
     def _ask(self, conn, sql: str) -> bool:
         from sqlalchemy import text
@@ -173,33 +198,17 @@ class CatalogLock:
         params = {"k": self.key, "hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF}
         return bool(conn.execute(text(sql), params).scalar())
 
-    def acquire(self, wait_s: float = 5.0) -> bool:
-        if self._conn is not None:
-            self._depth += 1
-            return False
-        conn = self._connect()
-        deadline = time.monotonic() + wait_s
-        try:
-            while not self._ask(conn, "SELECT pg_try_advisory_lock(:k)"):
-                if time.monotonic() > deadline:
-                    raise StoreLockedError(f"another process (maybe on another machine) is writing to "
-                                           f"{self.path}; wait for it to finish and retry")
-                time.sleep(0.1)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn, self._depth = conn, 1
-        return True
+    def _try(self, conn) -> bool:
+        return self._ask(conn, "SELECT pg_try_advisory_lock(:k)")
 
-    def release(self) -> None:
-        if self._conn is None:
-            return
-        self._depth -= 1
-        if self._depth > 0:
-            return
-        conn, self._conn = self._conn, None
+    def _busy_message(self) -> str:
+        return (f"another process (maybe on another machine) is writing to {self.path}; wait for it "
+                "to finish and retry")
+
+    def _close(self, conn, locked: bool) -> None:
         try:
-            self._ask(conn, "SELECT pg_advisory_unlock(:k)")
+            if locked:
+                self._ask(conn, "SELECT pg_advisory_unlock(:k)")
         except Exception:  # the connection is gone: the server released the lock with it
             pass
         finally:
@@ -208,25 +217,25 @@ class CatalogLock:
     def verify(self) -> None:
         """Refuse to go on unless this handle's connection, and so its lock, is alive (the
         server drops a session's locks with the session)."""
-        if self._conn is None:
-            raise StoreLockedError(f"writing to {self.path} without its write lock (a bug in knnstore)")
+        if self._handle is None:
+            raise self._not_held()
         try:
-            held = self._ask(self._conn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                                         "AND pid = pg_backend_pid() AND granted AND "
-                                         "classid::bigint = :hi AND objid::bigint = :lo AND objsubid = 1")
+            held = self._ask(self._handle, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                           "AND pid = pg_backend_pid() AND granted AND "
+                                           "classid::bigint = :hi AND objid::bigint = :lo AND objsubid = 1")
         except Exception as exc:
             raise StoreLockedError(f"lost the connection to the catalog holding the write lock of {self.path} "
-                                   f"({_first_line(exc)}); stopped before committing anything more. "
+                                   f"({first_line(exc)}); stopped before committing anything more. "
                                    "`knnstore resume-corpus` finishes the work once it is back") from None
         if not held:
             raise StoreLockedError(f"the write lock of {self.path} was released while this process wrote "
                                    "to it; stopped before committing anything more")
 
     def active_elsewhere(self) -> bool:
-        if self._conn is not None:
+        if self._handle is not None:
             return False
         try:
-            conn = self._connect()
+            conn = self._open()
         except StoreLockedError:
             return False
         with conn:
@@ -234,15 +243,3 @@ class CatalogLock:
                 self._ask(conn, "SELECT pg_advisory_unlock_shared(:k)")
                 return False
             return True
-
-    def __enter__(self) -> "CatalogLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", exc) or exc.__class__.__name__).strip()
-    return (text.splitlines() or [exc.__class__.__name__])[0]

@@ -1,15 +1,18 @@
-"""Taking documents out of a store without a rebuild (``knnstore remove-documents``), and
-removed rows off the disk (``knnstore purge``).
+"""Taking data out of a store without a rebuild: documents (``knnstore remove-documents``),
+a string wherever it occurs (``knnstore forget``), and removed rows off the disk
+(``knnstore purge``).
 
-The documents are chosen by an SQL condition over the read-only ``documents`` view, run
-in the same sandbox as ``knnstore sql`` (one SELECT, no files, no writes). Under the write
-lock, the removal is three steps, each safe to be killed after:
+``remove-documents`` chooses documents by an SQL condition over the read-only
+``documents`` view, run in the same sandbox as ``knnstore sql`` (one SELECT, no files, no
+writes); ``forget`` finds the string in the documents' decoded stored tokens
+(``occurrences``) and chooses the pairs that predict a token of it. Under the write lock,
+either removal is three steps, each safe to be killed after:
 
-1. a ``removals`` row records the intent (the documents' ids; status ``removing``);
-2. one Lance delete of their pairs: one commit, so readers see every pair of those
-   documents, or none;
-3. one catalog transaction deletes the documents' rows, takes their counts off their
-   corpora and marks the removal ``ok``.
+1. a ``removals`` row records the intent (the documents' ids, and for ``forget`` the
+   pairs'; status ``removing``);
+2. one Lance delete of their pairs: one commit, so readers see all of them, or none;
+3. one catalog transaction deletes the documents' rows (or recounts their pairs), recounts
+   their corpora and marks the removal ``ok``.
 
 A removal killed after step 1 is finished by the next writer that takes the lock for a
 removal, or by ``knnstore check --repair`` (``finish_removals``): steps 2 and 3 again,
@@ -22,13 +25,12 @@ vacuums the catalog (docs/forget.md).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
@@ -37,7 +39,7 @@ from .config import MAX_WINDOW, check_number
 from .errors import InputError
 from .faults import crash_point
 from .results import DocumentRemoval, Forgetting
-from .vectors import pair_id
+from .vectors import in_list, pair_id
 
 if TYPE_CHECKING:
     from .store import Store
@@ -141,15 +143,17 @@ def forget(store: "Store", text: str, *, ignore_case: bool = False, context: int
     if not isinstance(text, str) or not text.strip():
         raise InputError("--text needs the text to forget (e.g. an e-mail address); it was empty")
     check_number("context", context, 0, MAX_WINDOW, integer=True)
-    plan = _forget_plan(store, text, ignore_case, context, documents)
+    plan, pair_ids = _forget_plan(store, text, ignore_case, context, documents)
     if not plan.occurrences:
         raise InputError("the text occurs in no stored document (matched on the decoded text"
                          f"{', ignoring case' if ignore_case else ''}): nothing was removed")
     if dry_run:
         return plan
+    seen = (store.table.version, store.visible_corpora)
     with store.write_lock():
         finish_removals(store)
-        plan = _forget_plan(store, text, ignore_case, context, documents)  # what is there now
+        if (store.table.version, store.visible_corpora) != seen:  # the store moved on: look again
+            plan, pair_ids = _forget_plan(store, text, ignore_case, context, documents)
         if plan.occurrences:
             salt = secrets.token_hex(16)
             removal = _record(
@@ -158,26 +162,22 @@ def forget(store: "Store", text: str, *, ignore_case: bool = False, context: int
                 text_hash=hashlib.sha256((salt + text).encode("utf-8")).hexdigest(),
                 n_occurrences=plan.occurrences, n_documents=plan.documents, n_pairs=plan.pairs_removed,
                 document_ids=[d["document_id"] for d in plan.by_document],
-                pair_ids=None if documents else plan.pair_ids)
+                pair_ids=None if documents else pair_ids)
             crash_point("remove_documents.after_intent")
             _finish(store, removal)
     store.refresh()
-    return Forgetting(plan.occurrences, plan.documents, plan.pairs_removed, False, documents, plan.by_document)
+    return dataclasses.replace(plan, dry_run=False)
 
 
-@dataclass
-class _Plan(Forgetting):
-    pair_ids: list[int] = field(default_factory=list)
-
-
-def _forget_plan(store: "Store", text: str, ignore_case: bool, context: int, documents: bool) -> _Plan:
-    """Find ``text`` in every ready document (decoded from its stored tokens) and the pairs
-    (or documents) that would go."""
+def _forget_plan(store: "Store", text: str, ignore_case: bool, context: int,
+                 documents: bool) -> tuple[Forgetting, list[int]]:
+    """Find ``text`` in every ready document (decoded from its stored tokens): what would
+    go (as a dry run's ``Forgetting``) and the ids of the pairs that would."""
     visible = sorted(store.visible_corpora)
     by_document, pair_ids, total = [], [], 0
     if visible:
         cols = store.table.columns(["document_id", "position", "token", "next_token"],
-                                   where=f"corpus_id IN ({', '.join(map(str, visible))})")
+                                   where=in_list("corpus_id", visible))
         doc, pos = cols.column("document_id").to_numpy(), cols.column("position").to_numpy()
         tok, nxt = cols.column("token").to_numpy(), cols.column("next_token").to_numpy()
         order = np.lexsort((pos, doc))
@@ -205,7 +205,7 @@ def _forget_plan(store: "Store", text: str, ignore_case: bool, context: int, doc
     for d in by_document:
         ref = refs.get(d["document_id"])
         d.update(corpus=ref.corpus if ref else None, source=ref.source if ref else None)
-    return _Plan(total, len(by_document), len(pair_ids), True, documents, by_document, pair_ids)
+    return Forgetting(total, len(by_document), len(pair_ids), True, documents, by_document), pair_ids
 
 
 def _find_in_document(tokenizer, document_id: int, pos: np.ndarray, tok: np.ndarray, nxt: np.ndarray,

@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 
 from . import catalog
 from .catalog import READY
-from .errors import InputError, ReadOnlyError
+from .errors import InputError, ReadOnlyError, first_line
 
 _ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 VIEWS = ("pairs", "documents", "corpora", "vocab", "runs")
@@ -199,9 +199,9 @@ class SQLSession:
             return self._con.sql(query).to_arrow_table()
         except duckdb.PermissionException as exc:
             raise ReadOnlyError(f"knnstore sql reads only the store's views; files and other "
-                                f"databases are out of reach ({_first_line(exc)})") from None
+                                f"databases are out of reach ({first_line(exc)})") from None
         except duckdb.Error as exc:
-            raise InputError(f"SQL error: {_first_line(exc)}") from None
+            raise InputError(f"SQL error: {first_line(exc)}") from None
 
     def close(self) -> None:
         self._con.close()
@@ -218,7 +218,7 @@ def check_read_only(query: str) -> None:
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as exc:
-        raise InputError(f"SQL error: {_first_line(exc)}") from None
+        raise InputError(f"SQL error: {first_line(exc)}") from None
     if not statements:
         raise InputError("no SQL statement given: write a SELECT, e.g. SELECT count(*) FROM pairs")
     if len(statements) > 1:
@@ -254,9 +254,6 @@ def _explained(query: str) -> str:
                 break
     return query[tokens[i][0]:] if i < len(tokens) else ""
 
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def write_result(table: pa.Table, fmt: str, path) -> None:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from .config import MAX_PARTITIONS, PAIRS_TABLE, check_number
-from .errors import InputError, StorageError, StoreDamagedError
+from .errors import InputError, StorageError, StoreDamagedError, first_line
 from .location import Location, storage_failure
 
 
@@ -82,8 +82,13 @@ class EventLoop:
 STORE_ID_KEY = "knnstore.store_id"  # the table's config entry binding it to its catalog
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+def _raise_storage_error(uri: Location, exc: BaseException, action: str) -> None:
+    """A remote table's object store failing, as one StorageError (other errors: nothing)."""
+    failure = storage_failure(exc) if uri.remote else None
+    if failure is not None:
+        raise StorageError(f"cannot {action} the pairs table under {uri} ({failure}): check that the object "
+                           "store is reachable and retry") from None
 
 
 @contextmanager
@@ -93,14 +98,11 @@ def damage_errors(uri: Location) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError, RuntimeError) as exc:
-        failure = storage_failure(exc) if uri.remote else None
-        if failure is not None:
-            raise StorageError(f"cannot read the pairs table under {uri} ({failure}): check that the object "
-                               "store is reachable and retry") from None
+        _raise_storage_error(uri, exc, "read")
         text = str(exc)
         if "LanceError(IO)" not in text and "Not found" not in text and not isinstance(exc, OSError):
             raise
-        detail = text.split("Not found:")[-1].split(",")[0].strip() if "Not found:" in text else _first_line(exc)
+        detail = text.split("Not found:")[-1].split(",")[0].strip() if "Not found:" in text else first_line(exc)
         raise StoreDamagedError(f"the pairs table under {uri} is damaged (cannot read {detail}): "
                                 "run `knnstore check` on the store, and restore it from a backup") from None
 
@@ -253,6 +255,17 @@ class IndexState:
                 "indexed_rows": self.indexed_rows, "unindexed_rows": self.unindexed_rows}
 
 
+def in_list(column: str, ids: Collection[int]) -> str:
+    """A Lance filter: ``column IN (ids)`` (whole numbers only, so nothing else gets in)."""
+    return f"{column} IN ({', '.join(str(int(i)) for i in ids)})"
+
+
+def value_counts(values: np.ndarray) -> dict[int, int]:
+    """How often each whole number occurs in ``values``."""
+    ids, counts = np.unique(values, return_counts=True)
+    return {int(i): int(c) for i, c in zip(ids, counts)}
+
+
 def key_matrix(column: pa.FixedSizeListArray) -> np.ndarray:
     """A key column as float32 [rows, dim] (zero-copy and read-only for a float32 store)."""
     flat = column.flatten().to_numpy(zero_copy_only=False)
@@ -290,12 +303,9 @@ class PairsTable:
         try:
             return cls(uri, connect(uri).open_table(PAIRS_TABLE))
         except Exception as exc:  # LanceDB raises ValueError / OSError / RuntimeError here
-            failure = storage_failure(exc) if uri.remote else None
-            if failure is not None:
-                raise StorageError(f"cannot open the pairs table under {uri} ({failure}): check that the "
-                                   "object store is reachable and retry") from None
+            _raise_storage_error(uri, exc, "open")
             raise StoreDamagedError(f"the vector table {uri.child(PAIRS_TABLE + '.lance')} cannot be opened "
-                                    f"({_first_line(exc)}): restore the store from a backup") from None
+                                    f"({first_line(exc)}): restore the store from a backup") from None
 
     def store_id(self) -> str | None:
         """The id of the store this table belongs to (in the table's config; None: unbound)."""
@@ -321,32 +331,26 @@ class PairsTable:
         """Append rows in one atomic commit (a reader streams its batches into it)."""
         self._table.add(data)
 
-    def delete_corpus(self, corpus_id: int, document_ids: Collection[int] | None = None) -> None:
-        """Delete a corpus's rows, or only those of some of its documents."""
-        where = f"corpus_id = {int(corpus_id)}"
-        if document_ids is not None:
-            if not document_ids:
-                return
-            where += f" AND document_id IN ({', '.join(str(int(d)) for d in document_ids)})"
-        self._table.delete(where)
+    def delete_corpus(self, corpus_id: int) -> None:
+        """Delete a corpus's rows, in one commit."""
+        self._table.delete(f"corpus_id = {int(corpus_id)}")
 
     def delete_documents(self, document_ids: Collection[int]) -> None:
-        """Delete every row of these documents, in one commit."""
+        """Delete every row of these documents (ids are unique in the store), in one commit."""
         if document_ids:
-            self._table.delete(f"document_id IN ({', '.join(str(int(d)) for d in document_ids)})")
+            self._table.delete(in_list("document_id", document_ids))
 
     def delete_pairs(self, pair_ids: Collection[int]) -> None:
         """Delete these pairs, in one commit."""
         if pair_ids:
-            self._table.delete(f"pair_id IN ({', '.join(str(int(p)) for p in pair_ids)})")
+            self._table.delete(in_list("pair_id", pair_ids))
 
     def counts_by_document(self, document_ids: Collection[int]) -> dict[int, int]:
         """Rows of each of these documents (absent: none)."""
         if not document_ids:
             return {}
-        col = self.columns(["document_id"], where=f"document_id IN ({', '.join(str(int(d)) for d in document_ids)})")
-        ids, counts = np.unique(col.column("document_id").to_numpy(), return_counts=True)
-        return {int(i): int(c) for i, c in zip(ids, counts)}
+        return value_counts(self.columns(["document_id"], where=in_list("document_id", document_ids))
+                            .column("document_id").to_numpy())
 
     def cleanup(self) -> int:
         """Drop old versions and data files no version references (a killed add leaves
@@ -419,14 +423,11 @@ class PairsTable:
         return self._table.count_rows(None if corpus_id is None else f"corpus_id = {int(corpus_id)}")
 
     def counts_by_corpus(self) -> dict[int, int]:
-        col = self.columns(["corpus_id"]).column("corpus_id")
-        ids, counts = np.unique(col.to_numpy(), return_counts=True)
-        return {int(i): int(c) for i, c in zip(ids, counts)}
+        return value_counts(self.columns(["corpus_id"]).column("corpus_id").to_numpy())
 
     def take(self, pair_ids: Collection[int], columns: list[str] | None = None) -> pa.Table:
         """Rows by pair id (any order)."""
-        ids = ", ".join(str(int(p)) for p in pair_ids)
-        return self.columns(columns, where=f"pair_id IN ({ids})")
+        return self.columns(columns, where=in_list("pair_id", pair_ids))
 
     def tokens_around(self, document_id: int, position: int, before: int,
                       after: int) -> tuple[list[int], int | None, int | None, list[int]]:
@@ -578,7 +579,7 @@ class PairsTable:
         if self.needs_filter(corpora):
             if not corpora:
                 return out
-            where = f"corpus_id IN ({', '.join(str(int(c)) for c in sorted(corpora))})"
+            where = in_list("corpus_id", sorted(corpora))
         indexed = self.has_vector_index()
         if indexed and refine_factor is None:
             refine_factor = AUTO_REFINE.get(self.index_type(), 4)

@@ -371,7 +371,7 @@ class Writer:
                                                catalog.Document.status == READY))}
             pending_ids = list(s.scalars(select(catalog.Document.id).where(
                 catalog.Document.corpus_id == corpus_id, catalog.Document.status == PENDING)))
-        self.store.table.delete_corpus(corpus_id, pending_ids)
+        self.store.table.delete_documents(pending_ids)
         if pending_ids:
             crash_point("resume.after_pending_dropped")
         with Session(self.store.engine) as s, s.begin():
