@@ -259,10 +259,11 @@ class KNNLM:
             for f in dataclasses.fields(Neighbours):
                 getattr(neighbours, f.name)[rows] = getattr(found, f.name)
         d, nt = torch.from_numpy(neighbours.distances), torch.from_numpy(neighbours.next_tokens)
-        knn_lp = knn.knn_log_probs(d, nt, vocab, s.temperature)
+        w = torch.from_numpy(neighbours.weights)
+        knn_lp = knn.knn_log_probs(d, nt, vocab, s.temperature, w)
         lambdas: float | torch.Tensor = s.lambda_
         if self.policy is not None and len(rows):
-            sig = adaptive.signals(d, nt, lm_log_probs, s.temperature)
+            sig = adaptive.signals(d, nt, lm_log_probs, s.temperature, w)
             lambdas = self.policy.lambdas(sig, s.lambda_).clamp(0, 1).to(lm_log_probs.dtype)
         mixed = knn.interpolate(lm_log_probs, knn_lp, lambdas)
         return Step(mixed, lm_log_probs, knn_lp, retrieve, neighbours, lambdas)
@@ -285,7 +286,8 @@ class KNNLM:
         d = torch.from_numpy(neighbours.distances[row:row + 1])
         v = torch.from_numpy(neighbours.next_tokens[row:row + 1])
         valid = knn.valid_mask(d, v)
-        weights = knn.neighbour_log_weights(d, valid, self.settings.temperature).exp()[0].numpy()
+        weights = knn.neighbour_log_weights(d, valid, self.settings.temperature,
+                                            torch.from_numpy(neighbours.weights[row:row + 1])).exp()[0].numpy()
         order = [i for i in np.argsort(-weights, kind="stable") if valid[0, i]]
         if token is not None:
             order = ([i for i in order if v[0, i] == token] + [i for i in order if v[0, i] != token])

@@ -58,13 +58,14 @@ _EPS = 1e-6
 
 
 def signals(distances: torch.Tensor, next_tokens: torch.Tensor, lm_log_probs: torch.Tensor,
-            temperature: float) -> torch.Tensor:
+            temperature: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The retrieval and LM signals of each position: [N, len(SIGNALS)] float64.
 
     Args:
         distances, next_tokens: [N, k] the neighbours (nearest first; empty slots have
             ``next_token < 0`` or an infinite distance).
         lm_log_probs: [N, V] the LM's normalised log probabilities.
+        weights: [N, k] pairs each neighbour stands for (a pruned store; None: 1).
     Rows without any neighbour get zeros in the retrieval signals.
     """
     d = torch.as_tensor(distances).double()
@@ -72,7 +73,7 @@ def signals(distances: torch.Tensor, next_tokens: torch.Tensor, lm_log_probs: to
     valid = knn.valid_mask(d, nt)
     has = valid.any(dim=1)
     n, k = d.shape
-    w = knn.neighbour_log_weights(d, valid, temperature).exp()  # [N, k], 0 where invalid
+    w = knn.neighbour_log_weights(d, valid, temperature, weights).exp()  # [N, k], 0 where invalid
     # p_kNN per distinct next token: sort each row's tokens and sum weights per run.
     key = torch.where(valid, nt, torch.full_like(nt, torch.iinfo(torch.long).max))
     sorted_nt, order = key.sort(dim=1)

@@ -545,6 +545,41 @@ def purge(store, as_json):
         _print_purge(done)
 
 
+@cli.command()
+@_store_argument
+@click.option("--corpus", "corpus", default=None, help="Only this corpus (default: every ready corpus).")
+@click.option("--neighbours", type=Num(1, MAX_K - 1), default=None,
+              help="Nearest pairs each pair looks at for pairs to merge [default: 8]; more removes more.")
+@click.option("--exact", is_flag=True, help="Find the neighbours by brute force even where there is an index.")
+@click.option("--dry-run", is_flag=True, help="Say how many pairs would go; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def prune(store, corpus, neighbours, exact, dry_run, as_json):
+    """Shrink a store: merge neighbouring pairs that predict the same next token.
+
+    Each pair, in turn, takes its nearest pairs of the same corpus (--neighbours of
+    them) that have its next token: they leave the store and the pair kept counts for
+    them all (a weight, added to its logit as log weight). On WikiText-2, 8 neighbours
+    remove 39.5% of the pairs for +0.9% perplexity (docs/compact.md). The rows leave the
+    disk with `knnstore purge`.
+
+    \b
+    Example:
+        knnstore prune wiki-store --neighbours 8 --dry-run
+    """
+    s = _open(store)
+    with _progress("Pruning") as progress:
+        done = s.prune(corpus, neighbours=neighbours, exact=exact, dry_run=dry_run, progress=progress)
+    if as_json:
+        _echo_json(done.to_dict())
+        return
+    verb = "Would merge" if dry_run else "Merged"
+    for c in done.corpora:
+        out.print(Text(_safe(f"{verb} {c.pairs_before - c.pairs_after:,} of {c.pairs_before:,} pairs of corpus "
+                             f"{c.corpus} ({100 * c.removed_fraction:.1f}%), {c.seconds:,.1f} s")))
+    if not done.corpora:
+        out.print("No ready corpus to prune")
+
+
 @cli.command("list")
 @_store_argument
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per corpus, in a list.")

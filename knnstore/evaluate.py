@@ -190,18 +190,20 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
     rows = len(win.targets)
     d = torch.full((rows, k_max), math.inf, dtype=torch.float32)
     nt = torch.full((rows, k_max), -1, dtype=torch.long)
+    w = torch.ones((rows, k_max), dtype=torch.long)
     if retrieve.any():
         found = knnlm.search(win.keys[retrieve], k=k_max)
         d[retrieve] = torch.from_numpy(found.distances)
         nt[retrieve] = torch.from_numpy(found.next_tokens).long()
+        w[retrieve] = torch.from_numpy(found.weights).long()
     valid = knn.valid_mask(d, nt)
     matches = nt == win.targets.unsqueeze(1)
     for i, (lambda_, k, t) in enumerate(grid):
-        knn_t = knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t)
+        knn_t = knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t, w[:, :k])
         has = valid[:, :k].any(dim=1)
         tally.mix_nll[i] -= float(knn.interpolate(target_lm, knn_t, lambda_, has_knn=has).sum())
         if policy is not None:
-            sig = adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t)
+            sig = adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t, w[:, :k])
             lambdas = policy.lambdas(sig, lambda_).clamp(0, 1)
             tally.ada_nll[i] -= float(adaptive.mixture_log_prob(target_lm, knn_t, has, lambdas).sum())
         if i == 0:
@@ -214,8 +216,8 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
     if records is not None:
         k, t = s.k, s.temperature
         records.append(adaptive.Records(
-            adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t), target_lm,
-            knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t),
+            adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t, w[:, :k]), target_lm,
+            knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t, w[:, :k]),
             valid[:, :k].any(dim=1)))
     tally.n_retrieved += int(retrieve.sum())
 

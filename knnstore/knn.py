@@ -5,8 +5,12 @@ No I/O here. Shapes: N positions, k neighbours per position, V the vocabulary.
 with fewer than k visible pairs) has ``next_token < 0`` or an infinite distance and
 carries no weight.
 
-    p_kNN(y) ∝ Σ_{i : next_token_i = y} exp(-d_i / T)
+    p_kNN(y) ∝ Σ_{i : next_token_i = y} w_i exp(-d_i / T)
     p(y)     = λ p_kNN(y) + (1 - λ) p_LM(y)          (computed in log space)
+
+``w_i`` is the number of stored pairs neighbour i stands for: 1, unless ``knnstore prune``
+merged pairs with the same next token into it (efficient-knnlm's greedy merging: log w_i
+is added to its logit). Every function takes ``weights`` [N, k]; None means all 1.
 
 Example:
     >>> d = torch.tensor([[0.0, 1.0, 50.0]]); v = torch.tensor([[7, 7, 3]])
@@ -27,13 +31,16 @@ def _check(temperature: float) -> None:
 
 
 def neighbour_log_weights(distances: torch.Tensor, valid: torch.Tensor,
-                          temperature: float) -> torch.Tensor:
-    """log softmax(-d / T) over the valid neighbours of each row: [N, k].
+                          temperature: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """log softmax(-d / T + log w) over the valid neighbours of each row: [N, k].
 
     Invalid slots get -inf; a row without any valid neighbour is all -inf.
     """
     _check(temperature)
-    logits = (-distances.double() / temperature).masked_fill(~valid, -math.inf)
+    logits = -distances.double() / temperature
+    if weights is not None:
+        logits = logits + weights.double().clamp(min=1).log()
+    logits = logits.masked_fill(~valid, -math.inf)
     norm = torch.logsumexp(logits, dim=-1, keepdim=True)
     # A row with no neighbour: -inf - -inf would be nan; keep it -inf.
     return torch.where(valid, logits - norm.masked_fill(~valid.any(-1, keepdim=True), 0.0),
@@ -45,14 +52,14 @@ def valid_mask(distances: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tens
 
 
 def knn_log_probs(distances: torch.Tensor, next_tokens: torch.Tensor, vocab_size: int,
-                  temperature: float = 1.0) -> torch.Tensor:
+                  temperature: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
     """log p_kNN over the vocabulary: [N, V] (float32; -inf where no neighbour votes).
 
     A row without any valid neighbour is all -inf (no kNN distribution); ``interpolate``
     then falls back to the LM alone for that row.
     """
     valid = valid_mask(distances, next_tokens)
-    log_w = neighbour_log_weights(distances, valid, temperature)
+    log_w = neighbour_log_weights(distances, valid, temperature, weights)
     n = distances.shape[0]
     probs = torch.zeros(n, vocab_size, dtype=torch.float64, device=distances.device)
     probs.scatter_add_(1, next_tokens.clamp(min=0).long(), log_w.exp())
@@ -60,15 +67,17 @@ def knn_log_probs(distances: torch.Tensor, next_tokens: torch.Tensor, vocab_size
 
 
 def knn_target_log_prob(distances: torch.Tensor, matches: torch.Tensor,
-                        valid: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+                        valid: torch.Tensor, temperature: float = 1.0,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
     """log p_kNN(target) per row: [N] (float64), exact in log space.
 
     Args:
         distances: [N, k] squared L2, nearest first.
         matches: [N, k] bool, whether neighbour i's next token is the row's target.
         valid: [N, k] bool, whether slot i holds a neighbour.
+        weights: [N, k] pairs each neighbour stands for (None: 1).
     """
-    log_w = neighbour_log_weights(distances, valid, temperature)
+    log_w = neighbour_log_weights(distances, valid, temperature, weights)
     return torch.logsumexp(log_w.masked_fill(~matches, -math.inf), dim=-1)
 
 

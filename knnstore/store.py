@@ -458,6 +458,16 @@ class Store:
 
         return forget(self, text, ignore_case=ignore_case, context=context, documents=documents, dry_run=dry_run)
 
+    def prune(self, corpus: str | None = None, *, neighbours: int | None = None, exact: bool = False,
+              dry_run: bool = False, progress: ProgressFn | None = None):
+        """Merge neighbouring pairs that share a next token into one weighted pair (greedy
+        merging, ``knnstore.pruning``), in every ready corpus or in ``corpus``;
+        ``neighbours`` nearest looked at per pair (default 8). Returns a ``Pruning``."""
+        from .pruning import DEFAULT_NEIGHBOURS, prune
+
+        return prune(self, corpus, neighbours=DEFAULT_NEIGHBOURS if neighbours is None else neighbours, exact=exact,
+                     dry_run=dry_run, progress=progress)
+
     def purge(self) -> dict[str, int]:
         """Take removed rows off the disk (``knnstore purge``): rewrite the data files that
         hold deleted rows, drop old table versions, vacuum the catalog. A reader that holds

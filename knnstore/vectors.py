@@ -119,6 +119,10 @@ PAIR_COLUMNS = {
     "next_token": pa.int32(),   # the token at t+1: the value
 }
 VECTOR_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+# How many pairs of its corpus a row stands for: 1, unless ``knnstore prune`` merged
+# neighbours with the same next token into it (p_kNN then adds log(weight) to its logit).
+# Added to a table by its first prune; a table without it weighs every row 1.
+WEIGHT = "weight"
 
 
 def pairs_schema(dim: int, dtype: str) -> pa.Schema:
@@ -211,12 +215,13 @@ class Neighbours:
     corpus_ids: np.ndarray
     document_ids: np.ndarray
     positions: np.ndarray
+    weights: np.ndarray  # pairs each neighbour stands for (``WEIGHT``); 1 where not pruned
 
     @classmethod
     def empty(cls, n_queries: int, k: int) -> "Neighbours":
         ints = lambda: np.full((n_queries, k), -1, dtype=np.int64)  # noqa: E731
         return cls(ints(), ints(), np.full((n_queries, k), np.inf, dtype=np.float32),
-                   ints(), ints(), ints())
+                   ints(), ints(), ints(), np.ones((n_queries, k), dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -350,6 +355,11 @@ class PairsTable:
         if not document_ids:
             return {}
         return value_counts(self.columns(["document_id"], where=in_list("document_id", document_ids))
+                            .column("document_id").to_numpy())
+
+    def counts_by_document_of_corpus(self, corpus_id: int) -> dict[int, int]:
+        """Rows of each document of one corpus (absent: none)."""
+        return value_counts(self.columns(["document_id"], where=f"corpus_id = {int(corpus_id)}")
                             .column("document_id").to_numpy())
 
     def cleanup(self) -> int:
@@ -546,14 +556,45 @@ class PairsTable:
         self._table.to_lance().optimize.optimize_indices(num_indices_to_merge=0)
         self.refresh()
 
-    def scan_vectors(self, batch_rows: int = 32768) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """Every row's key (float32 [n, dim]) and result columns, streamed in batches."""
-        ds = self._table.to_lance()
+    @property
+    def weighted(self) -> bool:
+        """Whether the table has the ``weight`` column (a corpus of it was pruned)."""
+        return WEIGHT in self.schema.names
+
+    def result_fields(self) -> dict[str, str]:
+        """The columns a search returns of each neighbour -> their ``Neighbours`` field."""
+        return {**RESULT_FIELDS, WEIGHT: "weights"} if self.weighted else RESULT_FIELDS
+
+    def add_weight_column(self) -> None:
+        """Give the table its ``weight`` column, 1 on every row (one commit; a no-op once
+        it has one)."""
+        if not self.weighted:
+            with damage_errors(self.uri):
+                self._table.add_columns({WEIGHT: "CAST(1 AS INT)"})
+            self.refresh()
+
+    def merge_pairs(self, kept: pa.Table, corpus_ids: Collection[int]) -> dict[str, int]:
+        """One commit: set the weights of ``kept`` (columns pair_id, weight) and delete every
+        other row of ``corpus_ids`` (the pairs merged into them). ``kept`` must hold every
+        row of those corpora that stays."""
         with damage_errors(self.uri):
-            for batch in ds.to_batches(columns=["vector", *RESULT_FIELDS], batch_size=batch_rows):
+            result = (self._table.merge_insert("pair_id").when_matched_update_all()
+                      .when_not_matched_by_source_delete(in_list("corpus_id", sorted(corpus_ids)))
+                      .execute(kept))
+        self.refresh()
+        return {"updated": int(result.num_updated_rows), "deleted": int(result.num_deleted_rows)}
+
+    def scan_vectors(self, batch_rows: int = 32768, where: str | None = None,
+                     ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Every row's key (float32 [n, dim]) and result columns (of the rows matching
+        ``where``), streamed in batches."""
+        ds = self._table.to_lance()
+        fields = self.result_fields()
+        with damage_errors(self.uri):
+            for batch in ds.to_batches(columns=["vector", *fields], batch_size=batch_rows, filter=where):
                 if batch.num_rows == 0:
                     continue
-                yield key_matrix(batch.column("vector")), {name: batch.column(name).to_numpy() for name in RESULT_FIELDS}
+                yield key_matrix(batch.column("vector")), {name: batch.column(name).to_numpy() for name in fields}
 
     def search(self, queries: np.ndarray, k: int, corpora: Collection[int] | None = None, *,
                nprobes: int = 32, refine_factor: int | None = None) -> Neighbours:
@@ -595,7 +636,7 @@ class PairsTable:
         keep = rank < k
         rows, cols = qi[keep], rank[keep]
         out.distances[rows, cols] = dist[order][keep]
-        for name, field in RESULT_FIELDS.items():
+        for name, field in self.result_fields().items():
             getattr(out, field)[rows, cols] = result.column(name).to_numpy()[order][keep]
         return out
 
@@ -604,7 +645,7 @@ class PairsTable:
         """LanceDB's rows for a batch and the query index of each row: one multi-vector query,
         or (a batch big enough to split) ``search_parts()`` of them at once through LanceDB's
         async API (each answered whole in Rust); all on the table's pinned version."""
-        cols = [*RESULT_FIELDS, "_distance"]
+        cols = [*self.result_fields(), "_distance"]
 
         def configure(query, **filter_options):  # a sync or async LanceDB vector query
             query = query.limit(k)
@@ -702,12 +743,13 @@ class ExactSearch:
         if n_queries == 0 or k <= 0:
             return out
         allowed = np.array(sorted(corpora), dtype=np.int64) if self.table.needs_filter(corpora) else None
+        fields = self.table.result_fields()
         best_d = torch.full((n_queries, k), float("inf"), device=dev)
-        best_rows = {name: torch.full((n_queries, k), -1, dtype=torch.int64, device=dev) for name in RESULT_FIELDS}
+        best_rows = {name: torch.full((n_queries, k), -1, dtype=torch.int64, device=dev) for name in fields}
         q_norm = (q_all * q_all).sum(dim=1, keepdim=True)  # [Q, 1]
         for x, x_norm, meta in self._batches():
             hidden = None if allowed is None else torch.from_numpy(~np.isin(meta["corpus_id"], allowed)).to(dev)
-            cols = {name: torch.from_numpy(meta[name].astype(np.int64)).to(dev) for name in RESULT_FIELDS}
+            cols = {name: torch.from_numpy(meta[name].astype(np.int64)).to(dev) for name in fields}
             for lo in range(0, n_queries, self.query_block):
                 hi = min(n_queries, lo + self.query_block)
                 # ||q - x||^2 = ||q||^2 - 2 q.x + ||x||^2, [block, n]
@@ -724,6 +766,6 @@ class ExactSearch:
                     target[lo:hi] = torch.gather(merged, 1, order)
         missing = torch.isinf(best_d)
         out.distances[:] = best_d.cpu().numpy()
-        for name, field in RESULT_FIELDS.items():
-            getattr(out, field)[:] = best_rows[name].masked_fill(missing, -1).cpu().numpy()
+        for name, field in fields.items():
+            getattr(out, field)[:] = best_rows[name].masked_fill(missing, 1 if name == WEIGHT else -1).cpu().numpy()
         return out
