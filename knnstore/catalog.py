@@ -22,6 +22,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -73,6 +74,10 @@ class StoreConfig(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
     # Binds the catalog to its vector table (and marker): the same id is in all three.
     store_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    # Reduced keys (knnstore.projection): the stored dimension, the projection and its sha256.
+    key_dim: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    key_projection: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    key_projection_sha: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Corpus(Base):
@@ -261,6 +266,12 @@ def vocab_rows(tokenizer) -> list[dict]:
     # SQL text cannot hold NUL (PostgreSQL refuses it): the NUL byte token reads "\x00".
     clean = lambda s: (s or "").replace("\x00", "\\x00")  # noqa: E731
     return [{"token_id": i, "piece": clean(p), "text": clean(t)} for i, p, t in zip(ids, pieces, texts)]
+
+
+def write_projection(engine: Engine, data: bytes, sha: str) -> None:
+    """Record the store's key projection (``knnstore.projection``), once it is fitted."""
+    with Session(engine) as s, s.begin():
+        s.execute(update(StoreConfig).where(StoreConfig.id == 1).values(key_projection=data, key_projection_sha=sha))
 
 
 def set_store_id(engine: Engine, store_id: str) -> None:

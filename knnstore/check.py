@@ -171,15 +171,15 @@ def _unfinished_removals(store: "Store", repair: bool) -> list[Problem]:
 def _schema_problems(store: "Store") -> list[Problem]:
     """Columns the table lacks, or a key column that is not the store's dim and dtype."""
     ident, schema, problems = store.identity, store.table.schema, []
-    for name in pairs_schema(ident.dim, ident.dtype).names:
+    for name in pairs_schema(ident.stored_dim, ident.dtype).names:
         if name not in schema.names:
             problems.append(Problem(ERROR, f"the pairs table has no '{name}' column"))
     if "vector" in schema.names:
         vtype = schema.field("vector").type
         want = VECTOR_TYPES[ident.dtype]
-        if not pa.types.is_fixed_size_list(vtype) or vtype.list_size != ident.dim or vtype.value_type != want:
+        if not pa.types.is_fixed_size_list(vtype) or vtype.list_size != ident.stored_dim or vtype.value_type != want:
             problems.append(Problem(ERROR, f"the vector column is {vtype}; the store records dim "
-                                           f"{ident.dim} {ident.dtype} ({', '.join(DTYPES)} allowed)"))
+                                           f"{ident.stored_dim} {ident.dtype} ({', '.join(DTYPES)} allowed)"))
     return problems
 
 

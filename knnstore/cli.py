@@ -304,26 +304,31 @@ def cli():
 @click.option("--key-site", default="ffn_input", show_default=True, type=click.Choice(KEY_SITES))
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(DTYPES),
               help="How key vectors are stored.")
+@click.option("--key-dim", default=None, type=Num(1),
+              help="Store keys reduced to this many dimensions (PCA fitted on the first corpus's keys; "
+                   "default: the model's own keys). Smaller stores, slightly higher perplexity: docs/compact.md.")
 @click.option("--catalog-url", default=None,
               help="SQLAlchemy URL of the catalog (default: SQLite file inside STORE; required for "
                    "a store on an object store: PostgreSQL to share it between machines).")
 @_device_options
-def init(store, model, key_layer, key_site, dtype, catalog_url):
+def init(store, model, key_layer, key_site, dtype, key_dim, catalog_url):
     """Create an empty store for a model.
 
     \b
-    Example:
+    Examples:
         knnstore init wiki-store --model smollm2-135m
+        knnstore init small-store --key-dim 128
     """
     from .store import Store
 
     with _status(f"Loading model {model}..."):
         s = Store.create(store, model=model, key_layer=key_layer, key_site=key_site,
                          dtype=dtype, catalog_url=catalog_url, storage_options=_storage_options(),
-                         **_device())
+                         key_dim=key_dim, **_device())
     ident = s.identity
+    reduced = f" (stored reduced to {ident.key_dim}, fitted on the first corpus)" if ident.key_dim else ""
     out.print(f"Created store {_safe(store)}: model {_safe(ident.model)}, key = layer {ident.key_layer} "
-              f"{ident.key_site}, dim {ident.dim}, {ident.dtype}, vocabulary {ident.vocab_size:,} tokens")
+              f"{ident.key_site}, dim {ident.dim}{reduced}, {ident.dtype}, vocabulary {ident.vocab_size:,} tokens")
 
 
 @cli.command("add-corpus")
@@ -630,12 +635,16 @@ def stats(store, as_json):
     table = Table(show_header=False, box=None)
     index = st.index
     index_text = f"{index.describe()}; {index.indexed_rows:,} rows indexed, {index.unindexed_rows:,} not"
+    dim = str(st.dim)
+    if st.key_dim is not None:
+        dim += f", stored as {st.key_dim}: {st.key_projection or 'projection fitted on the first corpus'}"
+    pairs = f"{st.pairs:,}" + (" (pruned: some stand for several)" if st.weighted else "")
     for key, value in [
         ("store", st.path), ("model", st.model),
-        ("key site", f"layer {st.key_layer} {st.key_site}"), ("dim", str(st.dim)),
+        ("key site", f"layer {st.key_layer} {st.key_site}"), ("dim", dim),
         ("dtype", st.dtype), ("metric", "squared L2" if st.metric == "l2sq" else st.metric),
         ("catalog", st.catalog), ("corpora", f"{st.corpora:,}"), ("documents", f"{st.documents:,}"),
-        ("pairs", f"{st.pairs:,}"), ("table rows", f"{st.table_rows:,}"),
+        ("pairs", pairs), ("table rows", f"{st.table_rows:,}"),
         ("bytes on disk", _human(st.bytes_on_disk)),
         ("bytes per pair", "-" if st.bytes_per_pair is None else f"{st.bytes_per_pair:,.0f}"),
         ("index", index_text),
@@ -1016,7 +1025,7 @@ def index(store, status_only, rebuild, index_type, partitions, sub_vectors, as_j
     s = _open(store)
     if not status_only:
         if rebuild or index_type or partitions or sub_vectors:
-            check_index_params(s.table.count(), s.identity.dim, partitions, sub_vectors)
+            check_index_params(s.table.count(), s.identity.stored_dim, partitions, sub_vectors)
             t0 = time.perf_counter()
             with _status(f"Training the index on {s.table.count():,} rows..."):
                 s.create_index(num_partitions=partitions, num_sub_vectors=sub_vectors,

@@ -57,6 +57,16 @@ class StoreIdentity:
     metric: str = METRIC
     format_version: int = FORMAT_VERSION
     created_at: datetime | None = None
+    # Reduced keys (``projection``): the stored keys' dimension, and the sha256 of the
+    # projection that makes them (None until it is fitted on the first corpus). None, None:
+    # the model's keys as they are.
+    key_dim: int | None = None
+    key_projection_sha: str | None = None
+
+    @property
+    def stored_dim(self) -> int:
+        """The dimension of the keys in the table (and of the queries it is searched with)."""
+        return self.key_dim or self.dim
 
     def differences(self, other: "StoreIdentity") -> list[str]:
         """Human-readable list of the identity fields in which ``other`` differs."""

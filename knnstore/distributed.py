@@ -117,7 +117,7 @@ class EncoderWorker:
 
     def __init__(self, identity: dict, uri: str, schema: bytes, settings: dict, corpus_id: int,
                  corpus: str, store_path: str, device: str, compute_dtype: str, threads: int,
-                 weights=None, storage_options: dict | None = None) -> None:
+                 weights=None, storage_options: dict | None = None, projection: bytes | None = None) -> None:
         import torch
 
         torch.set_num_threads(threads)
@@ -127,7 +127,10 @@ class EncoderWorker:
             raise ModelMismatchError(f"a Ray worker loaded {ident.model} with other weights than the "
                                      "store's: give every worker the same model files")
         self.uri, self.corpus_id, self.storage_options = uri, corpus_id, storage_options
-        self.forward = model_forward(self.encoder, corpus, store_path)
+        from .projection import KeyProjection
+
+        self.forward = model_forward(self.encoder, corpus, store_path,
+                                     None if projection is None else KeyProjection.from_bytes(projection))
         self.schema = pa.ipc.read_schema(pa.py_buffer(schema))
         self.settings = IngestSettings(**settings)
 
@@ -182,12 +185,13 @@ def model_weights(encoder) -> dict | None:
 
 def encode_on_ray(documents: Sequence[tuple[int, Sequence[int]]], *, identity: StoreIdentity, table_uri: Location,
                   schema: pa.Schema, settings: IngestSettings, corpus_id: int, corpus: str, store_path: str,
-                  options: RayOptions, device: str, compute_dtype: str, encoder=None,
+                  options: RayOptions, device: str, compute_dtype: str, encoder=None, projection=None,
                   progress: Callable[[int, int], None] | None = None) -> tuple[list, int]:
     """Encode ``documents`` (id, tokens) on Ray and write their pairs as uncommitted
     fragments of the table at ``table_uri``; returns (fragments, pairs). ``corpus`` and
     ``store_path`` name them in a model failure's message. ``encoder``: the
-    driver's loaded model, whose weights the workers then take instead of loading it again.
+    driver's loaded model, whose weights the workers then take instead of loading it again;
+    ``projection``: the store's key projection (``knnstore.projection``), if it reduces keys.
     ``progress(documents, pairs)`` is called as shards finish."""
     ray = ray_module()
     from lance.fragment import FragmentMetadata
@@ -213,7 +217,7 @@ def encode_on_ray(documents: Sequence[tuple[int, Sequence[int]]], *, identity: S
                 "settings": dataclasses.asdict(settings), "corpus_id": corpus_id, "corpus": corpus,
                 "store_path": store_path,
                 "device": "auto" if use_gpu else "cpu", "compute_dtype": compute_dtype, "threads": threads,
-                "weights": weights_ref})
+                "weights": weights_ref, "projection": None if projection is None else projection.to_bytes()})
         # Ray Data restarts an actor whose process dies and retries its shard (its defaults);
         # an exception raised in Python fails the run (the corpus is kept failed).
         fragments, pairs = [], 0

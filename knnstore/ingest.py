@@ -351,13 +351,25 @@ def encode_documents(
         yield batch_rb, len(pos)
 
 
-def model_forward(encoder, corpus: str, store_path) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``forward`` for ``encode_documents``: the encoder's keys for a batch, with the model's
-    own failures (torch's errors inside it: bad weights, a device out of memory) as one
-    ModelRunError that says how to go on (in one process and in a Ray worker alike)."""
+def with_keys(batch: pa.RecordBatch, keys: np.ndarray, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` with its key column replaced by ``keys`` [rows, schema's dim] (a batch
+    encoded before the store's projection was fitted, projected into ``schema``)."""
+    np_dtype = np.float16 if schema.field("vector").type.value_type == pa.float16() else np.float32
+    col = {name: batch.column(name).to_numpy() for name in ("document_id", "position", "token", "next_token")}
+    corpus_id = int(batch.column("corpus_id")[0].as_py()) if batch.num_rows else 0
+    return pairs_batch(schema, corpus_id=corpus_id, vector=np.asarray(keys).astype(np_dtype), **col)
+
+
+def model_forward(encoder, corpus: str, store_path, projection=None,
+                  ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``forward`` for ``encode_documents``: the encoder's keys for a batch (projected by
+    the store's ``projection`` where it reduces its keys), with the model's own failures
+    (torch's errors inside it: bad weights, a device out of memory) as one ModelRunError
+    that says how to go on (in one process and in a Ray worker alike)."""
     def forward(ids, mask):
         try:
-            return encoder.forward(ids, mask)[0]
+            keys = encoder.forward(ids, mask)[0]
+            return keys if projection is None else projection.apply(keys)
         except (RuntimeError, ValueError, IndexError) as exc:
             detail = (str(exc).strip().splitlines() or ["-"])[0]
             raise ModelRunError(

@@ -37,6 +37,7 @@ from .errors import (
 )
 from .location import Location
 from .lock import CatalogLock, WriteLock, on_read_only_mount
+from .projection import KeyProjection
 from .vectors import PairsTable
 
 
@@ -192,6 +193,7 @@ class StoreParts:
     table: PairsTable
     store_id: str | None  # None: made before ids, not bound yet
     own_catalog: bool  # the SQLite file inside the store (a legacy store is bindable)
+    projection: KeyProjection | None = None  # reduced keys, once fitted (``projection``)
 
     def write_lock(self) -> "WriteLock | CatalogLock":
         """The store's one-writer lock (``knnstore.lock``): a ``flock`` on a local store's
@@ -225,11 +227,35 @@ def open_parts(given: "str | os.PathLike | Location", storage_options: dict[str,
         identity = StoreIdentity(**{f.name: getattr(row, f.name) for f in dataclasses.fields(StoreIdentity)})
         table = PairsTable.open(place.child(VECTORS_DIR))
         check_binding(place, url, marker.store_id, row.store_id, table.store_id())
+        projection = check_projection(place, row, table)
     except BaseException:
         engine.dispose()
         raise
     shown = url if isinstance(url, str) else url.render_as_string()
-    return StoreParts(place, shown, engine, identity, table, row.store_id, own_catalog=given_url is None)
+    return StoreParts(place, shown, engine, identity, table, row.store_id, own_catalog=given_url is None,
+                      projection=projection)
+
+
+def check_projection(place: Location, row: catalog.StoreConfig, table: PairsTable) -> KeyProjection | None:
+    """The store's key projection, after checking that the catalog's bytes, the catalog's
+    sha256 and the table's (``knnstore.key_projection``) are one projection, and that the
+    table's keys have the dimension it makes: a table whose keys another projection made
+    would answer every query with wrong neighbours."""
+    projection = None if row.key_projection is None else KeyProjection.from_bytes(row.key_projection)
+    mine = None if projection is None else projection.sha256
+    if row.key_dim is not None and table.count() == 0 and (mine is None or mine != table.key_projection()):
+        return None  # not fitted yet, or a fit cut short before the first key was stored: fitted again
+    if mine != row.key_projection_sha or mine != table.key_projection():
+        shown = lambda v: v[:12] if v else "none"  # noqa: E731
+        raise StoreMismatchError(
+            f"the key projection of {place} does not match: catalog {shown(row.key_projection_sha)} (its bytes "
+            f"{shown(mine)}), vector table {shown(table.key_projection())}: the table's keys were not made with "
+            "the catalog's projection; restore the store from a backup; nothing was read or changed")
+    want = row.key_dim or row.dim
+    if table.dim != want:
+        raise StoreMismatchError(f"the vector table of {place} holds keys of dimension {table.dim}, the catalog "
+                                 f"says {want}: restore the store from a backup; nothing was read or changed")
+    return projection
 
 
 def create_store(place: Location, identity: StoreIdentity, vocab: list[dict], catalog_url: str | None) -> None:
@@ -252,7 +278,7 @@ def create_store(place: Location, identity: StoreIdentity, vocab: list[dict], ca
             raise catalog_failure(exc, place, url, "create") from None
         fields = {f.name: getattr(identity, f.name) for f in dataclasses.fields(identity) if f.name != "created_at"}
         catalog.write_identity(engine, store_id, fields, vocab)
-        PairsTable.create(place.child(VECTORS_DIR), identity.dim, identity.dtype, store_id=store_id)
+        PairsTable.create(place.child(VECTORS_DIR), identity.stored_dim, identity.dtype, store_id=store_id)
         marker_url = None if catalog_url is None else catalog.without_password(catalog_url)
         Marker(FORMAT_VERSION, marker_url, store_id).write(place)  # last: the store exists now
     except BaseException:

@@ -50,6 +50,10 @@ class StoreStats:
     bytes_on_disk: int
     bytes_per_pair: float | None
     index: IndexState
+    key_dim: int | None = None  # reduced keys: the stored dimension (None: the model's dim)
+    key_projection: str | None = None  # its projection, described (``projection``)
+    tokens: int = 0  # tokens of the ready corpora's documents (pairs + one a document, unless pruned)
+    weighted: bool = False  # whether some corpus was pruned (rows carry weights)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "index": self.index.to_dict()}

@@ -17,6 +17,7 @@ filtered out. A store handle reads a consistent snapshot; ``refresh()`` moves it
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from .config import (
     DTYPES,
     IngestSettings,
     SourceOptions,
+    check_number,
 )
 from .devices import resolve_compute_dtype, resolve_device
 from .distributed import ray_options
@@ -46,6 +48,7 @@ from .errors import (
 )
 from .indexing import IndexPlan
 from .layout import StoreParts, bind_legacy, check_new_store, create_store, open_parts, resolve_catalog_url
+from .projection import KeyProjection
 from .results import CorpusInfo, DocumentRef, StoreStats  # noqa: F401  (importable from here, as before)
 from .vectors import ExactSearch, Neighbours, row_bytes
 from .writer import ProgressFn, Writer, normalise_name  # noqa: F401  (normalise_name: kept importable here)
@@ -64,6 +67,7 @@ class Store:
         self.identity, self.table = parts.identity, parts.table
         self.store_id = parts.store_id  # None: a store made before ids, not bound yet
         self._own_catalog = parts.own_catalog  # the SQLite file inside the store (bindable when legacy)
+        self.projection = parts.projection  # reduced keys (``knnstore.projection``); None: the model's
         self._encoder = encoder
         self._rows: list[catalog.Corpus] = []  # the catalog's corpora in this snapshot
         self._visible: frozenset[int] = frozenset()  # ready corpora in this snapshot
@@ -86,10 +90,13 @@ class Store:
                key_site: str = "ffn_input", dtype: str = "float16",
                catalog_url: str | None = None, encoder: Encoder | None = None,
                device: str = "auto", compute_dtype: str = "auto",
-               storage_options: dict[str, str] | None = None) -> "Store":
+               storage_options: dict[str, str] | None = None, key_dim: int | None = None) -> "Store":
         """Create a store for ``model`` (alias, Hugging Face id or local path) at ``path``:
         a local directory, or ``s3://bucket/prefix`` (``gs://``, ``az://``) with a
         ``catalog_url`` outside it (PostgreSQL to share it between machines).
+
+        ``key_dim``: store keys reduced to this many dimensions by a PCA projection fitted
+        on the first corpus's keys (``knnstore.projection``); None keeps the model's keys.
 
         The model is loaded once (on ``device`` in ``compute_dtype``, see ``open``) to read
         its identity and vocabulary; pass ``encoder`` to reuse one already loaded. Nothing
@@ -100,10 +107,17 @@ class Store:
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         resolve_compute_dtype(resolve_device(device), compute_dtype)  # before anything loads or is written
+        if key_dim is not None:
+            check_number("key_dim", key_dim, 1, None, integer=True)
         if encoder is None:
             encoder = Encoder.load(model, key_layer=key_layer, key_site=key_site, device=device,
                                    compute_dtype=compute_dtype)
-        create_store(place, encoder.identity(dtype), catalog.vocab_rows(encoder.tokenizer), catalog_url)
+        identity = encoder.identity(dtype)
+        if key_dim is not None:
+            check_number(f"key_dim (the model's keys have {identity.dim} dimensions)", key_dim, 1, identity.dim,
+                         integer=True)
+            identity = dataclasses.replace(identity, key_dim=key_dim)
+        create_store(place, identity, catalog.vocab_rows(encoder.tokenizer), catalog_url)
         return cls.open(place, encoder=encoder, device=device, compute_dtype=compute_dtype)
 
     @classmethod
@@ -231,7 +245,7 @@ class Store:
         return CorpusInfo(
             id=c.id, name=c.name, status=status, source=c.source, documents=c.n_documents,
             tokens=c.n_tokens, pairs=c.n_pairs,
-            bytes=c.n_pairs * row_bytes(self.identity.dim, self.identity.dtype),
+            bytes=c.n_pairs * row_bytes(self.identity.stored_dim, self.identity.dtype),
             created_at=c.created_at, ready_at=c.ready_at, error=error,
             skipped=[list(x) for x in (c.spec or {}).get("skipped", [])],
         )
@@ -288,7 +302,9 @@ class Store:
             corpora=len(rows), documents=sum(c.n_documents for c in ready), pairs=pairs,
             table_rows=self.table.count(), bytes_on_disk=nbytes,
             bytes_per_pair=round(nbytes / pairs, 1) if pairs else None,
-            index=self.table.index_state(),
+            index=self.table.index_state(), key_dim=ident.key_dim,
+            key_projection=self.projection.describe() if self.projection is not None else None,
+            tokens=sum(c.n_tokens for c in ready), weighted=self.table.weighted,
         )
 
     def search(self, vectors: np.ndarray, k: int = 16, *, exact: bool = False,
@@ -306,10 +322,34 @@ class Store:
             raise InputError(
                 f"query vectors have dim {vectors.shape[-1]}; this store's keys have dim {self.identity.dim}"
             )
+        vectors = self.stored_keys(vectors)
         if exact or not self.table.has_vector_index():
             return self._exact.search(vectors, k, corpora=self._visible)
         return self.table.search(vectors, k, corpora=self._visible,
                                  nprobes=nprobes, refine_factor=refine_factor)
+
+    def stored_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Model keys [N, dim] as the table holds them: projected where the store reduces
+        its keys (the one place queries and stored keys are made alike)."""
+        if self.identity.key_dim is None:
+            return keys
+        if self.projection is None:
+            raise InputError(f"{self.path} reduces its keys to {self.identity.key_dim} dimensions but has no "
+                             "projection yet: it is fitted on the first corpus's keys; add a corpus first")
+        return self.projection.apply(keys)
+
+    def set_projection(self, projection: KeyProjection) -> None:
+        """Record the store's key projection, fitted on its first corpus (the caller holds
+        the write lock; the table is still empty). Catalog first, then the table's config; a
+        crash between the two leaves an empty store whose projection is not fitted yet
+        (``layout.check_projection``), fitted again by the next add."""
+        if self.table.count() != 0 or self.projection is not None:
+            raise InputError(f"{self.path} already has keys or a projection: a projection is fitted once")
+        self.verify_lock()
+        catalog.write_projection(self.engine, projection.to_bytes(), projection.sha256)
+        self.table.set_key_projection(projection.sha256)
+        self.projection = projection
+        self.identity = dataclasses.replace(self.identity, key_projection_sha=projection.sha256)
 
     def check(self, repair: bool = False):
         """``knnstore check``: whether catalog and table agree (``check.CheckReport``);

@@ -80,6 +80,7 @@ class EventLoop:
 
 
 STORE_ID_KEY = "knnstore.store_id"  # the table's config entry binding it to its catalog
+PROJECTION_KEY = "knnstore.key_projection"  # sha256 of the projection that made its keys
 
 
 
@@ -315,6 +316,20 @@ class PairsTable:
     def store_id(self) -> str | None:
         """The id of the store this table belongs to (in the table's config; None: unbound)."""
         return self._table.to_lance().config().get(STORE_ID_KEY)
+
+    def key_projection(self) -> str | None:
+        """The sha256 of the key projection this table's keys were made with (None: the
+        model's keys as they are)."""
+        return self._table.to_lance().config().get(PROJECTION_KEY)
+
+    def set_key_projection(self, sha: str) -> None:
+        self._table.to_lance().update_config({PROJECTION_KEY: sha})
+        self.refresh()
+
+    @property
+    def dim(self) -> int:
+        """The dimension of the stored keys."""
+        return self.schema.field("vector").type.list_size
 
     def set_store_id(self, store_id: str) -> None:
         self._table.to_lance().update_config({STORE_ID_KEY: store_id})

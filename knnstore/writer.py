@@ -42,7 +42,8 @@ from .distributed import RayOptions, encode_on_ray, ray_module
 from .faults import crash_point
 from .indexing import IndexPlan, IndexPolicy
 from .location import storage_failure
-from .vectors import INDEX_TYPES, row_bytes
+from .projection import FIT_KEYS, KeyProjection
+from .vectors import INDEX_TYPES, key_matrix, pairs_schema, row_bytes
 
 if TYPE_CHECKING:
     from .results import CorpusInfo
@@ -215,7 +216,7 @@ class Writer:
         has no free space to ask)."""
         if self.store.location.remote:
             return
-        need = int(n_tokens * row_bytes(self.store.identity.dim, self.store.identity.dtype) * 1.2) + (1 << 20)
+        need = int(n_tokens * row_bytes(self.store.identity.stored_dim, self.store.identity.dtype) * 1.2) + (1 << 20)
         free = shutil.disk_usage(self.store.location.path / VECTORS_DIR).free
         if free < need:
             raise DiskFullError(
@@ -300,6 +301,9 @@ class Writer:
                 pending += [(doc_id, np.asarray(tokens, dtype=np.int32)) for doc_id, tokens in group]
                 totals.tokens += sum(len(tokens) for _, tokens in group)
             crash_point("ingest.after_documents_row")
+            if self._needs_projection():  # fitted here, on the driver; the workers encode them again
+                first = pending[:int(np.searchsorted(np.cumsum([len(t) for _, t in pending]), FIT_KEYS)) + 1]
+                self._fit_projection([(first, list(self._raw_batches(first, corpus_id, settings, name)))])
             fragments, pairs = [], 0
             if pending:  # (a resume may find every document committed already)
                 fragments, pairs = encode_on_ray(
@@ -307,7 +311,7 @@ class Writer:
                     schema=self.store.table.schema, settings=settings, corpus_id=corpus_id, corpus=name,
                     store_path=str(self.store.path), options=ray, device=str(self.store.device),
                     compute_dtype=self.store.compute_dtype, encoder=self.store.encoder,
-                    progress=lambda n_docs, n_pairs: counter.advance(n_pairs + n_docs))  # their tokens
+                    projection=self.store.projection, progress=lambda n_docs, n_pairs: counter.advance(n_pairs + n_docs))  # their tokens
             crash_point("commit.before_table_add")
             self.store.verify_lock()
             self.store.table.append_fragments(fragments)
@@ -321,15 +325,14 @@ class Writer:
         with self._run(corpus_id, name, kind) as totals:
             spec, done = self._restart(corpus_id)
             settings = IngestSettings(**spec["settings"])
-            forward = ingest.model_forward(self.store.encoder, name, self.store.path)
             buffer = _CommitBuffer(self._add_pairs, functools.partial(self._commit, corpus_id),
                                    settings.commit_every)
             counter = _Progress(progress, total_tokens)
-            for group in self._pending_groups(corpus_id, name, spec, done, counter):
+            groups = self._pending_groups(corpus_id, name, spec, done, counter)
+            for group, encoded in self._encoded(groups, corpus_id, settings, name):
                 crash_point("ingest.after_documents_row")
                 buffer.documents += [doc_id for doc_id, _ in group]
-                for batch, n_new in ingest.encode_documents(forward, group, corpus_id, settings,
-                                                            self.store.table.schema):
+                for batch, n_new in encoded:
                     crash_point("ingest.after_encode")
                     buffer.add(batch)
                     counter.advance(n_new)
@@ -339,6 +342,48 @@ class Writer:
                     totals.add_commit(*buffer.commit())
             totals.add_commit(*buffer.commit())
             self._corpus_ready(corpus_id, totals, counter)
+
+    def _needs_projection(self) -> bool:
+        """Whether the store reduces its keys and its projection is still to be fitted."""
+        return self.store.identity.key_dim is not None and self.store.projection is None
+
+    def _raw_batches(self, group, corpus_id: int, settings: IngestSettings, name: str):
+        """A group's pairs with the model's own keys (float32), for fitting the projection."""
+        raw = pairs_schema(self.store.identity.dim, "float32")
+        forward = ingest.model_forward(self.store.encoder, name, self.store.path)
+        return ingest.encode_documents(forward, group, corpus_id, settings, raw)
+
+    def _encoded(self, groups, corpus_id: int, settings: IngestSettings, name: str):
+        """(group, its (record batch, new positions)) for each group of documents. On a
+        store that reduces its keys and has no projection yet, the first groups' keys (up
+        to ``FIT_KEYS``) are encoded once, the projection fitted on them and recorded, and
+        their batches projected; the rest are encoded with it."""
+        schema = self.store.table.schema
+        if self._needs_projection():
+            held, n_keys = [], 0
+            for group in groups:
+                batches = list(self._raw_batches(group, corpus_id, settings, name))
+                held.append((group, batches))
+                n_keys += sum(b.num_rows for b, _ in batches)
+                if n_keys >= FIT_KEYS:
+                    break
+            projection = self._fit_projection(held)
+            for group, batches in held:
+                yield group, [(ingest.with_keys(b, projection.apply(key_matrix(b.column("vector"))), schema), n)
+                              for b, n in batches]
+        forward = ingest.model_forward(self.store.encoder, name, self.store.path, self.store.projection)
+        for group in groups:
+            yield group, ingest.encode_documents(forward, group, corpus_id, settings, schema)
+
+    def _fit_projection(self, held) -> KeyProjection:
+        """Fit the store's projection on the keys of ``held`` [(group, [(raw batch, n)])]
+        (at most ``FIT_KEYS``, evenly spread) and record it."""
+        keys = np.concatenate([key_matrix(b.column("vector")) for _, batches in held for b, _ in batches])
+        if len(keys) > FIT_KEYS:
+            keys = keys[np.linspace(0, len(keys) - 1, FIT_KEYS).astype(np.int64)]
+        projection = KeyProjection.fit(keys, self.store.identity.key_dim)
+        self.store.set_projection(projection)
+        return projection
 
     def _pending_groups(self, corpus_id: int, name: str, spec: dict, done: dict[int, str],
                         counter: "_Progress") -> Iterator[list[tuple[int, list[int]]]]:

@@ -1,0 +1,97 @@
+"""Reduced keys (`init --key-dim D`): a PCA projection fitted on the first corpus's keys,
+applied identically at ingest and at query time, recorded in catalog and table, and a
+store whose table and catalog disagree about it refused.
+
+Real LanceDB tables and the tiny model (keys of dim 64).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from knnstore import KNNLM, InputError, Store
+from knnstore import catalog
+from knnstore.check import check
+from knnstore.cli import cli
+from knnstore.errors import StoreMismatchError
+from knnstore.projection import KeyProjection
+
+from .conftest import write_docs
+
+
+@pytest.fixture
+def reduced(tmp_path, tiny_encoder, small_settings):
+    s = Store.create(tmp_path / "reduced", model=tiny_encoder.name, encoder=tiny_encoder, key_dim=16)
+    s.add_corpus("a", [write_docs(tmp_path / "a", 5, repeat=5)], settings=small_settings)
+    yield s
+    s.close()
+
+
+def test_projection_is_fitted_on_the_first_corpus_and_applied_at_ingest_and_query(reduced, tiny_encoder, tmp_path,
+                                                                                 small_settings):
+    store = reduced
+    proj = store.projection
+    assert proj is not None and (proj.dim, proj.key_dim) == (tiny_encoder.dim, 16)
+    assert store.table.dim == 16 and store.identity.key_projection_sha == proj.sha256
+    assert store.table.key_projection() == proj.sha256
+    # a stored key is the projection of the model's key at that position
+    text = (tmp_path / "a" / "00.txt").read_text()
+    ids = tiny_encoder.tokenize(text)
+    import torch
+    keys, _ = tiny_encoder.forward(torch.tensor([ids[:16]]), torch.ones(1, 16, dtype=torch.long))
+    doc = store.documents("a")[0]
+    row = store.table.columns(["vector"], where=f"document_id = {doc.id} AND position = 3").column("vector")
+    stored = np.asarray(row[0].as_py(), dtype=np.float32)
+    np.testing.assert_allclose(stored, proj.apply(keys[0, 3].numpy()), atol=2e-2, rtol=1e-2)  # float16
+    # a query with the model's key finds that pair first, at (near) zero distance
+    found = store.search(keys[0, 3].numpy()[None], k=1, exact=True)
+    assert found.document_ids[0, 0] == doc.id and found.positions[0, 0] == 3
+    assert found.distances[0, 0] < 1e-2
+    # reopened: the same projection; later corpora use it as they are (no refit)
+    again = Store.open(store.location.path, encoder=tiny_encoder)
+    assert again.projection.sha256 == proj.sha256
+    again.add_corpus("b", [write_docs(tmp_path / "b", 2)], settings=small_settings)
+    assert again.projection.sha256 == proj.sha256 and check(again).ok
+    lm = KNNLM.from_store(again)
+    assert np.isfinite(lm.evaluate(text).knn_ppl)
+    with pytest.raises(InputError, match="dim"):
+        again.search(np.zeros((1, 16), dtype=np.float32), k=1)  # stored-dim queries are not model keys
+
+
+def test_projection_fit_is_deterministic_and_round_trips():
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((500, 12)) * np.linspace(5, 0.1, 12)
+    a, b = KeyProjection.fit(keys, 4), KeyProjection.fit(keys.copy(), 4)
+    assert a.sha256 == b.sha256
+    back = KeyProjection.from_bytes(a.to_bytes())
+    np.testing.assert_array_equal(back.apply(keys), a.apply(keys))
+    # orthonormal axes: distances shrink, never grow
+    x, y = keys[:50], keys[50:100]
+    assert (((a.apply(x) - a.apply(y)) ** 2).sum(1) <= ((x - y) ** 2).sum(1) + 1e-4).all()
+    with pytest.raises(InputError, match="key_dim"):
+        KeyProjection.fit(keys, 13)
+    with pytest.raises(InputError, match="needs more than"):
+        KeyProjection.fit(keys[:3], 4)
+
+
+def test_a_store_with_a_mismatched_projection_is_refused(reduced, tiny_encoder):
+    store = reduced
+    path = store.location.path
+    other = KeyProjection.fit(np.random.default_rng(1).standard_normal((100, tiny_encoder.dim)), 16)
+    with Session(store.engine) as s, s.begin():  # the catalog now holds another projection
+        s.execute(update(catalog.StoreConfig).values(key_projection=other.to_bytes(), key_projection_sha=other.sha256))
+    store.close()
+    with pytest.raises(StoreMismatchError, match="key projection"):
+        Store.open(path)
+
+
+def test_bad_key_dim_is_refused_before_anything_is_written(tmp_path, tiny_encoder):
+    with pytest.raises(InputError, match="key_dim"):
+        Store.create(tmp_path / "s", model=tiny_encoder.name, encoder=tiny_encoder, key_dim=tiny_encoder.dim + 1)
+    assert not (tmp_path / "s").exists()
+    result = CliRunner().invoke(cli, ["init", str(tmp_path / "t"), "--key-dim", "0"])
+    assert result.exit_code != 0 and "key-dim" in result.output
