@@ -3,9 +3,11 @@
 Views (``knnstore sql STORE "SELECT ..."`` or ``Store.sql(query)``):
 
 * ``pairs``: pair_id, corpus, corpus_id, document_id, position, token, token_text,
-  next_token, next_token_text, vector. Only pairs of ready corpora. The Lance table is
-  scanned in place, with projections and filters pushed down; ``vector`` (float32) is
-  read only when a query selects it.
+  next_token, next_token_text, weight, vector. Only pairs of ready corpora. The Lance table
+  is scanned in place, with projections and filters pushed down; ``vector`` (float32) is
+  read only when a query selects it, and is the key as stored: on a store with reduced
+  keys (``init --key-dim``), the projected key. ``weight``: how many pairs the row stands
+  for (1 unless ``knnstore prune`` merged others into it).
 * ``documents``: the ready documents of ready corpora (id, corpus, corpus_id, ordinal,
   source, title, sha256, n_tokens, n_pairs, status, metadata as JSON text; and id again as
   document_id, source again as path).
@@ -179,10 +181,12 @@ class SQLSession:
             con.execute(f"CREATE VIEW {name} AS SELECT *{_ALIASES.get(name, '')} FROM _{name}")
         # Hidden corpora are filtered inside the scan, so even `_pairs` shows none of them.
         con.register("_pairs", _PairsDataset.of(views.dataset, set(views.visible)))
-        con.execute("""
+        weight = "p.weight" if "weight" in views.dataset.schema.names else "1"
+        con.execute(f"""
             CREATE VIEW pairs AS
             SELECT p.pair_id, c.name AS corpus, p.corpus_id, p.document_id, p.position,
-                   p.token, t.text AS token_text, p.next_token, n.text AS next_token_text, p.vector
+                   p.token, t.text AS token_text, p.next_token, n.text AS next_token_text,
+                   {weight} AS weight, p.vector
             FROM _pairs p
             JOIN _corpora c ON c.id = p.corpus_id
             LEFT JOIN _vocab t ON t.token_id = p.token

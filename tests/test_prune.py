@@ -85,6 +85,10 @@ def test_prune_keeps_every_vote_and_the_catalog_agrees(two_corpora):
     assert after["a"] < before["a"] and after["b"] == before["b"]  # repeated text merges a lot
     assert done.corpora[0].pairs_after == after["a"] == store.table.count(a_id)
     assert _weights_by_corpus(store)[a_id] == before["a"]  # weights add up to the pairs it had
+    # SQL shows them (and 1 for corpora never pruned)
+    sums = {r["corpus"]: r["w"] for r in store.sql("SELECT corpus, sum(weight) AS w FROM pairs GROUP BY corpus")
+            .to_pylist()}
+    assert sums == {"a": before["a"], "b": before["b"]}
     assert store.sql("SELECT pair_id FROM pairs WHERE corpus = 'b' ORDER BY pair_id").to_pylist() == other
     report = check(store)
     assert report.ok, report.problems
