@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from . import catalog
-from .config import CATALOG_FILE, FORMAT_VERSION, MARKER_FILE, VECTORS_DIR, StoreIdentity, env
+from .config import CATALOG_FILE, FORMAT_VERSION, MARKER_FILE, PAIRS_TABLE, VECTORS_DIR, StoreIdentity, env
 from .errors import (
     CatalogError,
     InputError,
@@ -225,7 +225,7 @@ def open_parts(given: "str | os.PathLike | Location", storage_options: dict[str,
     try:
         row = read_store_config(engine, place, url, read_only)
         identity = StoreIdentity(**{f.name: getattr(row, f.name) for f in dataclasses.fields(StoreIdentity)})
-        table = PairsTable.open(place.child(VECTORS_DIR))
+        table = PairsTable.open(place.child(VECTORS_DIR), row.pairs_table or PAIRS_TABLE)
         check_binding(place, url, marker.store_id, row.store_id, table.store_id())
         projection = check_projection(place, row, table)
     except BaseException:

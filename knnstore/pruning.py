@@ -22,10 +22,11 @@ pair's weight, and leaves with it (not with its own document): ``remove-document
 once ``purge`` has run, and their tokens with them: a pruned corpus's documents show gaps
 in snippets and in the text ``forget`` searches.
 
-One Lance commit replaces a corpus's rows by the kept ones with their weights (a merge
+Per corpus, under the write lock: an intent row in ``removals`` (command ``prune``), one
+Lance commit that replaces the corpus's rows by the kept ones with their weights (a merge
 insert: updated weights and deleted merged pairs land together), then one catalog
-transaction recounts the documents; a prune killed between the two leaves counts that
-``check --repair`` recounts.
+transaction that recounts the documents and closes the intent. A prune killed after the
+intent is finished (the counts) by the next removal or ``check --repair``, like a removal.
 """
 
 from __future__ import annotations
@@ -36,10 +37,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow as pa
-from sqlalchemy import update
-from sqlalchemy.orm import Session
 
-from . import catalog
+from . import catalog, removal
 from .config import MAX_K, check_number
 from .errors import InputError
 from .faults import crash_point
@@ -137,6 +136,7 @@ def prune(store: "Store", corpus: str | None = None, *, neighbours: int = DEFAUL
     named = store.corpus(corpus) if corpus is not None else None  # a missing corpus fails here
     result = Pruning(neighbours, dry_run)
     with store.write_lock():
+        removal.finish_removals(store)
         ready = [c for c in store.corpora() if c.status == catalog.READY and (named is None or c.id == named.id)]
         if named is not None and not ready:
             raise InputError(f"corpus '{named.name}' is {named.status}, not ready: only a ready corpus can be "
@@ -146,7 +146,7 @@ def prune(store: "Store", corpus: str | None = None, *, neighbours: int = DEFAUL
             kept = _plan(store, info.id, neighbours, exact, nprobes, progress)
             before, after = int(info.pairs), kept.num_rows
             if not dry_run and after < before:
-                _commit(store, info.id, kept)
+                _commit(store, info, kept)
             result.corpora.append(CorpusPruning(info.name, before, after, time.perf_counter() - t0))
     store.refresh()
     return result
@@ -185,23 +185,13 @@ def _plan(store: "Store", corpus_id: int, neighbours: int, exact: bool, nprobes:
                      WEIGHT: pa.array(new_weights[kept], pa.int32())})
 
 
-def _commit(store: "Store", corpus_id: int, kept: pa.Table) -> None:
-    """One Lance commit (weights and deletions together), then the catalog's counts."""
+def _commit(store: "Store", info, kept: pa.Table) -> None:
+    """The intent, one Lance commit (weights and deletions together), then the counts."""
     store.verify_lock()
     store.table.add_weight_column()
+    intent = removal.record(store, command=removal.PRUNE, corpus=info.name, n_documents=0,
+                            n_pairs=int(info.pairs) - kept.num_rows, document_ids=[info.id])
     store.verify_lock()
-    store.table.merge_pairs(kept, [corpus_id])
+    store.table.merge_pairs(kept, [info.id])
     crash_point("prune.after_table")
-    recount(store, corpus_id)
-
-
-def recount(store: "Store", corpus_id: int) -> None:
-    """A corpus's documents' and its own pair counts from the table (one transaction)."""
-    counts = store.table.counts_by_document_of_corpus(corpus_id)
-    D = catalog.Document
-    with Session(store.engine) as s, s.begin():
-        for doc_id, n_pairs in s.execute(
-                D.__table__.select().with_only_columns(D.id, D.n_pairs).where(D.corpus_id == corpus_id)).tuples():
-            if counts.get(doc_id, 0) != n_pairs:
-                s.execute(update(D).where(D.id == doc_id).values(n_pairs=counts.get(doc_id, 0)))
-        catalog.recount_corpus(s, corpus_id)
+    removal.finish(store, intent)

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .store import Store
 
 DONE = "ok"
+PRUNE = "prune"  # a removals row of ``knnstore prune`` (its corpus id in document_ids[0])
 _COLUMNS = "id, corpus_id, corpus, source, title, n_tokens, n_pairs"
 
 
@@ -81,11 +82,11 @@ def remove_documents(store: "Store", where: str, corpus: str | None = None,
         chosen = select_documents(store, where, corpus)  # again, under the lock: what is there now
         if not chosen:
             raise InputError(f"no document matches {where!r} any more: nothing was removed")
-        removal = _record(store, command="remove-documents", condition=where, corpus=corpus,
+        removal = record(store, command="remove-documents", condition=where, corpus=corpus,
                           n_documents=len(chosen), n_pairs=sum(d["n_pairs"] for d in chosen),
                           document_ids=[d["id"] for d in chosen])
         crash_point("remove_documents.after_intent")
-        _finish(store, removal)
+        finish(store, removal)
     store.refresh()
     return DocumentRemoval(where, chosen, sum(d["n_pairs"] for d in chosen), dry_run=False)
 
@@ -95,23 +96,29 @@ def finish_removals(store: "Store") -> int:
     returns how many."""
     pending = catalog.unfinished_removals(store.engine)
     for removal in pending:
-        _finish(store, removal)
+        finish(store, removal)
     return len(pending)
 
 
-def _record(store: "Store", **values) -> catalog.Removal:
-    """Step 1: the removal's intent row (``removing``), committed before anything goes."""
+def record(store: "Store", **values) -> catalog.Removal:
+    """Step 1: the removal's intent row (``removing``), committed before anything goes
+    (``prune`` records its own the same way)."""
     with Session(store.engine, expire_on_commit=False) as s, s.begin():
         row = catalog.Removal(status=catalog.REMOVING, **values)
         s.add(row)
     return row
 
 
-def _finish(store: "Store", removal: catalog.Removal) -> None:
+def finish(store: "Store", removal: catalog.Removal) -> None:
     """Steps 2 and 3: the pairs (one Lance commit), then the catalog rows and counts (one
     transaction). Both may run again after a crash. Whole documents go with their rows;
     single pairs (``forget``) leave their documents with recounted pairs."""
     store.verify_lock()
+    if removal.command == PRUNE:  # the merge is one commit, done or not: only the counts follow
+        recount_from_table(store, removal.document_ids[0])
+        with Session(store.engine) as s, s.begin():
+            s.execute(update(catalog.Removal).where(catalog.Removal.id == removal.id).values(status=DONE))
+        return
     documents, pairs = list(removal.document_ids or []), removal.pair_ids
     if pairs is None:
         store.table.delete_documents(documents)
@@ -132,6 +139,18 @@ def _finish(store: "Store", removal: catalog.Removal) -> None:
             catalog.recount_corpus(s, corpus_id)
         s.execute(update(catalog.Removal).where(catalog.Removal.id == removal.id)
                   .values(status=DONE, pair_ids=None))
+
+
+def recount_from_table(store: "Store", corpus_id: int) -> None:
+    """A corpus's documents' pair counts, and its own, as the table has them (one
+    transaction): what a prune changes, and finishes if it was cut short."""
+    counts = store.table.counts_by_document_of_corpus(corpus_id)
+    D = catalog.Document
+    with Session(store.engine) as s, s.begin():
+        for doc_id, n_pairs in s.execute(select(D.id, D.n_pairs).where(D.corpus_id == corpus_id)).tuples():
+            if counts.get(doc_id, 0) != n_pairs:
+                s.execute(update(D).where(D.id == doc_id).values(n_pairs=counts.get(doc_id, 0)))
+        catalog.recount_corpus(s, corpus_id)
 
 
 def forget(store: "Store", text: str, *, ignore_case: bool = False, context: int = 0,
@@ -156,7 +175,7 @@ def forget(store: "Store", text: str, *, ignore_case: bool = False, context: int
             plan, pair_ids = _forget_plan(store, text, ignore_case, context, documents)
         if plan.occurrences:
             salt = secrets.token_hex(16)
-            removal = _record(
+            removal = record(
                 store, command="forget", corpus=None, salt=salt,
                 condition=f"ignore_case={ignore_case} context={context} documents={documents}",
                 text_hash=hashlib.sha256((salt + text).encode("utf-8")).hexdigest(),
@@ -164,7 +183,7 @@ def forget(store: "Store", text: str, *, ignore_case: bool = False, context: int
                 document_ids=[d["document_id"] for d in plan.by_document],
                 pair_ids=None if documents else pair_ids)
             crash_point("remove_documents.after_intent")
-            _finish(store, removal)
+            finish(store, removal)
     store.refresh()
     return dataclasses.replace(plan, dry_run=False)
 

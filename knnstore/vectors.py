@@ -281,8 +281,8 @@ def key_matrix(column: pa.FixedSizeListArray) -> np.ndarray:
 class PairsTable:
     """The `pairs` table of one store."""
 
-    def __init__(self, uri: Location, table) -> None:
-        self.uri, self._table = uri, table
+    def __init__(self, uri: Location, table, name: str = PAIRS_TABLE) -> None:
+        self.uri, self._table, self.name = uri, table, name
         self._has_index: tuple[int, bool] | None = None
         self._index_type: tuple[int, str | None] | None = None
         self._corpus_ids: tuple[int, frozenset[int]] | None = None
@@ -291,27 +291,41 @@ class PairsTable:
 
     @classmethod
     def create(cls, uri: "Location | str | os.PathLike", dim: int, dtype: str, *,
-               store_id: str | None = None) -> "PairsTable":
+               store_id: str | None = None, name: str = PAIRS_TABLE,
+               schema: pa.Schema | None = None) -> "PairsTable":
+        """A new, empty table ``name`` (``pairs``; a compaction writes its successor under
+        another name) of the pairs schema for ``dim`` and ``dtype``, or of ``schema``."""
         uri = Location.of(uri)
         db = connect(uri)
-        table = cls(uri, db.create_table(PAIRS_TABLE, schema=pairs_schema(dim, dtype)))
+        table = cls(uri, db.create_table(name, schema=schema or pairs_schema(dim, dtype)), name)
         if store_id is not None:
             table.set_store_id(store_id)
         return table
 
     @classmethod
-    def open(cls, uri: "Location | str | os.PathLike") -> "PairsTable":
+    def open(cls, uri: "Location | str | os.PathLike", name: str = PAIRS_TABLE) -> "PairsTable":
         """Open the table; a missing or unreadable one is a StoreDamagedError."""
         uri = Location.of(uri)
         if not uri.exists():
             raise StoreDamagedError(f"the vector table directory {uri} is missing: restore the store from "
                                     "a backup (the catalog alone cannot rebuild the keys)")
         try:
-            return cls(uri, connect(uri).open_table(PAIRS_TABLE))
+            return cls(uri, connect(uri).open_table(name), name)
         except Exception as exc:  # LanceDB raises ValueError / OSError / RuntimeError here
             _raise_storage_error(uri, exc, "open")
-            raise StoreDamagedError(f"the vector table {uri.child(PAIRS_TABLE + '.lance')} cannot be opened "
+            raise StoreDamagedError(f"the vector table {uri.child(name + '.lance')} cannot be opened "
                                     f"({first_line(exc)}): restore the store from a backup") from None
+
+    @staticmethod
+    def table_names(uri: "Location | str | os.PathLike") -> list[str]:
+        """The tables in the LanceDB database at ``uri`` (the store's own, and any a
+        compaction cut short left behind)."""
+        return list(connect(Location.of(uri)).table_names())
+
+    @staticmethod
+    def drop(uri: "Location | str | os.PathLike", name: str) -> None:
+        """Delete table ``name`` and its files (a table the store no longer uses)."""
+        connect(Location.of(uri)).drop_table(name)
 
     def store_id(self) -> str | None:
         """The id of the store this table belongs to (in the table's config; None: unbound)."""
@@ -406,7 +420,7 @@ class PairsTable:
     @property
     def table_uri(self) -> Location:
         """The Lance dataset's own directory (``pairs.lance``)."""
-        return self.uri.child(PAIRS_TABLE + ".lance")
+        return self.uri.child(self.name + ".lance")
 
     def append_fragments(self, fragments: list) -> None:
         """Commit data fragments written by other processes (``lance.fragment.write_fragments``)
@@ -469,7 +483,8 @@ class PairsTable:
         return left, here, nxt, right
 
     def nbytes(self) -> int:
-        """Bytes on disk (or object store), including old versions not yet cleaned up."""
+        """Bytes on disk (or object store) of the table's database directory (a table a
+        cut-short compaction left there included), old versions not yet cleaned up too."""
         return sum(self.uri.files().values())
 
     def index_state(self) -> "IndexState":
@@ -697,7 +712,7 @@ class PairsTable:
             import lancedb
 
             db = await lancedb.connect_async(self.uri.uri, storage_options=self.uri.lance_options())
-            self._async_table, self._async_version = await db.open_table(PAIRS_TABLE), None
+            self._async_table, self._async_version = await db.open_table(self.name), None
         if self._async_version != version:
             await self._async_table.checkout(version)
             self._async_version = version

@@ -142,3 +142,37 @@ def test_cli_prune_json(two_corpora):
     assert data["pairs_after"] < data["pairs_before"] and {c["corpus"] for c in data["corpora"]} == {"a", "b"}
     bad = CliRunner().invoke(cli, ["prune", path, "--neighbours", "0"])
     assert bad.exit_code != 0 and "neighbours" in bad.output
+
+
+CHILD = """
+import sys
+from knnstore import Store
+Store.open(sys.argv[1]).prune(neighbours=4)
+"""
+
+
+@pytest.mark.parametrize("finish", ["repair", "next prune"])
+def test_a_killed_prune_leaves_a_store_that_opens_and_one_command_finishes_it(two_corpora, finish):
+    import os
+    import subprocess
+    import sys
+
+    store = two_corpora
+    before = {c.name: c.pairs for c in store.corpora()}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(store.path)],
+                          env={**os.environ, "KNNSTORE_CRASH_AT": "prune.after_table"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    after_crash = type(store).open(store.path)  # it opens
+    assert not check(after_crash).ok  # the cut-short prune is reported (its counts)
+    if finish == "repair":
+        check(after_crash, repair=True)
+    else:
+        after_crash.prune(neighbours=4)
+    after_crash.refresh()
+    report = check(after_crash)
+    assert report.ok, [p.what for p in report.problems]
+    # every vote is still there
+    sums = {r["corpus"]: r["w"] for r in after_crash.sql("SELECT corpus, sum(weight) AS w FROM pairs GROUP BY corpus")
+            .to_pylist()}
+    assert sums == before

@@ -1,7 +1,13 @@
-"""How search cost grows with the store: 0.1M to 5M synthetic keys, LanceDB vs exact vs FAISS.
+"""How search cost grows with the store: 0.1M to 10M synthetic keys, LanceDB vs exact vs FAISS.
 
     python tools/bench_scaling.py STORE [--sizes 100000,300000,1000000,2000000,5000000]
                                         [--queries 256] [--k 64] [--rounds 3] [--work DIR]
+                                        [--key-dim D]
+
+With ``--key-dim D`` the keys are those of a compact store (``init --key-dim D``,
+docs/compact.md): the real keys and the queries projected by a ``KeyProjection`` fitted on
+the real store's keys, the noise drawn in the projected space. Each size also reports the
+table's bytes per pair on disk (index included) and the process's peak memory.
 
 The keys are synthetic but shaped like real ones: each is a key of STORE (a real store,
 e.g. WikiText-2 valid) chosen at random, plus Gaussian noise of 0.1x the per-dimension
@@ -31,6 +37,7 @@ nan).
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 from pathlib import Path
 
@@ -50,6 +57,7 @@ from benchlib import (
 )
 
 from knnstore import Store
+from knnstore.projection import FIT_KEYS, KeyProjection
 from knnstore.vectors import ExactSearch, PairsTable
 
 LANCE_SETTINGS = ((16, 0), (32, 0), (64, 0), (32, 2))  # (nprobes, refine factor) on IVF-RQ
@@ -108,18 +116,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds over every method (best kept)")
     parser.add_argument("--text", default=str(WIKI_TEST))
     parser.add_argument("--work", default=str(Path(__file__).resolve().parents[2] / "knnstore-cache" / "scaling"))
+    parser.add_argument("--key-dim", type=int, default=None, help="keys of a compact store of this dimension")
     args = parser.parse_args()
 
     rounds = args.rounds
     store = Store.open(args.store)
     queries = held_out_queries(store, args.text, args.queries)
     base, _ = table_keys(store.table)
+    suffix = ""
+    if args.key_dim:
+        projection = KeyProjection.fit(base[np.linspace(0, len(base) - 1, FIT_KEYS).astype(np.int64)], args.key_dim)
+        base, queries = projection.apply(base), np.ascontiguousarray(projection.apply(queries))
+        suffix = f"-d{args.key_dim}"
     dim, k, n_q = base.shape[1], args.k, len(queries)
     print(f"base: {len(base):,} real keys of {args.store}, dim {dim}; {n_q} queries from "
           f"{Path(args.text).name}, k={k}; torch threads {torch.get_num_threads()}", flush=True)
     summary = []
     for rows in (int(s) for s in args.sizes.split(",")):
-        path = Path(args.work) / f"synthetic-{rows}"
+        path = Path(args.work) / f"synthetic-{rows}{suffix}"
         t0 = time.perf_counter()
         table = synthetic_table(path, base, rows, dim)
         t_write = time.perf_counter() - t0
@@ -128,7 +142,8 @@ def main() -> None:
             t0 = time.perf_counter()
             table.create_index()
             t_index = time.perf_counter() - t0
-        print(f"\n{rows:,} rows: written in {t_write:.0f} s, IVF-RQ index built in {t_index:.0f} s", flush=True)
+        print(f"\n{rows:,} rows: written in {t_write:.0f} s, IVF-RQ index built in {t_index:.0f} s; "
+              f"{table.nbytes() / rows:,.1f} bytes per pair on disk (index included)", flush=True)
         exact = ExactSearch(table)
         t_exact, truth = best_time(lambda: exact.search(queries, k), 1)
         xb, pids = table_keys(table, np.float16)  # 5.8 GB at 5M rows (11.5 as float32)
@@ -156,6 +171,8 @@ def main() -> None:
         pids = ivfpq = refined = rabitq = None  # free before the next size
         for name, qps, rec in results:
             print(f"  {name:34} {qps:9,.0f} q/s  recall@{k} {rec:.3f}", flush=True)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"  peak memory of this process so far: {peak:,.1f} GiB (FAISS's in-memory copies included)", flush=True)
 
         def fastest(prefix):
             ok = [r for r in results if r[0].startswith(prefix) and r[2] >= TARGET]
