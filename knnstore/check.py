@@ -37,7 +37,7 @@ from . import catalog
 from .catalog import FAILED, INGESTING, READY, REMOVING
 from .config import DTYPES
 from .errors import StoreDamagedError
-from .vectors import VECTOR_TYPES, in_list, pairs_schema, value_counts
+from .vectors import VECTOR_TYPES, PairsTable, in_list, pairs_schema, value_counts
 
 if TYPE_CHECKING:
     from .store import Store
@@ -126,6 +126,7 @@ def _check(store: "Store", repair: bool) -> CheckReport:
     if report.problems:
         return report
     report.problems += _unfinished_removals(store, repair)
+    report.problems += _leftover_tables(store, repair)
     try:
         cols = store.table.columns(["corpus_id", "document_id"])
     except StoreDamagedError as exc:
@@ -181,6 +182,29 @@ def _schema_problems(store: "Store") -> list[Problem]:
             problems.append(Problem(ERROR, f"the vector column is {vtype}; the store records dim "
                                            f"{ident.stored_dim} {ident.dtype} ({', '.join(DTYPES)} allowed)"))
     return problems
+
+
+def leftover_tables(store: "Store") -> list[str]:
+    """Tables in the store's LanceDB database other than the one its catalog names (left
+    by a compaction cut short, ``knnstore.compaction``)."""
+    return sorted(n for n in PairsTable.table_names(store.table.uri) if n != store.table.name)
+
+
+def _leftover_tables(store: "Store", repair: bool) -> list[Problem]:
+    names = leftover_tables(store)
+    if not names:
+        return []
+    if not store.bound:
+        return [Problem(WARNING, f"the vector database holds tables the catalog does not name ({', '.join(names)}); "
+                                 "the store carries no id, so they are left alone")]
+    p = Problem(WARNING, f"the vector database holds {len(names)} table(s) the catalog does not name "
+                         f"({', '.join(names)}): left by a compaction that was cut short", repair="delete them")
+    if repair:
+        store.verify_lock()
+        for name in names:
+            PairsTable.drop(store.table.uri, name)
+        p.repaired = True
+    return [p]
 
 
 def _orphan_rows(store: "Store", seen: _Seen, repair: bool) -> list[Problem]:

@@ -70,6 +70,14 @@ class KeyProjection:
             return (keys.float() - mean) @ comp
         return (np.asarray(keys, dtype=np.float32) - self.mean) @ self.components
 
+    def after(self, first: "KeyProjection") -> "KeyProjection":
+        """The projection that applies ``first``, then this one (a store reduced again):
+        (x - m1) C1 then (y - m2) C2 is (x - m) C1 C2 with m = m1 + m2 C1^T, since C1's
+        columns are orthonormal."""
+        mean = first.mean.astype(np.float64) + self.mean.astype(np.float64) @ first.components.T.astype(np.float64)
+        components = first.components.astype(np.float64) @ self.components.astype(np.float64)
+        return KeyProjection(mean.astype(np.float32), np.ascontiguousarray(components, dtype=np.float32))
+
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         np.save(buf, self.mean, allow_pickle=False)

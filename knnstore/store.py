@@ -50,7 +50,7 @@ from .indexing import IndexPlan
 from .layout import StoreParts, bind_legacy, check_new_store, create_store, open_parts, resolve_catalog_url
 from .projection import KeyProjection
 from .results import CorpusInfo, DocumentRef, StoreStats  # noqa: F401  (importable from here, as before)
-from .vectors import ExactSearch, Neighbours, row_bytes
+from .vectors import ExactSearch, Neighbours, PairsTable, row_bytes
 from .writer import ProgressFn, Writer, normalise_name  # noqa: F401  (normalise_name: kept importable here)
 
 if TYPE_CHECKING:
@@ -350,6 +350,24 @@ class Store:
         self.table.set_key_projection(projection.sha256)
         self.projection = projection
         self.identity = dataclasses.replace(self.identity, key_projection_sha=projection.sha256)
+
+    def use_table(self, table: PairsTable, projection: KeyProjection | None) -> None:
+        """Read and write ``table`` from now on, its keys made by ``projection`` (after a
+        compaction switched the catalog to it; the caller holds the write lock)."""
+        self.table, self.projection = table, projection
+        self.identity = dataclasses.replace(
+            self.identity, key_dim=None if projection is None else projection.key_dim,
+            key_projection_sha=None if projection is None else projection.sha256)
+        self._exact = ExactSearch(table, device=self.device)
+        self.refresh()
+
+    def compact(self, key_dim: int, progress: ProgressFn | None = None):
+        """Rewrite the store's keys reduced to ``key_dim`` dimensions by a PCA of its own
+        keys (``knnstore.compaction``); returns a ``Compaction``. Readers holding the
+        store open must reopen it afterwards."""
+        from .compaction import compact
+
+        return compact(self, key_dim, progress)
 
     def check(self, repair: bool = False):
         """``knnstore check``: whether catalog and table agree (``check.CheckReport``);

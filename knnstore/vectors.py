@@ -559,13 +559,24 @@ class PairsTable:
         ``SAMPLE_PER_PARTITION`` keys per partition, or every key of a smaller table)."""
         from .kmeans import SAMPLE_PER_PARTITION, kmeans
 
+        keys = self.sample_keys(SAMPLE_PER_PARTITION * partitions, seed)
+        return kmeans(torch.from_numpy(keys).to(device or "cpu"), partitions, seed=seed)
+
+    def sample_keys(self, n: int, seed: int = 0) -> np.ndarray:
+        """Up to ``n`` keys drawn at random without replacement (every key of a smaller
+        table): float32 [min(n, rows), dim]."""
         ds = self._table.to_lance()
         rows = ds.count_rows()
-        take = min(rows, SAMPLE_PER_PARTITION * partitions)
-        picked = np.sort(np.random.default_rng(seed).choice(rows, take, replace=False))
+        picked = np.sort(np.random.default_rng(seed).choice(rows, min(rows, n), replace=False))
         with damage_errors(self.uri):
-            keys = key_matrix(ds.take(picked, columns=["vector"]).column("vector").combine_chunks())
-        return kmeans(torch.from_numpy(keys).to(device or "cpu"), partitions, seed=seed)
+            return key_matrix(ds.take(picked, columns=["vector"]).column("vector").combine_chunks())
+
+    def batches(self, columns: list[str], batch_rows: int = 32768) -> Iterator[pa.RecordBatch]:
+        """Every row of this snapshot, these columns, in record batches."""
+        with damage_errors(self.uri):
+            for batch in self._table.to_lance().to_batches(columns=columns, batch_size=batch_rows):
+                if batch.num_rows:
+                    yield batch
 
     def index_type(self) -> str | None:
         """``ivf_rq`` / ``ivf_pq`` (or another Lance type, lower case) of the key column's

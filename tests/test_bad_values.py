@@ -81,6 +81,7 @@ BASE = {
     "purge": {"store": "{store}"},
     "forget": {"store": "{store}", "text": "lobster", "dry_run": True},
     "prune": {"store": "{store}", "dry_run": True},
+    "compact": {"store": "{store}", "key_dim": "8"},
     "list": {"store": "{store}"},
     "stats": {"store": "{store}"},
     "check": {"store": "{store}"},

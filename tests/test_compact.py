@@ -95,3 +95,73 @@ def test_bad_key_dim_is_refused_before_anything_is_written(tmp_path, tiny_encode
     assert not (tmp_path / "s").exists()
     result = CliRunner().invoke(cli, ["init", str(tmp_path / "t"), "--key-dim", "0"])
     assert result.exit_code != 0 and "key-dim" in result.output
+
+
+# --- compact: an existing store's keys reduced in place ---------------------------------
+
+
+@pytest.fixture
+def full_store(store, tmp_path, small_settings):
+    store.add_corpus("a", [write_docs(tmp_path / "a", 5, repeat=5)], settings=small_settings)
+    store.add_corpus("b", [write_docs(tmp_path / "b", 3, repeat=4, template="Other {i}: a cat sat on the mat. ")],
+                     settings=small_settings)
+    return store
+
+
+def _neighbours(store, queries, k=10):
+    found = store.search(queries, k=k, exact=True)
+    return found.pair_ids, found.distances
+
+
+def test_compact_rewrites_every_key_projected_and_queries_follow(full_store, tiny_encoder, tmp_path):
+    store = full_store
+    before = store.sql("SELECT pair_id, corpus, document_id, position, token, next_token, weight FROM pairs "
+                       "ORDER BY pair_id").to_pylist()
+    full_keys = {r["pair_id"]: np.asarray(r["vector"], dtype=np.float32)
+                 for r in store.sql("SELECT pair_id, vector FROM pairs").to_pylist()}
+    done = store.compact(16)
+    assert (done.key_dim_before, done.key_dim, done.rows) == (tiny_encoder.dim, 16, len(before))
+    assert store.table.dim == 16 and store.projection.key_dim == 16 and store.identity.key_dim == 16
+    # the same pairs, each key the projection of its old one
+    after = store.sql("SELECT pair_id, corpus, document_id, position, token, next_token, weight FROM pairs "
+                      "ORDER BY pair_id").to_pylist()
+    assert after == before
+    for r in store.sql("SELECT pair_id, vector FROM pairs LIMIT 20").to_pylist():
+        np.testing.assert_allclose(np.asarray(r["vector"], dtype=np.float32),
+                                   store.projection.apply(full_keys[r["pair_id"]]), atol=3e-2, rtol=1e-2)
+    assert check(store).ok and not any(n != store.table.name for n in store.table.table_names(store.table.uri))
+    # reopened from disk: the same table and projection; a query is a model key, projected
+    again = Store.open(store.location.path, encoder=tiny_encoder)
+    assert again.table.name == store.table.name and again.projection.sha256 == store.projection.sha256
+    key = full_keys[before[7]["pair_id"]][None]
+    ids, dist = _neighbours(again, key)  # (repeated text: other documents' pairs may tie with it)
+    assert before[7]["pair_id"] in ids[0, dist[0] < 1e-2]
+    # reduced again: the projections compose (a query is still a model key)
+    again.compact(8)
+    ids, dist = _neighbours(again, key)
+    assert again.table.dim == 8 and before[7]["pair_id"] in ids[0, dist[0] < 1e-2]
+    with pytest.raises(InputError, match="below"):
+        again.compact(8)
+    text = (tmp_path / "a" / "00.txt").read_text()
+    assert np.isfinite(KNNLM.from_store(again).evaluate(text).knn_ppl)
+
+
+@pytest.mark.parametrize("point", ["compact.after_new_table", "compact.after_switch"])
+def test_a_killed_compaction_leaves_a_store_that_opens_and_repair_cleans_up(full_store, point):
+    import os
+    import subprocess
+    import sys
+
+    store = full_store
+    rows = store.sql("SELECT pair_id, next_token FROM pairs ORDER BY pair_id").to_pylist()
+    child = "import sys\nfrom knnstore import Store\nStore.open(sys.argv[1]).compact(16)\n"
+    proc = subprocess.run([sys.executable, "-c", child, str(store.path)], env={**os.environ, "KNNSTORE_CRASH_AT": point},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    after = Store.open(store.path)  # it opens, on one whole table
+    assert after.sql("SELECT pair_id, next_token FROM pairs ORDER BY pair_id").to_pylist() == rows
+    assert after.table.dim == (16 if point == "compact.after_switch" else store.table.dim)
+    report = check(after)
+    assert any("compaction" in p.what for p in report.problems)
+    check(after, repair=True)
+    assert check(after).ok and after.table.table_names(after.table.uri) == [after.table.name]

@@ -1,0 +1,138 @@
+"""Making an existing store's keys smaller in place: ``knnstore compact STORE --key-dim D``.
+
+A store keeps its pairs in one LanceDB table, named by the catalog (``store_config.
+pairs_table``; "pairs" unless a compaction renamed it). Compaction writes the successor
+beside it and switches to it in one catalog transaction, so a crash at any point leaves a
+store that opens with one whole table:
+
+1. a projection is fitted on up to ``FIT_KEYS`` of the stored keys (evenly spread) and,
+   where the store already reduces its keys, composed with its projection: queries are
+   still the model's keys, projected once;
+2. a new table ``pairs_<8 hex>`` gets every row of the current version, its key projected,
+   in one commit (rows deleted earlier are not copied, nor are old versions: a compaction
+   purges the table), then the store id and the projection's sha256 in its config;
+3. one catalog transaction: the table's name, the key dimension, the projection;
+4. the old table is dropped, and the index is trained on the new one (as before: the
+   type it had; searches are exact until then).
+
+A compaction killed before step 3 leaves the old table in use and the new one unused; one
+killed after it leaves the old one unused: ``knnstore check --repair``, or the next
+compaction, deletes a table the catalog does not name (``leftover_tables``).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import pyarrow as pa
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from . import catalog
+from .check import leftover_tables
+from .config import check_number
+from .errors import InputError
+from .faults import crash_point
+from .projection import FIT_KEYS, KeyProjection
+from .vectors import INDEX_TYPES, VECTOR_TYPES, PairsTable, key_matrix
+
+if TYPE_CHECKING:
+    from .store import Store
+
+ProgressFn = Callable[[int, int], None]
+COPY_BATCH = 65536  # rows projected and written at a time
+
+
+@dataclass
+class Compaction:
+    """What ``compact`` did."""
+
+    key_dim_before: int
+    key_dim: int
+    rows: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    projection: str
+
+    def to_dict(self) -> dict:
+        return {"key_dim_before": self.key_dim_before, "key_dim": self.key_dim, "rows": self.rows,
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+                "seconds": round(self.seconds, 1), "projection": self.projection}
+
+
+def compact(store: "Store", key_dim: int, progress: ProgressFn | None = None) -> Compaction:
+    """Rewrite the store's keys reduced to ``key_dim`` dimensions (see the module's steps)."""
+    check_number("key_dim", key_dim, 1, None, integer=True)
+    t0 = time.perf_counter()
+    with store.write_lock():
+        from .removal import finish_removals
+
+        finish_removals(store)
+        for name in leftover_tables(store):
+            PairsTable.drop(store.table.uri, name)
+        old = store.table
+        stored_dim, rows = old.dim, old.count()
+        if key_dim >= stored_dim:
+            raise InputError(f"--key-dim must be below the {stored_dim} dimensions the store's keys have now, "
+                             f"got {key_dim}: compaction only makes keys smaller")
+        if rows <= key_dim:
+            raise InputError(f"the store holds {rows:,} keys: too few to fit {key_dim} dimensions on; add "
+                             "corpora first")
+        bytes_before = old.nbytes()
+        step = KeyProjection.fit(old.sample_keys(FIT_KEYS), key_dim)
+        projection = step if store.projection is None else step.after(store.projection)
+        index_type = old.index_type() if old.has_vector_index() else None
+        if index_type is not None and index_type not in INDEX_TYPES:
+            index_type = None  # another type (built by hand): knnstore's default
+        new = _copy(store, old, step, progress)
+        crash_point("compact.after_new_table")
+        store.verify_lock()
+        with Session(store.engine) as s, s.begin():
+            s.execute(update(catalog.StoreConfig).where(catalog.StoreConfig.id == 1).values(
+                pairs_table=new.name, key_dim=key_dim, key_projection=projection.to_bytes(),
+                key_projection_sha=projection.sha256))
+        crash_point("compact.after_switch")
+        store.use_table(new, projection)
+        PairsTable.drop(old.uri, old.name)
+        if old.has_vector_index():
+            store.create_index(index_type=index_type)
+    store.refresh()
+    return Compaction(stored_dim, key_dim, rows, bytes_before, store.table.nbytes(),
+                      time.perf_counter() - t0, projection.describe())
+
+
+def _copy(store: "Store", old: PairsTable, step: KeyProjection, progress: ProgressFn | None) -> PairsTable:
+    """The new table: every row of ``old`` with its key projected by ``step``, one commit."""
+    dtype = "float16" if old.schema.field("vector").type.value_type == VECTOR_TYPES["float16"] else "float32"
+    fields = [f for f in old.schema if f.name != "vector"]
+    vector = pa.field("vector", pa.list_(VECTOR_TYPES[dtype], step.key_dim), nullable=False)
+    at = [f.name for f in old.schema].index("vector")
+    schema = pa.schema(fields[:at] + [vector] + fields[at:])
+    name = f"pairs_{secrets.token_hex(4)}"
+    new = PairsTable.create(old.uri, step.key_dim, dtype, name=name, schema=schema)
+    total, done = old.count(), 0
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+
+    def batches():
+        nonlocal done
+        for batch in old.batches([f.name for f in old.schema], COPY_BATCH):
+            keys = step.apply(key_matrix(batch.column("vector"))).astype(np_dtype)
+            flat = pa.array(keys.reshape(-1), VECTOR_TYPES[dtype])
+            cols = [batch.column(f.name) if f.name != "vector" else pa.FixedSizeListArray.from_arrays(flat, step.key_dim)
+                    for f in schema]
+            done += batch.num_rows
+            if progress:
+                progress(done, total)
+            yield pa.RecordBatch.from_arrays(cols, schema=schema)
+
+    store.verify_lock()
+    new.add(pa.RecordBatchReader.from_batches(schema, batches()))
+    if store.store_id is not None:
+        new.set_store_id(store.store_id)
+    new.set_key_projection(step.after(store.projection).sha256 if store.projection is not None else step.sha256)
+    return new
