@@ -302,7 +302,8 @@ class Writer:
                 totals.tokens += sum(len(tokens) for _, tokens in group)
             crash_point("ingest.after_documents_row")
             if self._needs_projection():  # fitted here, on the driver; the workers encode them again
-                first = pending[:int(np.searchsorted(np.cumsum([len(t) for _, t in pending]), FIT_KEYS)) + 1]
+                pairs_so_far = np.cumsum([len(tokens) - 1 for _, tokens in pending])
+                first = pending[:int(np.searchsorted(pairs_so_far, FIT_KEYS)) + 1]
                 self._fit_projection([(first, list(self._raw_batches(first, corpus_id, settings, name)))])
             fragments, pairs = [], 0
             if pending:  # (a resume may find every document committed already)
@@ -376,11 +377,13 @@ class Writer:
             yield group, ingest.encode_documents(forward, group, corpus_id, settings, schema)
 
     def _fit_projection(self, held) -> KeyProjection:
-        """Fit the store's projection on the keys of ``held`` [(group, [(raw batch, n)])]
-        (at most ``FIT_KEYS``, evenly spread) and record it."""
-        keys = np.concatenate([key_matrix(b.column("vector")) for _, batches in held for b, _ in batches])
-        if len(keys) > FIT_KEYS:
-            keys = keys[np.linspace(0, len(keys) - 1, FIT_KEYS).astype(np.int64)]
+        """Fit the store's projection on the keys of ``held`` [(group, [(raw batch, n)])]:
+        the first ``FIT_KEYS`` pairs of the corpus in pair-id order (its first documents,
+        however they were batched: one process and Ray fit on the same keys), and record it."""
+        batches = [b for _, group in held for b, _ in group]
+        keys = np.concatenate([key_matrix(b.column("vector")) for b in batches])
+        ids = np.concatenate([b.column("pair_id").to_numpy() for b in batches])
+        keys = keys[np.argsort(ids, kind="stable")[:FIT_KEYS]]
         projection = KeyProjection.fit(keys, self.store.identity.key_dim)
         self.store.set_projection(projection)
         return projection

@@ -166,3 +166,17 @@ def test_workers_load_the_model_by_name_when_the_driver_runs_it_in_another_dtype
         assert np.array_equal(got[column], want[column]), column
     diff = np.linalg.norm(got["vector"] - want["vector"], axis=1) / np.linalg.norm(want["vector"], axis=1)
     assert 0 < np.median(diff) < 0.03  # bfloat16 keys: close, and not float32's
+
+
+def test_ray_workers_store_keys_reduced_by_the_projection_the_driver_fitted(tmp_path, tiny_model_dir, reference):
+    single, docs = reference
+    one = Store.create(tmp_path / "one", model=str(tiny_model_dir), device="cpu", key_dim=8)
+    one.add_corpus("c", [docs], settings=SETTINGS)
+    ray = Store.create(tmp_path / "ray", model=str(tiny_model_dir), device="cpu", key_dim=8)
+    ray.add_corpus("c", [docs], settings=SETTINGS, workers=1)
+    # the same documents give the same projection (fitted on the same first keys, up to the
+    # float rounding of other batches) and the same keys
+    assert ray.table.dim == 8 and ray.table.key_projection() == ray.projection.sha256
+    np.testing.assert_allclose(ray.projection.components, one.projection.components, atol=1e-3)
+    np.testing.assert_allclose(ray.projection.mean, one.projection.mean, atol=1e-4)
+    assert_same_corpus(one, ray, "c")
