@@ -104,6 +104,15 @@ def store(tmp_path, tiny_encoder) -> Store:
 
 
 @pytest.fixture
+def two_corpora(store, tmp_path, small_settings) -> Store:
+    """The store with two small corpora: 'a' (six documents of repeated text) and 'b'."""
+    store.add_corpus("a", [write_docs(tmp_path / "a", 6, repeat=6)], settings=small_settings)
+    store.add_corpus("b", [write_docs(tmp_path / "b", 3, repeat=4, template="Other {i}: a cat sat on the mat. ")],
+                     settings=small_settings)
+    return store
+
+
+@pytest.fixture
 def text_dir(tmp_path) -> Path:
     """A directory tree of three small text documents."""
     root = tmp_path / "docs"

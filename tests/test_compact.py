@@ -100,21 +100,13 @@ def test_bad_key_dim_is_refused_before_anything_is_written(tmp_path, tiny_encode
 # --- compact: an existing store's keys reduced in place ---------------------------------
 
 
-@pytest.fixture
-def full_store(store, tmp_path, small_settings):
-    store.add_corpus("a", [write_docs(tmp_path / "a", 5, repeat=5)], settings=small_settings)
-    store.add_corpus("b", [write_docs(tmp_path / "b", 3, repeat=4, template="Other {i}: a cat sat on the mat. ")],
-                     settings=small_settings)
-    return store
-
-
 def _neighbours(store, queries, k=10):
     found = store.search(queries, k=k, exact=True)
     return found.pair_ids, found.distances
 
 
-def test_compact_rewrites_every_key_projected_and_queries_follow(full_store, tiny_encoder, tmp_path):
-    store = full_store
+def test_compact_rewrites_every_key_projected_and_queries_follow(two_corpora, tiny_encoder, tmp_path):
+    store = two_corpora
     before = store.sql("SELECT pair_id, corpus, document_id, position, token, next_token, weight FROM pairs "
                        "ORDER BY pair_id").to_pylist()
     full_keys = {r["pair_id"]: np.asarray(r["vector"], dtype=np.float32)
@@ -147,12 +139,12 @@ def test_compact_rewrites_every_key_projected_and_queries_follow(full_store, tin
 
 
 @pytest.mark.parametrize("point", ["compact.after_new_table", "compact.after_switch"])
-def test_a_killed_compaction_leaves_a_store_that_opens_and_repair_cleans_up(full_store, point):
+def test_a_killed_compaction_leaves_a_store_that_opens_and_repair_cleans_up(two_corpora, point):
     import os
     import subprocess
     import sys
 
-    store = full_store
+    store = two_corpora
     rows = store.sql("SELECT pair_id, next_token FROM pairs ORDER BY pair_id").to_pylist()
     child = "import sys\nfrom knnstore import Store\nStore.open(sys.argv[1]).compact(16)\n"
     proc = subprocess.run([sys.executable, "-c", child, str(store.path)], env={**os.environ, "KNNSTORE_CRASH_AT": point},

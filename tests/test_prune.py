@@ -22,7 +22,7 @@ from knnstore.cli import cli
 from knnstore.pruning import greedy_merge
 from knnstore.vectors import WEIGHT
 
-from .conftest import snapshot, write_docs
+from .conftest import snapshot
 
 
 def test_greedy_merge_of_a_hand_built_case():
@@ -57,14 +57,6 @@ def test_weighted_pknn_equals_the_unmerged_distribution_exactly():
     # the target-only form and the signals agree with it
     t = knn.knn_target_log_prob(d_merged, v_merged == 5, knn.valid_mask(d_merged, v_merged), 2.0, w_merged)
     assert t.exp().item() == pytest.approx(expected, abs=1e-9)
-
-
-@pytest.fixture
-def two_corpora(store, tmp_path, small_settings):
-    store.add_corpus("a", [write_docs(tmp_path / "a", 6, repeat=6)], settings=small_settings)
-    store.add_corpus("b", [write_docs(tmp_path / "b", 3, repeat=4, template="Other {i}: a cat sat on the mat. ")],
-                     settings=small_settings)
-    return store
 
 
 def _weights_by_corpus(store):
