@@ -30,14 +30,17 @@ def test_greedy_merge_of_a_hand_built_case():
     values = np.array([7, 7, 9, 7, 7])
     near = np.array([[0, 1, 2], [1, 0, 3], [2, 1, 0], [3, 1, 0], [4, -1, -1]])
     kept, weights = greedy_merge(values, np.ones(5, dtype=np.int64), near)
-    # row 0 takes 1 (same value); 1 is gone; 2 predicts 9: takes nothing; 3 takes 0 with
-    # the weight 0 had (1 is gone already); 4 has no neighbour
-    assert kept.tolist() == [False, False, True, True, True]
-    assert weights[kept].tolist() == [1, 3, 1]
+    # row 0 takes 1 (same value); 1 is gone; 2 predicts 9: takes nothing; 3 would take 0,
+    # but 0 stands for others now (a centre): it stays; 4 has no neighbour
+    assert kept.tolist() == [True, False, True, True, True]
+    assert weights[kept].tolist() == [2, 1, 1, 1]
     assert weights[kept].sum() == 5  # every pair's vote is kept
-    # weights already > 1 (a second prune) add up
-    kept2, weights2 = greedy_merge(np.array([9, 7, 7]), weights[kept], np.array([[0, 1], [1, 2], [2, 1]]))
-    assert kept2.tolist() == [True, True, False] and weights2[kept2].tolist() == [1, 4]
+    # a second prune: a row of weight > 1 is a centre from the start; weights add up
+    values2, weights2_in = np.array([7, 9, 7, 7]), weights[kept]
+    kept2, weights2 = greedy_merge(values2, weights2_in, np.array([[0, 2], [1, 0], [2, 0], [3, 0]]))
+    assert kept2.tolist() == [True, True, False, True] and weights2[kept2].tolist() == [3, 1, 1]
+    kept3, _ = greedy_merge(values2, weights2_in, np.array([[0, -1], [1, -1], [2, -1], [3, 0]]))
+    assert kept3.all()  # 3 cannot take 0 (weight 2)
 
 
 def test_weighted_pknn_equals_the_unmerged_distribution_exactly():

@@ -48,8 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 K, LAMBDA, T = 128, 0.15, 3.0
 RECALL_K, NPROBES, N_RECALL = 64, 32, 512
 DIMS = (384, 256, 128, 64)
-PRUNE = (2, 4, 8, 16)
-BOTH = ((256, 8), (128, 8), (128, 4), (64, 8))
+PRUNE = (4, 8, 16, 24, 32)
+BOTH = ((384, 16), (256, 16), (128, 16), (64, 16))
 
 
 def test_features(lm: KNNLM, tokens: int):
