@@ -520,7 +520,7 @@ class Store:
               dry_run: bool = False, progress: ProgressFn | None = None):
         """Merge neighbouring pairs that share a next token into one weighted pair (greedy
         merging, ``knnstore.pruning``), in every ready corpus or in ``corpus``;
-        ``neighbours`` nearest looked at per pair (default 8). Returns a ``Pruning``."""
+        ``neighbours`` nearest looked at per pair (default 16). Returns a ``Pruning``."""
         from .pruning import DEFAULT_NEIGHBOURS, prune
 
         return prune(self, corpus, neighbours=DEFAULT_NEIGHBOURS if neighbours is None else neighbours, exact=exact,
