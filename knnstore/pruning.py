@@ -25,8 +25,10 @@ in snippets and in the text ``forget`` searches.
 Per corpus, under the write lock: an intent row in ``removals`` (command ``prune``), one
 Lance commit that replaces the corpus's rows by the kept ones with their weights (a merge
 insert: updated weights and deleted merged pairs land together), then one catalog
-transaction that recounts the documents and closes the intent. A prune killed after the
-intent is finished (the counts) by the next removal or ``check --repair``, like a removal.
+transaction that recounts the documents and closes the intent; then the rewritten rows
+are added to the index (``update_index``: the trained partitions, no retraining). A prune
+killed after the intent is finished (the counts) by the next removal or ``check
+--repair``, like a removal; rows it left unindexed are indexed by ``knnstore index``.
 """
 
 from __future__ import annotations
@@ -201,3 +203,7 @@ def _commit(store: "Store", info, kept: pa.Table) -> None:
     store.table.merge_pairs(kept, [info.id])
     crash_point("prune.after_table")
     removal.finish(store, intent)
+    if store.table.has_vector_index():
+        # the merge rewrote the corpus's kept rows: index them (into the trained partitions,
+        # no retraining), else every search scans them
+        store.update_index()
