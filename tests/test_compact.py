@@ -157,3 +157,21 @@ def test_a_killed_compaction_leaves_a_store_that_opens_and_repair_cleans_up(two_
     assert any("compaction" in p.what for p in report.problems)
     check(after, repair=True)
     assert check(after).ok and after.table.table_names(after.table.uri) == [after.table.name]
+
+
+def test_a_pruned_reduced_store_calibrates_and_runs_adaptive_and_explains(two_corpora, tmp_path):
+    from knnstore.evaluate import calibrate
+
+    store = two_corpora
+    store.prune(neighbours=4)
+    store.compact(16)
+    text = "".join((tmp_path / "a" / f"{i:02}.txt").read_text() for i in range(3))
+    lm = KNNLM.from_store(store).with_settings(k=8)
+    cal = calibrate(lm, text * 3, kind="logistic")
+    store.save_calibration(cal, text_source="a", n_tokens=100)
+    ada = KNNLM.from_store(store).with_settings(k=8, adaptive=True).evaluate(text)
+    assert ada.adaptive and np.isfinite(ada.knn_ppl) and ada.mean_lambda is not None
+    tokens = lm.explain(text[:80], n_sources=2)
+    assert any(t.sources for t in tokens)
+    assert all(s.weight >= 0 for t in tokens for s in t.sources)
+    assert check(store).ok
