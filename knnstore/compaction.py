@@ -38,6 +38,7 @@ from .config import check_number
 from .errors import InputError
 from .faults import crash_point
 from .projection import FIT_KEYS, KeyProjection
+from .removal import finish_removals
 from .vectors import INDEX_TYPES, VECTOR_TYPES, PairsTable, key_matrix
 
 if TYPE_CHECKING:
@@ -70,8 +71,6 @@ def compact(store: "Store", key_dim: int, progress: ProgressFn | None = None) ->
     check_number("key_dim", key_dim, 1, None, integer=True)
     t0 = time.perf_counter()
     with store.write_lock():
-        from .removal import finish_removals
-
         finish_removals(store)
         for name in leftover_tables(store):
             PairsTable.drop(store.table.uri, name)
