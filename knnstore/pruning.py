@@ -34,6 +34,7 @@ killed after the intent is finished (the counts) by the next removal or ``check
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -143,8 +144,9 @@ def prune(store: "Store", corpus: str | None = None, *, neighbours: int = DEFAUL
     check_number("neighbours", neighbours, 1, MAX_K - 1, integer=True)
     named = store.corpus(corpus) if corpus is not None else None  # a missing corpus fails here
     result = Pruning(neighbours, dry_run)
-    with store.write_lock():
-        removal.finish_removals(store)
+    with nullcontext() if dry_run else store.write_lock():  # a dry run reads its snapshot only
+        if not dry_run:
+            removal.finish_removals(store)
         ready = [c for c in store.corpora() if c.status == catalog.READY and (named is None or c.id == named.id)]
         if named is not None and not ready:
             raise InputError(f"corpus '{named.name}' is {named.status}, not ready: only a ready corpus can be "
