@@ -71,24 +71,25 @@ def compact(store: "Store", key_dim: int, progress: ProgressFn | None = None) ->
     check_number("key_dim", key_dim, 1, None, integer=True)
     t0 = time.perf_counter()
     with store.write_lock():
-        finish_removals(store)
-        for name in leftover_tables(store):
-            PairsTable.drop(store.table.uri, name)
         old = store.table
         stored_dim, rows = old.dim, old.count()
-        if key_dim >= stored_dim:
+        if key_dim >= stored_dim:  # bad input changes nothing: checked before any repair below
             raise InputError(f"--key-dim must be below the {stored_dim} dimensions the store's keys have now, "
                              f"got {key_dim}: compaction only makes keys smaller")
         if rows <= key_dim:
             raise InputError(f"the store holds {rows:,} keys: too few to fit {key_dim} dimensions on; add "
                              "corpora first")
+        finish_removals(store)
+        for name in leftover_tables(store):
+            PairsTable.drop(store.table.uri, name)
+        old, rows = store.table, store.table.count()
         bytes_before = old.nbytes()
         step = KeyProjection.fit(old.sample_keys(FIT_KEYS), key_dim)
         projection = step if store.projection is None else step.after(store.projection)
         index_type = old.index_type() if old.has_vector_index() else None
         if index_type is not None and index_type not in INDEX_TYPES:
             index_type = None  # another type (built by hand): knnstore's default
-        new = _copy(store, old, step, progress)
+        new = _copy(store, old, step, projection.sha256, progress)
         crash_point("compact.after_new_table")
         store.verify_lock()
         with Session(store.engine) as s, s.begin():
@@ -105,8 +106,9 @@ def compact(store: "Store", key_dim: int, progress: ProgressFn | None = None) ->
                       time.perf_counter() - t0, projection.describe())
 
 
-def _copy(store: "Store", old: PairsTable, step: KeyProjection, progress: ProgressFn | None) -> PairsTable:
-    """The new table: every row of ``old`` with its key projected by ``step``, one commit."""
+def _copy(store: "Store", old: PairsTable, step: KeyProjection, sha: str, progress: ProgressFn | None) -> PairsTable:
+    """The new table: every row of ``old`` with its key projected by ``step``, one commit;
+    its config names the store and ``sha``, the projection from model keys to its keys."""
     dtype = "float16" if old.schema.field("vector").type.value_type == VECTOR_TYPES["float16"] else "float32"
     fields = [f for f in old.schema if f.name != "vector"]
     vector = pa.field("vector", pa.list_(VECTOR_TYPES[dtype], step.key_dim), nullable=False)
@@ -133,5 +135,5 @@ def _copy(store: "Store", old: PairsTable, step: KeyProjection, progress: Progre
     new.add(pa.RecordBatchReader.from_batches(schema, batches()))
     if store.store_id is not None:
         new.set_store_id(store.store_id)
-    new.set_key_projection(step.after(store.projection).sha256 if store.projection is not None else step.sha256)
+    new.set_key_projection(sha)
     return new

@@ -175,3 +175,16 @@ def test_a_pruned_reduced_store_calibrates_and_runs_adaptive_and_explains(two_co
     assert any(t.sources for t in tokens)
     assert all(s.weight >= 0 for t in tokens for s in t.sources)
     assert check(store).ok
+
+
+def test_bad_compaction_input_changes_nothing(two_corpora):
+    from .conftest import snapshot
+
+    store = two_corpora
+    before = snapshot(store.location.path)
+    for bad in (store.table.dim, store.table.dim + 5):
+        with pytest.raises(InputError, match="below"):
+            store.compact(bad)
+    with pytest.raises(InputError, match="key_dim"):
+        store.compact(0)
+    assert snapshot(store.location.path) == before
