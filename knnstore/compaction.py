@@ -5,7 +5,7 @@ pairs_table``; "pairs" unless a compaction renamed it). Compaction writes the su
 beside it and switches to it in one catalog transaction, so a crash at any point leaves a
 store that opens with one whole table:
 
-1. a projection is fitted on up to ``FIT_KEYS`` of the stored keys (evenly spread) and,
+1. a projection is fitted on up to ``FIT_KEYS`` of the stored keys (drawn at random) and,
    where the store already reduces its keys, composed with its projection: queries are
    still the model's keys, projected once;
 2. a new table ``pairs_<8 hex>`` gets every row of the current version, its key projected,
@@ -39,7 +39,7 @@ from .errors import InputError
 from .faults import crash_point
 from .projection import FIT_KEYS, KeyProjection
 from .removal import finish_removals
-from .vectors import INDEX_TYPES, VECTOR_TYPES, PairsTable, key_matrix
+from .vectors import INDEX_TYPES, VECTOR_TYPES, PairsTable, key_matrix, pairs_schema
 
 if TYPE_CHECKING:
     from .store import Store
@@ -81,8 +81,8 @@ def compact(store: "Store", key_dim: int, progress: ProgressFn | None = None) ->
                              "corpora first")
         finish_removals(store)
         for name in leftover_tables(store):
-            PairsTable.drop(store.table.uri, name)
-        old, rows = store.table, store.table.count()
+            PairsTable.drop(old.uri, name)
+        rows = old.count()  # the removals finished above may have taken some
         bytes_before = old.nbytes()
         step = KeyProjection.fit(old.sample_keys(FIT_KEYS), key_dim)
         projection = step if store.projection is None else step.after(store.projection)
@@ -109,19 +109,15 @@ def compact(store: "Store", key_dim: int, progress: ProgressFn | None = None) ->
 def _copy(store: "Store", old: PairsTable, step: KeyProjection, sha: str, progress: ProgressFn | None) -> PairsTable:
     """The new table: every row of ``old`` with its key projected by ``step``, one commit;
     its config names the store and ``sha``, the projection from model keys to its keys."""
-    dtype = "float16" if old.schema.field("vector").type.value_type == VECTOR_TYPES["float16"] else "float32"
-    fields = [f for f in old.schema if f.name != "vector"]
-    vector = pa.field("vector", pa.list_(VECTOR_TYPES[dtype], step.key_dim), nullable=False)
-    at = [f.name for f in old.schema].index("vector")
-    schema = pa.schema(fields[:at] + [vector] + fields[at:])
-    name = f"pairs_{secrets.token_hex(4)}"
-    new = PairsTable.create(old.uri, step.key_dim, dtype, name=name, schema=schema)
+    dtype = store.identity.dtype
+    schema = pairs_schema(step.key_dim, dtype, weighted=old.weighted)
+    new = PairsTable.create(old.uri, step.key_dim, dtype, name=f"pairs_{secrets.token_hex(4)}", schema=schema)
     total, done = old.count(), 0
     np_dtype = np.float16 if dtype == "float16" else np.float32
 
     def batches():
         nonlocal done
-        for batch in old.batches([f.name for f in old.schema], COPY_BATCH):
+        for batch in old.batches(schema.names, COPY_BATCH):
             keys = step.apply(key_matrix(batch.column("vector"))).astype(np_dtype)
             flat = pa.array(keys.reshape(-1), VECTOR_TYPES[dtype])
             cols = [batch.column(f.name) if f.name != "vector" else pa.FixedSizeListArray.from_arrays(flat, step.key_dim)

@@ -242,14 +242,14 @@ def check_projection(place: Location, row: catalog.StoreConfig, table: PairsTabl
     table's keys have the dimension it makes: a table whose keys another projection made
     would answer every query with wrong neighbours."""
     projection = None if row.key_projection is None else KeyProjection.from_bytes(row.key_projection)
-    mine = None if projection is None else projection.sha256
-    if row.key_dim is not None and table.count() == 0 and (mine is None or mine != table.key_projection()):
+    mine, theirs = None if projection is None else projection.sha256, table.key_projection()
+    if row.key_dim is not None and table.count() == 0 and (mine is None or mine != theirs):
         return None  # not fitted yet, or a fit cut short before the first key was stored: fitted again
-    if mine != row.key_projection_sha or mine != table.key_projection():
+    if mine != row.key_projection_sha or mine != theirs:
         shown = lambda v: v[:12] if v else "none"  # noqa: E731
         raise StoreMismatchError(
             f"the key projection of {place} does not match: catalog {shown(row.key_projection_sha)} (its bytes "
-            f"{shown(mine)}), vector table {shown(table.key_projection())}: the table's keys were not made with "
+            f"{shown(mine)}), vector table {shown(theirs)}: the table's keys were not made with "
             "the catalog's projection; restore the store from a backup; nothing was read or changed")
     want = row.key_dim or row.dim
     if table.dim != want:

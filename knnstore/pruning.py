@@ -4,9 +4,9 @@ a next token, after efficient-knnlm (He, Neubig and Berg-Kirkpatrick, EMNLP 2021
 Every pair of a corpus, in pair-id order, looks at its ``neighbours`` nearest pairs of the
 same corpus (the store's own search: its ANN index, or exact without one). Those that are
 still there, stand for no other pair yet and predict the same next token are merged into
-it: they leave the table and its ``weight`` grows by theirs. p_kNN then counts a neighbour ``weight`` times (log weight
-is added to its logit, ``knn``), so a merged pair votes as the pairs it replaced would
-have, from the position of the one kept.
+it: they leave the table and its ``weight`` grows by theirs. p_kNN then counts a neighbour
+``weight`` times (log weight is added to its logit, ``knn``), so a merged pair votes as the
+pairs it replaced would have, from the position of the one kept.
 
 Why merging rather than dropping pairs "that never change a prediction": dropping needs a
 held-out text to say which predictions count, and a pair that helps no held-out token

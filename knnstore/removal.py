@@ -112,12 +112,17 @@ def record(store: "Store", **values) -> catalog.Removal:
 def finish(store: "Store", removal: catalog.Removal) -> None:
     """Steps 2 and 3: the pairs (one Lance commit), then the catalog rows and counts (one
     transaction). Both may run again after a crash. Whole documents go with their rows;
-    single pairs (``forget``) leave their documents with recounted pairs."""
+    single pairs (``forget``) leave their documents with recounted pairs; a ``prune`` (its
+    merge is one commit, done or not) has only its corpus's counts to follow."""
     store.verify_lock()
-    if removal.command == PRUNE:  # the merge is one commit, done or not: only the counts follow
-        recount_from_table(store, removal.document_ids[0])
+    D = catalog.Document
+    if removal.command == PRUNE:
+        corpus_id = removal.document_ids[0]
+        counts = store.table.counts_by_document_of_corpus(corpus_id)
         with Session(store.engine) as s, s.begin():
-            s.execute(update(catalog.Removal).where(catalog.Removal.id == removal.id).values(status=DONE))
+            _set_pairs(s, counts, s.scalars(select(D.id).where(D.corpus_id == corpus_id)).all())
+            catalog.recount_corpus(s, corpus_id)
+            _close(s, removal)
         return
     documents, pairs = list(removal.document_ids or []), removal.pair_ids
     if pairs is None:
@@ -127,30 +132,26 @@ def finish(store: "Store", removal: catalog.Removal) -> None:
     crash_point("remove_documents.after_table_delete")
     store.table.refresh()
     left = {} if pairs is None else store.table.counts_by_document(documents)
-    D = catalog.Document
     with Session(store.engine) as s, s.begin():
         corpora = s.scalars(select(D.corpus_id).where(D.id.in_(documents)).distinct()).all()
         if pairs is None:
             s.execute(delete(D).where(D.id.in_(documents)))
         else:
-            for doc in documents:
-                s.execute(update(D).where(D.id == doc).values(n_pairs=left.get(doc, 0)))
+            _set_pairs(s, left, documents)
         for corpus_id in corpora:
             catalog.recount_corpus(s, corpus_id)
-        s.execute(update(catalog.Removal).where(catalog.Removal.id == removal.id)
-                  .values(status=DONE, pair_ids=None))
+        _close(s, removal)
 
 
-def recount_from_table(store: "Store", corpus_id: int) -> None:
-    """A corpus's documents' pair counts, and its own, as the table has them (one
-    transaction): what a prune changes, and finishes if it was cut short."""
-    counts = store.table.counts_by_document_of_corpus(corpus_id)
-    D = catalog.Document
-    with Session(store.engine) as s, s.begin():
-        for doc_id, n_pairs in s.execute(select(D.id, D.n_pairs).where(D.corpus_id == corpus_id)).tuples():
-            if counts.get(doc_id, 0) != n_pairs:
-                s.execute(update(D).where(D.id == doc_id).values(n_pairs=counts.get(doc_id, 0)))
-        catalog.recount_corpus(s, corpus_id)
+def _set_pairs(s: Session, counts: dict[int, int], documents) -> None:
+    """Each of these documents' pair count as ``counts`` has it (absent: none)."""
+    for doc in documents:
+        s.execute(update(catalog.Document).where(catalog.Document.id == doc).values(n_pairs=counts.get(doc, 0)))
+
+
+def _close(s: Session, removal: catalog.Removal) -> None:
+    """The removal is done (its pair ids, kept only to finish it, dropped)."""
+    s.execute(update(catalog.Removal).where(catalog.Removal.id == removal.id).values(status=DONE, pair_ids=None))
 
 
 def forget(store: "Store", text: str, *, ignore_case: bool = False, context: int = 0,

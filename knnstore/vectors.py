@@ -126,10 +126,15 @@ VECTOR_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
 WEIGHT = "weight"
 
 
-def pairs_schema(dim: int, dtype: str) -> pa.Schema:
-    """Arrow schema of the LanceDB table `pairs`: the columns above and the key vector."""
+def pairs_schema(dim: int, dtype: str, weighted: bool = False) -> pa.Schema:
+    """Arrow schema of the LanceDB table `pairs`: the columns above and the key vector,
+    then (``weighted``: a table some corpus of which was pruned) the ``weight`` column, where
+    ``add_weight_column`` puts it."""
     fields = [pa.field(name, kind, nullable=False) for name, kind in PAIR_COLUMNS.items()]
-    return pa.schema(fields + [pa.field("vector", pa.list_(VECTOR_TYPES[dtype], dim), nullable=False)])
+    fields.append(pa.field("vector", pa.list_(VECTOR_TYPES[dtype], dim), nullable=False))
+    if weighted:
+        fields.append(pa.field(WEIGHT, pa.int32(), nullable=False))
+    return pa.schema(fields)
 
 
 def pair_id(document_id, position):
@@ -571,10 +576,11 @@ class PairsTable:
         with damage_errors(self.uri):
             return key_matrix(ds.take(picked, columns=["vector"]).column("vector").combine_chunks())
 
-    def batches(self, columns: list[str], batch_rows: int = 32768) -> Iterator[pa.RecordBatch]:
-        """Every row of this snapshot, these columns, in record batches."""
+    def batches(self, columns: list[str], batch_rows: int = 32768, where: str | None = None,
+                ) -> Iterator[pa.RecordBatch]:
+        """Every row of this snapshot (matching ``where``), these columns, in record batches."""
         with damage_errors(self.uri):
-            for batch in self._table.to_lance().to_batches(columns=columns, batch_size=batch_rows):
+            for batch in self._table.to_lance().to_batches(columns=columns, batch_size=batch_rows, filter=where):
                 if batch.num_rows:
                     yield batch
 
@@ -629,13 +635,9 @@ class PairsTable:
                      ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Every row's key (float32 [n, dim]) and result columns (of the rows matching
         ``where``), streamed in batches."""
-        ds = self._table.to_lance()
         fields = self.result_fields()
-        with damage_errors(self.uri):
-            for batch in ds.to_batches(columns=["vector", *fields], batch_size=batch_rows, filter=where):
-                if batch.num_rows == 0:
-                    continue
-                yield key_matrix(batch.column("vector")), {name: batch.column(name).to_numpy() for name in fields}
+        for batch in self.batches(["vector", *fields], batch_rows, where):
+            yield key_matrix(batch.column("vector")), {name: batch.column(name).to_numpy() for name in fields}
 
     def search(self, queries: np.ndarray, k: int, corpora: Collection[int] | None = None, *,
                nprobes: int = 32, refine_factor: int | None = None) -> Neighbours:

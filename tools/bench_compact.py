@@ -65,17 +65,13 @@ def test_features(lm: KNNLM, tokens: int):
 
 
 def write_table(path: Path, rows: pa.Table, vectors: np.ndarray, weights: np.ndarray | None) -> PairsTable:
-    schema = pairs_schema(vectors.shape[1], "float16")
-    if weights is not None:
-        schema = schema.append(pa.field(WEIGHT, pa.int32(), nullable=False))
+    schema = pairs_schema(vectors.shape[1], "float16", weighted=weights is not None)
     flat = pa.array(vectors.astype(np.float16).reshape(-1), pa.float16())
     cols = [rows.column(name) for name in schema.names if name not in ("vector", WEIGHT)]
     cols.append(pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
     if weights is not None:
         cols.append(pa.array(weights, pa.int32()))
-    table = PairsTable.create(path, vectors.shape[1], "float16")
-    if weights is not None:
-        table.add_weight_column()
+    table = PairsTable.create(path, vectors.shape[1], "float16", schema=schema)
     table.add(pa.Table.from_arrays(cols, schema=schema).to_reader(max_chunksize=65536))
     return table
 
