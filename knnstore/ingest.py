@@ -330,7 +330,7 @@ def encode_documents(
         for b, e, k in windows(len(tokens) - 1, settings.window, settings.stride)
     ]
     spans.sort(key=lambda s: s[2] - s[1], reverse=True)  # similar lengths share a batch
-    np_dtype = np.float16 if schema.field("vector").type.value_type == pa.float16() else np.float32
+    np_dtype = key_dtype(schema)
     for i in range(0, len(spans), settings.batch_size):
         batch = spans[i : i + settings.batch_size]
         ids, mask = right_padded([documents[d][1][b:e] for d, b, e, _ in batch])
@@ -354,10 +354,14 @@ def encode_documents(
 def with_keys(batch: pa.RecordBatch, keys: np.ndarray, schema: pa.Schema) -> pa.RecordBatch:
     """``batch`` with its key column replaced by ``keys`` [rows, schema's dim] (a batch
     encoded before the store's projection was fitted, projected into ``schema``)."""
-    np_dtype = np.float16 if schema.field("vector").type.value_type == pa.float16() else np.float32
     col = {name: batch.column(name).to_numpy() for name in ("document_id", "position", "token", "next_token")}
     corpus_id = int(batch.column("corpus_id")[0].as_py()) if batch.num_rows else 0
-    return pairs_batch(schema, corpus_id=corpus_id, vector=np.asarray(keys).astype(np_dtype), **col)
+    return pairs_batch(schema, corpus_id=corpus_id, vector=np.asarray(keys).astype(key_dtype(schema)), **col)
+
+
+def key_dtype(schema: pa.Schema) -> type:
+    """The numpy type of the table's keys (float16 or float32)."""
+    return np.float16 if schema.field("vector").type.value_type == pa.float16() else np.float32
 
 
 def model_forward(encoder, corpus: str, store_path, projection=None,

@@ -312,7 +312,8 @@ class Writer:
                     schema=self.store.table.schema, settings=settings, corpus_id=corpus_id, corpus=name,
                     store_path=str(self.store.path), options=ray, device=str(self.store.device),
                     compute_dtype=self.store.compute_dtype, encoder=self.store.encoder,
-                    projection=self.store.projection, progress=lambda n_docs, n_pairs: counter.advance(n_pairs + n_docs))  # their tokens
+                    projection=self.store.projection,
+                    progress=lambda n_docs, n_pairs: counter.advance(n_pairs + n_docs))  # their tokens
             crash_point("commit.before_table_add")
             self.store.verify_lock()
             self.store.table.append_fragments(fragments)
