@@ -78,6 +78,9 @@ class StoreConfig(Base):
     key_dim: Mapped[int | None] = mapped_column(Integer, nullable=True)
     key_projection: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     key_projection_sha: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Quantised keys: bits per dimension of the codes and the routing key's dimension.
+    key_bits: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    route_dim: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # The LanceDB table holding the pairs (None: "pairs"); a compaction switches it.
     pairs_table: Mapped[str | None] = mapped_column(String(64), nullable=True)
 

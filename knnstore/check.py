@@ -37,7 +37,7 @@ from . import catalog
 from .catalog import FAILED, INGESTING, READY, REMOVING
 from .config import DTYPES
 from .errors import StoreDamagedError
-from .vectors import VECTOR_TYPES, PairsTable, in_list, pairs_schema, value_counts
+from .vectors import CODES, VECTOR_TYPES, PairsTable, in_list, pairs_schema, value_counts
 
 if TYPE_CHECKING:
     from .store import Store
@@ -170,9 +170,11 @@ def _unfinished_removals(store: "Store", repair: bool) -> list[Problem]:
 
 
 def _schema_problems(store: "Store") -> list[Problem]:
-    """Columns the table lacks, or a key column that is not the store's dim and dtype."""
+    """Columns the table lacks, or a key column that is not the store's dim and dtype (or
+    codes not of the store's width)."""
     ident, schema, problems = store.identity, store.table.schema, []
-    for name in pairs_schema(ident.stored_dim, ident.dtype).names:
+    want_schema = pairs_schema(ident.stored_dim, ident.dtype, code_bytes=ident.code_bytes)
+    for name in want_schema.names:
         if name not in schema.names:
             problems.append(Problem(ERROR, f"the pairs table has no '{name}' column"))
     if "vector" in schema.names:
@@ -181,6 +183,9 @@ def _schema_problems(store: "Store") -> list[Problem]:
         if not pa.types.is_fixed_size_list(vtype) or vtype.list_size != ident.stored_dim or vtype.value_type != want:
             problems.append(Problem(ERROR, f"the vector column is {vtype}; the store records dim "
                                            f"{ident.stored_dim} {ident.dtype} ({', '.join(DTYPES)} allowed)"))
+    if CODES in schema.names and CODES in want_schema.names and schema.field(CODES).type != want_schema.field(CODES).type:
+        problems.append(Problem(ERROR, f"the codes column is {schema.field(CODES).type}; the store records "
+                                       f"{ident.code_bytes} bytes of {ident.key_bits}-bit codes"))
     return problems
 
 

@@ -307,26 +307,34 @@ def cli():
 @click.option("--key-dim", default=None, type=Num(1),
               help="Store keys reduced to this many dimensions (PCA fitted on the first corpus's keys; "
                    "default: the model's own keys). Smaller stores, slightly higher perplexity: docs/compact.md.")
+@click.option("--key-bits", default=None, type=click.Choice(["4", "8"]),
+              help="Keep the reduced keys as 4- or 8-bit codes per dimension, beside a small float routing key "
+                   "the index is built on (needs --key-dim): about a third of the bytes, docs/compact.md.")
+@click.option("--route-dim", default=None, type=Num(1),
+              help="Dimensions of the routing key of quantised keys (default: 64, at most half of --key-dim).")
 @click.option("--catalog-url", default=None,
               help="SQLAlchemy URL of the catalog (default: SQLite file inside STORE; required for "
                    "a store on an object store: PostgreSQL to share it between machines).")
 @_device_options
-def init(store, model, key_layer, key_site, dtype, key_dim, catalog_url):
+def init(store, model, key_layer, key_site, dtype, key_dim, key_bits, route_dim, catalog_url):
     """Create an empty store for a model.
 
     \b
     Examples:
         knnstore init wiki-store --model smollm2-135m
         knnstore init small-store --key-dim 128
+        knnstore init tiny-store --key-dim 256 --key-bits 4
     """
     from .store import Store
 
     with _status(f"Loading model {model}..."):
         s = Store.create(store, model=model, key_layer=key_layer, key_site=key_site,
                          dtype=dtype, catalog_url=catalog_url, storage_options=_storage_options(),
-                         key_dim=key_dim, **_device())
+                         key_dim=key_dim, key_bits=None if key_bits is None else int(key_bits),
+                         route_dim=route_dim, **_device())
     ident = s.identity
-    reduced = f" (stored reduced to {ident.key_dim}, fitted on the first corpus)" if ident.key_dim else ""
+    codes = f" as {ident.key_bits}-bit codes, routing key {ident.route_dim} dims" if ident.key_bits else ""
+    reduced = f" (stored reduced to {ident.key_dim}{codes}, fitted on the first corpus)" if ident.key_dim else ""
     out.print(f"Created store {_safe(store)}: model {_safe(ident.model)}, key = layer {ident.key_layer} "
               f"{ident.key_site}, dim {ident.dim}{reduced}, {ident.dtype}, vocabulary {ident.vocab_size:,} tokens")
 
@@ -589,9 +597,15 @@ def prune(store, corpus, neighbours, exact, dry_run, as_json):
 @_store_argument
 @click.option("--key-dim", required=True, type=Num(1),
               help="Dimensions to keep (the leading principal axes of the store's own keys).")
+@click.option("--key-bits", default=None, type=click.Choice(["4", "8"]),
+              help="Keep the reduced keys as 4- or 8-bit codes per dimension, beside a small float routing key "
+                   "the index is built on (needs --key-dim): about a third of the bytes, docs/compact.md.")
+@click.option("--route-dim", default=None, type=Num(1),
+              help="Dimensions of the routing key of quantised keys (default: 64, at most half of --key-dim).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def compact(store, key_dim, as_json):
-    """Make a store's keys smaller in place: keep their KEY_DIM leading principal axes.
+def compact(store, key_dim, key_bits, route_dim, as_json):
+    """Make a store's keys smaller in place: keep their KEY_DIM leading principal axes
+    (quantised to --key-bits per dimension if given).
 
     A PCA of the stored keys is fitted, every key is rewritten projected into a new table,
     the catalog switches to it in one transaction, and the index is trained again. Queries
@@ -600,12 +614,14 @@ def compact(store, key_dim, as_json):
     dimensions cost +0.5% perplexity, 128 cost +1.0% (docs/compact.md).
 
     \b
-    Example:
+    Examples:
         knnstore compact wiki-store --key-dim 256
+        knnstore compact wiki-store --key-dim 256 --key-bits 4 --route-dim 64
     """
     s = _open(store)
     with _progress("Compacting") as progress:
-        done = s.compact(key_dim, progress=progress)
+        done = s.compact(key_dim, progress=progress, key_bits=None if key_bits is None else int(key_bits),
+                         route_dim=route_dim)
     if as_json:
         _echo_json(done.to_dict())
         return

@@ -62,11 +62,26 @@ class StoreIdentity:
     # the model's keys as they are.
     key_dim: int | None = None
     key_projection_sha: str | None = None
+    # Quantised keys (``projection``): bits per dimension of the stored codes, and the
+    # dimension of the float routing key the index is built on. None, None: float keys.
+    key_bits: int | None = None
+    route_dim: int | None = None
+
+    @property
+    def search_dim(self) -> int:
+        """The dimension of the keys a search compares (the queries, once projected)."""
+        return self.key_dim or self.dim
 
     @property
     def stored_dim(self) -> int:
-        """The dimension of the keys in the table (and of the queries it is searched with)."""
-        return self.key_dim or self.dim
+        """The dimension of the table's float key column ``vector`` (the routing key of a
+        quantised store)."""
+        return self.route_dim or self.key_dim or self.dim
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of one key's codes in the table (0: float keys)."""
+        return self.search_dim * self.key_bits // 8 if self.key_bits else 0
 
     def differences(self, other: "StoreIdentity") -> list[str]:
         """Human-readable list of the identity fields in which ``other`` differs."""

@@ -129,8 +129,8 @@ class EncoderWorker:
         self.uri, self.corpus_id, self.storage_options = uri, corpus_id, storage_options
         from .projection import KeyProjection
 
-        self.forward = model_forward(self.encoder, corpus, store_path,
-                                     None if projection is None else KeyProjection.from_bytes(projection))
+        self.projection = None if projection is None else KeyProjection.from_bytes(projection)
+        self.forward = model_forward(self.encoder, corpus, store_path, self.projection)
         self.schema = pa.ipc.read_schema(pa.py_buffer(schema))
         self.settings = IngestSettings(**settings)
 
@@ -140,7 +140,8 @@ class EncoderWorker:
         out: dict[str, list] = {"fragments": [], "pairs": [], "documents": []}
         for shard in batch["shard"]:
             docs = read_shard(shard)
-            batches = (b for b, _ in encode_documents(self.forward, docs, self.corpus_id, self.settings, self.schema))
+            batches = (b for b, _ in encode_documents(self.forward, docs, self.corpus_id, self.settings, self.schema,
+                                                             self.projection))
             frags = write_fragments(pa.RecordBatchReader.from_batches(self.schema, batches), self.uri,
                                     schema=self.schema, mode="append", storage_options=self.storage_options)
             crash_point("ray.worker_after_fragments")

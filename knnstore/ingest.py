@@ -313,8 +313,10 @@ def encode_documents(
     corpus_id: int,
     settings: IngestSettings,
     schema: pa.Schema,
+    codec=None,
 ) -> Iterator[tuple[pa.RecordBatch, int]]:
-    """Map tokenised documents to record batches of pairs.
+    """Map tokenised documents to record batches of pairs (``codec``: the projection that
+    quantises a quantised store's keys, ``vectors.key_columns``).
 
     Args:
         forward: (input_ids [B, T], attention_mask [B, T]) -> keys [B, T, dim].
@@ -347,16 +349,18 @@ def encode_documents(
         doc, pos = np.concatenate(cols["doc"]), np.concatenate(cols["pos"])
         batch_rb = pairs_batch(schema, document_id=doc, position=pos, corpus_id=corpus_id,
                                token=np.concatenate(cols["tok"]), next_token=np.concatenate(cols["next"]),
-                               vector=np.concatenate(cols["vec"]))
+                               vector=np.concatenate(cols["vec"]), codec=codec)
         yield batch_rb, len(pos)
 
 
-def with_keys(batch: pa.RecordBatch, keys: np.ndarray, schema: pa.Schema) -> pa.RecordBatch:
-    """``batch`` with its key column replaced by ``keys`` [rows, schema's dim] (a batch
-    encoded before the store's projection was fitted, projected into ``schema``)."""
+def with_keys(batch: pa.RecordBatch, keys: np.ndarray, schema: pa.Schema, codec=None) -> pa.RecordBatch:
+    """``batch`` with its key columns replaced by ``keys`` [rows, key dim] (a batch encoded
+    before the store's projection was fitted, projected into ``schema``; ``codec`` as in
+    ``encode_documents``)."""
     col = {name: batch.column(name).to_numpy() for name in ("document_id", "position", "token", "next_token")}
     corpus_id = int(batch.column("corpus_id")[0].as_py()) if batch.num_rows else 0
-    return pairs_batch(schema, corpus_id=corpus_id, vector=np.asarray(keys).astype(key_dtype(schema)), **col)
+    return pairs_batch(schema, corpus_id=corpus_id, vector=np.asarray(keys).astype(key_dtype(schema)), codec=codec,
+                       **col)
 
 
 def key_dtype(schema: pa.Schema) -> type:

@@ -38,7 +38,7 @@ from .errors import (
 from .location import Location
 from .lock import CatalogLock, WriteLock, on_read_only_mount
 from .projection import KeyProjection
-from .vectors import PairsTable
+from .vectors import PairsTable, pairs_schema
 
 
 @dataclass(frozen=True)
@@ -228,6 +228,7 @@ def open_parts(given: "str | os.PathLike | Location", storage_options: dict[str,
         table = PairsTable.open(place.child(VECTORS_DIR), row.pairs_table or PAIRS_TABLE)
         check_binding(place, url, marker.store_id, row.store_id, table.store_id())
         projection = check_projection(place, row, table)
+        table.use_codec(projection)
     except BaseException:
         engine.dispose()
         raise
@@ -251,10 +252,15 @@ def check_projection(place: Location, row: catalog.StoreConfig, table: PairsTabl
             f"the key projection of {place} does not match: catalog {shown(row.key_projection_sha)} (its bytes "
             f"{shown(mine)}), vector table {shown(theirs)}: the table's keys were not made with "
             "the catalog's projection; restore the store from a backup; nothing was read or changed")
-    want = row.key_dim or row.dim
-    if table.dim != want:
-        raise StoreMismatchError(f"the vector table of {place} holds keys of dimension {table.dim}, the catalog "
-                                 f"says {want}: restore the store from a backup; nothing was read or changed")
+    want = row.route_dim or row.key_dim or row.dim
+    if table.dim != want or table.quantised != (row.key_bits is not None):
+        held = f"{'quantised ' if table.quantised else ''}keys of dimension {table.dim}"
+        said = f"{'quantised ' if row.key_bits else ''}keys of dimension {want}"
+        raise StoreMismatchError(f"the vector table of {place} holds {held}, the catalog says {said}: restore "
+                                 "the store from a backup; nothing was read or changed")
+    if projection is not None and (projection.bits, projection.route_dim) != (row.key_bits, row.route_dim):
+        raise StoreMismatchError(f"the key projection of {place} quantises keys differently from what its catalog "
+                                 "records: restore the store from a backup; nothing was read or changed")
     return projection
 
 
@@ -278,7 +284,8 @@ def create_store(place: Location, identity: StoreIdentity, vocab: list[dict], ca
             raise catalog_failure(exc, place, url, "create") from None
         fields = {f.name: getattr(identity, f.name) for f in dataclasses.fields(identity) if f.name != "created_at"}
         catalog.write_identity(engine, store_id, fields, vocab)
-        PairsTable.create(place.child(VECTORS_DIR), identity.stored_dim, identity.dtype, store_id=store_id)
+        PairsTable.create(place.child(VECTORS_DIR), identity.stored_dim, identity.dtype, store_id=store_id,
+                          schema=pairs_schema(identity.stored_dim, identity.dtype, code_bytes=identity.code_bytes))
         marker_url = None if catalog_url is None else catalog.without_password(catalog_url)
         Marker(FORMAT_VERSION, marker_url, store_id).write(place)  # last: the store exists now
     except BaseException:

@@ -6,6 +6,15 @@ a sample of the store's own keys (the first corpus's: ``FIT_KEYS`` of them). The
 is applied to every key stored later and to every query, so distances are squared L2 in
 the reduced space, and the exact reference search is exact over what is stored.
 
+A store can also keep its reduced keys **quantised** (``--key-bits 4`` or 8): every
+dimension of the projected key as a ``bits``-bit code on a per-dimension uniform grid
+(``lo + code * step``, the grid spanning the fit sample's 0.1%..99.9% quantiles), packed
+into ``code_bytes`` bytes; beside them the table keeps the first ``route_dim`` projected
+dimensions (the leading principal axes) as a small float key that LanceDB indexes and
+routes queries with. Distances, and so p_kNN, are over the decoded codes: a search takes
+candidates by the routing key and ranks them by the codes, and the exact reference
+search is a brute-force scan over the decoded codes: exact over what is stored.
+
 The projection lives in the catalog (``store_config.key_projection``, the bytes below)
 with its sha256, which is also the table's ``knnstore.key_projection`` config entry: a
 table and a catalog whose projections differ are refused on open. Measured on the
@@ -15,6 +24,7 @@ perplexity, 128 cost +0.98%.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from dataclasses import dataclass
@@ -25,14 +35,22 @@ import torch
 from .errors import InputError, StoreDamagedError
 
 FIT_KEYS = 32768  # keys of the first corpus a projection is fitted on (at most)
+KEY_BITS = (4, 8)  # bits per dimension a quantised key may have
+CLIP_QUANTILE = 0.001  # each dimension's grid spans its fit sample's [q, 1 - q] quantiles
+DEFAULT_ROUTE_DIM = 64  # routing key dimensions unless chosen (at most about half the key)
 
 
 @dataclass(frozen=True, eq=False)
 class KeyProjection:
-    """x -> (x - mean) @ components: [.., dim] -> [.., key_dim] (float32)."""
+    """x -> (x - mean) @ components: [.., dim] -> [.., key_dim] (float32); and, for a
+    quantised store, those keys <-> (routing key, codes) (``encode`` / ``decode``)."""
 
     mean: np.ndarray  # [dim] float32
     components: np.ndarray  # [dim, key_dim] float32, orthonormal columns
+    bits: int | None = None  # quantised keys: bits per dimension (None: float keys)
+    route_dim: int | None = None  # quantised keys: the routing key's dimensions
+    lo: np.ndarray | None = None  # [key_dim] float32: each dimension's code 0
+    step: np.ndarray | None = None  # [key_dim] float32: each dimension's code step
 
     @property
     def dim(self) -> int:
@@ -42,13 +60,50 @@ class KeyProjection:
     def key_dim(self) -> int:
         return int(self.components.shape[1])
 
+    @property
+    def quantised(self) -> bool:
+        return self.bits is not None
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of one key's codes (0: float keys)."""
+        return 0 if self.bits is None else self.key_dim * self.bits // 8
+
+    @property
+    def stored_dim(self) -> int:
+        """The dimension of the table's float key column: the routing key's, or the key's."""
+        return self.route_dim if self.route_dim is not None else self.key_dim
+
+    @staticmethod
+    def check_quantisation(key_dim: int, bits: int | None, route_dim: int | None) -> int | None:
+        """The routing dimension a quantised key of ``key_dim`` dimensions gets (``route_dim``
+        or the default), after checking the three fit together; None for float keys."""
+        if bits is None:
+            if route_dim is not None:
+                raise InputError("--route-dim is for quantised keys: give --key-bits too")
+            return None
+        if bits not in KEY_BITS:
+            raise InputError(f"--key-bits must be one of {', '.join(map(str, KEY_BITS))}, got {bits}")
+        if key_dim * bits % 8:
+            raise InputError(f"{key_dim} dimensions of {bits} bits do not fill whole bytes: choose an even --key-dim")
+        if route_dim is None:  # a multiple of 8, about half the key, at most DEFAULT_ROUTE_DIM
+            return min(key_dim, DEFAULT_ROUTE_DIM, max(8, key_dim // 2 // 8 * 8))
+        if not 1 <= route_dim <= key_dim or route_dim % 8:
+            raise InputError(f"--route-dim must be a multiple of 8 (the index's RaBitQ codes need it) and at most "
+                             f"--key-dim ({key_dim}), got {route_dim}")
+        return route_dim
+
     @classmethod
-    def fit(cls, keys: np.ndarray, key_dim: int) -> "KeyProjection":
-        """The ``key_dim`` leading principal axes of ``keys`` [n, dim] (float64 maths)."""
+    def fit(cls, keys: np.ndarray, key_dim: int, bits: int | None = None,
+            route_dim: int | None = None) -> "KeyProjection":
+        """The ``key_dim`` leading principal axes of ``keys`` [n, dim] (float64 maths); with
+        ``bits``, the per-dimension grid of the projected keys and a ``route_dim``-dimensional
+        routing key (``check_quantisation``)."""
         keys = np.asarray(keys, dtype=np.float64)
         n, dim = keys.shape
         if not 1 <= key_dim <= dim:
             raise InputError(f"key_dim must be at least 1 and at most the model's key dimension {dim}, got {key_dim}")
+        route_dim = cls.check_quantisation(key_dim, bits, route_dim)
         if n <= key_dim:
             raise InputError(f"fitting {key_dim} key dimensions needs more than {key_dim} keys, got {n}: add a "
                              "larger first corpus, or choose a smaller --key-dim")
@@ -60,7 +115,32 @@ class KeyProjection:
         # a deterministic sign per axis (eigh's is arbitrary): largest entry positive
         signs = np.sign(components[np.abs(components).argmax(axis=0), np.arange(key_dim)])
         components = components * np.where(signs == 0, 1, signs)
-        return cls(mean.astype(np.float32), np.ascontiguousarray(components, dtype=np.float32))
+        projection = cls(mean.astype(np.float32), np.ascontiguousarray(components, dtype=np.float32))
+        return projection if bits is None else projection.with_grid(projection.apply(keys), bits, route_dim)
+
+    def with_grid(self, projected: np.ndarray, bits: int, route_dim: int) -> "KeyProjection":
+        """This projection, quantising its keys on a grid fitted to ``projected`` [n, key_dim]."""
+        lo, hi = np.quantile(np.asarray(projected, dtype=np.float64), [CLIP_QUANTILE, 1 - CLIP_QUANTILE], axis=0)
+        step = np.maximum(hi - lo, 1e-12) / (2**bits - 1)
+        return dataclasses.replace(self, bits=bits, route_dim=route_dim, lo=lo.astype(np.float32),
+                                   step=step.astype(np.float32))
+
+    def encode(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Projected keys [n, key_dim] -> (routing keys [n, route_dim] float32, codes
+        [n, code_bytes] uint8; 4-bit codes two to a byte, the even dimension high)."""
+        keys = np.asarray(keys, dtype=np.float32)
+        levels = 2**self.bits - 1
+        codes = np.clip(np.rint((keys - self.lo) / self.step), 0, levels).astype(np.uint8)
+        if self.bits == 4:
+            codes = (codes[:, 0::2] << 4) | codes[:, 1::2]
+        return np.ascontiguousarray(keys[:, :self.route_dim]), np.ascontiguousarray(codes)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Codes [n, code_bytes] uint8 -> the keys they stand for [n, key_dim] float32."""
+        codes = np.asarray(codes, dtype=np.uint8).reshape(-1, self.code_bytes)
+        if self.bits == 4:
+            codes = np.stack([codes >> 4, codes & 15], axis=2).reshape(len(codes), self.key_dim)
+        return codes.astype(np.float32) * self.step + self.lo
 
     def apply(self, keys):
         """Project keys [..., dim] (numpy or torch; float32 out, on the input's device)."""
@@ -76,12 +156,17 @@ class KeyProjection:
         columns are orthonormal."""
         mean = first.mean.astype(np.float64) + self.mean.astype(np.float64) @ first.components.T.astype(np.float64)
         components = first.components.astype(np.float64) @ self.components.astype(np.float64)
-        return KeyProjection(mean.astype(np.float32), np.ascontiguousarray(components, dtype=np.float32))
+        return dataclasses.replace(self, mean=mean.astype(np.float32),
+                                   components=np.ascontiguousarray(components, dtype=np.float32))
 
     def to_bytes(self) -> bytes:
+        """mean, components, then (quantised) lo, step, [bits, route_dim]: .npy arrays in a row."""
         buf = io.BytesIO()
-        np.save(buf, self.mean, allow_pickle=False)
-        np.save(buf, self.components, allow_pickle=False)
+        arrays = [self.mean, self.components]
+        if self.bits is not None:
+            arrays += [self.lo, self.step, np.array([self.bits, self.route_dim], dtype=np.int64)]
+        for array in arrays:
+            np.save(buf, array, allow_pickle=False)
         return buf.getvalue()
 
     @classmethod
@@ -90,14 +175,19 @@ class KeyProjection:
             buf = io.BytesIO(data)
             mean = np.load(buf, allow_pickle=False)
             components = np.load(buf, allow_pickle=False)
+            if buf.tell() == len(data):
+                return cls(mean, components)
+            lo, step = np.load(buf, allow_pickle=False), np.load(buf, allow_pickle=False)
+            bits, route_dim = (int(v) for v in np.load(buf, allow_pickle=False))
         except (ValueError, OSError, EOFError) as exc:
             raise StoreDamagedError(f"the store's key projection cannot be read ({exc}): restore the "
                                     "catalog from a backup") from None
-        return cls(mean, components)
+        return cls(mean, components, bits, route_dim, lo, step)
 
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()
 
     def describe(self) -> str:
-        return f"PCA {self.dim} -> {self.key_dim} (sha256 {self.sha256[:12]})"
+        codes = "" if self.bits is None else f", {self.bits}-bit codes, routing key {self.route_dim} dims"
+        return f"PCA {self.dim} -> {self.key_dim}{codes} (sha256 {self.sha256[:12]})"

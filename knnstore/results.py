@@ -52,6 +52,8 @@ class StoreStats:
     index: IndexState
     key_dim: int | None = None  # reduced keys: the stored dimension (None: the model's dim)
     key_projection: str | None = None  # its projection, described (``projection``)
+    key_bits: int | None = None  # quantised keys: bits per dimension of their codes
+    route_dim: int | None = None  # quantised keys: the routing key's dimension
     tokens: int = 0  # tokens of the ready corpora's documents (pairs + one a document, unless pruned)
     weighted: bool = False  # whether some corpus was pruned (rows carry weights)
 

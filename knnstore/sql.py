@@ -6,8 +6,10 @@ Views (``knnstore sql STORE "SELECT ..."`` or ``Store.sql(query)``):
   next_token, next_token_text, weight, vector. Only pairs of ready corpora. The Lance table
   is scanned in place, with projections and filters pushed down; ``vector`` (float32) is
   read only when a query selects it, and is the key as stored: on a store with reduced
-  keys (``init --key-dim``), the projected key. ``weight``: how many pairs the row stands
-  for (1 unless ``knnstore prune`` merged others into it).
+  keys (``init --key-dim``), the projected key; on a store with quantised keys
+  (``--key-bits``), the routing key (the leading dimensions of the projected key) and a
+  ``codes`` column (BLOB) with the packed codes searches use. ``weight``: how many pairs
+  the row stands for (1 unless ``knnstore prune`` merged others into it).
 * ``documents``: the ready documents of ready corpora (id, corpus, corpus_id, ordinal,
   source, title, sha256, n_tokens, n_pairs, status, metadata as JSON text; and id again as
   document_id, source again as path).
@@ -182,11 +184,12 @@ class SQLSession:
         # Hidden corpora are filtered inside the scan, so even `_pairs` shows none of them.
         con.register("_pairs", _PairsDataset.of(views.dataset, set(views.visible)))
         weight = "p.weight" if "weight" in views.dataset.schema.names else "1"
+        codes = ", p.codes" if "codes" in views.dataset.schema.names else ""
         con.execute(f"""
             CREATE VIEW pairs AS
             SELECT p.pair_id, c.name AS corpus, p.corpus_id, p.document_id, p.position,
                    p.token, t.text AS token_text, p.next_token, n.text AS next_token_text,
-                   {weight} AS weight, p.vector
+                   {weight} AS weight, p.vector{codes}
             FROM _pairs p
             JOIN _corpora c ON c.id = p.corpus_id
             LEFT JOIN _vocab t ON t.token_id = p.token

@@ -90,13 +90,16 @@ class Store:
                key_site: str = "ffn_input", dtype: str = "float16",
                catalog_url: str | None = None, encoder: Encoder | None = None,
                device: str = "auto", compute_dtype: str = "auto",
-               storage_options: dict[str, str] | None = None, key_dim: int | None = None) -> "Store":
+               storage_options: dict[str, str] | None = None, key_dim: int | None = None,
+               key_bits: int | None = None, route_dim: int | None = None) -> "Store":
         """Create a store for ``model`` (alias, Hugging Face id or local path) at ``path``:
         a local directory, or ``s3://bucket/prefix`` (``gs://``, ``az://``) with a
         ``catalog_url`` outside it (PostgreSQL to share it between machines).
 
         ``key_dim``: store keys reduced to this many dimensions by a PCA projection fitted
         on the first corpus's keys (``knnstore.projection``); None keeps the model's keys.
+        ``key_bits`` (4 or 8, with ``key_dim``): keep those keys as per-dimension codes beside
+        a ``route_dim``-dimensional float routing key the index is built on (default 64).
 
         The model is loaded once (on ``device`` in ``compute_dtype``, see ``open``) to read
         its identity and vocabulary; pass ``encoder`` to reuse one already loaded. Nothing
@@ -109,6 +112,9 @@ class Store:
         resolve_compute_dtype(resolve_device(device), compute_dtype)  # before anything loads or is written
         if key_dim is not None:
             check_number("key_dim", key_dim, 1, None, integer=True)
+            route_dim = KeyProjection.check_quantisation(key_dim, key_bits, route_dim)
+        elif key_bits is not None or route_dim is not None:
+            raise InputError("--key-bits and --route-dim quantise reduced keys: give --key-dim too")
         if encoder is None:
             encoder = Encoder.load(model, key_layer=key_layer, key_site=key_site, device=device,
                                    compute_dtype=compute_dtype)
@@ -116,7 +122,7 @@ class Store:
         if key_dim is not None:
             check_number(f"key_dim (the model's keys have {identity.dim} dimensions)", key_dim, 1, identity.dim,
                          integer=True)
-            identity = dataclasses.replace(identity, key_dim=key_dim)
+            identity = dataclasses.replace(identity, key_dim=key_dim, key_bits=key_bits, route_dim=route_dim)
         create_store(place, identity, catalog.vocab_rows(encoder.tokenizer), catalog_url)
         return cls.open(place, encoder=encoder, device=device, compute_dtype=compute_dtype)
 
@@ -245,7 +251,7 @@ class Store:
         return CorpusInfo(
             id=c.id, name=c.name, status=status, source=c.source, documents=c.n_documents,
             tokens=c.n_tokens, pairs=c.n_pairs,
-            bytes=c.n_pairs * row_bytes(self.identity.stored_dim, self.identity.dtype),
+            bytes=c.n_pairs * row_bytes(self.identity.stored_dim, self.identity.dtype, self.identity.code_bytes),
             created_at=c.created_at, ready_at=c.ready_at, error=error,
             skipped=[list(x) for x in (c.spec or {}).get("skipped", [])],
         )
@@ -302,7 +308,8 @@ class Store:
             corpora=len(rows), documents=sum(c.n_documents for c in ready), pairs=pairs,
             table_rows=self.table.count(), bytes_on_disk=nbytes,
             bytes_per_pair=round(nbytes / pairs, 1) if pairs else None,
-            index=self.table.index_state(), key_dim=ident.key_dim,
+            index=self.table.index_state(), key_dim=ident.key_dim, key_bits=ident.key_bits,
+            route_dim=ident.route_dim,
             key_projection=self.projection.describe() if self.projection is not None else None,
             tokens=sum(c.n_tokens for c in ready), weighted=self.table.weighted,
         )
@@ -348,6 +355,7 @@ class Store:
         self.verify_lock()
         catalog.write_projection(self.engine, projection.to_bytes(), projection.sha256)
         self.table.set_key_projection(projection.sha256)
+        self.table.use_codec(projection)
         self.projection = projection
         self.identity = dataclasses.replace(self.identity, key_projection_sha=projection.sha256)
 
@@ -355,19 +363,24 @@ class Store:
         """Read and write ``table`` from now on, its keys made by ``projection`` (after a
         compaction switched the catalog to it; the caller holds the write lock)."""
         self.table, self.projection = table, projection
+        table.use_codec(projection)
         self.identity = dataclasses.replace(
             self.identity, key_dim=None if projection is None else projection.key_dim,
-            key_projection_sha=None if projection is None else projection.sha256)
+            key_projection_sha=None if projection is None else projection.sha256,
+            key_bits=None if projection is None else projection.bits,
+            route_dim=None if projection is None else projection.route_dim)
         self._exact = ExactSearch(table, device=self.device)
         self.refresh()
 
-    def compact(self, key_dim: int, progress: ProgressFn | None = None):
+    def compact(self, key_dim: int, progress: ProgressFn | None = None, *, key_bits: int | None = None,
+                route_dim: int | None = None):
         """Rewrite the store's keys reduced to ``key_dim`` dimensions by a PCA of its own
-        keys (``knnstore.compaction``); returns a ``Compaction``. Readers holding the
-        store open must reopen it afterwards."""
+        keys, quantised to ``key_bits`` per dimension beside a ``route_dim``-dimensional
+        routing key if given (``knnstore.compaction``); returns a ``Compaction``. Readers
+        holding the store open must reopen it afterwards."""
         from .compaction import compact
 
-        return compact(self, key_dim, progress)
+        return compact(self, key_dim, progress, key_bits=key_bits, route_dim=route_dim)
 
     def check(self, repair: bool = False):
         """``knnstore check``: whether catalog and table agree (``check.CheckReport``);

@@ -14,7 +14,7 @@ import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Collection, Iterator
+from typing import TYPE_CHECKING, Collection, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +23,9 @@ import torch
 from .config import MAX_PARTITIONS, PAIRS_TABLE, check_number
 from .errors import InputError, StorageError, StoreDamagedError, first_line
 from .location import Location, storage_failure
+
+if TYPE_CHECKING:
+    from .projection import KeyProjection
 
 
 def _cpus() -> int:
@@ -120,18 +123,25 @@ PAIR_COLUMNS = {
     "next_token": pa.int32(),   # the token at t+1: the value
 }
 VECTOR_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+VECTOR_NUMPY = {pa.float16(): np.float16, pa.float32(): np.float32}
 # How many pairs of its corpus a row stands for: 1, unless ``knnstore prune`` merged
 # neighbours with the same next token into it (p_kNN then adds log(weight) to its logit).
 # Added to a table by its first prune; a table without it weighs every row 1.
 WEIGHT = "weight"
+# A quantised store's keys (``projection``): ``code_bytes`` bytes of per-dimension codes a
+# row, beside a small float ``vector`` (the routing key) that the index is built on.
+CODES = "codes"
 
 
-def pairs_schema(dim: int, dtype: str, weighted: bool = False) -> pa.Schema:
-    """Arrow schema of the LanceDB table `pairs`: the columns above and the key vector,
-    then (``weighted``: a table some corpus of which was pruned) the ``weight`` column, where
-    ``add_weight_column`` puts it."""
+def pairs_schema(dim: int, dtype: str, weighted: bool = False, code_bytes: int = 0) -> pa.Schema:
+    """Arrow schema of the LanceDB table `pairs`: the columns above and the key vector
+    (``dim``: the routing key's dimension on a quantised store), the ``codes`` of a quantised
+    store (``code_bytes`` > 0), then (``weighted``: a table some corpus of which was pruned)
+    the ``weight`` column, where ``add_weight_column`` puts it."""
     fields = [pa.field(name, kind, nullable=False) for name, kind in PAIR_COLUMNS.items()]
     fields.append(pa.field("vector", pa.list_(VECTOR_TYPES[dtype], dim), nullable=False))
+    if code_bytes:
+        fields.append(pa.field(CODES, pa.binary(code_bytes), nullable=False))
     if weighted:
         fields.append(pa.field(WEIGHT, pa.int32(), nullable=False))
     return pa.schema(fields)
@@ -142,22 +152,40 @@ def pair_id(document_id, position):
     return (np.asarray(document_id, dtype=np.int64) << 32) | np.asarray(position, dtype=np.int64)
 
 
-def row_bytes(dim: int, dtype: str) -> int:
+def row_bytes(dim: int, dtype: str, code_bytes: int = 0) -> int:
     """Bytes one row takes at its stored width (before LanceDB's own overhead)."""
-    return sum(kind.bit_width // 8 for kind in PAIR_COLUMNS.values()) + dim * VECTOR_TYPES[dtype].bit_width // 8
+    return (sum(kind.bit_width // 8 for kind in PAIR_COLUMNS.values()) + dim * VECTOR_TYPES[dtype].bit_width // 8
+            + code_bytes)
+
+
+def key_columns(schema: pa.Schema, keys: np.ndarray, codec: "KeyProjection | None" = None) -> dict[str, pa.Array]:
+    """The key columns of ``schema`` for ``keys`` [n, key dim] (as the store searches them):
+    ``vector`` alone; or, on a quantised store, ``codec``'s routing key and codes."""
+    vtype = schema.field("vector").type
+    out = {}
+    if CODES in schema.names:
+        if codec is None or not codec.quantised:
+            raise InputError("this table keeps quantised keys: its key projection is needed to write them")
+        keys, codes = codec.encode(keys)
+        ctype = schema.field(CODES).type
+        out[CODES] = pa.Array.from_buffers(ctype, len(codes), [None, pa.py_buffer(codes.tobytes())])
+    flat = pa.array(np.asarray(keys).astype(VECTOR_NUMPY[vtype.value_type], copy=False).reshape(-1),
+                    vtype.value_type)
+    out["vector"] = pa.FixedSizeListArray.from_arrays(flat, vtype.list_size)
+    return out
 
 
 def pairs_batch(schema: pa.Schema, *, document_id, position, corpus_id: int, token, next_token,
-                vector: np.ndarray) -> pa.RecordBatch:
-    """One record batch of pairs, built by column name (``pair_id`` is derived)."""
+                vector: np.ndarray, codec: "KeyProjection | None" = None) -> pa.RecordBatch:
+    """One record batch of pairs, built by column name (``pair_id`` is derived; the key
+    columns by ``key_columns``)."""
     n = len(position)
     columns = {"pair_id": pair_id(document_id, position), "corpus_id": np.full(n, corpus_id),
                "document_id": document_id, "position": position, "token": token, "next_token": next_token}
-    arrays = [pa.array(np.asarray(columns[f.name]), f.type) for f in schema if f.name != "vector"]
-    vtype = schema.field("vector").type
-    flat = pa.array(np.asarray(vector).reshape(-1), vtype.value_type)
-    return pa.RecordBatch.from_arrays(arrays + [pa.FixedSizeListArray.from_arrays(flat, vtype.list_size)],
-                                      schema=schema)
+    keys = key_columns(schema, vector, codec)
+    return pa.RecordBatch.from_arrays(
+        [keys[f.name] if f.name in keys else pa.array(np.asarray(columns[f.name]), f.type) for f in schema],
+        schema=schema)
 
 
 # What a search returns of each neighbour besides the distance: column -> Neighbours field.
@@ -172,6 +200,10 @@ RQ_BITS = 4
 # distances are precise enough to rank without it (recall@64 0.97 at nprobes 32 on a
 # WikiText-2 store, docs/performance.md); 8-bit PQ codes are not (0.77 without, 0.96 with x4).
 AUTO_REFINE = {"ivf_rq": 0, "ivf_pq": 4}
+# A quantised store ranks refine_factor x k candidates of its routing key by their codes
+# (8 when the caller leaves it to the store: 1,024 candidates at k=128, docs/compact.md).
+CODES_REFINE = 8
+RERANK_ROWS = 65536  # candidates decoded at a time when re-ranking by codes
 # One LanceDB multi-vector query runs on one thread; a batch is split into up to
 # search_parts() sub-batches of at least MIN_PART_QUERIES queries, searched at the same time
 # (measured on 2 CPUs: 2.0x the queries/s of one batch, docs/performance.md).
@@ -288,6 +320,8 @@ class PairsTable:
 
     def __init__(self, uri: Location, table, name: str = PAIRS_TABLE) -> None:
         self.uri, self._table, self.name = uri, table, name
+        # A quantised table's projection (``use_codec``): decodes its codes for every read of keys.
+        self.codec: KeyProjection | None = None
         self._has_index: tuple[int, bool] | None = None
         self._index_type: tuple[int, str | None] | None = None
         self._corpus_ids: tuple[int, frozenset[int]] | None = None
@@ -344,6 +378,41 @@ class PairsTable:
     def set_key_projection(self, sha: str) -> None:
         self._table.to_lance().update_config({PROJECTION_KEY: sha})
         self.refresh()
+
+    def use_codec(self, codec: "KeyProjection | None") -> None:
+        """Read this table's keys with ``codec`` (the store's projection; needed when the
+        table keeps quantised keys, ``quantised``)."""
+        self.codec = codec
+
+    @property
+    def quantised(self) -> bool:
+        """Whether the table keeps its keys as codes (and ``vector`` is a routing key)."""
+        return CODES in self.schema.names
+
+    def _codec(self) -> "KeyProjection":
+        if self.codec is None or not self.codec.quantised:
+            raise StoreDamagedError(f"the vector table at {self.uri} keeps quantised keys but the store has no "
+                                    "quantising key projection for it: restore the store from a backup")
+        return self.codec
+
+    def keys_of(self, batch: pa.RecordBatch | pa.Table) -> np.ndarray:
+        """The keys of ``batch``'s rows as the store searches them, float32 [rows, key dim]:
+        ``vector``, or the decoded ``codes`` of a quantised table."""
+        if self.quantised:
+            column = batch.column(CODES)
+            if isinstance(column, pa.ChunkedArray):
+                column = column.combine_chunks()
+            codec = self._codec()
+            raw = np.frombuffer(column.buffers()[1], dtype=np.uint8, count=(column.offset + len(column))
+                                * codec.code_bytes)[column.offset * codec.code_bytes:]
+            return codec.decode(raw)
+        column = batch.column("vector")
+        return key_matrix(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column)
+
+    @property
+    def key_column(self) -> str:
+        """The column the store's keys are read from (``codes`` on a quantised table)."""
+        return CODES if self.quantised else "vector"
 
     @property
     def dim(self) -> int:
@@ -564,17 +633,21 @@ class PairsTable:
         ``SAMPLE_PER_PARTITION`` keys per partition, or every key of a smaller table)."""
         from .kmeans import SAMPLE_PER_PARTITION, kmeans
 
-        keys = self.sample_keys(SAMPLE_PER_PARTITION * partitions, seed)
+        rows = self._sample(SAMPLE_PER_PARTITION * partitions, seed, "vector")
+        keys = key_matrix(rows.column("vector").combine_chunks())  # the indexed column: a routing key if quantised
         return kmeans(torch.from_numpy(keys).to(device or "cpu"), partitions, seed=seed)
 
     def sample_keys(self, n: int, seed: int = 0) -> np.ndarray:
         """Up to ``n`` keys drawn at random without replacement (every key of a smaller
-        table): float32 [min(n, rows), dim]."""
+        table): float32 [min(n, rows), key dim] (``keys_of``)."""
+        return self.keys_of(self._sample(n, seed, self.key_column))
+
+    def _sample(self, n: int, seed: int, column: str) -> pa.Table:
         ds = self._table.to_lance()
         rows = ds.count_rows()
         picked = np.sort(np.random.default_rng(seed).choice(rows, min(rows, n), replace=False))
         with damage_errors(self.uri):
-            return key_matrix(ds.take(picked, columns=["vector"]).column("vector").combine_chunks())
+            return ds.take(picked, columns=[column])
 
     def batches(self, columns: list[str], batch_rows: int = 32768, where: str | None = None,
                 ) -> Iterator[pa.RecordBatch]:
@@ -633,11 +706,11 @@ class PairsTable:
 
     def scan_vectors(self, batch_rows: int = 32768, where: str | None = None,
                      ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """Every row's key (float32 [n, dim]) and result columns (of the rows matching
-        ``where``), streamed in batches."""
+        """Every row's key (float32 [n, key dim], ``keys_of``) and result columns (of the
+        rows matching ``where``), streamed in batches."""
         fields = self.result_fields()
-        for batch in self.batches(["vector", *fields], batch_rows, where):
-            yield key_matrix(batch.column("vector")), {name: batch.column(name).to_numpy() for name in fields}
+        for batch in self.batches([self.key_column, *fields], batch_rows, where):
+            yield self.keys_of(batch), {name: batch.column(name).to_numpy() for name in fields}
 
     def search(self, queries: np.ndarray, k: int, corpora: Collection[int] | None = None, *,
                nprobes: int = 32, refine_factor: int | None = None) -> Neighbours:
@@ -649,8 +722,12 @@ class PairsTable:
         distance estimates, which are then what is returned; None lets the index type
         decide (``AUTO_REFINE``).
 
+        On a quantised table the index (or, without one, LanceDB's exact search) finds
+        ``refine_factor`` x k candidates (None: ``CODES_REFINE``) by the routing key, and they
+        are ranked by the distances of their decoded codes, which are what is returned.
+
         Args:
-            queries: [Q, dim] float array.
+            queries: [Q, key dim] float array.
             k: neighbours per query.
             corpora: only rows of these corpus ids are returned (None: every row).
         """
@@ -665,13 +742,20 @@ class PairsTable:
                 return out
             where = in_list("corpus_id", sorted(corpora))
         indexed = self.has_vector_index()
-        if indexed and refine_factor is None:
-            refine_factor = AUTO_REFINE.get(self.index_type(), 4)
-        with damage_errors(self.uri):
-            result, qi = self._run(queries, k, nprobes if indexed else None, refine_factor, where)
+        quantised = self.quantised
+        if quantised:
+            limit = k * (CODES_REFINE if refine_factor is None else max(1, refine_factor))
+            with damage_errors(self.uri):
+                result, qi = self._run(queries[:, :self._codec().route_dim], limit, nprobes if indexed else None,
+                                       0, where, [CODES])
+        else:
+            if indexed and refine_factor is None:
+                refine_factor = AUTO_REFINE.get(self.index_type(), 4)
+            with damage_errors(self.uri):
+                result, qi = self._run(queries, k, nprobes if indexed else None, refine_factor, where)
         if result.num_rows == 0:
             return out
-        dist = result.column("_distance").to_numpy()
+        dist = self._code_distances(result, queries, qi) if quantised else result.column("_distance").to_numpy()
         order = np.lexsort((dist, qi))  # by query, then nearest first
         qi = qi[order]
         starts = np.searchsorted(qi, qi, side="left")
@@ -683,12 +767,24 @@ class PairsTable:
             getattr(out, field)[rows, cols] = result.column(name).to_numpy()[order][keep]
         return out
 
+    def _code_distances(self, result: pa.Table, queries: np.ndarray, qi: np.ndarray) -> np.ndarray:
+        """Squared L2 from each candidate's decoded codes to its query (float32, by blocks
+        of ``RERANK_ROWS``)."""
+        dist = np.empty(result.num_rows, dtype=np.float32)
+        codes = result.column(CODES)
+        for lo in range(0, result.num_rows, RERANK_ROWS):
+            hi = min(result.num_rows, lo + RERANK_ROWS)
+            diff = self.keys_of(pa.table({CODES: codes.slice(lo, hi - lo)})) - queries[qi[lo:hi]]
+            dist[lo:hi] = np.einsum("ij,ij->i", diff, diff)
+        return dist
+
     def _run(self, queries: np.ndarray, k: int, nprobes: int | None, refine_factor: int | None,
-             where: str | None) -> tuple[pa.Table, np.ndarray]:
+             where: str | None, extra: list[str] = ()) -> tuple[pa.Table, np.ndarray]:
         """LanceDB's rows for a batch and the query index of each row: one multi-vector query,
         or (a batch big enough to split) ``search_parts()`` of them at once through LanceDB's
-        async API (each answered whole in Rust); all on the table's pinned version."""
-        cols = [*self.result_fields(), "_distance"]
+        async API (each answered whole in Rust); all on the table's pinned version. ``extra``:
+        columns returned besides the result fields and the distance."""
+        cols = [*self.result_fields(), *extra, "_distance"]
 
         def configure(query, **filter_options):  # a sync or async LanceDB vector query
             query = query.limit(k)

@@ -216,7 +216,8 @@ class Writer:
         has no free space to ask)."""
         if self.store.location.remote:
             return
-        need = int(n_tokens * row_bytes(self.store.identity.stored_dim, self.store.identity.dtype) * 1.2) + (1 << 20)
+        ident = self.store.identity
+        need = int(n_tokens * row_bytes(ident.stored_dim, ident.dtype, ident.code_bytes) * 1.2) + (1 << 20)
         free = shutil.disk_usage(self.store.location.path / VECTORS_DIR).free
         if free < need:
             raise DiskFullError(
@@ -371,11 +372,11 @@ class Writer:
                     break
             projection = self._fit_projection(held)
             for group, batches in held:
-                yield group, [(ingest.with_keys(b, projection.apply(key_matrix(b.column("vector"))), schema), n)
-                              for b, n in batches]
+                yield group, [(ingest.with_keys(b, projection.apply(key_matrix(b.column("vector"))), schema,
+                                                projection), n) for b, n in batches]
         forward = ingest.model_forward(self.store.encoder, name, self.store.path, self.store.projection)
         for group in groups:
-            yield group, ingest.encode_documents(forward, group, corpus_id, settings, schema)
+            yield group, ingest.encode_documents(forward, group, corpus_id, settings, schema, self.store.projection)
 
     def _fit_projection(self, held) -> KeyProjection:
         """Fit the store's projection on the keys of ``held`` [(group, [(raw batch, n)])]:
@@ -385,7 +386,8 @@ class Writer:
         keys = np.concatenate([key_matrix(b.column("vector")) for b in batches])
         ids = np.concatenate([b.column("pair_id").to_numpy() for b in batches])
         keys = keys[np.argsort(ids, kind="stable")[:FIT_KEYS]]
-        projection = KeyProjection.fit(keys, self.store.identity.key_dim)
+        ident = self.store.identity
+        projection = KeyProjection.fit(keys, ident.key_dim, ident.key_bits, ident.route_dim)
         self.store.set_projection(projection)
         return projection
 
