@@ -634,7 +634,7 @@ class PairsTable:
         from .kmeans import SAMPLE_PER_PARTITION, kmeans
 
         rows = self._sample(SAMPLE_PER_PARTITION * partitions, seed, "vector")
-        keys = key_matrix(rows.column("vector").combine_chunks())  # the indexed column: a routing key if quantised
+        keys = np.require(key_matrix(rows.column("vector").combine_chunks()), requirements="W")  # the indexed column
         return kmeans(torch.from_numpy(keys).to(device or "cpu"), partitions, seed=seed)
 
     def sample_keys(self, n: int, seed: int = 0) -> np.ndarray:

@@ -180,3 +180,25 @@ def test_ray_workers_store_keys_reduced_by_the_projection_the_driver_fitted(tmp_
     np.testing.assert_allclose(ray.projection.components, one.projection.components, atol=1e-3)
     np.testing.assert_allclose(ray.projection.mean, one.projection.mean, atol=1e-4)
     assert_same_corpus(one, ray, "c")
+
+
+def test_ray_workers_store_quantised_keys_with_the_codes_the_driver_fitted(tmp_path, tiny_model_dir, reference):
+    from knnstore.vectors import CODES
+
+    single, docs = reference
+    made = {}
+    for name, workers in (("one", None), ("ray", 1)):
+        made[name] = Store.create(tmp_path / name, model=str(tiny_model_dir), device="cpu", key_dim=16, key_bits=4,
+                                  route_dim=8)
+        made[name].add_corpus("c", [docs], settings=SETTINGS, workers=workers)
+    one, ray = made["one"], made["ray"]
+    assert ray.table.quantised and ray.table.dim == 8 and ray.identity.code_bytes == 8
+    np.testing.assert_allclose(ray.projection.step, one.projection.step, rtol=1e-3)
+    assert_same_corpus(one, ray, "c")  # the routing keys
+    keys = {}
+    for name, store in made.items():
+        rows = store.table.columns(["pair_id", CODES])
+        order = np.argsort(rows.column("pair_id").to_numpy())
+        keys[name] = store.table.keys_of(rows)[order]
+    # the same codes, but for a key on a level's edge that float rounding moved across it
+    assert np.mean(np.abs(keys["one"] - keys["ray"]) < 1e-3) > 0.99
