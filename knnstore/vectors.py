@@ -203,7 +203,6 @@ AUTO_REFINE = {"ivf_rq": 0, "ivf_pq": 4}
 # A quantised store ranks refine_factor x k candidates of its routing key by their codes
 # (8 when the caller leaves it to the store: 1,024 candidates at k=128, docs/compact.md).
 CODES_REFINE = 8
-RERANK_ROWS = 65536  # candidates decoded at a time when re-ranking by codes
 # One LanceDB multi-vector query runs on one thread; a batch is split into up to
 # search_parts() sub-batches of at least MIN_PART_QUERIES queries, searched at the same time
 # (measured on 2 CPUs: 2.0x the queries/s of one batch, docs/performance.md).
@@ -399,15 +398,18 @@ class PairsTable:
         """The keys of ``batch``'s rows as the store searches them, float32 [rows, key dim]:
         ``vector``, or the decoded ``codes`` of a quantised table."""
         if self.quantised:
-            column = batch.column(CODES)
-            if isinstance(column, pa.ChunkedArray):
-                column = column.combine_chunks()
-            codec = self._codec()
-            raw = np.frombuffer(column.buffers()[1], dtype=np.uint8, count=(column.offset + len(column))
-                                * codec.code_bytes)[column.offset * codec.code_bytes:]
-            return codec.decode(raw)
+            return self._codec().decode(self._codes(batch))
         column = batch.column("vector")
         return key_matrix(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column)
+
+    def _codes(self, batch: pa.RecordBatch | pa.Table) -> np.ndarray:
+        """The ``codes`` of ``batch``'s rows, uint8 [rows, code bytes] (zero-copy)."""
+        column = batch.column(CODES)
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        width = column.type.byte_width
+        raw = np.frombuffer(column.buffers()[1], dtype=np.uint8, count=(column.offset + len(column)) * width)
+        return raw[column.offset * width:].reshape(len(column), width)
 
     @property
     def key_column(self) -> str:
@@ -768,15 +770,8 @@ class PairsTable:
         return out
 
     def _code_distances(self, result: pa.Table, queries: np.ndarray, qi: np.ndarray) -> np.ndarray:
-        """Squared L2 from each candidate's decoded codes to its query (float32, by blocks
-        of ``RERANK_ROWS``)."""
-        dist = np.empty(result.num_rows, dtype=np.float32)
-        codes = result.column(CODES)
-        for lo in range(0, result.num_rows, RERANK_ROWS):
-            hi = min(result.num_rows, lo + RERANK_ROWS)
-            diff = self.keys_of(pa.table({CODES: codes.slice(lo, hi - lo)})) - queries[qi[lo:hi]]
-            dist[lo:hi] = np.einsum("ij,ij->i", diff, diff)
-        return dist
+        """Squared L2 from each candidate's decoded codes to its query (float32)."""
+        return self._codec().code_distances(self._codes(result), queries, qi)
 
     def _run(self, queries: np.ndarray, k: int, nprobes: int | None, refine_factor: int | None,
              where: str | None, extra: list[str] = ()) -> tuple[pa.Table, np.ndarray]:
