@@ -2,11 +2,15 @@
 
     python tools/bench_scaling.py STORE [--sizes 100000,300000,1000000,2000000,5000000]
                                         [--queries 256] [--k 64] [--rounds 3] [--work DIR]
-                                        [--key-dim D]
+                                        [--key-dim D [--key-bits 4|8 --route-dim R]]
 
 With ``--key-dim D`` the keys are those of a compact store (``init --key-dim D``,
 docs/compact.md): the real keys and the queries projected by a ``KeyProjection`` fitted on
-the real store's keys, the noise drawn in the projected space. Each size also reports the
+the real store's keys, the noise drawn in the projected space. With ``--key-bits`` too,
+those keys are stored quantised (``--key-bits``, docs/compact.md): codes beside a float16
+routing key of R dimensions that the index is built on; the exact reference is then the
+brute-force search over the decoded codes, LanceDB's settings are (nprobes, candidates per
+k re-ranked by the codes), and FAISS indexes the decoded keys. Each size also reports the
 table's bytes per pair on disk (index included) and the process's peak memory.
 
 The keys are synthetic but shaped like real ones: each is a key of STORE (a real store,
@@ -58,22 +62,28 @@ from benchlib import (
 
 from knnstore import Store
 from knnstore.projection import FIT_KEYS, KeyProjection
-from knnstore.vectors import ExactSearch, PairsTable
+from knnstore.vectors import ExactSearch, PairsTable, key_columns, pairs_schema
 
 LANCE_SETTINGS = ((16, 0), (32, 0), (64, 0), (32, 2))  # (nprobes, refine factor) on IVF-RQ
+QUANTISED_SETTINGS = ((16, 8), (32, 8), (32, 16), (64, 16))  # (nprobes, candidates per k) with --key-bits
 FAISS_SETTINGS = ((16, 4), (32, 4), (32, 10), (64, 10))  # (nprobe, refine factor) on IVF-PQ
 RABITQ_NPROBES = (16, 32, 64)
 TARGET = 0.95
 
 
-def synthetic_table(path: Path, base: np.ndarray, rows: int, dim: int, chunk: int = 200_000) -> PairsTable:
-    """A pairs table of `rows` noisy copies of `base` rows (deterministic)."""
+def synthetic_table(path: Path, base: np.ndarray, rows: int, dim: int, chunk: int = 200_000,
+                    codec: KeyProjection | None = None) -> PairsTable:
+    """A pairs table of `rows` noisy copies of `base` rows (deterministic); quantised by
+    ``codec`` if it quantises."""
     if path.exists():
         table = PairsTable.open(path)
+        table.use_codec(codec)
         if table.count() == rows:
             return table
         raise SystemExit(f"{path} holds {table.count():,} rows, not {rows:,}: delete it first")
-    table = PairsTable.create(path, dim, "float16")
+    schema = pairs_schema(codec.stored_dim if codec else dim, "float16", code_bytes=codec.code_bytes if codec else 0)
+    table = PairsTable.create(path, schema.field("vector").type.list_size, "float16", schema=schema)
+    table.use_codec(codec)
     rng = np.random.default_rng(rows)
     scale = 0.1 * base.std(axis=0)
 
@@ -85,8 +95,7 @@ def synthetic_table(path: Path, base: np.ndarray, rows: int, dim: int, chunk: in
             yield pa.record_batch({
                 "pair_id": ids, "corpus_id": np.ones(n, np.int32), "document_id": np.ones(n, np.int64),
                 "position": (ids % 100_000).astype(np.int32), "token": (ids % 49152).astype(np.int32),
-                "next_token": ((ids + 1) % 49152).astype(np.int32),
-                "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).ravel()), dim),
+                "next_token": ((ids + 1) % 49152).astype(np.int32), **key_columns(table.schema, x, codec),
             }, schema=table.schema)
 
     table.add(pa.RecordBatchReader.from_batches(table.schema, batches()))
@@ -117,17 +126,23 @@ def main() -> None:
     parser.add_argument("--text", default=str(WIKI_TEST))
     parser.add_argument("--work", default=str(Path(__file__).resolve().parents[2] / "knnstore-cache" / "scaling"))
     parser.add_argument("--key-dim", type=int, default=None, help="keys of a compact store of this dimension")
+    parser.add_argument("--key-bits", type=int, default=None, help="those keys quantised to 4 or 8 bits")
+    parser.add_argument("--route-dim", type=int, default=None, help="routing key dimensions of quantised keys")
     args = parser.parse_args()
 
     rounds = args.rounds
     store = Store.open(args.store)
     queries = held_out_queries(store, args.text, args.queries)
     base, _ = table_keys(store.table)
-    suffix = ""
+    suffix, codec = "", None
     if args.key_dim:
-        projection = KeyProjection.fit(base[np.linspace(0, len(base) - 1, FIT_KEYS).astype(np.int64)], args.key_dim)
+        sample = base[np.linspace(0, len(base) - 1, FIT_KEYS).astype(np.int64)]
+        projection = KeyProjection.fit(sample, args.key_dim, args.key_bits, args.route_dim)
         base, queries = projection.apply(base), np.ascontiguousarray(projection.apply(queries))
         suffix = f"-d{args.key_dim}"
+        if args.key_bits:
+            codec = projection
+            suffix += f"-b{args.key_bits}-r{projection.route_dim}"
     dim, k, n_q = base.shape[1], args.k, len(queries)
     print(f"base: {len(base):,} real keys of {args.store}, dim {dim}; {n_q} queries from "
           f"{Path(args.text).name}, k={k}; torch threads {torch.get_num_threads()}", flush=True)
@@ -135,14 +150,15 @@ def main() -> None:
     for rows in (int(s) for s in args.sizes.split(",")):
         path = Path(args.work) / f"synthetic-{rows}{suffix}"
         t0 = time.perf_counter()
-        table = synthetic_table(path, base, rows, dim)
+        table = synthetic_table(path, base, rows, dim, codec=codec)
         t_write = time.perf_counter() - t0
         t_index = float("nan")  # reused from an earlier run
         if not table.has_vector_index():
             t0 = time.perf_counter()
             table.create_index()
             t_index = time.perf_counter() - t0
-        print(f"\n{rows:,} rows: written in {t_write:.0f} s, IVF-RQ index built in {t_index:.0f} s; "
+        print(f"\n{rows:,} rows: written in {t_write:.0f} s, IVF-RQ index built in {t_index:.0f} s "
+              f"(on {table.dim} dims); "
               f"{table.nbytes() / rows:,.1f} bytes per pair on disk (index included)", flush=True)
         exact = ExactSearch(table)
         t_exact, truth = best_time(lambda: exact.search(queries, k), 1)
@@ -161,7 +177,8 @@ def main() -> None:
         def lance(nprobes, refine):
             return lambda: table.search(queries, k, nprobes=nprobes, refine_factor=refine).pair_ids
 
-        methods = ([(f"LanceDB nprobes={p} refine={r}", lance(p, r)) for p, r in LANCE_SETTINGS]
+        methods = ([(f"LanceDB nprobes={p} refine={r}", lance(p, r))
+                    for p, r in (QUANTISED_SETTINGS if codec else LANCE_SETTINGS)]
                    + [(f"FAISS IVF-PQ nprobe={p} refine={f}",
                        faiss_search(refined, queries, k, pids, (ivfpq, "nprobe", p), (refined, "k_factor", f)))
                       for p, f in FAISS_SETTINGS]
