@@ -418,7 +418,7 @@ class PairsTable:
 
     @property
     def dim(self) -> int:
-        """The dimension of the stored keys."""
+        """The dimension of the float key column ``vector`` (a quantised table's routing key)."""
         return self.schema.field("vector").type.list_size
 
     def set_store_id(self, store_id: str) -> None:
