@@ -731,7 +731,8 @@ def _knn_options(sweep: bool):
                          help=f"ANN: index partitions searched [default: {KNNSettings.nprobes}]."),
             click.option("--refine-factor", type=Num(0, MAX_REFINE_FACTOR),
                          help="ANN: candidates re-ranked with exact distances, times k; 0: none "
-                              "[default: 0 on an IVF-RQ index, 4 on IVF-PQ]."),
+                              "[default: 0 on an IVF-RQ index, 4 on IVF-PQ; on quantised keys, "
+                              "candidates ranked by their codes: 8]."),
             click.option("--skip-above-prob", type=Num(0.0, 1.0, integer=False, lo_open=True),
                          help="Adaptive retrieval: skip the store where the LM's top probability is at least this."),
             click.option("--skip-below-entropy", type=Num(0.0, None, integer=False),

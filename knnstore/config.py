@@ -156,6 +156,18 @@ def env(name: str, cast=str, default=None):
         raise InputError(f"{var}={raw!r} is not a {getattr(cast, '__name__', 'value')}: fix or unset it") from None
 
 
+def cache_root() -> "Path":
+    """Where knnstore caches things (``modelcache``): ``KNNSTORE_CACHE``, else
+    ``$XDG_CACHE_HOME/knnstore``, else ``~/.cache/knnstore``."""
+    from pathlib import Path
+
+    given = env("cache", str, None)
+    if given:
+        return Path(given).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "knnstore"
+
+
 MAX_WINDOW = 1 << 20  # tokens per encoding or scoring window (a model's own limit applies first)
 # Scoring (eval, calibrate, explain): every scored token after the first window sees at
 # least SCORE_WINDOW - SCORE_STRIDE tokens of context.

@@ -28,9 +28,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .config import KEY_SITES, StoreIdentity
+from .config import KEY_SITES, StoreIdentity, cache_root
 from .devices import is_out_of_memory, resolve_compute_dtype, resolve_device
 from .errors import InputError, ModelLoadError, UnsupportedModelError
+from .modelcache import load_cached
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def canonical_model_name(name: str) -> str:
 
 
 def load_model_and_tokenizer(name: str):
-    """Load a Hugging Face causal LM and its tokenizer by alias, hub id or local path."""
+    """Load a Hugging Face causal LM and its tokenizer by alias, hub id or local path (a
+    GGUF model from its dequantised copy in the cache after the first load, ``modelcache``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -87,11 +89,19 @@ def load_model_and_tokenizer(name: str):
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # knnstore shows its own status
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+
+    def load(source, **extra):
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         # The GGUF loader draws a raw tqdm bar on stderr; knnstore shows its own status.
         with contextlib.redirect_stderr(io.StringIO()):
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
+            return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra), tokenizer
+
+    try:
+        if "gguf_file" in kwargs:
+            model, tokenizer = load_cached(Path(where) / kwargs["gguf_file"], lambda: load(where, **kwargs), load,
+                                           cache_root())
+        else:
+            model, tokenizer = load(where, **kwargs)
     except Exception as exc:  # hub errors, missing files, unknown architectures...
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(

@@ -1,0 +1,107 @@
+"""A cache of dequantised GGUF models, so that only the first load pays for dequantising.
+
+Loading SmolLM2's GGUF file through transformers dequantises every tensor in Python (~15 s
+on 2 CPUs); the same float32 weights saved as safetensors load in about a second. The
+first load of a GGUF model writes, beside the user's other caches, a directory keyed by
+the GGUF file's sha256::
+
+    $KNNSTORE_CACHE  (else $XDG_CACHE_HOME/knnstore, else ~/.cache/knnstore)
+      models/<sha256 of the GGUF file>/
+        config.json, model.safetensors, tokenizer files   (save_pretrained)
+        manifest.json                                     (written last)
+
+``manifest.json`` names every file with its size and sha256. The directory is written under
+a temporary name and renamed into place whole, so a load never sees half of one; a cached
+model is used only when every file the manifest names is there with its size and sha256
+(a damaged or truncated file is found, the directory removed and the model rebuilt from the
+GGUF file). The weights are the GGUF file's own, dequantised once: a store's model
+fingerprint is the same either way. A cache that cannot be written (a read-only home, a
+full disk) costs only the speed-up: the model loads from the GGUF file, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+CACHE_FORMAT = 1  # bump when what is cached changes meaning
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_dir(gguf: Path, root: Path) -> Path:
+    """The cache directory under ``root`` (``config.cache_root``) of the model in the GGUF
+    file ``gguf`` (keyed by its sha256)."""
+    return root / "models" / file_sha256(gguf)
+
+
+def is_complete(directory: Path) -> bool:
+    """Whether ``directory`` holds every file its manifest names, each of its size and
+    sha256 (False for a directory without a readable manifest)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        if manifest.get("format") != CACHE_FORMAT:
+            return False
+        for name, want in manifest["files"].items():
+            path = directory / name
+            if path.stat().st_size != want["size"] or file_sha256(path) != want["sha256"]:
+                return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def load_cached(gguf: Path, load_gguf: Callable[[], tuple], load_dir: Callable[[Path], tuple],
+                root: Path) -> tuple:
+    """(model, tokenizer) of the GGUF file ``gguf``: from its cache directory under ``root``
+    when a complete one exists (``load_dir``), else from the file (``load_gguf``), then
+    cached for next time."""
+    directory = model_dir(gguf, root)
+    if directory.exists():
+        if is_complete(directory):
+            return load_dir(directory)
+        log.warning("the cached model at %s is damaged or incomplete: rebuilding it from %s", directory, gguf)
+        shutil.rmtree(directory, ignore_errors=True)
+    model, tokenizer = load_gguf()
+    try:
+        write_cache(directory, model, tokenizer, gguf)
+    except OSError as exc:
+        log.warning("could not cache the dequantised model in %s (%s): the next load will dequantise "
+                    "%s again; set KNNSTORE_CACHE to a writable directory", directory.parent, exc, gguf.name)
+    return model, tokenizer
+
+
+def write_cache(directory: Path, model, tokenizer, gguf: Path) -> None:
+    """Save ``model`` and ``tokenizer`` as ``directory``: written under a temporary name,
+    the manifest last, then renamed into place (a crash leaves no directory a load uses)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".tmp-{directory.name[:16]}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                 for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {"format": CACHE_FORMAT, "source": gguf.name, "source_sha256": directory.name, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        try:
+            os.rename(tmp, directory)
+        except OSError:
+            if not is_complete(directory):  # another process cached it first: keep theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
