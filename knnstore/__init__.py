@@ -7,7 +7,6 @@
 """
 
 from .config import IngestSettings, KNNSettings, SourceOptions, StoreIdentity
-from .encoder import Encoder
 from .errors import (
     CorpusExistsError,
     CorpusNotFoundError,
@@ -28,9 +27,6 @@ from .errors import (
     UnsupportedModelError,
 )
 from .indexing import IndexPlan
-from .results import CorpusInfo, DocumentRef, StoreStats
-from .store import Store
-from .vectors import IndexState, Neighbours
 
 try:  # one version, pyproject.toml's
     from importlib.metadata import PackageNotFoundError, version
@@ -39,8 +35,12 @@ try:  # one version, pyproject.toml's
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
-# The adapter imports transformers' generation utilities (slow); load it on first use.
-_LAZY = {"KNNLM": "adapter", "KNNLogitsProcessor": "adapter", "Generation": "adapter",
+# Loaded on first use: the store (LanceDB), the encoder (torch) and the adapter
+# (transformers' generation utilities) are slow to import, and `knnstore list` needs none
+# of torch and transformers.
+_LAZY = {"Store": "store", "Encoder": "encoder", "CorpusInfo": "results", "DocumentRef": "results",
+         "StoreStats": "results", "IndexState": "vectors", "Neighbours": "vectors",
+         "KNNLM": "adapter", "KNNLogitsProcessor": "adapter", "Generation": "adapter",
          "Source": "adapter", "Span": "adapter", "TokenExplanation": "adapter", "EvalResult": "evaluate",
          # the Python twins of `knnstore calibrate` and `check` (`eval`: KNNLM.evaluate;
          # `check`: Store.check; the functions `evaluate` and `check` share their modules' names)

@@ -9,17 +9,22 @@ one text agree within the reduced dtype's rounding: docs/scale-out.md has the fi
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InputError
 
+if TYPE_CHECKING:  # torch is imported where a device is resolved (commands without a model need none)
+    import torch
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")  # as --help shows them
-COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")  # torch's names for them
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """The torch device ``spec`` names (None and "auto": the best one present), refused
     with a one-line InputError when it is malformed or not on this machine."""
+    import torch
+
     if isinstance(spec, torch.device):
         spec = str(spec)
     spec = "auto" if spec is None else spec.strip().lower()
@@ -53,8 +58,10 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 def resolve_compute_dtype(device: torch.device, spec: str | torch.dtype | None = "auto") -> torch.dtype:
     """The float type the model runs in on ``device`` ("auto": float32 on the CPU, bfloat16
     on a GPU that has it, else float16; a torch dtype given is taken as it is)."""
+    import torch
+
     if isinstance(spec, torch.dtype):
-        if spec not in COMPUTE_DTYPES.values():
+        if spec not in [getattr(torch, name) for name in COMPUTE_DTYPES]:
             raise InputError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {spec}")
         return spec
     spec = (spec or "auto").strip().lower()
@@ -66,15 +73,19 @@ def resolve_compute_dtype(device: torch.device, spec: str | torch.dtype | None =
         return torch.float16
     if spec not in COMPUTE_DTYPES:
         raise InputError(f"compute dtype must be auto or one of {', '.join(COMPUTE_DTYPES)}, got {spec!r}")
-    return COMPUTE_DTYPES[spec]
+    return getattr(torch, spec)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an accelerator running out of memory (torch raises RuntimeError
     subclasses with the words in them)."""
+    import torch
+
     return isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in str(exc).lower()
 
 
 def _mps_available() -> bool:
+    import torch
+
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())

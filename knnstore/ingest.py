@@ -25,16 +25,18 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from .config import IngestSettings, SourceOptions
 from .errors import InputError, ModelRunError
 from .vectors import pair_id, pairs_batch, pairs_schema  # noqa: F401  (pair_id, pairs_schema: kept importable here)
 from .windows import right_padded, windows
+
+if TYPE_CHECKING:  # torch only in annotations: importing ingest (the CLI's sources) needs no torch
+    import torch
 
 TEXT_SUFFIXES = {".txt", ".md"}
 _HEADING = re.compile(r"^ = ([^=].*) = $")  # WikiText top-level heading: " = Title = "

@@ -29,8 +29,9 @@ import hashlib
 import io
 from dataclasses import dataclass
 
+import sys
+
 import numpy as np
-import torch
 
 from .errors import InputError, StoreDamagedError
 
@@ -142,19 +143,20 @@ class KeyProjection:
             codes = np.stack([codes >> 4, codes & 15], axis=2).reshape(len(codes), self.key_dim)
         return codes.astype(np.float32) * self.step + self.lo
 
-    @torch.inference_mode()
     def code_distances(self, codes: np.ndarray, queries: np.ndarray, which: np.ndarray,
                        block: int = 4096) -> np.ndarray:
         """Squared L2 from the key each row of ``codes`` [n, code_bytes] stands for to its
         query ``queries[which[i]]`` ([Q, key_dim] projected): float32 [n]. In code units,
         sum_d step_d^2 (u_d - c_d)^2 with u = (q - lo) / step, a block of rows at a time (the
         block's decoded codes stay in cache: ~7x faster than decoding all, then subtracting)."""
+        import torch
+
         codes_t = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1, self.code_bytes))
         u = torch.from_numpy((np.asarray(queries, dtype=np.float32) - self.lo) / self.step)
         w = torch.from_numpy(self.step * self.step)
         which_t = torch.from_numpy(np.asarray(which, dtype=np.int64))
         out = torch.empty(len(codes_t), dtype=torch.float32)
-        for lo in range(0, len(codes_t), block):
+        for lo in range(0, len(codes_t), block):  # (tensors made from numpy: no autograd graph)
             c = codes_t[lo:lo + block]
             if self.bits == 4:
                 c = torch.stack([c >> 4, c & 15], dim=2).reshape(len(c), self.key_dim)
@@ -164,7 +166,8 @@ class KeyProjection:
 
     def apply(self, keys):
         """Project keys [..., dim] (numpy or torch; float32 out, on the input's device)."""
-        if isinstance(keys, torch.Tensor):
+        torch = sys.modules.get("torch")  # a tensor means torch is loaded; numpy keys need no torch
+        if torch is not None and isinstance(keys, torch.Tensor):
             mean = torch.from_numpy(self.mean).to(keys.device)
             comp = torch.from_numpy(self.components).to(keys.device)
             return (keys.float() - mean) @ comp

@@ -39,7 +39,6 @@ from .config import (
 )
 from .devices import resolve_compute_dtype, resolve_device
 from .distributed import ray_options
-from .encoder import Encoder
 from .errors import (
     CorpusNotFoundError,
     InputError,
@@ -54,6 +53,9 @@ from .vectors import ExactSearch, Neighbours, PairsTable, row_bytes
 from .writer import ProgressFn, Writer, normalise_name  # noqa: F401  (normalise_name: kept importable here)
 
 if TYPE_CHECKING:
+    import torch
+
+    from .encoder import Encoder
     from .sql import SQLSession, Views
 
 
@@ -73,10 +75,25 @@ class Store:
         self._visible: frozenset[int] = frozenset()  # ready corpora in this snapshot
         self._lock = parts.write_lock()
         self._writer = Writer(self)
-        self.device = resolve_device(device)  # where the model runs, and the exact search
+        self._device = device  # where the model runs, and the exact search (resolved on first use)
         self.compute_dtype = compute_dtype  # the model's float type there ("auto": devices.py)
-        self._exact = ExactSearch(self.table, device=self.device)
+        self._exact_search: ExactSearch | None = None
         self.refresh()
+
+    @property
+    def device(self) -> "torch.device":
+        """The torch device of the model and the exact search, resolved on first use (a
+        store opened to be listed or queried with SQL never imports torch)."""
+        if isinstance(self._device, str):
+            self._device = resolve_device(self._device)
+        return self._device
+
+    @property
+    def _exact(self) -> ExactSearch:
+        """The exact search over this store's table (its key cache made on first use)."""
+        if self._exact_search is None or self._exact_search.table is not self.table:
+            self._exact_search = ExactSearch(self.table, device=self.device)
+        return self._exact_search
 
     @property
     def path(self) -> "Path | str":
@@ -116,6 +133,8 @@ class Store:
         elif key_bits is not None or route_dim is not None:
             raise InputError("--key-bits and --route-dim quantise reduced keys: give --key-dim too")
         if encoder is None:
+            from .encoder import Encoder
+
             encoder = Encoder.load(model, key_layer=key_layer, key_site=key_site, device=device,
                                    compute_dtype=compute_dtype)
         identity = encoder.identity(dtype)
@@ -148,8 +167,9 @@ class Store:
                 environment variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...).
                 Never recorded with the store.
         """
-        device = resolve_device(device)  # a bad device fails before anything is opened
-        resolve_compute_dtype(device, compute_dtype)
+        if (device, compute_dtype) != ("auto", "auto"):  # a bad choice fails before anything is opened
+            device = resolve_device(device)
+            resolve_compute_dtype(device, compute_dtype)
         parts = open_parts(path, storage_options)
         store = cls(parts, device=device, compute_dtype=compute_dtype)
         if encoder is None and model is not None:
@@ -199,6 +219,8 @@ class Store:
 
     def load_encoder(self, model: str) -> Encoder:
         """Load ``model`` at this store's key site, on its device and compute dtype."""
+        from .encoder import Encoder
+
         return Encoder.load(model, key_layer=self.identity.key_layer, key_site=self.identity.key_site,
                             device=self.device, compute_dtype=self.compute_dtype)
 
@@ -369,7 +391,6 @@ class Store:
             key_projection_sha=None if projection is None else projection.sha256,
             key_bits=None if projection is None else projection.bits,
             route_dim=None if projection is None else projection.route_dim)
-        self._exact = ExactSearch(table, device=self.device)
         self.refresh()
 
     def compact(self, key_dim: int, progress: ProgressFn | None = None, *, key_bits: int | None = None,

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Collection, Iterator
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from .config import MAX_PARTITIONS, PAIRS_TABLE, check_number
 from .errors import InputError, StorageError, StoreDamagedError, first_line
 from .location import Location, storage_failure
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where keys are computed on: opening a table needs none
+    import torch
+
     from .projection import KeyProjection
 
 
@@ -633,6 +634,8 @@ class PairsTable:
     def train_centroids(self, partitions: int, device: torch.device | None = None, seed: int = 0) -> torch.Tensor:
         """IVF centroids [partitions, dim] of a random sample of the keys (``kmeans``:
         ``SAMPLE_PER_PARTITION`` keys per partition, or every key of a smaller table)."""
+        import torch
+
         from .kmeans import SAMPLE_PER_PARTITION, kmeans
 
         rows = self._sample(SAMPLE_PER_PARTITION * partitions, seed, "vector")
@@ -844,12 +847,14 @@ class ExactSearch:
     def __init__(self, table: PairsTable, cache_bytes: int = 2 << 30,
                  batch_rows: int = 32768, query_block: int = 1024, device: torch.device | None = None) -> None:
         self.table, self.cache_bytes = table, cache_bytes
-        self.device = torch.device("cpu") if device is None else device
+        self.device = device  # None: the CPU
         self.batch_rows, self.query_block = batch_rows, query_block
         self._cache: list | None = None
         self._cache_version: int | None = None
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:
+        import torch
+
         version = self.table.version
         if self._cache is not None and self._cache_version == version:
             yield from self._cache
@@ -859,7 +864,7 @@ class ExactSearch:
         for vectors, meta in self.table.scan_vectors(self.batch_rows):
             if not vectors.flags.writeable:  # zero-copy from Arrow (float32 stores)
                 vectors = vectors.copy()
-            x = torch.from_numpy(np.ascontiguousarray(vectors)).to(self.device)
+            x = torch.from_numpy(np.ascontiguousarray(vectors)).to(self.device or "cpu")
             item = (x, (x * x).sum(dim=1), meta)
             if cache is not None:
                 used += x.nbytes
@@ -867,10 +872,17 @@ class ExactSearch:
             yield item
         self._cache, self._cache_version = cache, (version if cache is not None else None)
 
-    @torch.inference_mode()
     def search(self, queries: np.ndarray, k: int, corpora: Collection[int] | None = None) -> Neighbours:
         """Same contract as ``PairsTable.search``, with exact results."""
-        dev = self.device
+        import torch
+
+        with torch.inference_mode():
+            return self._search(queries, k, corpora)
+
+    def _search(self, queries: np.ndarray, k: int, corpora: Collection[int] | None) -> Neighbours:
+        import torch
+
+        dev = self.device or torch.device("cpu")
         q_all = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)).to(dev)
         n_queries = q_all.shape[0]
         out = Neighbours.empty(n_queries, k)

@@ -6,10 +6,10 @@ Pure: no model, no I/O.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
-import torch
-
+if TYPE_CHECKING:  # imported where a batch is built: importing this module needs no torch
+    import torch
 
 def windows(n_tokens: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
     """(begin, end, keep_from) of each window over a sequence of ``n_tokens`` tokens.
@@ -33,6 +33,8 @@ def right_padded(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Ten
     """Token rows as one batch: input ids and attention mask [B, longest row], padded on
     the right, so every real token keeps its position."""
     width = max(len(r) for r in rows)
+    import torch
+
     ids = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
