@@ -16,11 +16,13 @@ model is used only when every file the manifest names is there with its size and
 (a damaged or truncated file is found, the directory removed and the model rebuilt from the
 GGUF file). The weights are the GGUF file's own, dequantised once: a store's model
 fingerprint is the same either way. A cache that cannot be written (a read-only home, a
-full disk) costs only the speed-up: the model loads from the GGUF file, with a warning.
+full disk, a model transformers cannot save) costs only the speed-up: the model loads from
+the GGUF file, with a warning.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -80,7 +82,7 @@ def load_cached(gguf: Path, load_gguf: Callable[[], tuple], load_dir: Callable[[
     model, tokenizer = load_gguf()
     try:
         write_cache(directory, model, tokenizer, gguf)
-    except OSError as exc:
+    except Exception as exc:  # (OSError mostly) the cache is a speed-up: never a reason a load fails
         log.warning("could not cache the dequantised model in %s (%s): the next load will dequantise "
                     "%s again; set KNNSTORE_CACHE to a writable directory", directory.parent, exc, gguf.name)
     return model, tokenizer
@@ -92,7 +94,7 @@ def write_cache(directory: Path, model, tokenizer, gguf: Path) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".tmp-{directory.name[:16]}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_float_model(model, tmp)
         tokenizer.save_pretrained(tmp)
         files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -105,3 +107,17 @@ def write_cache(directory: Path, model, tokenizer, gguf: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_float_model(model, directory: Path) -> None:
+    """``model``'s weights as they are (float32, tied ones once) and its config without the
+    GGUF quantisation record: transformers refuses ``save_pretrained`` on a model loaded from
+    GGUF ("quantized with gguf and is not serializable"), though its weights are plain floats."""
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.save_pretrained(directory)
+    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
