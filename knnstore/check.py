@@ -183,7 +183,8 @@ def _schema_problems(store: "Store") -> list[Problem]:
         if not pa.types.is_fixed_size_list(vtype) or vtype.list_size != ident.stored_dim or vtype.value_type != want:
             problems.append(Problem(ERROR, f"the vector column is {vtype}; the store records dim "
                                            f"{ident.stored_dim} {ident.dtype} ({', '.join(DTYPES)} allowed)"))
-    if CODES in schema.names and CODES in want_schema.names and schema.field(CODES).type != want_schema.field(CODES).type:
+    codes_want = want_schema.field(CODES).type if CODES in want_schema.names else None
+    if codes_want is not None and CODES in schema.names and schema.field(CODES).type != codes_want:
         problems.append(Problem(ERROR, f"the codes column is {schema.field(CODES).type}; the store records "
                                        f"{ident.code_bytes} bytes of {ident.key_bits}-bit codes"))
     return problems

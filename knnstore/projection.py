@@ -27,9 +27,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-from dataclasses import dataclass
-
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
