@@ -23,6 +23,7 @@ import numbers
 import os
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from .errors import InputError
 
@@ -156,11 +157,9 @@ def env(name: str, cast=str, default=None):
         raise InputError(f"{var}={raw!r} is not a {getattr(cast, '__name__', 'value')}: fix or unset it") from None
 
 
-def cache_root() -> "Path":
+def cache_root() -> Path:
     """Where knnstore caches things (``modelcache``): ``KNNSTORE_CACHE``, else
     ``$XDG_CACHE_HOME/knnstore``, else ``~/.cache/knnstore``."""
-    from pathlib import Path
-
     given = env("cache", str, None)
     if given:
         return Path(given).expanduser()
