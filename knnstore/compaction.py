@@ -79,10 +79,10 @@ def compact(store: "Store", key_dim: int, progress: ProgressFn | None = None, *,
     t0 = time.perf_counter()
     with store.write_lock():
         old = store.table
-        stored_dim, rows = store.identity.search_dim, old.count()
+        dim_before, rows = store.identity.search_dim, old.count()
         # bad input changes nothing: checked before any repair below
-        if key_dim > stored_dim or (key_dim == stored_dim and (key_bits is None or old.quantised)):
-            raise InputError(f"--key-dim must be below the {stored_dim} dimensions the store's keys have now "
+        if key_dim > dim_before or (key_dim == dim_before and (key_bits is None or old.quantised)):
+            raise InputError(f"--key-dim must be below the {dim_before} dimensions the store's keys have now "
                              f"(or equal, with --key-bits, to quantise float keys), got {key_dim}: compaction "
                              "only makes keys smaller")
         if rows <= key_dim:
@@ -111,7 +111,7 @@ def compact(store: "Store", key_dim: int, progress: ProgressFn | None = None, *,
         if old.has_vector_index():
             store.create_index(index_type=index_type)
     store.refresh()
-    return Compaction(stored_dim, key_dim, rows, bytes_before, store.table.nbytes(),
+    return Compaction(dim_before, key_dim, rows, bytes_before, store.table.nbytes(),
                       time.perf_counter() - t0, projection.describe(), key_bits, route_dim)
 
 
