@@ -309,7 +309,9 @@ class KNNLM:
             ))
         return out
 
-    def _explain_row(self, step: Step, row: int, index: int, token: int, n_sources: int) -> TokenExplanation:
+    def explain_row(self, step: Step, row: int, index: int, token: int, n_sources: int) -> TokenExplanation:
+        """Row ``row`` of a step, scored for ``token`` (sequence index ``index``), with
+        its ``n_sources`` heaviest supporting neighbours."""
         retrieved = bool(step.retrieved[row])
         p_knn = float(step.knn_log_probs[row, token].exp()) if retrieved else None
         lambdas = step.lambdas
@@ -333,7 +335,7 @@ class KNNLM:
         for win in scored_windows(self.encoder, ids, window=window, stride=max(1, window * 3 // 4)):
             step = self.step(win.keys, win.logits)
             for row, (index, token) in enumerate(zip(win.indices.tolist(), win.targets.tolist())):
-                out.append(self._explain_row(step, row, index, token, n_sources))
+                out.append(self.explain_row(step, row, index, token, n_sources))
         return out
 
     def spans(self, tokens: Sequence[TokenExplanation], min_length: int = 2) -> list[Span]:
@@ -397,7 +399,7 @@ class KNNLM:
         if explain and num_beams == 1:
             start = enc["input_ids"].shape[1]
             for i, (tok, step) in enumerate(zip(new, proc.steps)):
-                tokens.append(self._explain_row(step, 0, start + i, tok, n_sources))
+                tokens.append(self.explain_row(step, 0, start + i, tok, n_sources))
         return Generation(prompt=prompt, text=self.tokenizer.decode(new, skip_special_tokens=True),
                           token_ids=new, retrieved_fraction=proc.retrieved_fraction, tokens=tokens,
                           spans=self.spans(tokens))
@@ -414,7 +416,8 @@ class KNNLogitsProcessor(LogitsProcessor):
 
     def __init__(self, knnlm: KNNLM, record: bool = False) -> None:
         self.knnlm, self.record = knnlm, record
-        self.steps: list[Step] = []
+        self.steps: list[Step] = []  # every step, with record=True
+        self.last: Step | None = None  # the latest step
         self._stack: contextlib.ExitStack | None = None
         self._captured: list[torch.Tensor] | None = None
         self._retrieved = self._total = 0
@@ -447,6 +450,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         step = self.knnlm.step(keys, scores.cpu())  # the mixture is computed on the CPU
         self._retrieved += int(step.retrieved.sum())
         self._total += int(step.retrieved.numel())
+        self.last = step
         if self.record:
             self.steps.append(step)
         return step.log_probs.to(device=scores.device, dtype=scores.dtype)

@@ -942,6 +942,46 @@ def explain(store, text, n_sources, as_json, with_spans, **knn_opts):
 
 @cli.command()
 @_store_argument
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; any other than loopback needs --api-key.")
+@click.option("--port", default=8000, show_default=True, type=Num(1, 65535), help="TCP port.")
+@click.option("--api-key", help="Require 'Authorization: Bearer KEY' on every endpoint "
+                                "[default: KNNSTORE_API_KEY if set, else none].")
+@click.option("--max-batch", default=8, show_default=True, type=Num(1, 256),
+              help="Choices decoded together in one batch (requests with the same kNN settings).")
+@click.option("--max-queue", default=64, show_default=True, type=Num(1, 100_000),
+              help="Requests that may wait; beyond that the server answers 503.")
+@_knn_options(sweep=False)
+@_device_options
+def serve(store, host, port, api_key, max_batch, max_queue, **knn_opts):
+    """Serve the kNN-LM over HTTP: an OpenAI-compatible API and a web page at /.
+
+    \b
+    Endpoints: POST /v1/completions, POST /v1/chat/completions (stream, n, seed, stop;
+    kNN fields lambda, k, knn_temperature, adaptive, explain), GET /v1/models, GET /health,
+    read-only GET /v1/store, /v1/store/corpora, /v1/store/documents, POST /v1/store/sql.
+    The kNN options below are the defaults of requests that do not set them.
+
+    \b
+    Example:
+        knnstore serve wiki-store --port 8000     # then open http://127.0.0.1:8000/
+    """
+    from .config import env
+    from .server import check_bind, serve as run_server
+
+    api_key = api_key or env("api_key")
+    try:
+        check_bind(host, api_key)  # before the model loads
+    except InputError as exc:
+        raise click.BadParameter(str(exc), param_hint="--host") from None
+    lm = _knnlm(store, knn_opts, single=True)
+    err.print(f"Serving {lm.store.identity.model} with {_safe(str(lm.store.path))} on http://{host}:{port}/ "
+              f"(the page at /, the API under /v1; Ctrl-C stops)")
+    run_server(lm, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+
+
+@cli.command()
+@_store_argument
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False),
               help="Held-out UTF-8 text of the store's own domain (not text stored in it).")
 @click.option("--max-tokens", type=Num(100), default=20000, show_default=True,

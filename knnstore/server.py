@@ -1,0 +1,624 @@
+"""``knnstore serve``: a kNN-LM behind an OpenAI-compatible HTTP API, and a web page.
+
+One process loads the model once and serves:
+
+* ``POST /v1/completions`` and ``POST /v1/chat/completions`` (the model's chat template),
+  with ``stream`` (server-sent events), ``max_tokens``, ``temperature``, ``top_p``,
+  ``seed``, ``n`` and ``stop``; the kNN-LM's settings ride along as extra body fields
+  (``lambda``, ``k``, ``knn_temperature``, ``adaptive``, ``exact``, ``explain``,
+  ``sources``): a plain OpenAI client that sends none of them gets the server's defaults.
+  With ``explain`` each choice carries ``knnstore.tokens`` (per token p_LM, p_kNN, λ and
+  sources) and ``knnstore.spans`` (the stored passages the text follows).
+* ``GET /v1/models``, ``GET /health``.
+* Read-only store endpoints: ``GET /v1/store`` (stats and corpora), ``GET /v1/store/corpora``,
+  ``GET /v1/store/documents?corpus=NAME``, ``GET /v1/store/documents/{id}/pairs``,
+  ``POST /v1/store/sql`` (the same read-only sandbox as ``knnstore sql``). Nothing here
+  writes to the store.
+* ``GET /``: the page (``knnstore/web``), plain HTML/CSS/JS, nothing fetched from elsewhere.
+
+The model runs on one worker thread (``Engine``): the key hook and the search are never
+used by two requests at once. Requests wait in a bounded queue (full: 503) and those
+with the same kNN settings are decoded together as one batch (``decoding.decode``).
+Errors come back in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``,
+with a 4xx status for anything the request got wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .adapter import KNNLM
+from .decoding import Row, decode
+from .errors import InputError, KnnstoreError, first_line
+from .store import Store
+
+log = logging.getLogger("knnstore.serve")
+
+WEB = Path(__file__).parent / "web"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_CHOICES = 16  # n per request
+MAX_ROWS = 64  # prompts × n per request
+MAX_SQL_ROWS = 10_000
+REFRESH_S = 1.0  # how stale the served snapshot of the store may get
+
+
+# --- errors --------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def api_error(exc: BaseException) -> APIError:
+    """What a failure of a request's work is answered with: the user's mistakes (a
+    ``KnnstoreError``) are 400s; anything else is logged with its traceback and
+    answered as a 500 with one line, never the traceback."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, KnnstoreError):
+        return APIError(400, str(exc))
+    log.exception("request failed", exc_info=exc)
+    return APIError(500, f"internal error: {first_line(exc)}", "server_error")
+
+
+# --- requests ------------------------------------------------------------------------
+
+
+class KNNFields(BaseModel):
+    """The kNN-LM's settings, as extra body fields of a completion request (unset: the
+    server's defaults). ``temperature`` is OpenAI's sampling temperature; the kNN
+    distribution's is ``knn_temperature``."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    lambda_: float | None = Field(None, alias="lambda")
+    k: int | None = None
+    knn_temperature: float | None = None
+    adaptive: bool | None = None
+    exact: bool | None = None
+    explain: bool = False
+    sources: int = Field(3, ge=0, le=32)
+
+    def overrides(self) -> dict:
+        given = {"lambda_": self.lambda_, "k": self.k, "temperature": self.knn_temperature,
+                 "adaptive": self.adaptive, "exact": self.exact}
+        return {key: value for key, value in given.items() if value is not None}
+
+
+class Sampling(KNNFields):
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    stop: str | list[str] | None = None
+
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise APIError(400, "stop takes at most 4 non-empty strings", param="stop")
+        return tuple(stops)
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+class SQLRequest(BaseModel):
+    query: str
+    max_rows: int = Field(1000, ge=1, le=MAX_SQL_ROWS)
+
+
+# --- the model's worker ----------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One request's rows, decoded together (and with other jobs of the same settings)."""
+
+    rows: list[Row]
+    overrides: dict
+    seed: int | None
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+
+    @property
+    def key(self) -> tuple:
+        return tuple(sorted(self.overrides.items()))
+
+    def send(self, *event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class QueueFull(APIError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(503, f"the server is busy: {limit} requests are already waiting; retry shortly",
+                         "server_busy", code="queue_full")
+
+
+class Engine:
+    """The model's one worker thread: jobs wait in a bounded queue; each turn takes the
+    oldest and every waiting job with the same kNN settings (up to ``max_batch`` rows,
+    jobs with a seed alone) and decodes them as one batch."""
+
+    def __init__(self, lm: KNNLM, max_batch: int = 8, max_queue: int = 64) -> None:
+        self.lm, self.max_batch, self.max_queue = lm, max_batch, max_queue
+        self._pending: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="knnstore-engine", daemon=True)
+        self._refreshed = 0.0
+        self.busy = False
+        self.served_tokens = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(self.max_queue)
+            self._pending.append(job)
+            self._cond.notify()
+
+    def _take(self) -> list[Job] | None:
+        with self._cond:
+            while not self._pending and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            first = self._pending.popleft()
+            batch, rows = [first], len(first.rows)
+            if first.seed is None:
+                for job in list(self._pending):
+                    if job.seed is None and job.key == first.key and rows + len(job.rows) <= self.max_batch:
+                        self._pending.remove(job)
+                        batch.append(job)
+                        rows += len(job.rows)
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            self.busy = True
+            try:
+                self._decode(batch)
+            finally:
+                self.busy = False
+
+    def _decode(self, batch: list[Job]) -> None:
+        live = [job for job in batch if not job.cancelled]
+        if not live:
+            return
+        try:
+            if time.monotonic() - self._refreshed > REFRESH_S:  # corpora added or removed meanwhile
+                self.lm.store.refresh()
+                self._refreshed = time.monotonic()
+            lm = self.lm.with_settings(**live[0].overrides) if live[0].overrides else self.lm
+            rows = [r for job in live for r in job.rows]
+            owner = [(job, j) for job in live for j in range(len(job.rows))]
+
+            def on_token(i: int, text: str, explained) -> None:
+                job, j = owner[i]
+                job.send("token", j, text, explained)
+
+            decode(lm, rows, on_token, cancelled=lambda i: owner[i][0].cancelled, seed=live[0].seed)
+            self.served_tokens += sum(len(r.token_ids) for r in rows)
+            for job in live:
+                job.send("done")
+        except BaseException as exc:  # noqa: BLE001  (every waiting request hears of it)
+            error = api_error(exc)
+            for job in live:
+                job.send("error", error)
+
+
+# --- the app ----------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """A SQL result's values as JSON: bytes as hex, times as ISO 8601."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, (datetime.date, datetime.time, datetime.datetime)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class Server:
+    """The served model and store (``app`` is the ASGI application)."""
+
+    def __init__(self, lm: KNNLM, reader: Store, *, api_key: str | None = None, max_batch: int = 8,
+                 max_queue: int = 64) -> None:
+        self.lm, self.reader, self.api_key = lm, reader, api_key
+        self.engine = Engine(lm, max_batch=max_batch, max_queue=max_queue)
+        self.model_id = lm.store.identity.model
+        self.store_name = Path(str(lm.store.path)).name
+        self.created = int(time.time())
+        self._read_lock = threading.Lock()  # the reader handle is one snapshot at a time
+        self.app = self._build()
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def check_model(self, model: str) -> None:
+        if model not in (self.model_id, self.store_name):
+            raise APIError(404, f"the model {model!r} is not served here: use {self.model_id!r} "
+                                f"(GET /v1/models)", param="model", code="model_not_found")
+
+    def _rows(self, prompts: list[list[int]], req: Sampling, max_tokens: int) -> list[Row]:
+        rows = []
+        limit = getattr(self.lm.model.config, "max_position_embeddings", None)
+        for ids in prompts:
+            if limit and len(ids) + max_tokens > limit:
+                raise APIError(400, f"the prompt ({len(ids):,} tokens) and max_tokens ({max_tokens:,}) exceed "
+                                    f"the model's context of {limit:,} tokens: shorten one", param="max_tokens",
+                               code="context_length_exceeded")
+            for _ in range(req.n):
+                rows.append(Row(prompt_ids=list(ids), max_tokens=max_tokens, temperature=req.temperature,
+                                top_p=req.top_p, stop=req.stops(), explain=req.explain, n_sources=req.sources))
+        if len(rows) > MAX_ROWS:
+            raise APIError(400, f"{len(rows)} choices asked for at once (prompts × n): at most {MAX_ROWS}", param="n")
+        return rows
+
+    def _job(self, rows: list[Row], req: Sampling) -> Job:
+        overrides = req.overrides()
+        if overrides:
+            self.lm.with_settings(**overrides)  # checks the values now: a bad one is a 400
+        job = Job(rows, overrides, req.seed, asyncio.get_running_loop())
+        self.engine.submit(job)
+        return job
+
+    def _knn_info(self, row: Row, req: Sampling) -> dict:
+        info: dict[str, Any] = {"retrieved_fraction": round(row.retrieved_fraction, 4)}
+        if req.explain:
+            info["tokens"] = [t.to_dict() for t in row.tokens]
+            info["spans"] = [s.to_dict() for s in row.spans]
+        return info
+
+    async def _finish(self, job: Job) -> None:
+        """Wait until the job is decoded (its token events are not needed: the rows hold it all)."""
+        try:
+            while True:
+                event = await job.events.get()
+                if event[0] == "done":
+                    return
+                if event[0] == "error":
+                    raise event[1]
+        finally:
+            job.cancelled = True  # a client gone mid-way frees its rows
+
+    def _stream(self, job: Job, chunk, req: Sampling, head: list[dict] | None = None) -> StreamingResponse:
+        """Server-sent events: ``chunk(index, text, knn_info, finish_reason)`` per token and
+        one per finished choice, then ``[DONE]``."""
+
+        async def events():
+            try:
+                for item in head or []:
+                    yield _sse(item)
+                while True:
+                    event = await job.events.get()
+                    if event[0] == "token":
+                        _, j, text, explained = event
+                        info = {"tokens": [t.to_dict() for t in explained]} if explained else None
+                        yield _sse(chunk(j, text, info, None))
+                    elif event[0] == "done":
+                        for j, row in enumerate(job.rows):
+                            info = {"retrieved_fraction": round(row.retrieved_fraction, 4)}
+                            if req.explain:
+                                info["spans"] = [s.to_dict() for s in row.spans]
+                            yield _sse(chunk(j, "", info, row.finish_reason))
+                        break
+                    else:
+                        yield _sse(event[1].body())
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled = True
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def _usage(self, prompts: list[list[int]], rows: list[Row]) -> dict:
+        prompt_tokens = sum(len(p) for p in prompts)
+        completion = sum(len(r.token_ids) for r in rows)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
+    # --- endpoints ----------------------------------------------------------------------
+
+    async def completions(self, req: CompletionRequest):
+        self.check_model(req.model)
+        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not texts or any(not t for t in texts):
+            raise APIError(400, "the prompt is empty: give at least one word", param="prompt")
+        prompts = [self.lm.tokenizer(t)["input_ids"] for t in texts]
+        rows = self._rows(prompts, req, req.max_tokens if req.max_tokens is not None else 16)
+        job = self._job(rows, req)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def choice(j: int, text: str, info: dict | None, finish: str | None) -> dict:
+            c = {"index": j, "text": text, "logprobs": None, "finish_reason": finish}
+            if info is not None:
+                c["knnstore"] = info
+            return c
+
+        if req.stream:
+            return self._stream(job, lambda j, t, i, f: {
+                "id": rid, "object": "text_completion", "created": created, "model": self.model_id,
+                "choices": [choice(j, t, i, f)]}, req)
+        await self._finish(job)
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_id,
+                "choices": [choice(j, r.text, self._knn_info(r, req), r.finish_reason) for j, r in enumerate(rows)],
+                "usage": self._usage(prompts, rows)}
+
+    async def chat(self, req: ChatRequest):
+        self.check_model(req.model)
+        tok = self.lm.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, f"{self.model_id} has no chat template: use /v1/completions", param="messages")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        rows = self._rows([ids], req, limit if limit is not None else 256)
+        job = self._job(rows, req)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(j: int, text: str, info: dict | None, finish: str | None) -> dict:
+            c = {"index": j, "delta": {"content": text} if text or finish is None else {},
+                 "logprobs": None, "finish_reason": finish}
+            if info is not None:
+                c["knnstore"] = info
+            return {"id": rid, "object": "chat.completion.chunk", "created": created,
+                    "model": self.model_id, "choices": [c]}
+
+        if req.stream:
+            head = [{"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
+                     "choices": [{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}]} for j in range(len(rows))]
+            return self._stream(job, chunk, req, head)
+        await self._finish(job)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_id,
+                "choices": [{"index": j, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+                             "finish_reason": r.finish_reason, "knnstore": self._knn_info(r, req)}
+                            for j, r in enumerate(rows)],
+                "usage": self._usage([ids], rows)}
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created,
+                                            "owned_by": "knnstore", "store": str(self.lm.store.path)}]}
+
+    def health(self) -> dict:
+        return {"status": "ok", "model": self.model_id, "store": str(self.lm.store.path),
+                "waiting": self.engine.waiting, "busy": self.engine.busy,
+                "served_tokens": self.engine.served_tokens}
+
+    def _read(self, fn):
+        with self._read_lock:
+            self.reader.refresh()
+            return fn(self.reader)
+
+    def store_info(self) -> dict:
+        return self._read(lambda s: {"stats": s.stats().to_dict(), "corpora": [c.to_dict() for c in s.corpora()],
+                                     "settings": _jsonable(vars(self.lm.settings))})
+
+    def corpora(self) -> list:
+        return self._read(lambda s: [c.to_dict() for c in s.corpora()])
+
+    def documents(self, corpus: str, offset: int, limit: int) -> dict:
+        def read(s: Store) -> dict:
+            docs = s.documents(corpus)
+            return {"corpus": s.corpus(corpus).name, "total": len(docs), "documents": [
+                {"id": d.id, "source": d.source, "title": d.title, "tokens": d.n_tokens, "pairs": d.n_pairs,
+                 "sha256": d.sha256, "metadata": d.meta} for d in docs[offset:offset + limit]]}
+        return self._read(read)
+
+    def pairs(self, document_id: int, offset: int, limit: int) -> dict:
+        query = ("SELECT pair_id, position, token, token_text, next_token, next_token_text FROM pairs "
+                 f"WHERE document_id = {int(document_id)} ORDER BY position LIMIT {int(limit)} OFFSET {int(offset)}")
+        doc_query = f"SELECT * FROM documents WHERE document_id = {int(document_id)}"
+
+        def read(s: Store) -> dict:
+            with s.sql_session() as session:
+                doc = session.execute(doc_query).to_pylist()
+                if not doc:
+                    raise APIError(404, f"no ready document with id {document_id} in this store",
+                                   param="document_id", code="document_not_found")
+                rows = session.execute(query).to_pylist()
+            return {"document": _jsonable(doc[0]), "offset": offset, "pairs": _jsonable(rows)}
+        return self._read(read)
+
+    def sql(self, req: SQLRequest) -> dict:
+        def read(s: Store) -> dict:
+            with s.sql_session() as session:
+                table = session.execute(req.query)
+            rows = table.slice(0, req.max_rows).to_pylist()
+            return {"columns": table.schema.names, "rows": [_jsonable(list(r.values())) for r in rows],
+                    "row_count": table.num_rows, "truncated": table.num_rows > req.max_rows}
+        return self._read(read)
+
+    # --- wiring ---------------------------------------------------------------------------
+
+    def _build(self) -> FastAPI:
+        from contextlib import asynccontextmanager
+
+        @asynccontextmanager
+        async def lifespan(_app):
+            self.engine.start()
+            try:
+                yield
+            finally:
+                self.engine.stop()
+
+        app = FastAPI(title="knnstore", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.middleware("http")
+        async def guard(request: Request, call_next):
+            if self.api_key and not (request.url.path == "/" or request.url.path.startswith("/static/")):
+                given = request.headers.get("authorization", "")
+                token = given[7:] if given.lower().startswith("bearer ") else ""
+                if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                    return APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' with the "
+                                         "key the server was started with", code="invalid_api_key").response()
+            response = await call_next(request)
+            response.headers["Content-Security-Policy"] = "default-src 'self'; img-src 'self' data:"
+            response.headers["X-Content-Type-Options"] = "nosniff"
+            return response
+
+        @app.exception_handler(APIError)
+        async def on_api_error(_request, exc: APIError):
+            return exc.response()
+
+        @app.exception_handler(KnnstoreError)
+        async def on_knnstore_error(_request, exc: KnnstoreError):
+            return api_error(exc).response()
+
+        @app.exception_handler(RequestValidationError)
+        async def on_invalid(_request, exc: RequestValidationError):
+            first = exc.errors()[0] if exc.errors() else {}
+            where = [str(p) for p in first.get("loc", ()) if p != "body"]
+            message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid request')}"
+            return APIError(400, message, param=".".join(where) or None).response()
+
+        @app.exception_handler(StarletteHTTPException)
+        async def on_http(_request, exc: StarletteHTTPException):
+            return APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
+                            ).response()
+
+        @app.exception_handler(Exception)
+        async def on_other(_request, exc: Exception):
+            return api_error(exc).response()
+
+        app.post("/v1/completions")(self.completions)
+        app.post("/v1/chat/completions")(self.chat)
+        app.get("/v1/models")(self.models)
+        app.get("/health")(self.health)
+        app.get("/v1/store")(self.store_info)
+        app.get("/v1/store/corpora")(self.corpora)
+
+        @app.get("/v1/store/documents")
+        def documents(corpus: str, offset: int = 0, limit: int = 100):
+            _page(offset, limit)
+            return self.documents(corpus, offset, limit)
+
+        @app.get("/v1/store/documents/{document_id}/pairs")
+        def pairs(document_id: int, offset: int = 0, limit: int = 200):
+            _page(offset, limit)
+            return self.pairs(document_id, offset, limit)
+
+        app.post("/v1/store/sql")(self.sql)
+
+        @app.get("/")
+        def page():
+            return FileResponse(WEB / "index.html")
+
+        @app.get("/static/{name}")
+        def static(name: str):
+            path = WEB / name
+            if "/" in name or name.startswith(".") or not path.is_file():
+                raise APIError(404, f"no file {name!r}", code="not_found")
+            return FileResponse(path)
+
+        return app
+
+
+def _page(offset: int, limit: int) -> None:
+    if offset < 0:
+        raise APIError(400, "offset must be ≥ 0", param="offset")
+    if not 1 <= limit <= MAX_SQL_ROWS:
+        raise APIError(400, f"limit must be between 1 and {MAX_SQL_ROWS:,}", param="limit")
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Only loopback without an API key: anything else could be reached from outside."""
+    if host not in LOOPBACK and not api_key:
+        raise InputError(f"refusing to serve on {host} without an API key: give --api-key KEY (or set "
+                         f"KNNSTORE_API_KEY), or bind to 127.0.0.1")
+
+
+def serve(lm: KNNLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int = 8, max_queue: int = 64, log_level: str = "info") -> None:
+    """Serve ``lm`` until interrupted (``knnstore serve``)."""
+    import uvicorn
+
+    check_bind(host, api_key)
+    reader = Store.open(lm.store.location)  # the read-only endpoints' own handle: no model, own snapshot
+    server = Server(lm, reader, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+    try:
+        uvicorn.run(server.app, host=host, port=port, log_level=log_level)
+    finally:
+        reader.close()
