@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .adapter import KNNLM
 from .decoding import Row, decode
-from .errors import InputError, KnnstoreError, first_line
+from .errors import CorpusNotFoundError, InputError, KnnstoreError, first_line
 from .store import Store
 
 log = logging.getLogger("knnstore.serve")
@@ -85,6 +85,8 @@ def api_error(exc: BaseException) -> APIError:
     answered as a 500 with one line, never the traceback."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, CorpusNotFoundError):
+        return APIError(404, str(exc), code="not_found")
     if isinstance(exc, KnnstoreError):
         return APIError(400, str(exc))
     log.exception("request failed", exc_info=exc)
@@ -203,6 +205,7 @@ class Engine:
         self._refreshed = 0.0
         self.busy = False
         self.served_tokens = 0
+        self.batched_rows_max = 0  # the most rows decoded together so far
 
     def start(self) -> None:
         self._thread.start()
@@ -258,6 +261,7 @@ class Engine:
                 self._refreshed = time.monotonic()
             lm = self.lm.with_settings(**live[0].overrides) if live[0].overrides else self.lm
             rows = [r for job in live for r in job.rows]
+            self.batched_rows_max = max(self.batched_rows_max, len(rows))
             owner = [(job, j) for job in live for j in range(len(job.rows))]
 
             def on_token(i: int, text: str, explained) -> None:
@@ -550,6 +554,8 @@ class Server:
         @app.exception_handler(RequestValidationError)
         async def on_invalid(_request, exc: RequestValidationError):
             first = exc.errors()[0] if exc.errors() else {}
+            if first.get("type") == "json_invalid":
+                return APIError(400, "the body is not valid JSON: send a JSON object").response()
             where = [str(p) for p in first.get("loc", ()) if p != "body"]
             message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid request')}"
             return APIError(400, message, param=".".join(where) or None).response()
