@@ -967,13 +967,11 @@ def serve(store, host, port, api_key, max_batch, max_queue, **knn_opts):
         knnstore serve wiki-store --port 8000     # then open http://127.0.0.1:8000/
     """
     from .config import env
-    from .server import check_bind, serve as run_server
+    from .server import check_address, serve as run_server
 
-    api_key = api_key or env("api_key")
-    try:
-        check_bind(host, api_key)  # before the model loads
-    except InputError as exc:
-        raise click.BadParameter(str(exc), param_hint="--host") from None
+    if api_key is None:
+        api_key = env("api_key")
+    check_address(host, port, api_key)  # before the model loads
     lm = _knnlm(store, knn_opts, single=True)
     err.print(f"Serving {lm.store.identity.model} with {_safe(str(lm.store.path))} on http://{host}:{port}/ "
               f"(the page at /, the API under /v1; Ctrl-C stops)")

@@ -609,11 +609,24 @@ def _page(offset: int, limit: int) -> None:
         raise APIError(400, f"limit must be between 1 and {MAX_SQL_ROWS:,}", param="limit")
 
 
-def check_bind(host: str, api_key: str | None) -> None:
-    """Only loopback without an API key: anything else could be reached from outside."""
+def check_address(host: str, port: int, api_key: str | None) -> None:
+    """Before the model loads: only loopback without an API key (anything else could be
+    reached from outside), a key that is not blank, and an address this process can
+    listen on now (a port in use or an address not of this machine is refused in one line)."""
+    import socket
+
+    if api_key is not None and not api_key.strip():
+        raise InputError("the API key is empty: give a secret string with --api-key (or KNNSTORE_API_KEY)")
     if host not in LOOPBACK and not api_key:
-        raise InputError(f"refusing to serve on {host} without an API key: give --api-key KEY (or set "
+        raise InputError(f"refusing to serve on {host or '(empty)'} without an API key: give --api-key KEY (or set "
                          f"KNNSTORE_API_KEY), or bind to 127.0.0.1")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        raise InputError(f"cannot listen on {host}:{port} ({first_line(exc)}): choose another --port or --host") from None
 
 
 def serve(lm: KNNLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
@@ -621,7 +634,7 @@ def serve(lm: KNNLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str 
     """Serve ``lm`` until interrupted (``knnstore serve``)."""
     import uvicorn
 
-    check_bind(host, api_key)
+    check_address(host, port, api_key)
     reader = Store.open(lm.store.location)  # the read-only endpoints' own handle: no model, own snapshot
     server = Server(lm, reader, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
     try:

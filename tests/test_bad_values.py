@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from knnstore.cli import Num, cli
 
 from .conftest import snapshot
+from .servers import free_port
 
 SMALL = ["--window", "16", "--stride", "12", "--batch-size", "4"]
 
@@ -59,6 +60,8 @@ NAMED = {
     ("calibrate", "text_path"): ["/nonexistent/t.txt", "/dev/zero", "{empty}"],
     ("generate", "prompt"): ["", "   "],
     ("explain", "text"): ["", " "],
+    ("serve", "host"): ["", "0.0.0.0", "192.0.2.1", "no such host!"],
+    ("serve", "api_key"): ["", "   "],
     ("sql", "query"): ["", "DELETE FROM pairs", "EXPLAIN ANALYZE DROP VIEW pairs", "SELECT 1; SELECT 2"],
     ("sql", "output"): ["{store}/catalog.db", "{store}/vectors/x.csv", "/nonexistent/dir/x.csv", "/dev/zero",
                         "{dir}"],
@@ -91,6 +94,7 @@ BASE = {
     "calibrate": {"store": "{store}", "text_path": "{text}"},
     "index": {"store": "{store}", "status_only": True},
     "sql": {"store": "{store}", "query": "SELECT 1 AS one"},
+    "serve": {"store": "{store}", "port": "{port}"},  # any case that passed would serve (and hang)
 }
 
 
@@ -156,6 +160,7 @@ def world(tmp_path_factory, tiny_model_dir, request):
     (root / "a-dir").mkdir()
     (root / "cwd").mkdir()
     return {"store": str(store), "text": str(text), "model": str(tiny_model_dir), "new": str(root / "new"),
+            "port": str(free_port()),
             "empty": str(root / "empty.txt"), "file": str(root / "a-file"), "dir": str(root / "a-dir"),
             "cwd": root / "cwd"}
 

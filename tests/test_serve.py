@@ -5,6 +5,7 @@ concurrency and the bounded queue; the CLI's refusals; the real default model's 
 from __future__ import annotations
 
 import concurrent.futures
+import socket
 import subprocess
 import sys
 import threading
@@ -274,12 +275,20 @@ def test_api_key(built):
     reader.close()
 
 
-def test_cli_refuses_a_public_address_without_a_key(built):
+def test_cli_refuses_a_public_address_without_a_key_and_a_busy_port(built):
     _, path = built
     r = subprocess.run([sys.executable, "-m", "knnstore", "serve", str(path), "--host", "0.0.0.0"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "--api-key" in r.stderr and "Traceback" not in r.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "knnstore", "serve", str(path), "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ async function loadStore() {
     $("model").textContent = `${s.model} · ${s.path}`;
     $("store").replaceChildren(el("p", { class: "muted" },
       `${s.pairs.toLocaleString()} pairs · ${s.documents.toLocaleString()} documents · ${bytes(s.bytes_on_disk)} · `,
-      `index: ${s.index && s.index.kind ? s.index.kind : "exact search"}`));
+      indexText(s.index)));
     const body = $("corpora").querySelector("tbody");
     body.replaceChildren(...info.corpora.map((c) => el("tr", {},
       el("td", {}, c.name + (c.status === "ready" ? "" : ` (${c.status})`)),
@@ -60,6 +60,13 @@ async function loadStore() {
   } catch (err) {
     $("store").replaceChildren(el("p", { class: "error" }, err.message));
   }
+}
+
+function indexText(index) {
+  const found = index && index.indices ? index.indices.filter((i) => i.columns.includes("vector")) : [];
+  if (!found.length) return "exact search (no ANN index)";
+  const more = index.unindexed_rows ? `, ${index.unindexed_rows.toLocaleString()} rows not yet indexed` : "";
+  return `ANN index ${found[0].type}${more}`;
 }
 
 function share(t) {
