@@ -36,8 +36,8 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def connect(place: Location):
-    """A LanceDB connection at ``place``, with knnstore's LanceDB settings applied first.
+def lance_settings() -> None:
+    """knnstore's LanceDB and Lance settings, applied before either is first used.
 
     Each is set only where the user has not set it, before LanceDB is first imported (it
     reads its log level then) and runs anything (it sizes its CPU pool then); importing
@@ -52,13 +52,32 @@ def connect(place: Location):
       builds on max(1, CPUs - 2) threads (two kept for I/O, which matters for object
       stores, not a local one): one thread on a 2-CPU machine. A batch search then runs as
       concurrent sub-batches (``search_parts``).
+    * ``LANCE_INCLUDE_VECTOR_CENTROIDS=false``: index statistics without the partitions'
+      centroids (Lance warns otherwise; knnstore reads only the row counts).
     """
     os.environ.setdefault("LANCEDB_LOG", "error")
     os.environ.setdefault("LANCE_LOG", os.environ["LANCEDB_LOG"])
     os.environ.setdefault("LANCE_CPU_THREADS", str(_cpus()))
+    os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
+
+
+def connect(place: Location):
+    """A LanceDB connection at ``place`` (``lance_settings`` applied first)."""
+    lance_settings()
     import lancedb
 
     return lancedb.connect(place.uri, storage_options=place.lance_options())
+
+
+def open_dataset(place: Location, name: str):
+    """Table ``name`` of the LanceDB database at ``place`` as a Lance dataset, at its latest
+    version (``lance_settings`` applied first). Importing Lance alone takes a fraction of
+    LanceDB's import, which is what lets commands that only read (``list``, ``stats``,
+    ``sql``) start in well under a second."""
+    lance_settings()
+    import lance
+
+    return lance.dataset(place.child(name + ".lance").uri, storage_options=place.lance_options())
 
 
 class EventLoop:
@@ -318,8 +337,11 @@ def key_matrix(column: pa.FixedSizeListArray) -> np.ndarray:
 class PairsTable:
     """The `pairs` table of one store."""
 
-    def __init__(self, uri: Location, table, name: str = PAIRS_TABLE) -> None:
-        self.uri, self._table, self.name = uri, table, name
+    def __init__(self, uri: Location, table, name: str = PAIRS_TABLE, dataset=None) -> None:
+        # The LanceDB table (searches and writes) is opened when first needed (``_table``);
+        # until then this handle reads the Lance dataset ``dataset`` (one of the two is given).
+        self.uri, self._lancedb, self._ds, self.name = uri, table, dataset, name
+        self._pinned = False  # the LanceDB table is checked out at an older version
         # A quantised table's projection (``use_codec``): decodes its codes for every read of keys.
         self.codec: KeyProjection | None = None
         self._has_index: tuple[int, bool] | None = None
@@ -349,8 +371,8 @@ class PairsTable:
             raise StoreDamagedError(f"the vector table directory {uri} is missing: restore the store from "
                                     "a backup (the catalog alone cannot rebuild the keys)")
         try:
-            return cls(uri, connect(uri).open_table(name), name)
-        except Exception as exc:  # LanceDB raises ValueError / OSError / RuntimeError here
+            return cls(uri, None, name, dataset=open_dataset(uri, name))
+        except Exception as exc:  # Lance raises ValueError / OSError / RuntimeError here
             _raise_storage_error(uri, exc, "open")
             raise StoreDamagedError(f"the vector table {uri.child(name + '.lance')} cannot be opened "
                                     f"({first_line(exc)}): restore the store from a backup") from None
@@ -366,17 +388,41 @@ class PairsTable:
         """Delete table ``name`` and its files (a table the store no longer uses)."""
         connect(Location.of(uri)).drop_table(name)
 
+    @property
+    def _table(self):
+        """The LanceDB table, opened on first use at this handle's version (a handle moves
+        to the latest version only by ``refresh`` or its own writes)."""
+        if self._lancedb is None:
+            table = connect(self.uri).open_table(self.name)
+            if table.version != self._ds.version:
+                table.checkout(self._ds.version)
+                self._pinned = True
+            self._lancedb, self._ds = table, None
+        return self._lancedb
+
+    def _writable(self):
+        """The LanceDB table for a write (on the latest version: a checked-out one refuses writes)."""
+        table = self._table
+        if self._pinned:
+            table.checkout_latest()
+            self._pinned = False
+        return table
+
+    def _lance(self):
+        """The Lance dataset at this handle's version."""
+        return self._ds if self._lancedb is None else self._lancedb.to_lance()
+
     def store_id(self) -> str | None:
         """The id of the store this table belongs to (in the table's config; None: unbound)."""
-        return self._table.to_lance().config().get(STORE_ID_KEY)
+        return self._lance().config().get(STORE_ID_KEY)
 
     def key_projection(self) -> str | None:
         """The sha256 of the key projection this table's keys were made with (None: the
         model's keys as they are)."""
-        return self._table.to_lance().config().get(PROJECTION_KEY)
+        return self._lance().config().get(PROJECTION_KEY)
 
     def set_key_projection(self, sha: str) -> None:
-        self._table.to_lance().update_config({PROJECTION_KEY: sha})
+        self._lance().update_config({PROJECTION_KEY: sha})
         self.refresh()
 
     def use_codec(self, codec: "KeyProjection | None") -> None:
@@ -423,38 +469,42 @@ class PairsTable:
         return self.schema.field("vector").type.list_size
 
     def set_store_id(self, store_id: str) -> None:
-        self._table.to_lance().update_config({STORE_ID_KEY: store_id})
+        self._lance().update_config({STORE_ID_KEY: store_id})
         self.refresh()
 
     @property
     def schema(self) -> pa.Schema:
-        return self._table.schema
+        return self._ds.schema if self._lancedb is None else self._lancedb.schema
 
     @property
     def version(self) -> int:
-        return self._table.version
+        return self._ds.version if self._lancedb is None else self._lancedb.version
 
     def refresh(self) -> None:
         """Move this handle's snapshot to the latest committed version."""
-        self._table.checkout_latest()
+        if self._lancedb is None:
+            self._ds = open_dataset(self.uri, self.name)
+        else:
+            self._lancedb.checkout_latest()
+            self._pinned = False
 
     def add(self, data: pa.Table | pa.RecordBatchReader) -> None:
         """Append rows in one atomic commit (a reader streams its batches into it)."""
-        self._table.add(data)
+        self._writable().add(data)
 
     def delete_corpus(self, corpus_id: int) -> None:
         """Delete a corpus's rows, in one commit."""
-        self._table.delete(f"corpus_id = {int(corpus_id)}")
+        self._writable().delete(f"corpus_id = {int(corpus_id)}")
 
     def delete_documents(self, document_ids: Collection[int]) -> None:
         """Delete every row of these documents (ids are unique in the store), in one commit."""
         if document_ids:
-            self._table.delete(in_list("document_id", document_ids))
+            self._writable().delete(in_list("document_id", document_ids))
 
     def delete_pairs(self, pair_ids: Collection[int]) -> None:
         """Delete these pairs, in one commit."""
         if pair_ids:
-            self._table.delete(in_list("pair_id", pair_ids))
+            self._writable().delete(in_list("pair_id", pair_ids))
 
     def counts_by_document(self, document_ids: Collection[int]) -> dict[int, int]:
         """Rows of each of these documents (absent: none)."""
@@ -474,7 +524,7 @@ class PairsTable:
         Returns how many old versions went."""
         from datetime import timedelta
 
-        stats = self._table.to_lance().cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
+        stats = self._lance().cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
         self.refresh()
         return int(getattr(stats, "old_versions", 0) or 0)
 
@@ -484,7 +534,7 @@ class PairsTable:
         old versions that still name the old files (``cleanup``). Under the write lock."""
         self.refresh()
         with damage_errors(self.uri):
-            metrics = self._table.to_lance().optimize.compact_files(
+            metrics = self._lance().optimize.compact_files(
                 materialize_deletions=True, materialize_deletions_threshold=1e-9)
         self.refresh()
         return {"fragments_rewritten": int(metrics.fragments_removed), "fragments_written": int(metrics.fragments_added),
@@ -492,7 +542,7 @@ class PairsTable:
 
     def dataset(self):
         """The Lance dataset at this handle's pinned version (for scans such as SQL's)."""
-        return self._table.to_lance()
+        return self._lance()
 
     @property
     def table_uri(self) -> Location:
@@ -517,7 +567,7 @@ class PairsTable:
     def missing_files(self) -> list[str]:
         """Data files the table's current version names but the disk does not hold."""
         present = self.data_files()
-        return [f.path for frag in self._table.to_lance().get_fragments() for f in frag.data_files()
+        return [f.path for frag in self._lance().get_fragments() for f in frag.data_files()
                 if f.path not in present]
 
     def check_complete(self, store_path: Location) -> None:
@@ -533,10 +583,13 @@ class PairsTable:
     def columns(self, names: list[str], where: str | None = None) -> pa.Table:
         """Some columns of every row (of the rows matching ``where``), from this snapshot."""
         with damage_errors(self.uri):
-            return self._table.to_lance().to_table(columns=names, filter=where)
+            return self._lance().to_table(columns=names, filter=where)
 
     def count(self, corpus_id: int | None = None) -> int:
-        return self._table.count_rows(None if corpus_id is None else f"corpus_id = {int(corpus_id)}")
+        where = None if corpus_id is None else f"corpus_id = {int(corpus_id)}"
+        if self._lancedb is None:
+            return self._ds.count_rows(filter=where)
+        return self._lancedb.count_rows(where)
 
     def counts_by_corpus(self) -> dict[int, int]:
         return value_counts(self.columns(["corpus_id"]).column("corpus_id").to_numpy())
@@ -566,20 +619,37 @@ class PairsTable:
 
     def index_state(self) -> "IndexState":
         """The table's indices and how many rows the key column's index covers."""
-        indices, indexed, unindexed = [], 0, self._table.count_rows()
-        for index in self._table.list_indices():
-            stats = self._table.index_stats(index.name)
-            indices.append(IndexInfo(index.name, str(index.index_type), tuple(index.columns)))
-            if stats is not None and "vector" in index.columns:
-                indexed, unindexed = stats.num_indexed_rows, stats.num_unindexed_rows
+        indices, indexed, unindexed = [], 0, self.count()
+        for info, (n_indexed, n_unindexed) in self._indices(stats=True):
+            indices.append(info)
+            if "vector" in info.columns:
+                indexed, unindexed = n_indexed, n_unindexed
         return IndexState(tuple(indices), indexed, unindexed)
+
+    def _indices(self, stats: bool = False) -> list[tuple["IndexInfo", tuple[int, int]]]:
+        """The table's indices, with (indexed, unindexed) rows where ``stats`` (else 0, 0);
+        through LanceDB once it is open, else through Lance (its type names made LanceDB's:
+        IVF_RQ -> IvfRq)."""
+        out = []
+        if self._lancedb is not None:
+            for index in self._lancedb.list_indices():
+                s = self._lancedb.index_stats(index.name) if stats else None
+                out.append((IndexInfo(index.name, str(index.index_type), tuple(index.columns)),
+                            (s.num_indexed_rows, s.num_unindexed_rows) if s is not None else (0, 0)))
+            return out
+        for index in self._ds.list_indices():
+            kind = "".join(part.capitalize() for part in str(index["type"]).split("_"))
+            s = self._ds.stats.index_stats(index["name"]) if stats else None
+            out.append((IndexInfo(index["name"], kind, tuple(index["fields"])),
+                        (int(s["num_indexed_rows"]), int(s["num_unindexed_rows"])) if s else (0, 0)))
+        return out
 
     def has_vector_index(self) -> bool:
         """Whether the key column has an ANN index (asked once per table version: every
         decoding step searches)."""
         version = self.version
         if self._has_index is None or self._has_index[0] != version:
-            found = any("vector" in index.columns for index in self._table.list_indices())
+            found = any("vector" in info.columns for info, _ in self._indices())
             self._has_index = (version, found)
         return self._has_index[1]
 
@@ -610,7 +680,7 @@ class PairsTable:
             index_type = "ivf_pq" if num_sub_vectors is not None else DEFAULT_INDEX_TYPE
         if index_type not in INDEX_TYPES:
             raise InputError(f"index type must be one of {', '.join(INDEX_TYPES)}, got {index_type!r}")
-        rows = self._table.count_rows()
+        rows = self.count()
         dim = self.schema.field("vector").type.list_size
         check_index_params(rows, dim, num_partitions, num_sub_vectors)
         if num_partitions is None:
@@ -627,7 +697,7 @@ class PairsTable:
             params["bits"] = RQ_BITS
             options.update(num_bits=RQ_BITS)
         with damage_errors(self.uri):
-            self._table.to_lance().create_index("vector", index_type.upper(), **options)
+            self._lance().create_index("vector", index_type.upper(), **options)
         self.refresh()
         return params
 
@@ -648,7 +718,7 @@ class PairsTable:
         return self.keys_of(self._sample(n, seed, self.key_column))
 
     def _sample(self, n: int, seed: int, column: str) -> pa.Table:
-        ds = self._table.to_lance()
+        ds = self._lance()
         rows = ds.count_rows()
         picked = np.sort(np.random.default_rng(seed).choice(rows, min(rows, n), replace=False))
         with damage_errors(self.uri):
@@ -658,7 +728,7 @@ class PairsTable:
                 ) -> Iterator[pa.RecordBatch]:
         """Every row of this snapshot (matching ``where``), these columns, in record batches."""
         with damage_errors(self.uri):
-            for batch in self._table.to_lance().to_batches(columns=columns, batch_size=batch_rows, filter=where):
+            for batch in self._lance().to_batches(columns=columns, batch_size=batch_rows, filter=where):
                 if batch.num_rows:
                     yield batch
 
@@ -667,7 +737,7 @@ class PairsTable:
         index; None without one (asked once per table version)."""
         version = self.version
         if self._index_type is None or self._index_type[0] != version:
-            kinds = [str(i.index_type) for i in self._table.list_indices() if "vector" in i.columns]
+            kinds = [info.type for info, _ in self._indices() if "vector" in info.columns]
             name = None
             if kinds:
                 raw = kinds[0].replace("_", "").lower()  # "IvfRq" / "IVF_RQ" -> "ivfrq"
@@ -678,7 +748,7 @@ class PairsTable:
     def update_index(self) -> None:
         """Add the rows written since the index was trained to it, without retraining: a
         delta index (rows are assigned to the existing partitions and PQ-encoded)."""
-        self._table.to_lance().optimize.optimize_indices(num_indices_to_merge=0)
+        self._lance().optimize.optimize_indices(num_indices_to_merge=0)
         self.refresh()
 
     @property
@@ -695,7 +765,7 @@ class PairsTable:
         it has one)."""
         if not self.weighted:
             with damage_errors(self.uri):
-                self._table.add_columns({WEIGHT: "CAST(1 AS INT)"})
+                self._writable().add_columns({WEIGHT: "CAST(1 AS INT)"})
             self.refresh()
 
     def merge_pairs(self, kept: pa.Table, corpus_ids: Collection[int]) -> dict[str, int]:
@@ -703,7 +773,7 @@ class PairsTable:
         other row of ``corpus_ids`` (the pairs merged into them). ``kept`` must hold every
         row of those corpora that stays."""
         with damage_errors(self.uri):
-            result = (self._table.merge_insert("pair_id").when_matched_update_all()
+            result = (self._writable().merge_insert("pair_id").when_matched_update_all()
                       .when_not_matched_by_source_delete(in_list("corpus_id", sorted(corpus_ids)))
                       .execute(kept))
         self.refresh()
