@@ -13,6 +13,7 @@ the GGUF file's sha256::
 ``manifest.json`` names every file with its size and sha256. The directory is written under
 a temporary name and renamed into place whole, so a load never sees half of one; a cached
 model is used only when every file the manifest names is there with its size and sha256
+(checked while the model is read, and what was read dropped if the check fails)
 (a damaged or truncated file is found, the directory removed and the model rebuilt from the
 GGUF file). The weights are the GGUF file's own, dequantised once: a store's model
 fingerprint is the same either way. A cache that cannot be written (a read-only home, a
@@ -52,31 +53,66 @@ def model_dir(gguf: Path, root: Path) -> Path:
     return root / "models" / file_sha256(gguf)
 
 
-def is_complete(directory: Path) -> bool:
-    """Whether ``directory`` holds every file its manifest names, each of its size and
-    sha256 (False for a directory without a readable manifest)."""
+def _manifest(directory: Path) -> dict | None:
+    """The directory's manifest when it is readable, of this format, and every file it
+    names is there with its size (the cheap half of ``is_complete``); else None."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
         if manifest.get("format") != CACHE_FORMAT:
-            return False
+            return None
         for name, want in manifest["files"].items():
-            path = directory / name
-            if path.stat().st_size != want["size"] or file_sha256(path) != want["sha256"]:
-                return False
-        return True
+            if (directory / name).stat().st_size != want["size"]:
+                return None
+        return manifest
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _hashes_match(directory: Path, manifest: dict) -> bool:
+    try:
+        return all(file_sha256(directory / name) == want["sha256"] for name, want in manifest["files"].items())
+    except (OSError, KeyError, TypeError):
         return False
+
+
+def is_complete(directory: Path) -> bool:
+    """Whether ``directory`` holds every file its manifest names, each of its size and
+    sha256 (False for a directory without a readable manifest)."""
+    manifest = _manifest(directory)
+    return manifest is not None and _hashes_match(directory, manifest)
+
+
+def load_verified(directory: Path, load_dir: Callable[[Path], tuple]) -> tuple | None:
+    """The cached model of ``directory`` (``load_dir``) if it is complete (``is_complete``),
+    else None. The files' sha256 are checked on another thread while ``load_dir`` runs
+    (hashing releases the GIL; loading is mostly imports that hold it), so the check adds
+    little wall time; what was read is dropped unless the check passes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    manifest = _manifest(directory)
+    if manifest is None:
+        return None
+    with ThreadPoolExecutor(1, thread_name_prefix="knnstore-modelcache") as pool:
+        hashes = pool.submit(_hashes_match, directory, manifest)
+        try:
+            loaded = load_dir(directory)
+        except Exception:
+            if hashes.result():
+                raise  # the files are whole: the failure is not the cache's
+            return None
+        return loaded if hashes.result() else None
 
 
 def load_cached(gguf: Path, load_gguf: Callable[[], tuple], load_dir: Callable[[Path], tuple],
                 root: Path) -> tuple:
     """(model, tokenizer) of the GGUF file ``gguf``: from its cache directory under ``root``
-    when a complete one exists (``load_dir``), else from the file (``load_gguf``), then
+    when a complete one exists (``load_verified``), else from the file (``load_gguf``), then
     cached for next time."""
     directory = model_dir(gguf, root)
     if directory.exists():
-        if is_complete(directory):
-            return load_dir(directory)
+        loaded = load_verified(directory, load_dir)
+        if loaded is not None:
+            return loaded
         log.warning("the cached model at %s is damaged or incomplete: rebuilding it from %s", directory, gguf)
         shutil.rmtree(directory, ignore_errors=True)
     model, tokenizer = load_gguf()

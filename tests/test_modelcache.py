@@ -45,7 +45,8 @@ class Loads:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.from_gguf += 1
-        return AutoModelForCausalLM.from_pretrained(self.source), AutoTokenizer.from_pretrained(self.source)
+        self.last_gguf = AutoModelForCausalLM.from_pretrained(self.source)
+        return self.last_gguf, AutoTokenizer.from_pretrained(self.source)
 
     def directory(self, path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -98,7 +99,10 @@ def test_a_damaged_cache_is_found_and_rebuilt_never_used(cache, gguf, tiny_model
     assert not is_complete(directory)
     with caplog.at_level(logging.WARNING, logger="knnstore.modelcache"):
         model, _ = load_cached(gguf, loads.gguf, loads.directory, cache_root())
-    assert (loads.from_gguf, loads.from_dir) == (2, 0)  # rebuilt from the GGUF file, the damaged copy unread
+    # rebuilt from the GGUF file; a copy whose sizes are wrong is not even read, one whose
+    # bytes are wrong is read while it is hashed, and dropped
+    assert (loads.from_gguf, loads.from_dir) == (2, 1 if damage == "flip a byte" else 0)
+    assert model is loads.last_gguf
     assert "damaged or incomplete" in caplog.text and is_complete(directory)
     assert torch.isfinite(next(model.parameters())).all()
 
