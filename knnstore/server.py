@@ -206,15 +206,24 @@ class Engine:
         self.busy = False
         self.served_tokens = 0
         self.batched_rows_max = 0  # the most rows decoded together so far
+        self._running: list[Job] = []
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop taking work: waiting requests are answered 503, running ones end at their
+        next step (as if their clients had gone)."""
         with self._cond:
             self._stopping = True
+            waiting, self._pending = list(self._pending), collections.deque()
             self._cond.notify_all()
-        self._thread.join(timeout=30)
+        for job in waiting + self._running:
+            job.cancelled = True
+        for job in waiting:
+            job.send("error", APIError(503, "the server is shutting down", "server_busy", code="shutting_down"))
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     @property
     def waiting(self) -> int:
@@ -255,6 +264,7 @@ class Engine:
         live = [job for job in batch if not job.cancelled]
         if not live:
             return
+        self._running = live
         try:
             if time.monotonic() - self._refreshed > REFRESH_S:  # corpora added or removed meanwhile
                 self.lm.store.refresh()
@@ -276,6 +286,8 @@ class Engine:
             error = api_error(exc)
             for job in live:
                 job.send("error", error)
+        finally:
+            self._running = []
 
 
 # --- the app ----------------------------------------------------------------------------
