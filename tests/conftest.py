@@ -47,6 +47,9 @@ def _train_tokenizer(directory: Path, vocab_size: int = 300):
     return fast
 
 
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+
+
 def make_tiny_model(directory: Path, seed: int = 0, vocab_size: int = 300, arch: str = "llama") -> Path:
     """A random-weight causal LM + tokenizer saved in ``directory``; returns it."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
@@ -88,6 +91,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_model_dir) -> Encoder:
     return Encoder.load(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_encoder):
+    """The adapter (exact search, λ 0.5) over a tiny-model store with corpora 'a' and 'b',
+    and the store's path: what the server's tests serve. The tokenizer gets a chat template."""
+    from knnstore.adapter import KNNLM
+
+    root = tmp_path_factory.mktemp("serve")
+    store = Store.create(root / "store", model=tiny_encoder.name, encoder=tiny_encoder)
+    settings = IngestSettings(window=16, stride=12, batch_size=4, commit_every=64)
+    store.add_corpus("a", [write_docs(root / "a", 6, repeat=6)], settings=settings)
+    store.add_corpus("b", [write_docs(root / "b", 3, repeat=4, template="Other {i}: a cat sat on the mat. ")],
+                     settings=settings)
+    tiny_encoder.tokenizer.chat_template = CHAT_TEMPLATE
+    lm = KNNLM.from_store(store, exact=True, lambda_=0.5)
+    yield lm, root / "store"
+    store.close()
 
 
 @pytest.fixture

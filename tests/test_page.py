@@ -14,7 +14,6 @@ from knnstore import Store
 from knnstore.server import Server
 
 from .servers import serve_app
-from .test_serve import built  # noqa: F401  (the module's store and adapter)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -44,7 +43,7 @@ def browser():
     driver.quit()
 
 
-def test_page_generates_and_shows_sources(built, browser, tmp_path):  # noqa: F811
+def test_page_generates_and_shows_sources(built, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -94,7 +93,7 @@ def test_page_generates_and_shows_sources(built, browser, tmp_path):  # noqa: F8
     reader.close()
 
 
-def test_page_asks_for_the_key(built, browser):  # noqa: F811
+def test_page_asks_for_the_key(built, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

@@ -15,30 +15,14 @@ import httpx
 import openai
 import pytest
 
-from knnstore import IngestSettings, Store
-from knnstore.adapter import KNNLM
+from knnstore import Store
 from knnstore.decoding import Row, decode
 from knnstore.server import Engine, QueueFull, Server
 
-from .conftest import snapshot, write_docs
+from .conftest import snapshot
 from .servers import free_port, serve_app, wait_for_port
 
-CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
-SETTINGS = IngestSettings(window=16, stride=12, batch_size=4, commit_every=64)
 PROMPT = "The European lobster"
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_encoder):
-    root = tmp_path_factory.mktemp("serve")
-    store = Store.create(root / "store", model=tiny_encoder.name, encoder=tiny_encoder)
-    store.add_corpus("a", [write_docs(root / "a", 6, repeat=6)], settings=SETTINGS)
-    store.add_corpus("b", [write_docs(root / "b", 3, repeat=4, template="Other {i}: a cat sat on the mat. ")],
-                     settings=SETTINGS)
-    tiny_encoder.tokenizer.chat_template = CHAT_TEMPLATE
-    lm = KNNLM.from_store(store, exact=True, lambda_=0.5)
-    yield lm, root / "store"
-    store.close()
 
 
 @pytest.fixture(scope="module")
