@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -198,6 +198,8 @@ class KNNLM:
         base = settings or KNNSettings.resolve()
         self.settings = dataclasses.replace(base, **overrides) if overrides else base
         self._policy: adaptive.Policy | None = None
+        self._hidden: Callable[[Neighbours], np.ndarray] | None = None  # ``hiding``
+        self._extra = 0
 
     @classmethod
     def from_store(cls, store: Store | str | os.PathLike, settings: KNNSettings | None = None, *,
@@ -215,6 +217,15 @@ class KNNLM:
         clone.settings = dataclasses.replace(self.settings, **overrides)
         return clone
 
+    def hiding(self, hidden: Callable[[Neighbours], np.ndarray], extra: int | None = None) -> "KNNLM":
+        """The same adapter with some stored pairs kept out of every search:
+        ``hidden(neighbours)`` marks [Q, k + extra] the ones to drop, and each search fetches
+        ``extra`` (default k) more neighbours to make up for them. Text stored in the store
+        can then be scored as if it were not (``evaluate.self_records``)."""
+        clone = self.with_settings()
+        clone._hidden, clone._extra = hidden, self.settings.k if extra is None else extra
+        return clone
+
     @property
     def policy(self) -> adaptive.Policy | None:
         """The adaptive-λ policy (None unless ``settings.adaptive``): the store's latest
@@ -230,9 +241,11 @@ class KNNLM:
     def search(self, keys: torch.Tensor | np.ndarray, k: int | None = None) -> Neighbours:
         """The store's neighbours of keys [N, dim], with this adapter's search settings."""
         s = self.settings
+        k = k or s.k
         queries = keys.detach().float().cpu().numpy() if isinstance(keys, torch.Tensor) else keys
-        return self.store.search(queries, k or s.k, exact=s.exact, nprobes=s.nprobes,
-                                 refine_factor=s.refine_factor)
+        found = self.store.search(queries, k + (self._extra if self._hidden else 0), exact=s.exact,
+                                  nprobes=s.nprobes, refine_factor=s.refine_factor)
+        return found if self._hidden is None else found.without(self._hidden(found), k)
 
     def retrieval_mask(self, lm_log_probs: torch.Tensor) -> torch.Tensor:
         """[N] bool: the positions that search the store (none while it holds no pairs)."""

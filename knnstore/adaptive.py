@@ -241,6 +241,9 @@ class Records:
 
     @classmethod
     def concat(cls, parts: list["Records"]) -> "Records":
+        if not parts:
+            return cls(torch.zeros(0, len(SIGNALS), dtype=torch.float64), torch.zeros(0), torch.zeros(0),
+                       torch.zeros(0, dtype=torch.bool))
         return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in
                      ("signals", "lm_target", "knn_target", "has")))
 

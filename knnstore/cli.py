@@ -982,8 +982,9 @@ def serve(store, host, port, api_key, max_batch, max_queue, **knn_opts):
 @_store_argument
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False),
               help="Held-out UTF-8 text of the store's own domain (not text stored in it).")
-@click.option("--max-tokens", type=Num(100), default=20000, show_default=True,
-              help="Fit on at most the first N tokens of the text.")
+@click.option("--max-tokens", type=Num(100),
+              help="Fit on at most the first N tokens of the text [default: 20,000]; without --text, "
+                   "score N positions of the store's own text [default: 4,096].")
 @click.option("--kind", type=click.Choice(["logistic", "mlp"]), default="logistic", show_default=True,
               help="The map from signals to λ: logistic regression or a 16-unit MLP.")
 @click.option("--keep", type=Num(0.0, 1.0, integer=False, lo_open=True), default=0.9, show_default=True,
@@ -999,18 +1000,25 @@ def serve(store, host, port, api_key, max_batch, max_queue, **knn_opts):
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @_device_options
 def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature, exact, clear, as_json):
-    """Fit adaptive interpolation (--adaptive) for STORE on held-out text, and save it.
+    """Fit adaptive interpolation (--adaptive) for STORE, on held-out text or on the
+    store's own text, and save it.
 
     Scores the text with the store, fits a map from retrieval signals (nearest distance,
     agreement between neighbours, the LM's entropy, ...) to a λ per token that maximises
     the mixture's likelihood, picks where retrieval can be skipped, and stores the fit in
     the catalog. The last 20% of the text is held out from the fit and reported.
 
+    Without --text it calibrates on the store itself: pieces of its own documents, each
+    scored with the pairs of its own document (within 4,096 positions of it) hidden from
+    the search, as if that text were unseen. No text of your own is needed.
+
     \b
     Example:
-        knnstore calibrate wiki-store --text wiki-heldout.txt
+        knnstore calibrate wiki-store                           # on the store's own text
+        knnstore calibrate wiki-store --text wiki-heldout.txt   # on held-out text
         knnstore eval wiki-store --text test.txt --adaptive
     """
+    from .evaluate import SELF_BAND, SELF_MIN_TOKENS, SELF_TOKENS, self_calibrate
     from .evaluate import calibrate as fit_calibration
 
     if clear:
@@ -1021,18 +1029,26 @@ def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature,
         else:
             out.print(f"Deleted {n} calibration(s); --adaptive now uses the rule.")
         return
-    if text_path is None:
-        raise click.UsageError("give --text FILE (held-out text of the store's domain), or --clear")
-    text = _read_text_arg(text_path)
+    text = _read_text_arg(text_path) if text_path is not None else None
     opts = {"k": [k] if k else None, "lambda_": [lambda_] if lambda_ is not None else None,
             "temperature": [temperature] if temperature else None, "exact": exact}
     lm = _knnlm(store, opts, single=True)
     if lm.store.stats().pairs == 0:
         raise click.ClickException("the store has no pairs: add a corpus before calibrating")
-    with _progress("Calibrating") as update:
-        cal = fit_calibration(lm, text, kind=kind, max_tokens=max_tokens, keep=keep, progress=update)
+    if text is not None:
+        with _progress("Calibrating") as update:
+            cal = fit_calibration(lm, text, kind=kind, max_tokens=max_tokens or 20000, keep=keep, progress=update)
+        source = str(text_path)
+    else:
+        with _progress("Calibrating on the store's own text") as update:
+            cal = self_calibrate(lm, kind=kind, keep=keep, tokens=max_tokens or SELF_TOKENS, progress=update)
+        if cal is None:
+            raise click.ClickException(
+                f"the store holds too little text to calibrate on itself ({SELF_MIN_TOKENS:,} positions outside "
+                f"the one being scored are needed): give held-out text with --text; nothing was saved")
+        source = f"(the store's own text, its document hidden ±{SELF_BAND:,} positions)"
     n_tokens = cal.metrics["fit"]["tokens"] + cal.metrics["holdout"].get("tokens", 0)
-    cal_id = lm.store.save_calibration(cal, text_source=str(text_path), n_tokens=n_tokens)
+    cal_id = lm.store.save_calibration(cal, text_source=source, n_tokens=n_tokens)
     d = {"id": cal_id, **cal.to_dict()}
     if as_json:
         _echo_json(d)

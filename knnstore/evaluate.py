@@ -322,3 +322,68 @@ def calibrate(knnlm: KNNLM, text: str | Sequence[int], *, kind: str = "logistic"
         raise InputError(f"calibration needs at least 100 tokens of text, got {len(rec)}: give a longer text")
     return adaptive.fit(rec, kind=kind, k=s.k, temperature=s.temperature,
                         init_lambda=full.settings.lambda_, holdout=holdout, keep=keep)
+
+
+SELF_TOKENS = 4096  # positions a self-calibration scores
+SELF_CHUNK = 512  # scored in chunks of this many tokens, one document each
+SELF_BAND = 4096  # a chunk's own document is hidden this many positions either side of it
+SELF_MIN_TOKENS = 1000  # fewer scorable positions: no self-calibration (the store is too small)
+
+
+def self_records(knnlm: KNNLM, *, tokens: int = SELF_TOKENS, chunk: int = SELF_CHUNK, band: int = SELF_BAND,
+                 seed: int = 0, progress: ProgressFn | None = None) -> adaptive.Records:
+    """Per-position signals and target probabilities (``adaptive.Records``) of the store's
+    own text, scored as if it were unseen: chunks of ``chunk`` tokens drawn from the
+    store's documents (by their size; read back from the stored pairs), each scored with
+    the pairs of its own document within ``band`` positions of it hidden from the search
+    (``KNNLM.hiding``): a document no longer than that is left out whole (leave one
+    document out), a long one (a book) keeps its distant parts, as held-out text of the
+    same book would. Every position retrieves, at the adapter's k and T."""
+    store = knnlm.store
+    docs = [d for d in store.ready_documents() if d.n_tokens > 16]
+    if not docs:
+        return adaptive.Records.concat([])
+    rng = np.random.default_rng(seed)
+    sizes = np.array([d.n_tokens for d in docs], dtype=np.float64)
+    n_chunks = max(1, math.ceil(tokens / chunk))
+    first = rng.choice(len(docs), size=min(n_chunks, len(docs)), replace=False, p=sizes / sizes.sum())
+    more = rng.choice(len(docs), size=n_chunks - len(first), replace=True, p=sizes / sizes.sum())
+    parts: list[adaptive.Records] = []
+    for i, di in enumerate(np.concatenate([first, more]).astype(int)):
+        doc = docs[di]
+        ids = store.document_tokens(doc.id)
+        length = min(chunk + 1, len(ids))
+        starts = [s for s in rng.permutation(max(1, len(ids) - length + 1))[:8]
+                  if (ids[s:s + length] >= 0).all()]  # a stretch every token of which is stored
+        if not starts or length < 17:
+            continue
+        start = int(starts[0])
+        lo, hi = start - band, start + length + band
+
+        def hidden(nb, doc_id=doc.id, lo=lo, hi=hi):
+            return (nb.document_ids == doc_id) & (nb.positions >= lo) & (nb.positions < hi)
+
+        evaluate(knnlm.hiding(hidden), ids[start:start + length].tolist(), records=parts)
+        if progress is not None:
+            progress(min(tokens, (i + 1) * chunk), tokens)
+    return adaptive.Records.concat(parts)
+
+
+def self_calibrate(knnlm: KNNLM, *, kind: str = "logistic", keep: float = 0.9, tokens: int = SELF_TOKENS,
+                   seed: int = 0, progress: ProgressFn | None = None) -> adaptive.Calibration | None:
+    """Fit the adaptive-λ map on the store's own text (``self_records``): no user text.
+    None where the store holds too little to score (fewer than ``SELF_MIN_TOKENS``
+    positions: a tiny store, or one document too short to hide a part of it)."""
+    if kind not in adaptive.KINDS:
+        raise InputError(f"calibration kind must be one of {', '.join(adaptive.KINDS)}, got {kind!r}")
+    s = knnlm.settings
+    full = knnlm.with_settings(adaptive=False, skip_above_prob=None, skip_below_entropy=None,
+                               lambda_=s.lambda_ if 0 < s.lambda_ < 1 else KNNSettings.lambda_)
+    rec = self_records(full, tokens=tokens, seed=seed, progress=progress)
+    if len(rec) < SELF_MIN_TOKENS:
+        return None
+    cal = adaptive.fit(rec, kind=kind, k=s.k, temperature=s.temperature, init_lambda=full.settings.lambda_,
+                       keep=keep)
+    cal.metrics["source"] = "self"
+    cal.metrics["content"] = knnlm.store.content()
+    return cal

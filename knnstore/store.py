@@ -297,6 +297,28 @@ class Store:
         """The ready documents of a corpus, in source order."""
         return catalog.ready_documents(self.engine, self.corpus(corpus).id)
 
+    def ready_documents(self) -> list[catalog.Document]:
+        """Every ready document of the corpora this snapshot shows, corpus by corpus."""
+        return [d for c in self._rows if c.id in self._visible for d in catalog.ready_documents(self.engine, c.id)]
+
+    def content(self) -> dict:
+        """What this snapshot holds, as a calibration records it: the ready corpora's ids
+        and their pairs."""
+        ready = [c for c in self._rows if c.id in self._visible]
+        return {"corpora": sorted(c.id for c in ready), "pairs": sum(c.n_pairs for c in ready)}
+
+    def document_tokens(self, document_id: int) -> np.ndarray:
+        """A stored document's token ids by position, read back from its pairs (each pair
+        gives its token and the next): int64 [positions]; -1 where no stored pair tells
+        (the pairs there were pruned or forgotten)."""
+        rows = self.table.columns(["position", "token", "next_token"], where=f"document_id = {int(document_id)}")
+        pos = rows.column("position").to_numpy().astype(np.int64)
+        out = np.full(int(pos.max()) + 2 if len(pos) else 0, -1, dtype=np.int64)
+        if len(pos):
+            out[pos + 1] = rows.column("next_token").to_numpy()
+            out[pos] = rows.column("token").to_numpy()
+        return out
+
     def document_refs(self, document_ids: Sequence[int]) -> dict[int, DocumentRef]:
         """Corpus name, source and title of documents, by id (unknown ids are left out)."""
         ids = sorted({int(d) for d in document_ids})

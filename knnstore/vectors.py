@@ -10,6 +10,7 @@ table (``refresh`` moves it forward), so a reader never sees a write half-done.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import threading
 from contextlib import contextmanager
@@ -279,6 +280,19 @@ class Neighbours:
         ints = lambda: np.full((n_queries, k), -1, dtype=np.int64)  # noqa: E731
         return cls(ints(), ints(), np.full((n_queries, k), np.inf, dtype=np.float32),
                    ints(), ints(), ints(), np.ones((n_queries, k), dtype=np.int64))
+
+    def without(self, dropped: np.ndarray, k: int) -> "Neighbours":
+        """The first ``k`` neighbours of each row that ``dropped`` [Q, k'] does not mark,
+        still nearest first (slots past what is left are empty)."""
+        n = self.pair_ids.shape[0]
+        out = Neighbours.empty(n, k)
+        order = np.argsort(dropped, axis=1, kind="stable")[:, :k]  # kept ones first, in their order
+        kept = ~np.take_along_axis(dropped, order, axis=1)
+        width = order.shape[1]
+        for f in dataclasses.fields(Neighbours):
+            source, target = getattr(self, f.name), getattr(out, f.name)
+            target[:, :width] = np.where(kept, np.take_along_axis(source, order, axis=1), target[:, :width])
+        return out
 
 
 @dataclass(frozen=True)

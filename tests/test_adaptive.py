@@ -219,7 +219,6 @@ def test_cli_calibrate_then_eval_adaptive_and_clear(knn_store, tmp_path):  # noq
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "give --text FILE"),
     (["--text", "{short}"], "at least 100 tokens"),
     (["--text", "{binary}"], "not UTF-8 text"),
     (["--text", "{text}", "--keep", "0"], "keep must be in (0, 1]"),

@@ -1,0 +1,132 @@
+"""Self-calibration: the store's own documents scored as if unseen (their own pairs
+hidden), the adaptive-λ map fitted on that, no user text; and what it needs underneath
+(stored documents read back as tokens, neighbours dropped from a search)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from knnstore import IngestSettings
+from knnstore.adapter import KNNLM
+from knnstore.adaptive import Calibration, Records
+from knnstore.cli import cli
+from knnstore.evaluate import SELF_MIN_TOKENS, evaluate, self_calibrate, self_records
+from knnstore.vectors import Neighbours
+
+from .conftest import snapshot
+
+SETTINGS = IngestSettings(window=64, stride=48, batch_size=8, commit_every=4096)
+PHRASES = ["the lobsters are blue", "only becoming red on cooking", "First Citizen speaks",
+           "before we proceed any further", "to be or not to be", "that is the question",
+           "a species of clawed lobster", "hear me speak"]
+
+
+def _domain_text(rng: random.Random, sentences: int) -> str:
+    """Text of one 'domain': sentences made of a few fixed phrases, in random orders."""
+    return " ".join(f"{rng.choice(PHRASES)}, {rng.choice(PHRASES)}." for _ in range(sentences))
+
+
+@pytest.fixture
+def domain_store(store, tmp_path):
+    """A store of 12 documents of the phrase domain (about 4,000 tokens)."""
+    rng = random.Random(0)
+    docs = tmp_path / "domain"
+    docs.mkdir()
+    for i in range(12):
+        (docs / f"{i:02}.txt").write_text(_domain_text(rng, 40))
+    store.add_corpus("domain", [docs], settings=SETTINGS)
+    return store
+
+
+def test_without_drops_marked_neighbours_and_keeps_the_order():
+    nb = Neighbours.empty(2, 4)
+    nb.pair_ids[:] = [[10, 11, 12, 13], [20, 21, 22, 23]]
+    nb.distances[:] = [[1, 2, 3, 4], [1, 2, 3, 4]]
+    dropped = np.array([[False, True, False, True], [True, True, True, True]])
+    out = nb.without(dropped, 3)
+    assert out.pair_ids.tolist() == [[10, 12, -1], [-1, -1, -1]]
+    assert out.distances[0, :2].tolist() == [1, 3] and np.isinf(out.distances[0, 2]) and np.isinf(out.distances[1]).all()
+
+
+def test_a_stored_document_reads_back_as_its_tokens(domain_store, tiny_encoder, tmp_path):
+    doc = domain_store.ready_documents()[3]
+    text = (tmp_path / "domain" / "03.txt").read_text()
+    assert domain_store.document_tokens(doc.id).tolist() == tiny_encoder.tokenize(text)
+    # pairs 9 and 10 taken out: token 10 is told by neither (pair 9's next, pair 10's own)
+    pids = domain_store.table.columns(["pair_id"], where=f"document_id = {doc.id} AND position IN (9, 10)")
+    domain_store.table.delete_pairs(pids.column("pair_id").to_pylist())
+    ids = domain_store.document_tokens(doc.id)
+    assert ids[10] == -1 and ids[11] >= 0 and ids[9] >= 0
+
+
+def test_hiding_a_document_makes_its_text_unseen(domain_store, tiny_encoder, tmp_path):
+    unique = tmp_path / "unique.txt"
+    unique.write_text("Homarus gammarus, known as the European lobster, may grow to a length of 60 cm. " * 3)
+    domain_store.add_corpus("unique", [unique], settings=SETTINGS)
+    lm = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, domain_store, k=8, lambda_=0.5, temperature=1.0,
+               exact=True)
+    doc = domain_store.ready_documents()[-1]
+    ids = domain_store.document_tokens(doc.id).tolist()
+    seen = evaluate(lm, ids)
+    unseen = evaluate(lm.hiding(lambda nb: nb.document_ids == doc.id), ids)
+    assert seen.knn_ppl < 0.5 * unseen.knn_ppl  # stored word for word: memorised
+    assert seen.base_ppl == unseen.base_ppl
+    # no neighbour of the hidden document is left in any search
+    hidden = lm.hiding(lambda nb: nb.document_ids == doc.id)
+    nb = hidden.search(torch.randn(5, domain_store.identity.dim))
+    assert not (nb.document_ids == doc.id).any() and (nb.pair_ids >= 0).all()
+
+
+def test_self_calibration_keeps_the_gain_in_domain_and_gives_lambda_zero_elsewhere(domain_store, tiny_encoder):
+    lm = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, domain_store, k=8, temperature=1.0, exact=True)
+    rec = self_records(lm, tokens=2048)
+    assert len(rec) >= SELF_MIN_TOKENS and rec.has.all()
+    cal = self_calibrate(lm, tokens=2048)
+    assert isinstance(cal, Calibration) and cal.metrics["source"] == "self"
+    assert cal.metrics["content"] == domain_store.content()
+    # new text of the store's domain: the calibrated mixture keeps the store's gain
+    fresh = _domain_text(random.Random(99), 40)
+    base = evaluate(lm.with_settings(lambda_=0.0), fresh)
+    adaptive = lm.with_settings(adaptive=True)
+    adaptive._policy = cal
+    ours = adaptive.evaluate(fresh)
+    best = min(evaluate(lm.with_settings(lambda_=lam), fresh).knn_ppl for lam in (0.1, 0.2, 0.3, 0.5))
+    assert best < base.base_ppl
+    assert (base.base_ppl - ours.knn_ppl) >= 0.8 * (base.base_ppl - best)
+    # unrelated text (characters the store never saw together): λ 0 nearly everywhere, nothing lost
+    rng = random.Random(5)
+    noise = " ".join("".join(rng.choice("xqzjkvw0123456789") for _ in range(rng.randint(2, 7))) for _ in range(300))
+    parts: list[Records] = []
+    evaluate(lm, noise, records=parts)
+    far = Records.concat(parts)
+    lambdas = cal.lambdas(far.signals)
+    assert float(lambdas.median()) < 1e-3 and float(lambdas.mean()) < 0.1  # 0 at most positions
+    off = adaptive.evaluate(noise)  # (a random-weight model's keys are a weak signal: docs/domains.md measures real ones)
+    assert off.knn_ppl - off.base_ppl < 0.5 * (off.fixed_knn_ppl - off.base_ppl)
+
+
+def test_too_small_a_store_has_no_self_calibration(store, tiny_encoder, tmp_path):
+    (tmp_path / "one.txt").write_text("The European lobster is a species of clawed lobster. " * 4)
+    store.add_corpus("one", [tmp_path / "one.txt"], settings=SETTINGS)
+    lm = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, store, k=8, exact=True)
+    assert self_calibrate(lm) is None
+    before = snapshot(store.path)
+    result = CliRunner().invoke(cli, ["calibrate", str(store.path), "--exact"])
+    assert result.exit_code == 1 and "too little text to calibrate on itself" in result.output
+    assert snapshot(store.path) == before
+
+
+def test_cli_calibrates_on_the_store_itself(domain_store):
+    path = str(domain_store.path)
+    result = CliRunner().invoke(cli, ["calibrate", path, "--k", "8", "--temperature", "1", "--exact",
+                                      "--max-tokens", "2048", "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert d["metrics"]["source"] == "self" and d["metrics"]["holdout"]["tokens"] > 0
+    assert domain_store.calibration().metrics["source"] == "self"
