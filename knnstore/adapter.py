@@ -41,7 +41,7 @@ from .config import (
     check_number,
 )
 from .encoder import Encoder
-from .errors import InputError
+from .errors import InputError, KnnstoreError
 from .store import Store
 from .scoring import ScoredWindow, scored_windows  # noqa: F401  (ScoredWindow: kept importable here)
 from .vectors import Neighbours
@@ -195,8 +195,9 @@ class KNNLM:
                               key_layer=ident.key_layer, key_site=ident.key_site)
             self.store.use_encoder(encoder)  # refuses another model, with what differs
         self.encoder, self.model, self.tokenizer = encoder, model, tokenizer
-        base = settings or KNNSettings.resolve()
+        base = settings or KNNSettings.resolve(lambda_=overrides.get("lambda_"), adaptive=overrides.get("adaptive"))
         self.settings = dataclasses.replace(base, **overrides) if overrides else base
+        self.policy_note: str | None = None  # why the policy is what it is, where it is not the obvious
         self._policy: adaptive.Policy | None = None
         self._hidden: Callable[[Neighbours], np.ndarray] | None = None  # ``hiding``
         self._extra = 0
@@ -211,10 +212,22 @@ class KNNLM:
         return cls(enc.model, enc.tokenizer, store, settings, **overrides)
 
     def with_settings(self, **overrides) -> "KNNLM":
-        """The same model and store with other kNN parameters."""
+        """The same model and store with other kNN parameters. A λ given without
+        ``adaptive`` asks for the plain kNN-LM with that λ (``KNNSettings.resolve``)."""
+        if "lambda_" in overrides and "adaptive" not in overrides:
+            overrides["adaptive"] = False
         clone = object.__new__(KNNLM)
         clone.__dict__.update(self.__dict__)
         clone.settings = dataclasses.replace(self.settings, **overrides)
+        if clone.settings.adaptive != self.settings.adaptive:
+            clone._policy = None
+        return clone
+
+    def with_policy(self, policy: adaptive.Policy) -> "KNNLM":
+        """The same adapter, adaptive with ``policy`` (a ``Rule``, a ``Calibration``)
+        instead of the store's calibration."""
+        clone = self.with_settings(adaptive=True)
+        clone._policy = policy
         return clone
 
     def hiding(self, hidden: Callable[[Neighbours], np.ndarray], extra: int | None = None) -> "KNNLM":
@@ -228,13 +241,49 @@ class KNNLM:
 
     @property
     def policy(self) -> adaptive.Policy | None:
-        """The adaptive-λ policy (None unless ``settings.adaptive``): the store's latest
-        calibration if it has one, else ``adaptive.Rule()``."""
+        """The adaptive-λ policy (None unless ``settings.adaptive``): the store's newest
+        calibration; where it has none, or its self-calibration no longer fits what it
+        holds (``Calibration.stale_for``), a self-calibration made now (``calibrate_self``);
+        where the store is too small for one, ``adaptive.FALLBACK``."""
+        return self.resolve_policy()
+
+    def resolve_policy(self, progress=None) -> adaptive.Policy | None:
+        """``policy``, worked out now (a self-calibration reports to ``progress``)."""
         if not self.settings.adaptive:
             return None
         if self._policy is None:
-            self._policy = self.store.calibration() or adaptive.Rule()
+            cal = self.store.calibration()
+            if cal is None or cal.stale_for(self.store.content()):
+                cal = self.calibrate_self(progress)
+            self._policy = cal or adaptive.FALLBACK
         return self._policy
+
+    def needs_calibration(self) -> bool:
+        """Whether ``policy`` will calibrate on the store's own text first (slow: it scores
+        text with the model)."""
+        if not self.settings.adaptive or self._policy is not None:
+            return False
+        cal = self.store.calibration()
+        return cal is None or cal.stale_for(self.store.content())
+
+    def calibrate_self(self, progress=None) -> adaptive.Calibration | None:
+        """Calibrate on the store's own text (``evaluate.self_calibrate``) and save the fit
+        where this process may write (else keep it for this adapter only); None where the
+        store is too small (``policy_note`` says so)."""
+        from .evaluate import SELF_MIN_TOKENS, self_calibrate
+
+        cal = self_calibrate(self, progress=progress)
+        if cal is None:
+            self.policy_note = (f"the store holds too little text to calibrate on itself ({SELF_MIN_TOKENS:,} "
+                                "positions needed): adaptive λ uses the cautious rule")
+            return None
+        n_tokens = cal.metrics["fit"]["tokens"] + cal.metrics["holdout"].get("tokens", 0)
+        try:
+            self.store.save_calibration(cal, text_source="(the store's own text)", n_tokens=n_tokens)
+            self.policy_note = "calibrated on the store's own text (saved in the store)"
+        except KnnstoreError as exc:  # read-only, or another process writing: used, not saved
+            self.policy_note = f"calibrated on the store's own text (not saved: {exc})"
+        return cal
 
     # --- one step --------------------------------------------------------------------
 
@@ -262,9 +311,10 @@ class KNNLM:
         s = self.settings
         lm_log_probs = torch.log_softmax(lm_logits.float(), dim=-1)
         n, vocab = lm_log_probs.shape
-        retrieve = self.retrieval_mask(lm_log_probs)
         if s.lambda_ == 0.0:  # the plain LM: nothing to look up
-            retrieve = torch.zeros_like(retrieve)
+            retrieve = torch.zeros(n, dtype=torch.bool)
+        else:
+            retrieve = self.retrieval_mask(lm_log_probs)
         neighbours = Neighbours.empty(n, s.k)
         rows = retrieve.nonzero().flatten().numpy()
         if len(rows):

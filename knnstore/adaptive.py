@@ -182,7 +182,20 @@ class Calibration(Policy):
     def describe(self) -> str:
         skip = f", skip at LM top probability >= {self.skip_above_prob:g}" if self.skip_above_prob else ""
         gate = (" × neighbour agreement" if self.gate else "") + (" × distance support" if self.support else "")
-        return f"calibrated {self.kind}{gate} (k={self.k}, T={self.temperature:g}){skip}"
+        own = " on the store's own text" if self.metrics.get("source") == "self" else ""
+        return f"calibrated {self.kind}{gate}{own} (k={self.k}, T={self.temperature:g}){skip}"
+
+    def stale_for(self, content: dict) -> bool:
+        """Whether a self-calibration no longer fits the store's content (``Store.content``):
+        another set of ready corpora, or pairs changed by more than ``RECALIBRATE_CHANGE``.
+        Calibrations on user text, and those saved before content was recorded, never are."""
+        made_on = self.metrics.get("content")
+        if self.metrics.get("source") != "self" or not made_on:
+            return False
+        if sorted(made_on.get("corpora", [])) != sorted(content["corpora"]):
+            return True
+        before = max(1, int(made_on.get("pairs", 0)))
+        return abs(content["pairs"] - before) > RECALIBRATE_CHANGE * before
 
     def to_dict(self) -> dict:
         """JSON-ready (non-finite numbers become None)."""
@@ -203,6 +216,10 @@ class Calibration(Policy):
 
 
 SUPPORT_QUANTILES = (0.9, 0.99)
+RECALIBRATE_CHANGE = 0.1  # a self-calibration is redone once the store's pairs change by more than this
+# Where a store is too small to calibrate on itself: the rule with the agreement cubed, λ at
+# most what the rule gives (a position whose neighbours agree less counts for less still).
+FALLBACK = Rule(power=3.0)
 
 
 def _support(log_d1: torch.Tensor) -> list[float] | None:
@@ -313,17 +330,22 @@ def _initial_params(kind: str, init_lambda: float, seed: int) -> dict[str, torch
 def _maximise_likelihood(kind: str, params: dict[str, torch.Tensor], z: torch.Tensor,
                          lm_t: torch.Tensor, knn_t: torch.Tensor, steps: int) -> None:
     """Adam on the mean log-likelihood of the mixture σ(f(z)) p_kNN + (1 - σ(f(z))) p_LM of
-    the targets (a little L2 on the weights), in place."""
-    opt = torch.optim.Adam(params.values(), lr=0.05)
-    for _ in range(steps if len(z) else 0):
-        opt.zero_grad()
-        logit = _forward(kind, params, z)
-        ll = torch.logaddexp(torch.nn.functional.logsigmoid(logit) + knn_t,
-                             torch.nn.functional.logsigmoid(-logit) + lm_t)
-        weights = [v for name, v in params.items() if name.startswith("w")]
-        loss = -ll.mean() + 1e-3 * sum((v ** 2).sum() for v in weights)
-        loss.backward()
-        opt.step()
+    the targets (a little L2 on the weights), in place. Works inside ``torch.inference_mode``
+    too (a fit made while generating): it copies what it differentiates out of it."""
+    with torch.inference_mode(False), torch.enable_grad():
+        z, lm_t, knn_t = z.clone(), lm_t.clone(), knn_t.clone()
+        for name in params:
+            params[name] = params[name].detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam(params.values(), lr=0.05)
+        for _ in range(steps if len(z) else 0):
+            opt.zero_grad()
+            logit = _forward(kind, params, z)
+            ll = torch.logaddexp(torch.nn.functional.logsigmoid(logit) + knn_t,
+                                 torch.nn.functional.logsigmoid(-logit) + lm_t)
+            weights = [v for name, v in params.items() if name.startswith("w")]
+            loss = -ll.mean() + 1e-3 * sum((v ** 2).sum() for v in weights)
+            loss.backward()
+            opt.step()
 
 
 def _report(cal: Calibration, part: Records, fixed_lambda: float) -> dict:

@@ -737,17 +737,24 @@ def _knn_options(sweep: bool):
                          help="Adaptive retrieval: skip the store where the LM's top probability is at least this."),
             click.option("--skip-below-entropy", type=Num(0.0, None, integer=False),
                          help="Adaptive retrieval: skip the store where the LM's entropy (nats) is at most this."),
-            click.option("--adaptive", is_flag=True, default=None,
+            click.option("--adaptive/--no-adaptive", default=None,
                          help="A λ per token from the retrieval's confidence, and retrieval only where it "
-                              "helps: the store's calibration (`knnstore calibrate`), else a fixed rule."),
+                              "helps: the store's calibration (`knnstore calibrate`; the store calibrates "
+                              "itself on its own text when it has none). The default unless --lambda is "
+                              "given; --no-adaptive: the plain kNN-LM with a fixed λ."),
+            click.option("--fixed-lambda", type=Num(0.0, 1.0, integer=False),
+                         help="The plain kNN-LM with this fixed λ (as in the paper), not adaptive: "
+                              "the same as --no-adaptive --lambda L."),
         ]):
             f = opt(f)
         return f
     return decorate
 
 
-def _knnlm(store, opts: dict, single: bool):
-    """The adapter for STORE with the kNN options of a command (``_knn_options``)."""
+def _knnlm(store, opts: dict, single: bool, policy: bool = True):
+    """The adapter for STORE with the kNN options of a command (``_knn_options``); with
+    ``policy``, its adaptive policy worked out now (a self-calibration, where the store
+    needs one, with a progress bar)."""
     from .adapter import KNNLM
 
     lists = {name: opts[key] for name, key in (("--k", "k"), ("--lambda", "lambda_"),
@@ -757,11 +764,24 @@ def _knnlm(store, opts: dict, single: bool):
             if values is not None and len(values) > 1:
                 raise click.BadParameter("takes one value here (sweeps are for `knnstore eval`)",
                                          param_hint=name)
+    fixed = opts.pop("fixed_lambda", None)
+    if fixed is not None:
+        if opts.get("lambda_") is not None:
+            raise click.BadParameter("give either --fixed-lambda or --lambda", param_hint="--fixed-lambda")
+        if opts.get("adaptive"):
+            raise click.BadParameter("--fixed-lambda is the plain kNN-LM: drop --adaptive", param_hint="--fixed-lambda")
+        opts = {**opts, "lambda_": [fixed], "adaptive": False}
     first = lambda values: values[0] if values else None  # noqa: E731
     settings = KNNSettings.resolve(**{**opts, **{key: first(opts[key]) for key in ("k", "lambda_", "temperature")}})
     s = _open(store)
     _load_model(s)
-    return KNNLM.from_store(s, settings)
+    lm = KNNLM.from_store(s, settings)
+    if policy and lm.needs_calibration():
+        with _progress("Calibrating on the store's own text (once: saved in the store)") as update:
+            lm.resolve_policy(progress=update)
+        if lm.policy_note:
+            err.print(lm.policy_note)
+    return lm
 
 
 def _read_text_arg(path) -> str:
@@ -1032,7 +1052,7 @@ def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature,
     text = _read_text_arg(text_path) if text_path is not None else None
     opts = {"k": [k] if k else None, "lambda_": [lambda_] if lambda_ is not None else None,
             "temperature": [temperature] if temperature else None, "exact": exact}
-    lm = _knnlm(store, opts, single=True)
+    lm = _knnlm(store, opts, single=True, policy=False)
     if lm.store.stats().pairs == 0:
         raise click.ClickException("the store has no pairs: add a corpus before calibrating")
     if text is not None:

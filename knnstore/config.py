@@ -241,7 +241,10 @@ class KNNSettings:
             entropy (nats) at most ``skip_below_entropy``. None: always retrieve (or,
             with ``adaptive``, the policy's own threshold).
         adaptive: a λ per position from the retrieval's confidence (``adaptive.py``): the
-            store's calibration (``knnstore calibrate``) if it has one, else a fixed rule.
+            store's calibration (``knnstore calibrate``; the store calibrates itself on its
+            own text when it has none or its content has changed since), else a fixed rule.
+            ``KNNSettings(...)`` is exactly what it is given (False: the plain kNN-LM);
+            ``resolve`` gives the defaults users get, adaptive unless λ is given.
     """
 
     # Defaults chosen by a sweep with SmolLM2-135M and a WikiText-2 store (docs/performance.md).
@@ -270,14 +273,18 @@ class KNNSettings:
     @classmethod
     def resolve(cls, **given) -> "KNNSettings":
         """Settings from explicit values, then KNNSTORE_K / _LAMBDA / _TEMPERATURE / ...
-        environment variables, then defaults."""
+        environment variables, then defaults. Adaptive interpolation is on unless λ is
+        given (a value or KNNSTORE_LAMBDA) without ``adaptive``: a λ asks for the plain
+        kNN-LM with that λ, as it always has."""
         values = {}
         for f in dataclasses.fields(cls):
             value = given.get(f.name)
+            env_name = "lambda" if f.name == "lambda_" else f.name
             if value is None:
-                env_name = "lambda" if f.name == "lambda_" else f.name
                 cast = {"k": int, "nprobes": int, "refine_factor": int,
                         "exact": _flag, "adaptive": _flag}.get(f.name, float)
-                value = env(env_name, cast, f.default)
-            values[f.name] = value
+                value = env(env_name, cast, None)
+            if value is None and f.name == "adaptive":
+                value = given.get("lambda_") is None and env("lambda", float, None) is None
+            values[f.name] = f.default if value is None else value
         return cls(**values)

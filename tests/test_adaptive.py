@@ -151,7 +151,7 @@ def lm(knn_store, tiny_encoder):  # noqa: F811
 def test_adaptive_eval_uses_a_lambda_per_token_and_reports_the_fixed_one_beside_it(lm):
     fixed = lm.evaluate(LOBSTER + OTHER)
     assert fixed.adaptive is None and "adaptive" not in fixed.to_dict()
-    ada = lm.with_settings(adaptive=True, skip_above_prob=1.0).evaluate(LOBSTER + OTHER)
+    ada = lm.with_policy(Rule()).with_settings(skip_above_prob=1.0).evaluate(LOBSTER + OTHER)
     assert ada.adaptive.startswith("rule")
     assert ada.fixed_knn_ppl == pytest.approx(fixed.knn_ppl, rel=1e-9)
     assert ada.base_ppl == fixed.base_ppl and ada.knn_ppl != fixed.knn_ppl
@@ -163,7 +163,7 @@ def test_adaptive_eval_uses_a_lambda_per_token_and_reports_the_fixed_one_beside_
 
 def test_adaptive_eval_equals_scoring_its_records_offline(lm):
     parts = []
-    ada = lm.with_settings(adaptive=True, skip_above_prob=1.0)
+    ada = lm.with_policy(Rule()).with_settings(skip_above_prob=1.0)
     r = ada.evaluate(HAMLET + CITIZEN, records=parts)
     rec = Records.concat(parts)
     lam = Rule().lambdas(rec.signals, 0.5)
@@ -172,8 +172,8 @@ def test_adaptive_eval_equals_scoring_its_records_offline(lm):
 
 
 def test_adaptive_generation_mixes_with_the_rule_and_lambda_zero_stays_the_plain_lm(lm):
-    g = lm.with_settings(adaptive=True, skip_above_prob=1.0).generate("The European", max_new_tokens=5,
-                                                                        explain=True)
+    g = lm.with_policy(Rule()).with_settings(skip_above_prob=1.0).generate("The European", max_new_tokens=5,
+                                                                             explain=True)
     assert len(g.tokens) == 5 and g.retrieved_fraction == 1.0
     assert all(0.0 <= t.knn_weight <= 0.5 for t in g.tokens)
     plain = lm.with_settings(lambda_=0.0).generate("The European", max_new_tokens=5)

@@ -134,9 +134,18 @@ def test_eval_prints_base_and_knn_perplexity_side_by_side(runner, filled_store, 
     assert {"base_ppl", "knn_ppl", "knn_only_ppl", "tokens"} <= r.keys()
     assert r["knn_ppl"] < r["base_ppl"] / 5 and r["search"] == "exact"
     assert (r["k"], r["lambda"], r["temperature"], r["retrieved_fraction"]) == (8, 0.5, 1.0, 1.0)
+    # the default: adaptive λ, beside the plain kNN-LM at the default fixed λ
     table = runner.invoke(cli, ["eval", str(filled_store), "--text", text, "--max-tokens", "20"])
-    assert table.exit_code == 0 and "base LM" in table.output and f"kNN-LM (λ={KNNSettings.lambda_:g}, k={KNNSettings.k}" in table.output
-    assert "20 tokens" in table.output
+    assert table.exit_code == 0 and "base LM" in table.output and "20 tokens" in table.output
+    assert f"kNN-LM, fixed λ={KNNSettings.lambda_:g} (k={KNNSettings.k}" in table.output
+    assert "kNN-LM, adaptive λ" in table.output and "adaptive: " in table.output
+    # --fixed-lambda (or --no-adaptive): the plain kNN-LM alone
+    for args in (["--fixed-lambda", "0.15"], ["--no-adaptive"]):
+        plain = runner.invoke(cli, ["eval", str(filled_store), "--text", text, "--max-tokens", "20", *args])
+        assert plain.exit_code == 0 and f"kNN-LM (λ=0.15, k={KNNSettings.k}" in plain.output
+        assert "adaptive" not in plain.output
+    both = runner.invoke(cli, ["eval", str(filled_store), "--text", text, "--fixed-lambda", "0.2", "--lambda", "0.3"])
+    assert both.exit_code != 0 and "either --fixed-lambda or --lambda" in both.output
 
 
 def test_eval_sweep_writes_a_csv_and_a_plot(runner, filled_store, text_dir, tmp_path):
