@@ -258,6 +258,10 @@ class KNNLM:
             self._policy = cal or adaptive.FALLBACK
         return self._policy
 
+    def forget_policy(self) -> None:
+        """Work the policy out again at its next use (the store's content may have changed)."""
+        self._policy = None
+
     def needs_calibration(self) -> bool:
         """Whether ``policy`` will calibrate on the store's own text first (slow: it scores
         text with the model)."""

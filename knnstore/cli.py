@@ -1016,7 +1016,8 @@ def serve(store, host, port, api_key, max_batch, max_queue, **knn_opts):
 @click.option("--temperature", type=Num(0.0, None, integer=False, lo_open=True),
               help=f"T of p_kNN [default: {KNNSettings.temperature:g}].")
 @click.option("--exact", is_flag=True, default=None, help="Brute-force search instead of the ANN index.")
-@click.option("--clear", is_flag=True, help="Delete the store's calibrations (--adaptive then uses the rule).")
+@click.option("--clear", is_flag=True, help="Delete the store's calibrations (adaptive λ then calibrates on the "
+                                           "store's own text again at its next use).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @_device_options
 def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature, exact, clear, as_json):
@@ -1047,7 +1048,7 @@ def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature,
         if as_json:
             _echo_json({"cleared": n})
         else:
-            out.print(f"Deleted {n} calibration(s); --adaptive now uses the rule.")
+            out.print(f"Deleted {n} calibration(s); adaptive λ calibrates on the store's own text at its next use.")
         return
     text = _read_text_arg(text_path) if text_path is not None else None
     opts = {"k": [k] if k else None, "lambda_": [lambda_] if lambda_ is not None else None,
@@ -1086,7 +1087,7 @@ def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature,
     skip = cal.skip_above_prob
     out.print(f"retrieval: {'always' if skip is None else f'skipped where the LM top probability >= {skip:g}'}"
               f" ({100 * cal.metrics['retrieved_fraction']:.1f}% of positions retrieve). "
-              f"Use it with --adaptive.")
+              f"Adaptive λ (the default) uses it.")
 
 
 def _print_spans(spans) -> None:

@@ -267,8 +267,11 @@ class Engine:
         self._running = live
         try:
             if time.monotonic() - self._refreshed > REFRESH_S:  # corpora added or removed meanwhile
+                before = self.lm.store.content()
                 self.lm.store.refresh()
                 self._refreshed = time.monotonic()
+                if self.lm.store.content() != before:
+                    self.lm.forget_policy()  # its calibration may no longer fit: checked at the next step
             lm = self.lm.with_settings(**live[0].overrides) if live[0].overrides else self.lm
             rows = [r for job in live for r in job.rows]
             self.batched_rows_max = max(self.batched_rows_max, len(rows))

@@ -115,7 +115,7 @@ def main() -> None:
                     help="run only the variants whose names contain one of these (and the full store)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    lm = KNNLM.from_store(args.store)
+    lm = KNNLM.from_store(args.store, adaptive=False)  # the fixed-λ kNN-LM its figures are of
     src = lm.store
     t0 = time.perf_counter()
     queries, targets, lm_lp = test_features(lm, args.tokens)

@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--text", default=str(DEFAULT_TEXT))
     parser.add_argument("--tokens", type=int, default=4000)
     args = parser.parse_args()
-    lm = KNNLM.from_store(args.store)
+    lm = KNNLM.from_store(args.store, adaptive=False)  # each setting below says what it adds
     text = Path(args.text).read_text(encoding="utf-8")
     runs = [("exact, always retrieve", {"exact": True})]
     runs += [(f"exact, skip at LM top p >= {p:g}", {"exact": True, "skip_above_prob": p}) for p in (0.9, 0.5)]

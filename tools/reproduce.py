@@ -131,12 +131,13 @@ def main() -> None:
     n = ["--max-tokens", str(args.tokens)]
     r = {}
 
+    # The paper's kNN-LM: a fixed λ everywhere (--no-adaptive where no --lambda is given).
     # 1. In-domain, exact and ANN.
-    r["in_exact"] = run.json("in_exact", "eval", str(wiki), "--text", wiki_test, *n, "--exact")
+    r["in_exact"] = run.json("in_exact", "eval", str(wiki), "--text", wiki_test, *n, "--exact", "--no-adaptive")
     if not Store.open(wiki).table.has_vector_index():
         run.cli("index", str(wiki), "--rebuild")
     run.commands["index"] = f"knnstore index {short(str(wiki))} --rebuild"
-    r["in_ann"] = run.json("in_ann", "eval", str(wiki), "--text", wiki_test, *n)
+    r["in_ann"] = run.json("in_ann", "eval", str(wiki), "--text", wiki_test, *n, "--no-adaptive")
 
     # 2. Domain adaptation: λ sweeps, in-domain and out of domain.
     sweep = ["--lambda", LAMBDAS, "--exact"]
@@ -148,10 +149,10 @@ def main() -> None:
                                       *sweep, "--sweep-out", str(run.dir / "lam_shakes_shakes"))
 
     # 5, 6. k and T on the WikiText-2 store (exact, one pass each).
-    r["k"] = run.json("k", "eval", str(wiki), "--text", wiki_test, *n, "--exact", "--k", KS,
+    r["k"] = run.json("k", "eval", str(wiki), "--text", wiki_test, *n, "--exact", "--no-adaptive", "--k", KS,
                       "--sweep-out", str(run.dir / "k"))
     r["temperature"] = run.json("temperature", "eval", str(wiki), "--text", wiki_test, *n, "--exact",
-                                "--temperature", TEMPERATURES, "--sweep-out", str(run.dir / "temperature"))
+                                "--no-adaptive", "--temperature", TEMPERATURES, "--sweep-out", str(run.dir / "temperature"))
 
     # 4. Key choice on small stores.
     chunks = article_chunks(cache)
@@ -173,12 +174,12 @@ def main() -> None:
         step = f"growth_{i + 1}"
         if not run.done(step):
             ensure_corpora(run, growth, {c: parts[c] for c in names[:i + 1]})
-        r["growth"].append(run.json(step, "eval", str(growth), "--text", wiki_test, *n, "--exact",
+        r["growth"].append(run.json(step, "eval", str(growth), "--text", wiki_test, *n, "--exact", "--no-adaptive",
                                     extra={"pairs": Store.open(growth).stats().pairs, "corpora": names[:i + 1]}))
     for step, keep in (("remove_last", names[:-1]), ("remove_all", [])):
         if not run.done(step):
             ensure_corpora(run, growth, {c: parts[c] for c in keep})
-        r[step] = run.json(step, "eval", str(growth), "--text", wiki_test, *n, "--exact",
+        r[step] = run.json(step, "eval", str(growth), "--text", wiki_test, *n, "--exact", "--no-adaptive",
                            extra={"pairs": Store.open(growth).stats().pairs, "corpora": keep})
     write_report(r, run.commands, Path(args.out), args)
 
