@@ -187,15 +187,18 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
     """One window: search once at the largest k, then every sweep point from those neighbours."""
     s, policy = knnlm.settings, knnlm.policy
     retrieve = knnlm.retrieval_mask(lm_log_probs)
+    # With a policy every position is searched, so that the fixed λ beside it is the plain
+    # kNN-LM; the adaptive mixture uses only the positions its policy retrieves at.
+    search = retrieve if policy is None or not retrieve.any() else torch.ones_like(retrieve)
     rows = len(win.targets)
     d = torch.full((rows, k_max), math.inf, dtype=torch.float32)
     nt = torch.full((rows, k_max), -1, dtype=torch.long)
     w = torch.ones((rows, k_max), dtype=torch.long)
-    if retrieve.any():
-        found = knnlm.search(win.keys[retrieve], k=k_max)
-        d[retrieve] = torch.from_numpy(found.distances)
-        nt[retrieve] = torch.from_numpy(found.next_tokens).long()
-        w[retrieve] = torch.from_numpy(found.weights).long()
+    if search.any():
+        found = knnlm.search(win.keys[search], k=k_max)
+        d[search] = torch.from_numpy(found.distances)
+        nt[search] = torch.from_numpy(found.next_tokens).long()
+        w[search] = torch.from_numpy(found.weights).long()
     valid = knn.valid_mask(d, nt)
     matches = nt == win.targets.unsqueeze(1)
     for i, (lambda_, k, t) in enumerate(grid):
@@ -204,11 +207,11 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
         tally.mix_nll[i] -= float(knn.interpolate(target_lm, knn_t, lambda_, has_knn=has).sum())
         if policy is not None:
             sig = adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t, w[:, :k])
-            lambdas = policy.lambdas(sig, lambda_).clamp(0, 1)
-            tally.ada_nll[i] -= float(adaptive.mixture_log_prob(target_lm, knn_t, has, lambdas).sum())
+            lambdas = torch.where(retrieve, policy.lambdas(sig, lambda_).clamp(0, 1), torch.zeros(()))
+            tally.ada_nll[i] -= float(adaptive.mixture_log_prob(target_lm, knn_t, has & retrieve, lambdas).sum())
         if i == 0:
             if policy is not None:
-                tally.lambda_sum += float(torch.where(has, lambdas, torch.zeros_like(lambdas)).sum())
+                tally.lambda_sum += float(torch.where(has & retrieve, lambdas, torch.zeros_like(lambdas)).sum())
             tally.t_knn += time.perf_counter() - t1  # search + one mixture: the kNN-LM's extra cost
             sel = knn_t[retrieve]
             tally.knn_only_nll -= float(sel.sum())
