@@ -1004,7 +1004,7 @@ def serve(store, host, port, api_key, max_batch, max_queue, **knn_opts):
               help="Held-out UTF-8 text of the store's own domain (not text stored in it).")
 @click.option("--max-tokens", type=Num(100),
               help="Fit on at most the first N tokens of the text [default: 20,000]; without --text, "
-                   "score N positions of the store's own text [default: 4,096].")
+                   "score N positions of the store's own text [default: 16,384, at most what it holds].")
 @click.option("--kind", type=click.Choice(["logistic", "mlp"]), default="logistic", show_default=True,
               help="The map from signals to λ: logistic regression or a 16-unit MLP.")
 @click.option("--keep", type=Num(0.0, 1.0, integer=False, lo_open=True), default=0.9, show_default=True,

@@ -327,7 +327,7 @@ def calibrate(knnlm: KNNLM, text: str | Sequence[int], *, kind: str = "logistic"
                         init_lambda=full.settings.lambda_, holdout=holdout, keep=keep)
 
 
-SELF_TOKENS = 4096  # positions a self-calibration scores
+SELF_TOKENS = 16384  # positions a self-calibration scores (at most the store's tokens)
 SELF_CHUNK = 512  # scored in chunks of this many tokens, one document each
 SELF_BAND = 4096  # a chunk's own document is hidden this many positions either side of it
 SELF_MIN_TOKENS = 1000  # fewer scorable positions: no self-calibration (the store is too small)
@@ -348,6 +348,7 @@ def self_records(knnlm: KNNLM, *, tokens: int = SELF_TOKENS, chunk: int = SELF_C
         return adaptive.Records.concat([])
     rng = np.random.default_rng(seed)
     sizes = np.array([d.n_tokens for d in docs], dtype=np.float64)
+    tokens = min(tokens, int(sizes.sum()))  # no more positions than the store holds
     n_chunks = max(1, math.ceil(tokens / chunk))
     first = rng.choice(len(docs), size=min(n_chunks, len(docs)), replace=False, p=sizes / sizes.sum())
     more = rng.choice(len(docs), size=n_chunks - len(first), replace=True, p=sizes / sizes.sum())
