@@ -250,3 +250,12 @@ def test_the_calibrated_lambda_is_gated_by_agreement_and_support_and_old_fits_lo
     assert (cal.lambdas(far) == 0).all()
     old = {k: v for k, v in cal.to_dict().items() if k not in ("gate", "support")}  # saved before both
     assert torch.allclose(Calibration.from_dict(old).lambdas(sig), torch.sigmoid(cal.logits(sig)))
+
+
+def test_the_fixed_lambda_beside_an_adaptive_eval_is_the_plain_knn_lm(lm):
+    parts = []
+    fixed = lm.evaluate(LOBSTER + OTHER, records=parts)
+    median_top = float(Records.concat(parts).signals[:, col("lm_top")].median())
+    ada = lm.with_policy(Rule(skip_above_prob=median_top)).evaluate(LOBSTER + OTHER)
+    assert 0.0 < ada.retrieved_fraction < 1.0  # the policy skips some positions...
+    assert ada.fixed_knn_ppl == pytest.approx(fixed.knn_ppl, rel=1e-9)  # ...the fixed λ beside it none
