@@ -252,11 +252,14 @@ class KNNLM:
         if not self.settings.adaptive:
             return None
         if self._policy is None:
-            cal = self.store.calibration()
-            if cal is None or cal.stale_for(self.store.content()):
-                cal = self.calibrate_self(progress)
-            self._policy = cal or adaptive.FALLBACK
+            self._policy = self._fitting_calibration() or self.calibrate_self(progress) or adaptive.FALLBACK
         return self._policy
+
+    def _fitting_calibration(self) -> adaptive.Calibration | None:
+        """The store's newest calibration, unless it was made on other content than the
+        store holds now (``Calibration.stale_for``)."""
+        cal = self.store.calibration()
+        return None if cal is None or cal.stale_for(self.store.content()) else cal
 
     def forget_policy(self) -> None:
         """Work the policy out again at its next use (the store's content may have changed)."""
@@ -265,25 +268,21 @@ class KNNLM:
     def needs_calibration(self) -> bool:
         """Whether ``policy`` will calibrate on the store's own text first (slow: it scores
         text with the model)."""
-        if not self.settings.adaptive or self._policy is not None:
-            return False
-        cal = self.store.calibration()
-        return cal is None or cal.stale_for(self.store.content())
+        return self.settings.adaptive and self._policy is None and self._fitting_calibration() is None
 
     def calibrate_self(self, progress=None) -> adaptive.Calibration | None:
         """Calibrate on the store's own text (``evaluate.self_calibrate``) and save the fit
         where this process may write (else keep it for this adapter only); None where the
         store is too small (``policy_note`` says so)."""
-        from .evaluate import SELF_MIN_TOKENS, self_calibrate
+        from .evaluate import SELF_MIN_TOKENS, SELF_SOURCE, self_calibrate
 
         cal = self_calibrate(self, progress=progress)
         if cal is None:
             self.policy_note = (f"the store holds too little text to calibrate on itself ({SELF_MIN_TOKENS:,} "
                                 "positions needed): adaptive λ uses the cautious rule")
             return None
-        n_tokens = cal.metrics["fit"]["tokens"] + cal.metrics["holdout"].get("tokens", 0)
         try:
-            self.store.save_calibration(cal, text_source="(the store's own text)", n_tokens=n_tokens)
+            self.store.save_calibration(cal, text_source=SELF_SOURCE, n_tokens=cal.tokens)
             self.policy_note = "calibrated on the store's own text (saved in the store)"
         except KnnstoreError as exc:  # read-only, or another process writing: used, not saved
             self.policy_note = f"calibrated on the store's own text (not saved: {exc})"

@@ -185,6 +185,11 @@ class Calibration(Policy):
         own = " on the store's own text" if self.metrics.get("source") == "self" else ""
         return f"calibrated {self.kind}{gate}{own} (k={self.k}, T={self.temperature:g}){skip}"
 
+    @property
+    def tokens(self) -> int:
+        """Positions the calibration was fitted and checked on (its fit and held-out parts)."""
+        return self.metrics["fit"]["tokens"] + self.metrics["holdout"].get("tokens", 0)
+
     def stale_for(self, content: dict) -> bool:
         """Whether a self-calibration no longer fits the store's content (``Store.content``):
         another set of ready corpora, or pairs changed by more than ``RECALIBRATE_CHANGE``.

@@ -1039,7 +1039,7 @@ def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature,
         knnstore calibrate wiki-store --text wiki-heldout.txt   # on held-out text
         knnstore eval wiki-store --text test.txt --adaptive
     """
-    from .evaluate import SELF_BAND, SELF_MIN_TOKENS, SELF_TOKENS, self_calibrate
+    from .evaluate import SELF_MIN_TOKENS, SELF_SOURCE, SELF_TOKENS, self_calibrate
     from .evaluate import calibrate as fit_calibration
 
     if clear:
@@ -1067,9 +1067,8 @@ def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature,
             raise click.ClickException(
                 f"the store holds too little text to calibrate on itself ({SELF_MIN_TOKENS:,} positions outside "
                 f"the one being scored are needed): give held-out text with --text; nothing was saved")
-        source = f"(the store's own text, its document hidden ±{SELF_BAND:,} positions)"
-    n_tokens = cal.metrics["fit"]["tokens"] + cal.metrics["holdout"].get("tokens", 0)
-    cal_id = lm.store.save_calibration(cal, text_source=source, n_tokens=n_tokens)
+        source = SELF_SOURCE
+    cal_id = lm.store.save_calibration(cal, text_source=source, n_tokens=cal.tokens)
     d = {"id": cal_id, **cal.to_dict()}
     if as_json:
         _echo_json(d)

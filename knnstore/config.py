@@ -279,8 +279,8 @@ class KNNSettings:
         values = {}
         for f in dataclasses.fields(cls):
             value = given.get(f.name)
-            env_name = "lambda" if f.name == "lambda_" else f.name
             if value is None:
+                env_name = "lambda" if f.name == "lambda_" else f.name
                 cast = {"k": int, "nprobes": int, "refine_factor": int,
                         "exact": _flag, "adaptive": _flag}.get(f.name, float)
                 value = env(env_name, cast, None)

@@ -26,6 +26,7 @@ from transformers.generation.streamers import BaseStreamer
 from .adapter import KNNLM, Span, TokenExplanation
 from .config import MAX_NEW_TOKENS, check_number
 from .errors import InputError
+from .windows import left_padded
 
 STOP = "stop"  # the model ended the text, or a stop string was met
 LENGTH = "length"  # the row's token budget was spent
@@ -137,12 +138,7 @@ def decode(lm: KNNLM, rows: Sequence[Row], on_token: OnToken | None = None,
     eos = eos_ids(lm)
     stop_len = max((len(s) for r in rows for s in r.stop), default=0)
     decode_text = lm.tokenizer.decode
-    width = max(len(r.prompt_ids) for r in rows)
-    ids = torch.full((len(rows), width), eos[0], dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):  # left padding: every row's last prompt token at the end
-        ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-        mask[i, width - len(r.prompt_ids):] = 1
+    ids, mask = left_padded([r.prompt_ids for r in rows], pad=eos[0])
     proc = lm.logits_processor()
 
     def on_step(tokens: list[int]) -> None:

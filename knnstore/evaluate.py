@@ -331,6 +331,7 @@ SELF_TOKENS = 16384  # positions a self-calibration scores (at most the store's 
 SELF_CHUNK = 512  # scored in chunks of this many tokens, one document each
 SELF_BAND = 4096  # a chunk's own document is hidden this many positions either side of it
 SELF_MIN_TOKENS = 1000  # fewer scorable positions: no self-calibration (the store is too small)
+SELF_SOURCE = f"(the store's own text, its document hidden ±{SELF_BAND:,} positions)"  # as the catalog records it
 
 
 def self_records(knnlm: KNNLM, *, tokens: int = SELF_TOKENS, chunk: int = SELF_CHUNK, band: int = SELF_BAND,

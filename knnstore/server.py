@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .adapter import KNNLM
+from .config import check_number
 from .decoding import Row, decode
 from .errors import CorpusNotFoundError, InputError, KnnstoreError, first_line
 from .store import Store
@@ -338,7 +339,7 @@ class Server:
                                 f"(GET /v1/models)", param="model", code="model_not_found")
 
     def _rows(self, prompts: list[list[int]], req: Sampling, max_tokens: int) -> list[Row]:
-        rows = []
+        rows, stop = [], req.stops()
         limit = getattr(self.lm.model.config, "max_position_embeddings", None)
         for ids in prompts:
             if limit and len(ids) + max_tokens > limit:
@@ -347,7 +348,7 @@ class Server:
                                code="context_length_exceeded")
             for _ in range(req.n):
                 rows.append(Row(prompt_ids=list(ids), max_tokens=max_tokens, temperature=req.temperature,
-                                top_p=req.top_p, stop=req.stops(), explain=req.explain, n_sources=req.sources))
+                                top_p=req.top_p, stop=stop, explain=req.explain, n_sources=req.sources))
         if len(rows) > MAX_ROWS:
             raise APIError(400, f"{len(rows)} choices asked for at once (prompts × n): at most {MAX_ROWS}", param="n")
         return rows
@@ -618,10 +619,13 @@ class Server:
 
 
 def _page(offset: int, limit: int) -> None:
-    if offset < 0:
-        raise APIError(400, "offset must be ≥ 0", param="offset")
-    if not 1 <= limit <= MAX_SQL_ROWS:
-        raise APIError(400, f"limit must be between 1 and {MAX_SQL_ROWS:,}", param="limit")
+    """A page of rows asked for, checked like every other number (``check_number``): a 400
+    naming the parameter where it is out of range."""
+    for name, value, lo, hi in (("offset", offset, 0, None), ("limit", limit, 1, MAX_SQL_ROWS)):
+        try:
+            check_number(name, value, lo, hi, integer=True)
+        except InputError as exc:
+            raise APIError(400, str(exc), param=name) from None
 
 
 def check_address(host: str, port: int, api_key: str | None) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 if TYPE_CHECKING:  # imported where a batch is built: importing this module needs no torch
     import torch
 
+
 def windows(n_tokens: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
     """(begin, end, keep_from) of each window over a sequence of ``n_tokens`` tokens.
 
@@ -32,12 +33,23 @@ def windows(n_tokens: int, window: int, stride: int) -> Iterator[tuple[int, int,
 def right_padded(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows as one batch: input ids and attention mask [B, longest row], padded on
     the right, so every real token keeps its position."""
-    width = max(len(r) for r in rows)
+    return _padded(rows, pad=0, left=False)
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one batch padded on the left with ``pad``, so every row's last token
+    is at the end (where generation continues every row)."""
+    return _padded(rows, pad=pad, left=True)
+
+
+def _padded(rows: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
-        mask[i, : len(row)] = 1
+        cols = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, cols] = torch.as_tensor(list(row), dtype=torch.long)
+        mask[i, cols] = 1
     return ids, mask

@@ -186,6 +186,9 @@ def test_store_endpoints_are_read_only(server, built):
     assert [p["position"] for p in pairs["pairs"]] == [0, 1, 2, 3, 4]
     assert pairs["document"]["source"] == doc["source"]
     assert httpx.get(server.url + "/v1/store/documents/999999/pairs").status_code == 404
+    for params, param in (({"offset": -1}, "offset"), ({"limit": 0}, "limit"), ({"limit": 10**6}, "limit")):
+        r = httpx.get(server.url + f"/v1/store/documents/{doc['id']}/pairs", params=params)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
     assert httpx.get(server.url + "/v1/store/documents", params={"corpus": "zzz"}).status_code == 404
     sql = httpx.post(server.url + "/v1/store/sql",
                      json={"query": "SELECT corpus, count(*) AS n FROM pairs GROUP BY corpus ORDER BY corpus"}).json()

@@ -41,7 +41,7 @@ from knnstore.adapter import KNNLM
 from knnstore.adaptive import SIGNALS, Records, Rule, fit, mixture_log_prob
 from knnstore.config import KNNSettings
 from knnstore.encoder import Encoder
-from knnstore.evaluate import SELF_TOKENS, evaluate, self_records
+from knnstore.evaluate import SELF_SOURCE, SELF_TOKENS, evaluate, self_records
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -171,7 +171,7 @@ def main() -> None:
                   init_lambda=settings.lambda_, keep=args.keep)
         store.clear_calibrations()
         store.save_calibration(cal, text_source=str(paths["calibrate"][sd]), n_tokens=len(cal_rec))
-        store.save_calibration(own, text_source="(the store's own text)", n_tokens=len(self_rec))
+        store.save_calibration(own, text_source=SELF_SOURCE, n_tokens=own.tokens)
         print(f"self-calibrated {sd} in {time.perf_counter() - t0:.0f} s: {own.describe()} {own.metrics}",
               flush=True)
         for td in DOMAINS:
