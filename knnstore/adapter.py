@@ -170,6 +170,20 @@ class Step:
     retrieved: torch.Tensor  # [N] bool
     neighbours: Neighbours  # [N, k]; rows that skipped hold no neighbours
     lambdas: float | torch.Tensor = 0.0  # λ, or [N] per row with adaptive interpolation
+    signals: torch.Tensor | None = None  # [N, len(adaptive.SIGNALS)] with adaptive interpolation
+
+    def passed_on(self, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """What this step tells the next one's skip decision (``adaptive.trail``), for next
+        rows continuing rows ``parent`` [M] of this step with ``tokens`` [M]."""
+        if self.signals is None:
+            raise ValueError("only a step with adaptive interpolation passes a trail on")
+        lambdas = self.lambdas if isinstance(self.lambdas, torch.Tensor) else torch.full(
+            (len(self.retrieved),), float(self.lambdas))
+        has = torch.from_numpy(self.neighbours.next_tokens[:, 0] >= 0)
+        knn_lp = self.knn_log_probs
+        rows = parent.long()
+        return adaptive.trail(self.signals[rows], lambdas[rows], self.lm_log_probs[rows, tokens],
+                              knn_lp[rows, tokens], has[rows], self.retrieved[rows])
 
 
 class KNNLM:
@@ -299,25 +313,37 @@ class KNNLM:
                                   nprobes=s.nprobes, refine_factor=s.refine_factor)
         return found if self._hidden is None else found.without(self._hidden(found), k)
 
-    def retrieval_mask(self, lm_log_probs: torch.Tensor) -> torch.Tensor:
-        """[N] bool: the positions that search the store (none while it holds no pairs)."""
+    def retrieval_mask(self, lm_log_probs: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """[N] bool: the positions that search the store (none while it holds no pairs):
+        as the settings' skip options say where given, else as the policy decides
+        (``previous``: each row's previous position, ``adaptive.trail``; None: none)."""
         s = self.settings
         if not self.store.visible_corpora:
             return torch.zeros(lm_log_probs.shape[0], dtype=torch.bool)
-        skip_above = s.skip_above_prob
-        if skip_above is None and s.skip_below_entropy is None and self.policy is not None:
-            skip_above = self.policy.skip_above_prob
-        return knn.retrieval_mask(lm_log_probs, skip_above, s.skip_below_entropy)
+        if s.skip_above_prob is None and s.skip_below_entropy is None and self.policy is not None:
+            return self.policy.retrieve(lm_log_probs, previous)
+        return knn.retrieval_mask(lm_log_probs, s.skip_above_prob, s.skip_below_entropy)
 
-    def step(self, keys: torch.Tensor, lm_logits: torch.Tensor) -> Step:
-        """The kNN-LM distribution for rows of keys [N, dim] and LM logits [N, V]."""
+    @property
+    def skips_by_trail(self) -> bool:
+        """Whether a position's search depends on the previous position's (the policy's
+        ``SkipRule``, where the settings give no skip option of their own)."""
+        s = self.settings
+        return (s.skip_above_prob is None and s.skip_below_entropy is None and self.policy is not None
+                and self.policy.skip_rule is not None)
+
+    def step(self, keys: torch.Tensor, lm_logits: torch.Tensor, previous: torch.Tensor | None = None,
+             retrieve: torch.Tensor | None = None) -> Step:
+        """The kNN-LM distribution for rows of keys [N, dim] and LM logits [N, V]
+        (``previous``: what each row's previous step passed on, ``Step.passed_on``;
+        ``retrieve``: [N] bool the rows to search, instead of ``retrieval_mask``'s)."""
         s = self.settings
         lm_log_probs = torch.log_softmax(lm_logits.float(), dim=-1)
         n, vocab = lm_log_probs.shape
         if s.lambda_ == 0.0:  # the plain LM: nothing to look up
             retrieve = torch.zeros(n, dtype=torch.bool)
-        else:
-            retrieve = self.retrieval_mask(lm_log_probs)
+        elif retrieve is None:
+            retrieve = self.retrieval_mask(lm_log_probs, previous)
         neighbours = Neighbours.empty(n, s.k)
         rows = retrieve.nonzero().flatten().numpy()
         if len(rows):
@@ -328,11 +354,30 @@ class KNNLM:
         w = torch.from_numpy(neighbours.weights)
         knn_lp = knn.knn_log_probs(d, nt, vocab, s.temperature, w)
         lambdas: float | torch.Tensor = s.lambda_
-        if self.policy is not None and len(rows):
+        sig = None
+        if self.policy is not None:
             sig = adaptive.signals(d, nt, lm_log_probs, s.temperature, w)
-            lambdas = self.policy.lambdas(sig, s.lambda_).clamp(0, 1).to(lm_log_probs.dtype)
+            lambdas = (self.policy.lambdas(sig, s.lambda_).clamp(0, 1).to(lm_log_probs.dtype) if len(rows)
+                       else torch.zeros(n, dtype=lm_log_probs.dtype))
         mixed = knn.interpolate(lm_log_probs, knn_lp, lambdas)
-        return Step(mixed, lm_log_probs, knn_lp, retrieve, neighbours, lambdas)
+        return Step(mixed, lm_log_probs, knn_lp, retrieve, neighbours, lambdas, sig)
+
+    def text_step(self, keys: torch.Tensor, lm_logits: torch.Tensor, targets: torch.Tensor,
+                  previous: torch.Tensor | None = None) -> tuple[Step, torch.Tensor | None]:
+        """``step`` for positions of one text in order, whose next tokens ``targets`` are
+        known: where the policy skips by the previous position, every row is searched and
+        then decided in order (``Policy.retrieval``; skipped rows get the LM alone), as
+        generating the text would have. Returns the step and what its last row passes on."""
+        if not self.skips_by_trail or not self.store.visible_corpora or self.settings.lambda_ == 0.0:
+            return self.step(keys, lm_logits), None
+        full = self.step(keys, lm_logits, retrieve=torch.ones(len(targets), dtype=torch.bool))
+        rows = torch.arange(len(targets))
+        has = torch.from_numpy(full.neighbours.next_tokens[:, 0] >= 0)
+        retrieved, passed = self.policy.retrieval(full.signals, full.lambdas, full.lm_log_probs[rows, targets],
+                                                  full.knn_log_probs[rows, targets], has, previous)
+        lambdas = torch.where(retrieved, full.lambdas, torch.zeros_like(full.lambdas))
+        mixed = knn.interpolate(full.lm_log_probs, full.knn_log_probs, lambdas)
+        return dataclasses.replace(full, log_probs=mixed, retrieved=retrieved, lambdas=lambdas), passed
 
     def evaluate(self, text: str | list[int], **kwargs):
         """Perplexity of ``text`` with and without the store: see ``evaluate.evaluate``."""
@@ -398,8 +443,9 @@ class KNNLM:
         if len(ids) < 2:
             raise InputError("text to explain needs at least two tokens")
         out: list[TokenExplanation] = []
+        previous = None
         for win in scored_windows(self.encoder, ids, window=window, stride=max(1, window * 3 // 4)):
-            step = self.step(win.keys, win.logits)
+            step, previous = self.text_step(win.keys, win.logits, win.targets, previous)
             for row, (index, token) in enumerate(zip(win.indices.tolist(), win.targets.tolist())):
                 out.append(self.explain_row(step, row, index, token, n_sources))
         return out
@@ -487,6 +533,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         self._stack: contextlib.ExitStack | None = None
         self._captured: list[torch.Tensor] | None = None
         self._retrieved = self._total = 0
+        self._ids: torch.Tensor | None = None  # the previous step's sequences (for ``_previous``)
 
     @property
     def retrieved_fraction(self) -> float:
@@ -513,13 +560,28 @@ class KNNLogitsProcessor(LogitsProcessor):
         self._captured.clear()
         if keys.shape[0] != scores.shape[0]:
             raise RuntimeError(f"captured {keys.shape[0]} keys for {scores.shape[0]} rows of scores")
-        step = self.knnlm.step(keys, scores.cpu())  # the mixture is computed on the CPU
+        previous = self._previous(input_ids) if self.knnlm.skips_by_trail else None
+        step = self.knnlm.step(keys, scores.cpu(), previous)  # the mixture is computed on the CPU
         self._retrieved += int(step.retrieved.sum())
         self._total += int(step.retrieved.numel())
         self.last = step
         if self.record:
             self.steps.append(step)
         return step.log_probs.to(device=scores.device, dtype=scores.dtype)
+
+
+    def _previous(self, input_ids: torch.LongTensor) -> torch.Tensor | None:
+        """What the previous step passed on to each row (``Step.passed_on``): a row continues
+        the previous step's row holding its sequence less the last token (the same row when
+        sampling; any beam in beam search); zeros where none does."""
+        last, before = self.last, self._ids
+        now = self._ids = input_ids.detach().cpu()
+        if last is None or before is None or last.signals is None or before.shape[1] != now.shape[1] - 1:
+            return None
+        same = (now[:, None, :-1] == before[None, :, :]).all(dim=-1)  # [rows now, rows before]
+        parent = same.double().argmax(dim=1)
+        out = last.passed_on(parent, now[:, -1])
+        return torch.where(same.any(dim=1, keepdim=True), out, torch.zeros_like(out))
 
 
 def check_generation(*, max_new_tokens: int, top_p: float | None, top_k: int | None, num_beams: int,

@@ -37,12 +37,20 @@ Two policies map them to λ:
   any fixed λ, and that surplus buys skipped searches). The fit is stored in the catalog
   and used by ``--adaptive`` from then on.
 
-Skipping can only use what is known before the search: the LM's own distribution.
+Skipping can only use what is known before the search: the LM's own distribution here,
+and what the previous position's retrieval told (``TRAIL``: whether it searched, its λ,
+its neighbours' agreement and nearest distance, and how much the store helped its token,
+known once that token is). A calibration fits a linear predictor of the store's gain at a
+position from those (``SkipRule``) and retrieves where it reaches a cut: the most skipped
+positions that cost at most ``SKIP_COST`` of perplexity on the calibration text and keep
+``keep`` of the best fixed λ's gain. The decision at a position depends on the one before,
+so it is made position by position (``SkipRule.sequence``, ``Policy.retrieval``).
 """
 
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -113,6 +121,90 @@ def signals(distances: torch.Tensor, next_tokens: torch.Tensor, lm_log_probs: to
     return torch.where(retrieval & ~has.unsqueeze(1), torch.zeros_like(out), out)
 
 
+# What the previous position's retrieval tells the next one's skip decision (all 0 where
+# it did not search): it searched (1), its λ, knn_top, log_d1, the log-likelihood gain
+# of the mixture on its token, and log p_kNN of that token.
+TRAIL = ("retrieved", "lambda", "knn_top", "log_d1", "gain", "knn_target")
+SKIP_FEATURES = ("lm_top", "lm_entropy", *(f"previous_{name}" for name in TRAIL))
+SKIP_COST = 0.008  # skipping may cost at most this share of perplexity on the calibration text
+
+
+def trail(sig: torch.Tensor, lambdas: torch.Tensor, lm_target: torch.Tensor, knn_target: torch.Tensor,
+          has: torch.Tensor, retrieved: torch.Tensor) -> torch.Tensor:
+    """[N, len(TRAIL)] float64: each position's retrieval as the next position sees it
+    (rows that did not retrieve are all 0)."""
+    retrieved = torch.as_tensor(retrieved, dtype=torch.bool)
+    lambdas = lambdas.double()
+    gain = mixture_log_prob(lm_target, knn_target, has & retrieved, lambdas) - lm_target.double()
+    out = torch.stack([torch.ones_like(gain), lambdas, sig[:, SIGNALS.index("knn_top")].double(),
+                       sig[:, SIGNALS.index("log_d1")].double(), gain.clamp(-1.0, 3.0),
+                       knn_target.double().clamp(min=-20.0)], dim=1)
+    return torch.where(retrieved.unsqueeze(1), out, torch.zeros_like(out))
+
+
+def _lm_part(sig: torch.Tensor) -> torch.Tensor:
+    return torch.stack([sig[:, SIGNALS.index("lm_top")], sig[:, SIGNALS.index("lm_entropy")]], dim=1).double()
+
+
+def lm_signals(lm_log_probs: torch.Tensor) -> torch.Tensor:
+    """[N, len(SIGNALS)] with only the LM's own signals filled in (what is known before a
+    search): enough for ``Policy.retrieve``."""
+    lm = lm_log_probs.double()
+    out = torch.zeros(lm.shape[0], len(SIGNALS), dtype=torch.float64)
+    out[:, SIGNALS.index("lm_top")] = lm.max(dim=1).values.exp()
+    out[:, SIGNALS.index("lm_entropy")] = knn.entropy(lm)
+    return out
+
+
+@dataclass
+class SkipRule:
+    """Retrieve where a linear predictor of the store's gain at a position, from the LM's
+    confidence there and the previous position's retrieval (``SKIP_FEATURES``), reaches
+    ``cut``."""
+
+    mean: list[float]
+    std: list[float]
+    w: list[float]
+    b: float
+    cut: float
+
+    def _affine(self) -> tuple[torch.Tensor, float]:
+        ww = torch.tensor(self.w, dtype=torch.float64) / torch.tensor(self.std, dtype=torch.float64)
+        return ww, self.b - float((torch.tensor(self.mean, dtype=torch.float64) * ww).sum())
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        ww, c = self._affine()
+        return features.double() @ ww + c
+
+    def retrieve(self, sig: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """[N] bool for one step of N rows: ``sig`` their signals (the LM's are enough),
+        ``previous`` [N, len(TRAIL)] each row's previous position (None: none)."""
+        lm = _lm_part(sig)
+        if previous is None:
+            previous = torch.zeros(len(lm), len(TRAIL), dtype=torch.float64)
+        return self.scores(torch.cat([lm, previous.double()], dim=1)) >= self.cut
+
+    def sequence(self, sig: torch.Tensor, trails: torch.Tensor,
+                 previous: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decide positions of one text in order: ``trails`` [N, len(TRAIL)] is what each
+        would pass on if it retrieved (``trail`` with all retrieved), ``previous`` the
+        position before the first. Returns ([N] bool retrieved, the last position's trail)."""
+        ww, c = self._affine()
+        n_lm = 2
+        base = (_lm_part(sig) @ ww[:n_lm] + c).tolist()
+        passed = (trails.double() @ ww[n_lm:]).tolist()
+        carry = 0.0 if previous is None else float(previous.double().reshape(-1) @ ww[n_lm:])
+        out = [False] * len(base)
+        for i, a in enumerate(base):
+            if a + carry >= self.cut:
+                out[i], carry = True, passed[i]
+            else:
+                carry = 0.0
+        retrieved = torch.tensor(out, dtype=torch.bool)
+        last = (trails[-1:] * retrieved[-1:].unsqueeze(1)).double() if len(out) else previous
+        return retrieved, last
+
+
 class Policy:
     """Maps signals to a λ per position, and says where to skip the store."""
 
@@ -121,6 +213,30 @@ class Policy:
 
     def lambdas(self, sig: torch.Tensor, lambda_: float) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def skip_rule(self) -> SkipRule | None:
+        """A skip decision that uses the previous position (None: the threshold alone)."""
+        return None
+
+    def retrieve(self, lm_log_probs: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """[N] bool: which rows of one step search the store (``previous``: each row's
+        previous position, ``trail``; None where there is none)."""
+        if self.skip_rule is not None:
+            return self.skip_rule.retrieve(lm_signals(lm_log_probs), previous)
+        return knn.retrieval_mask(lm_log_probs, self.skip_above_prob)
+
+    def retrieval(self, sig: torch.Tensor, lambdas: torch.Tensor, lm_target: torch.Tensor,
+                  knn_target: torch.Tensor, has: torch.Tensor,
+                  previous: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of one text decided in order, as steps of ``retrieve`` would be (all
+        searched first): ([N] bool retrieved, the trail the last position passes on)."""
+        full = trail(sig, lambdas, lm_target, knn_target, has, torch.ones(len(sig), dtype=torch.bool))
+        if self.skip_rule is not None:
+            return self.skip_rule.sequence(sig, full, previous)
+        top = sig[:, SIGNALS.index("lm_top")]
+        retrieved = top < self.skip_above_prob if self.skip_above_prob is not None else torch.ones_like(top, dtype=torch.bool)
+        return retrieved, (full[-1:] * retrieved[-1:].unsqueeze(1)) if len(sig) else previous
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -158,7 +274,14 @@ class Calibration(Policy):
     # (q_lo, q_hi) of log_d1 on the calibration text: λ fades from full at q_lo to 0 at q_hi
     # (None in fits saved before it).
     support: list[float] | None = None
+    # ``SkipRule``'s fields: skip by the previous position too (None in fits saved before
+    # it, and where no cut kept enough: then ``skip_above_prob`` alone)
+    skip: dict | None = None
     name: str = "calibrated"
+
+    @property
+    def skip_rule(self) -> SkipRule | None:
+        return SkipRule(**self.skip) if self.skip else None
 
     def _z(self, sig: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, dtype=torch.float64)
@@ -181,6 +304,8 @@ class Calibration(Policy):
 
     def describe(self) -> str:
         skip = f", skip at LM top probability >= {self.skip_above_prob:g}" if self.skip_above_prob else ""
+        if self.skip:
+            skip = ", skip by the LM's confidence and the previous position's retrieval"
         gate = (" × neighbour agreement" if self.gate else "") + (" × distance support" if self.support else "")
         own = " on the store's own text" if self.metrics.get("source") == "self" else ""
         return f"calibrated {self.kind}{gate}{own} (k={self.k}, T={self.temperature:g}){skip}"
@@ -309,7 +434,11 @@ def fit(rec: Records, *, kind: str = "logistic", k: int, temperature: float, ini
                    "holdout": _report(cal, rec.subset(torch.arange(n_fit, n)), init_lambda),
                    "fixed_lambda": init_lambda}
     best_lambda, best_gain = best_fixed(rec)
-    cal.skip_above_prob, retained = choose_skip(rec, cal, keep, reference_gain=best_gain)
+    rule, retained = fit_skip(rec, cal.lambdas(rec.signals), keep, reference_gain=best_gain, seed=seed)
+    if rule is not None:
+        cal.skip = asdict(rule)
+    else:
+        cal.skip_above_prob, retained = choose_skip(rec, cal, keep, reference_gain=best_gain)
     cal.metrics.update(retrieved_fraction=retained, best_fixed_lambda=best_lambda,
                        best_fixed_ppl=_ppl(rec.lm_target.double()) * math.exp(-best_gain / max(1, n)))
     return cal
@@ -397,3 +526,59 @@ def choose_skip(rec: Records, cal: Policy, keep: float = 0.9, lambda_: float | N
         if float(gain[retrieve].sum()) >= target:
             return t, float(retrieve.double().mean())
     return None, 1.0
+
+
+SKIP_MISSING = 0.3  # share of fitting rows shown as if the previous position had not searched
+
+
+def fit_skip(rec: Records, lambdas: torch.Tensor, keep: float = 0.9, reference_gain: float | None = None,
+             cost: float = SKIP_COST, steps: int = 600, seed: int = 0) -> tuple[SkipRule | None, float]:
+    """A ``SkipRule`` for a policy with per-position ``lambdas`` on ``rec`` (positions of
+    text in order), and the fraction of positions it retrieves at; (None, 1.0) where no cut
+    skips anything within ``cost`` (perplexity, relative) and ``keep`` of ``reference_gain``
+    (or of the policy's own gain, if lower).
+
+    The predictor is a least-squares fit of each position's gain (log-likelihood of the
+    mixture minus the LM's, clipped to ±3 nats) on ``SKIP_FEATURES``; the previous
+    position is shown as not searched in ``SKIP_MISSING`` of the rows, as it will be where
+    the rule skipped it. Candidate cuts are quantiles of its scores, each tried position
+    by position (``SkipRule.sequence``); the highest that meets both bounds is kept."""
+    n = len(rec)
+    if n < 10:
+        return None, 1.0
+    lambdas = lambdas.double()
+    gain = mixture_log_prob(rec.lm_target, rec.knn_target, rec.has, lambdas) - rec.lm_target.double()
+    full = trail(rec.signals, lambdas, rec.lm_target, rec.knn_target, rec.has, torch.ones(n, dtype=torch.bool))
+    previous = torch.cat([torch.zeros(1, len(TRAIL), dtype=torch.float64), full[:-1]])
+    hidden = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) < SKIP_MISSING
+    previous = torch.where(hidden.unsqueeze(1), torch.zeros_like(previous), previous)
+    x = torch.cat([_lm_part(rec.signals), previous], dim=1)
+    mean, std = x.mean(dim=0), x.std(dim=0).nan_to_num(1.0).clamp(min=1e-6)
+    z, target = (x - mean) / std, gain.clamp(-3.0, 3.0)
+    with torch.inference_mode(False), torch.enable_grad():
+        z, target = z.clone(), target.clone()
+        w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=0.03)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = ((z @ w + b - target) ** 2).mean()
+            loss.backward()
+            opt.step()
+    rule = SkipRule(mean=mean.tolist(), std=std.tolist(), w=w.detach().tolist(), b=float(b.detach()),
+                     cut=-math.inf)
+    total = float(gain.sum())
+    need = keep * (total if reference_gain is None else min(total, reference_gain))
+    budget = math.log1p(cost) * n
+    scores = rule.scores(x)
+    chosen: tuple[float, float] | None = None
+    for q in range(2, 92, 2):
+        cut = float(torch.quantile(scores, q / 100))
+        retrieved, _ = dataclasses.replace(rule, cut=cut).sequence(rec.signals, full)
+        kept = float(gain[retrieved].sum())
+        if total - kept > budget or kept < need:
+            break
+        chosen = cut, float(retrieved.double().mean())
+    if chosen is None:
+        return None, 1.0
+    return dataclasses.replace(rule, cut=chosen[0]), chosen[1]

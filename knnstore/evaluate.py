@@ -175,6 +175,7 @@ class _Tally:
     lambda_sum: float = 0.0
     t_base: float = 0.0
     t_knn: float = 0.0
+    previous: torch.Tensor | None = None  # what the last position passed on (adaptive.trail)
     mix_nll: np.ndarray = field(init=False)  # [points]: the fixed-λ mixture at each sweep point
     ada_nll: np.ndarray = field(init=False)  # [points]: the adaptive mixture
 
@@ -188,8 +189,11 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
     s, policy = knnlm.settings, knnlm.policy
     retrieve = knnlm.retrieval_mask(lm_log_probs)
     # With a policy every position is searched, so that the fixed λ beside it is the plain
-    # kNN-LM; the adaptive mixture uses only the positions its policy retrieves at.
-    search = retrieve if policy is None or not retrieve.any() else torch.ones_like(retrieve)
+    # kNN-LM; the adaptive mixture uses only the positions its policy retrieves at. A policy
+    # that skips by the previous position decides once the neighbours are known, position
+    # by position (as generation would), carrying the last one over to the next window.
+    in_order = knnlm.skips_by_trail and bool(knnlm.store.visible_corpora)
+    search = retrieve if policy is None or not (retrieve.any() or in_order) else torch.ones_like(retrieve)
     rows = len(win.targets)
     d = torch.full((rows, k_max), math.inf, dtype=torch.float32)
     nt = torch.full((rows, k_max), -1, dtype=torch.long)
@@ -201,6 +205,13 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
         w[search] = torch.from_numpy(found.weights).long()
     valid = knn.valid_mask(d, nt)
     matches = nt == win.targets.unsqueeze(1)
+    if in_order:
+        k, t = s.k, s.temperature
+        sig = adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t, w[:, :k])
+        retrieve, tally.previous = policy.retrieval(
+            sig, policy.lambdas(sig, s.lambda_).clamp(0, 1), target_lm,
+            knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t, w[:, :k]),
+            valid[:, :k].any(dim=1), tally.previous)
     for i, (lambda_, k, t) in enumerate(grid):
         knn_t = knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t, w[:, :k])
         has = valid[:, :k].any(dim=1)

@@ -1,6 +1,7 @@
 """Adaptive interpolation: signals, the rule, fitting a calibration, and their use in the
 adapter, evaluate() and the CLI (tiny random-weight models)."""
 
+import dataclasses
 import json
 import math
 
@@ -11,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from knnstore import KNNLM, InputError, knn
-from knnstore.adaptive import (SIGNALS, Calibration, Records, Rule, best_fixed, choose_skip, fit, mixture_log_prob,
-                               signals)
+from knnstore.adaptive import (SIGNALS, SKIP_COST, SKIP_FEATURES, TRAIL, Calibration, Records, Rule, SkipRule,
+                               best_fixed, choose_skip, fit, mixture_log_prob, signals)
 from knnstore.cli import cli
 from knnstore.evaluate import calibrate
 
@@ -127,7 +128,7 @@ def test_fit_reports_the_best_fixed_lambda_and_keeps_its_gain():
     lam, best_gain = best_fixed(rec)
     assert cal.metrics["best_fixed_lambda"] == lam and best_gain > 0
     ada = cal.lambdas(rec.signals)
-    retrieve = rec.signals[:, col("lm_top")] < (cal.skip_above_prob or 2.0)
+    retrieve, _ = cal.retrieval(rec.signals, ada, rec.lm_target, rec.knn_target, rec.has)
     kept = (mixture_log_prob(rec.lm_target, rec.knn_target, rec.has & retrieve, ada) - rec.lm_target).sum()
     assert kept >= 0.9 * best_gain
 
@@ -259,3 +260,92 @@ def test_the_fixed_lambda_beside_an_adaptive_eval_is_the_plain_knn_lm(lm):
     ada = lm.with_policy(Rule(skip_above_prob=median_top)).evaluate(LOBSTER + OTHER)
     assert 0.0 < ada.retrieved_fraction < 1.0  # the policy skips some positions...
     assert ada.fixed_knn_ppl == pytest.approx(fixed.knn_ppl, rel=1e-9)  # ...the fixed λ beside it none
+
+
+def _bursty(n: int, seed: int) -> Records:
+    """Text where the store helps in runs of ~20 positions, and the LM's own confidence
+    says nothing about where: only the previous position's retrieval does."""
+    g = torch.Generator().manual_seed(seed)
+    sig = torch.randn(n, len(SIGNALS), generator=g, dtype=torch.float64)
+    sig[:, col("lm_top")] = torch.rand(n, generator=g, dtype=torch.float64)
+    run = torch.zeros(n, dtype=torch.bool)
+    i = 0
+    while i < n:
+        length = int(torch.randint(10, 30, (1,), generator=g))
+        run[i:i + length] = bool(torch.rand(1, generator=g) < 0.4)
+        i += length
+    sig[:, col("knn_top")] = torch.where(run, 1.0, 0.3)
+    sig[:, col("log_d1")] = torch.where(run, -2.0, 2.0) + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    lm_t = torch.full((n,), math.log(0.1), dtype=torch.float64)
+    knn_t = torch.where(run, math.log(0.9), math.log(1e-4)).double()
+    return Records(sig, lm_t, knn_t, torch.ones(n, dtype=torch.bool))
+
+
+def test_skipping_by_the_previous_position_skips_where_the_lm_alone_cannot():
+    rec = _bursty(6000, 0)
+    cal = fit(rec, k=8, temperature=1.0, keep=0.9)
+    assert cal.skip_rule is not None and "previous position" in cal.describe()
+    lam = cal.lambdas(rec.signals)
+    retrieved, _ = cal.retrieval(rec.signals, lam, rec.lm_target, rec.knn_target, rec.has)
+    gain = mixture_log_prob(rec.lm_target, rec.knn_target, rec.has, lam) - rec.lm_target
+    cost = math.exp((float(gain.sum()) - float(gain[retrieved].sum())) / len(rec)) - 1
+    assert cost <= SKIP_COST + 1e-9 and float(gain[retrieved].sum()) >= 0.9 * best_fixed(rec)[1]
+    assert cal.metrics["retrieved_fraction"] == pytest.approx(float(retrieved.double().mean()))
+    # The LM's confidence alone cannot tell the helpful runs: at the same cost a threshold
+    # on it skips far less.
+    top = rec.signals[:, col("lm_top")]
+    threshold_skipped = max(float((top >= t).double().mean()) for t in torch.linspace(0.0, 1.01, 102).tolist()
+                            if math.exp(float(gain[top >= t].sum()) / len(rec)) - 1 <= SKIP_COST)
+    assert 1 - float(retrieved.double().mean()) > threshold_skipped + 0.1
+    # On new text of the same kind it still skips, within the cost.
+    test = _bursty(3000, 1)
+    lam = cal.lambdas(test.signals)
+    retrieved, _ = cal.retrieval(test.signals, lam, test.lm_target, test.knn_target, test.has)
+    gain = mixture_log_prob(test.lm_target, test.knn_target, test.has, lam) - test.lm_target
+    assert float(retrieved.double().mean()) < 0.9
+    assert math.exp((float(gain.sum()) - float(gain[retrieved].sum())) / len(test)) - 1 < 2 * SKIP_COST
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000))
+def test_deciding_a_text_in_order_equals_deciding_it_step_by_step(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, f = 40, len(SKIP_FEATURES)
+    rule = SkipRule(mean=torch.randn(f, generator=g).tolist(), std=(torch.rand(f, generator=g) + 0.5).tolist(),
+                    w=torch.randn(f, generator=g).tolist(), b=float(torch.randn(1, generator=g)), cut=0.0)
+    sig = torch.randn(n, len(SIGNALS), generator=g, dtype=torch.float64)
+    trails = torch.randn(n, len(TRAIL), generator=g, dtype=torch.float64)
+    start = torch.randn(1, len(TRAIL), generator=g, dtype=torch.float64)
+    together, last = rule.sequence(sig, trails, start)
+    previous = start
+    for i in range(n):
+        here = bool(rule.retrieve(sig[i:i + 1], previous)[0])
+        assert here == bool(together[i])
+        previous = trails[i:i + 1] if here else torch.zeros_like(previous)
+    assert torch.equal(last, previous)
+
+
+def _alternating(lm) -> KNNLM:
+    """The adapter with a policy that retrieves exactly where the previous position did not."""
+    cal = fit(_synthetic(500, 0, helpful=True), k=8, temperature=1.0)
+    f = len(SKIP_FEATURES)
+    w = [0.0] * f
+    w[SKIP_FEATURES.index("previous_retrieved")] = -2.0
+    cal.skip = dataclasses.asdict(SkipRule(mean=[0.0] * f, std=[1.0] * f, w=w, b=1.0, cut=0.0))
+    return lm.with_policy(cal)
+
+
+def test_generation_eval_and_explain_pass_the_previous_position_on(lm):
+    alt = _alternating(lm)
+    assert alt.skips_by_trail and not alt.with_settings(skip_above_prob=0.9).skips_by_trail
+    g = alt.generate("The European", max_new_tokens=6, explain=True)
+    assert [t.retrieved for t in g.tokens] == [True, False, True, False, True, False]
+    beams = alt.generate("The European", max_new_tokens=4, num_beams=2)
+    assert beams.retrieved_fraction == 0.5  # every beam continues one of the step before
+    # eval decides the positions in order, across windows too
+    ids = lm.encoder.tokenize(HAMLET + CITIZEN + LOBSTER)
+    r = alt.evaluate(ids, window=16, stride=8)
+    assert r.tokens > 16 and r.retrieved_fraction == pytest.approx(math.ceil(r.tokens / 2) / r.tokens)
+    explained = alt.explain(HAMLET, n_sources=1, window=16)
+    assert [t.retrieved for t in explained] == [i % 2 == 0 for i in range(len(explained))]
+    assert all(t.knn_weight == 0.0 and not t.sources for t in explained if not t.retrieved)
