@@ -121,25 +121,32 @@ def signals(distances: torch.Tensor, next_tokens: torch.Tensor, lm_log_probs: to
     return torch.where(retrieval & ~has.unsqueeze(1), torch.zeros_like(out), out)
 
 
-# What the previous position's retrieval tells the next one's skip decision (all 0 where
-# it did not search): it searched (1), its λ, knn_top, log_d1, the log-likelihood gain
-# of the mixture on its token, and log p_kNN of that token.
-TRAIL = ("retrieved", "lambda", "knn_top", "log_d1", "gain", "knn_target")
+# What a position tells the next one's skip decision: whether it searched (1), its λ,
+# knn_top, log_d1, the log-likelihood gain of the mixture on its token and log p_kNN of
+# that token (all 0 where it did not search), and how surprised the LM was by its token
+# (-log p_LM, known either way).
+TRAIL = ("retrieved", "lambda", "knn_top", "log_d1", "gain", "knn_target", "lm_surprise")
 SKIP_FEATURES = ("lm_top", "lm_entropy", *(f"previous_{name}" for name in TRAIL))
 SKIP_COST = 0.008  # skipping may cost at most this share of perplexity on the calibration text
+_KNOWN = torch.tensor([name == "lm_surprise" for name in TRAIL])  # known without a search
 
 
 def trail(sig: torch.Tensor, lambdas: torch.Tensor, lm_target: torch.Tensor, knn_target: torch.Tensor,
           has: torch.Tensor, retrieved: torch.Tensor) -> torch.Tensor:
-    """[N, len(TRAIL)] float64: each position's retrieval as the next position sees it
-    (rows that did not retrieve are all 0)."""
+    """[N, len(TRAIL)] float64: what each position passes on to the next one's skip
+    decision (``unsearched`` where it did not retrieve)."""
     retrieved = torch.as_tensor(retrieved, dtype=torch.bool)
     lambdas = lambdas.double()
     gain = mixture_log_prob(lm_target, knn_target, has & retrieved, lambdas) - lm_target.double()
     out = torch.stack([torch.ones_like(gain), lambdas, sig[:, SIGNALS.index("knn_top")].double(),
                        sig[:, SIGNALS.index("log_d1")].double(), gain.clamp(-1.0, 3.0),
-                       knn_target.double().clamp(min=-20.0)], dim=1)
-    return torch.where(retrieved.unsqueeze(1), out, torch.zeros_like(out))
+                       knn_target.double().clamp(min=-20.0), (-lm_target.double()).clamp(max=20.0)], dim=1)
+    return torch.where(retrieved.unsqueeze(1), out, unsearched(out))
+
+
+def unsearched(trails: torch.Tensor) -> torch.Tensor:
+    """``trails`` as positions that did not search pass them on (what only a search tells: 0)."""
+    return torch.where(_KNOWN, trails, torch.zeros_like(trails))
 
 
 def _lm_part(sig: torch.Tensor) -> torch.Tensor:
@@ -191,18 +198,17 @@ class SkipRule:
         position before the first. Returns ([N] bool retrieved, the last position's trail)."""
         ww, c = self._affine()
         n_lm = 2
+        trails = trails.double()
         base = (_lm_part(sig) @ ww[:n_lm] + c).tolist()
-        passed = (trails.double() @ ww[n_lm:]).tolist()
+        if_searched = (trails @ ww[n_lm:]).tolist()
+        if_not = (unsearched(trails) @ ww[n_lm:]).tolist()
         carry = 0.0 if previous is None else float(previous.double().reshape(-1) @ ww[n_lm:])
         out = [False] * len(base)
         for i, a in enumerate(base):
-            if a + carry >= self.cut:
-                out[i], carry = True, passed[i]
-            else:
-                carry = 0.0
+            out[i] = a + carry >= self.cut
+            carry = if_searched[i] if out[i] else if_not[i]
         retrieved = torch.tensor(out, dtype=torch.bool)
-        last = (trails[-1:] * retrieved[-1:].unsqueeze(1)).double() if len(out) else previous
-        return retrieved, last
+        return retrieved, _last(trails, retrieved, previous)
 
 
 class Policy:
@@ -236,7 +242,15 @@ class Policy:
             return self.skip_rule.sequence(sig, full, previous)
         top = sig[:, SIGNALS.index("lm_top")]
         retrieved = top < self.skip_above_prob if self.skip_above_prob is not None else torch.ones_like(top, dtype=torch.bool)
-        return retrieved, (full[-1:] * retrieved[-1:].unsqueeze(1)) if len(sig) else previous
+        return retrieved, _last(full, retrieved, previous)
+
+
+def _last(trails: torch.Tensor, retrieved: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor | None:
+    """What the last of a run of positions passes on ([1, len(TRAIL)]; ``previous`` if none)."""
+    if not len(retrieved):
+        return previous
+    last = trails[-1:].double()
+    return last if bool(retrieved[-1]) else unsearched(last)
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -532,13 +546,13 @@ SKIP_MISSING = 0.3  # share of fitting rows shown as if the previous position ha
 
 
 def fit_skip(rec: Records, lambdas: torch.Tensor, keep: float = 0.9, reference_gain: float | None = None,
-             cost: float = SKIP_COST, steps: int = 600, seed: int = 0) -> tuple[SkipRule | None, float]:
+             cost: float = SKIP_COST, seed: int = 0) -> tuple[SkipRule | None, float]:
     """A ``SkipRule`` for a policy with per-position ``lambdas`` on ``rec`` (positions of
     text in order), and the fraction of positions it retrieves at; (None, 1.0) where no cut
     skips anything within ``cost`` (perplexity, relative) and ``keep`` of ``reference_gain``
     (or of the policy's own gain, if lower).
 
-    The predictor is a least-squares fit of each position's gain (log-likelihood of the
+    The predictor is a linear least-squares fit of each position's gain (log-likelihood of the
     mixture minus the LM's, clipped to ±3 nats) on ``SKIP_FEATURES``; the previous
     position is shown as not searched in ``SKIP_MISSING`` of the rows, as it will be where
     the rule skipped it. Candidate cuts are quantiles of its scores, each tried position
@@ -551,22 +565,13 @@ def fit_skip(rec: Records, lambdas: torch.Tensor, keep: float = 0.9, reference_g
     full = trail(rec.signals, lambdas, rec.lm_target, rec.knn_target, rec.has, torch.ones(n, dtype=torch.bool))
     previous = torch.cat([torch.zeros(1, len(TRAIL), dtype=torch.float64), full[:-1]])
     hidden = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) < SKIP_MISSING
-    previous = torch.where(hidden.unsqueeze(1), torch.zeros_like(previous), previous)
+    previous = torch.where(hidden.unsqueeze(1), unsearched(previous), previous)
     x = torch.cat([_lm_part(rec.signals), previous], dim=1)
     mean, std = x.mean(dim=0), x.std(dim=0).nan_to_num(1.0).clamp(min=1e-6)
-    z, target = (x - mean) / std, gain.clamp(-3.0, 3.0)
-    with torch.inference_mode(False), torch.enable_grad():
-        z, target = z.clone(), target.clone()
-        w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-        b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.Adam([w, b], lr=0.03)
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = ((z @ w + b - target) ** 2).mean()
-            loss.backward()
-            opt.step()
-    rule = SkipRule(mean=mean.tolist(), std=std.tolist(), w=w.detach().tolist(), b=float(b.detach()),
-                     cut=-math.inf)
+    z = torch.cat([(x - mean) / std, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.lstsq(z, gain.clamp(-3.0, 3.0).unsqueeze(1)).solution.squeeze(1)
+    rule = SkipRule(mean=mean.tolist(), std=std.tolist(), w=solution[:-1].tolist(), b=float(solution[-1]),
+                    cut=-math.inf)
     total = float(gain.sum())
     need = keep * (total if reference_gain is None else min(total, reference_gain))
     budget = math.log1p(cost) * n

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from knnstore import KNNLM, InputError, knn
 from knnstore.adaptive import (SIGNALS, SKIP_COST, SKIP_FEATURES, TRAIL, Calibration, Records, Rule, SkipRule,
-                               best_fixed, choose_skip, fit, mixture_log_prob, signals)
+                               best_fixed, choose_skip, fit, mixture_log_prob, signals, unsearched)
 from knnstore.cli import cli
 from knnstore.evaluate import calibrate
 
@@ -321,7 +321,7 @@ def test_deciding_a_text_in_order_equals_deciding_it_step_by_step(seed):
     for i in range(n):
         here = bool(rule.retrieve(sig[i:i + 1], previous)[0])
         assert here == bool(together[i])
-        previous = trails[i:i + 1] if here else torch.zeros_like(previous)
+        previous = trails[i:i + 1] if here else unsearched(trails[i:i + 1])
     assert torch.equal(last, previous)
 
 

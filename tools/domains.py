@@ -28,6 +28,7 @@ the calibrated policy are all scored from it. Writes OUT.md (the table) and OUT.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import subprocess
 import sys
@@ -38,7 +39,7 @@ import torch
 
 from knnstore import Store
 from knnstore.adapter import KNNLM
-from knnstore.adaptive import SIGNALS, Records, Rule, fit, mixture_log_prob
+from knnstore.adaptive import SIGNALS, Calibration, Policy, Records, Rule, fit, mixture_log_prob, trail
 from knnstore.config import KNNSettings
 from knnstore.encoder import Encoder
 from knnstore.evaluate import SELF_SOURCE, SELF_TOKENS, evaluate, self_records
@@ -47,6 +48,10 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 LAMBDAS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 DOMAINS = ("wiki", "shakespeare", "gutenberg")
+# Stores that mix domains (the corpora of the single-domain stores, added one by one):
+# their cells show the self-calibrated default only (no held-out text of a mixture).
+MIXED = {"mix2": ("wiki", "shakespeare"), "mix3": DOMAINS}
+LABELS = {"mix2": "wiki+shakespeare", "mix3": "all three"}
 
 
 def prepare_texts(cache: Path) -> dict[str, dict[str, Path]]:
@@ -93,32 +98,58 @@ def knnstore_cli(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def build_store(path: Path, domain: str, source: Path) -> None:
-    """Build the store with the CLI (resumable: a ready corpus is kept)."""
-    if (path / "knnstore.json").exists():
-        store = Store.open(path)
-        if any(c.status == "ready" for c in store.corpora()):
-            return
-        if any(c.name == domain for c in store.corpora()):
-            knnstore_cli("remove-corpus", str(path), domain)
-    else:
+def build_store(path: Path, sources: dict[str, Path]) -> None:
+    """Build the store with the CLI, one corpus per domain (resumable: ready corpora are
+    kept, one left half-added is removed and added again)."""
+    if not (path / "knnstore.json").exists():
         knnstore_cli("init", str(path))
-    extra = ["--split-on-heading"] if domain == "wiki" else []
-    knnstore_cli("add-corpus", str(path), domain, str(source), *extra)
+    for domain, source in sources.items():
+        corpora = {c.name: c.status for c in Store.open(path).corpora()}
+        if corpora.get(domain) == "ready":
+            continue
+        if domain in corpora:
+            knnstore_cli("remove-corpus", str(path), domain)
+        extra = ["--split-on-heading"] if domain == "wiki" else []
+        knnstore_cli("add-corpus", str(path), domain, str(source), *extra)
 
 
 def ppl(log_probs: torch.Tensor) -> float:
     return math.exp(-float(log_probs.double().mean()))
 
 
-def score(rec: Records, lambdas: torch.Tensor, skip_above: float | None) -> tuple[float, float]:
-    """Perplexity of the mixture with λ per row, λ = 0 where retrieval is skipped."""
-    retrieve = torch.ones(len(rec), dtype=torch.bool)
-    if skip_above is not None:
-        retrieve = rec.signals[:, SIGNALS.index("lm_top")] < skip_above
-    lam = torch.where(retrieve, lambdas.double(), torch.zeros_like(lambdas.double()))
-    return ppl(mixture_log_prob(rec.lm_target, rec.knn_target, rec.has & retrieve, lam)), float(
-        retrieve.double().mean())
+def score(rec: Records, policy: Policy, lambda_: float) -> tuple[float, float, float]:
+    """Perplexity of the policy's mixture (λ = 0 where it skips retrieval, decided
+    position by position as eval and generation do), the fraction of positions that
+    retrieve, and the perplexity with every position retrieving."""
+    lambdas = policy.lambdas(rec.signals, lambda_).double().clamp(0, 1)
+    retrieve, _ = policy.retrieval(rec.signals, lambdas, rec.lm_target, rec.knn_target, rec.has)
+    lam = torch.where(retrieve, lambdas, torch.zeros_like(lambdas))
+    return (ppl(mixture_log_prob(rec.lm_target, rec.knn_target, rec.has & retrieve, lam)),
+            float(retrieve.double().mean()), ppl(mixture_log_prob(rec.lm_target, rec.knn_target, rec.has, lambdas)))
+
+
+def skipped_at_cost(rec: Records, policy: Calibration, cost: float = 0.01) -> tuple[float, float]:
+    """How much retrieval each way of skipping can save on ``rec`` at a given perplexity
+    cost against always retrieving (the best cut on ``rec`` itself): the LM's top
+    probability alone, and the policy's ``SkipRule`` (the previous position too)."""
+    lambdas = policy.lambdas(rec.signals).double()
+    gain = mixture_log_prob(rec.lm_target, rec.knn_target, rec.has, lambdas) - rec.lm_target.double()
+    budget, total, n = math.log1p(cost) * len(rec), float(gain.sum()), len(rec)
+
+    def best(masks) -> float:
+        return max((1 - float(r.double().mean()) for r in masks if total - float(gain[r].sum()) <= budget),
+                   default=0.0)
+
+    top = rec.signals[:, SIGNALS.index("lm_top")]
+    by_top = best(top < t for t in torch.linspace(0.0, 1.0, 201)[1:].tolist() + [2.0])
+    rule = policy.skip_rule
+    if rule is None:
+        return by_top, by_top
+    full = trail(rec.signals, lambdas, rec.lm_target, rec.knn_target, rec.has, torch.ones(n, dtype=torch.bool))
+    scores = rule.scores(torch.cat([torch.stack([top, rec.signals[:, SIGNALS.index("lm_entropy")]], dim=1), full], 1))
+    cuts = torch.quantile(scores, torch.linspace(0.0, 0.95, 96, dtype=torch.float64)).tolist()
+    by_trail = best(dataclasses.replace(rule, cut=c).sequence(rec.signals, full)[0] for c in cuts)
+    return by_top, by_trail
 
 
 def main() -> None:
@@ -137,28 +168,34 @@ def main() -> None:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     paths = prepare_texts(cache)
-    stores = {d: cache / f"domain-{d}" for d in DOMAINS}
+    stores = {d: cache / f"domain-{d}" for d in (*DOMAINS, *MIXED)}
     for d in DOMAINS:
-        build_store(stores[d], d, paths["store"][d])
+        build_store(stores[d], {d: paths["store"][d]})
+    for m, domains in MIXED.items():
+        build_store(stores[m], {d: paths["store"][d] for d in domains})
 
     settings = KNNSettings(exact=True)  # k=128, λ=0.15, T=3
     encoder = None
     results = {}
     (cache / "records").mkdir(exist_ok=True)
-    for sd in DOMAINS:
+    for sd in (*DOMAINS, *MIXED):
         store = Store.open(stores[sd])
         if encoder is None:
             encoder = Encoder.load(store.identity.model, key_layer=store.identity.key_layer,
                                    key_site=store.identity.key_site)
         lm = KNNLM(encoder.model, encoder.tokenizer, store, settings)
-        # What `knnstore calibrate STORE --text FILE --max-tokens N --exact` does, with the
-        # scored positions cached (the scoring is the slow part; the fit takes seconds).
-        t0 = time.perf_counter()
-        cal_rec = records(cache / "records" / f"{sd}__calibration__{args.calibration_tokens}.pt",
-                          lm, paths["calibrate"][sd], args.calibration_tokens)
-        cal = fit(cal_rec, kind=args.kind, k=settings.k, temperature=settings.temperature,
-                  init_lambda=settings.lambda_, keep=args.keep)
-        print(f"calibrated {sd} in {time.perf_counter() - t0:.0f} s: {cal.describe()} {cal.metrics}", flush=True)
+        store.clear_calibrations()
+        cal = None
+        if sd in DOMAINS:
+            # What `knnstore calibrate STORE --text FILE --max-tokens N --exact` does, with the
+            # scored positions cached (the scoring is the slow part; the fit takes seconds).
+            t0 = time.perf_counter()
+            cal_rec = records(cache / "records" / f"{sd}__calibration__{args.calibration_tokens}.pt",
+                              lm, paths["calibrate"][sd], args.calibration_tokens)
+            cal = fit(cal_rec, kind=args.kind, k=settings.k, temperature=settings.temperature,
+                      init_lambda=settings.lambda_, keep=args.keep)
+            store.save_calibration(cal, text_source=str(paths["calibrate"][sd]), n_tokens=len(cal_rec))
+            print(f"calibrated {sd} in {time.perf_counter() - t0:.0f} s: {cal.describe()}", flush=True)
         # What `knnstore calibrate STORE --max-tokens N --exact` (no text) does, cached the same way.
         t0 = time.perf_counter()
         self_path = cache / "records" / f"{sd}__self__{args.self_tokens}.pt"
@@ -169,26 +206,26 @@ def main() -> None:
             torch.save(vars(self_rec), self_path)
         own = fit(self_rec, kind=args.kind, k=settings.k, temperature=settings.temperature,
                   init_lambda=settings.lambda_, keep=args.keep)
-        store.clear_calibrations()
-        store.save_calibration(cal, text_source=str(paths["calibrate"][sd]), n_tokens=len(cal_rec))
         store.save_calibration(own, text_source=SELF_SOURCE, n_tokens=own.tokens)
-        print(f"self-calibrated {sd} in {time.perf_counter() - t0:.0f} s: {own.describe()} {own.metrics}",
-              flush=True)
+        print(f"self-calibrated {sd} in {time.perf_counter() - t0:.0f} s: {own.describe()}", flush=True)
         for td in DOMAINS:
             rec = records(cache / "records" / f"{sd}__{td}__{args.tokens}.pt", lm, paths["test"][td], args.tokens)
             base = ppl(rec.lm_target)
-            fixed = {lam: score(rec, torch.full((len(rec),), lam), None)[0] for lam in LAMBDAS}
+            fixed = {lam: ppl(mixture_log_prob(rec.lm_target, rec.knn_target, rec.has,
+                                               torch.full((len(rec),), lam, dtype=torch.float64)))
+                     for lam in LAMBDAS}
             best_lam = min(fixed, key=fixed.get)
-            rule = Rule()
-            rule_ppl, rule_ret = score(rec, rule.lambdas(rec.signals, settings.lambda_), rule.skip_above_prob)
-            cal_ppl, cal_ret = score(rec, cal.lambdas(rec.signals), cal.skip_above_prob)
-            own_ppl, own_ret = score(rec, own.lambdas(rec.signals), own.skip_above_prob)
-            results[sd, td] = dict(base=base, fixed=fixed[settings.lambda_], best=fixed[best_lam],
-                                   best_lambda=best_lam, rule=rule_ppl, rule_retrieved=rule_ret,
-                                   calibrated=cal_ppl, retrieved=cal_ret, own=own_ppl, own_retrieved=own_ret,
-                                   tokens=len(rec))
-            print(sd, td, {k: round(v, 4) if isinstance(v, float) else v for k, v in results[sd, td].items()},
-                  flush=True)
+            rule_ppl, rule_ret, _ = score(rec, Rule(), settings.lambda_)
+            own_ppl, own_ret, own_always = score(rec, own, settings.lambda_)
+            r = dict(base=base, fixed=fixed[settings.lambda_], best=fixed[best_lam], best_lambda=best_lam,
+                     rule=rule_ppl, rule_retrieved=rule_ret, own=own_ppl, own_retrieved=own_ret,
+                     own_always=own_always, tokens=len(rec), in_domain=td in MIXED.get(sd, (sd,)))
+            if cal is not None:
+                r["calibrated"], r["retrieved"], _ = score(rec, cal, settings.lambda_)
+            if r["in_domain"]:
+                r["skipped_by_top"], r["skipped_by_trail"] = skipped_at_cost(rec, own)
+            results[sd, td] = r
+            print(sd, td, {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
     write_report(results, args, stores, paths)
 
 
@@ -213,47 +250,63 @@ def write_report(results, args, stores, paths) -> None:
     out = Path(args.out)
     pct = lambda x, base: f"{100 * (x / base - 1):+.1f}%"  # noqa: E731
     lines = [
-        "| store ↓ / test → | tokens | base LM | fixed λ=0.15 | best fixed λ | rule | **self-calibrated** (no user text) "
-        "| retrieved | calibrated on held-out text | retrieved |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| store ↓ / test → | tokens | base LM | fixed λ=0.15 | best fixed λ | rule | **self-calibrated** (no user text, "
+        "the default) | retrieved | skipping costs | calibrated on held-out text | retrieved |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (sd, td), r in results.items():
         b = r["base"]
-        mark = " **(in-domain)**" if sd == td else ""
+        mark = " **(in-domain)**" if r["in_domain"] else ""
+        held = (f"{r['calibrated']:.2f} ({pct(r['calibrated'], b)}) | {100 * r['retrieved']:.0f}%"
+                if "calibrated" in r else "- | -")
         lines.append(
-            f"| {sd} / {td}{mark} | {r['tokens']:,} | {b:.2f} | {r['fixed']:.2f} ({pct(r['fixed'], b)}) | "
+            f"| {LABELS.get(sd, sd)} / {td}{mark} | {r['tokens']:,} | {b:.2f} | {r['fixed']:.2f} ({pct(r['fixed'], b)}) | "
             f"{r['best']:.2f} ({pct(r['best'], b)}, λ={r['best_lambda']:g}) | {r['rule']:.2f} ({pct(r['rule'], b)}) | "
             f"**{r['own']:.2f} ({pct(r['own'], b)})** | {100 * r['own_retrieved']:.0f}% | "
-            f"{r['calibrated']:.2f} ({pct(r['calibrated'], b)}) | {100 * r['retrieved']:.0f}% |")
-    summary = []
-    for key, label in (("own", "self-calibrated (no user text)"), ("calibrated", "calibrated on held-out text")):
-        worst = max(r[key] / r["base"] - 1 for r in results.values())
-        kept = [(r["base"] - r[key]) / (r["base"] - r["best"]) for (sd, td), r in results.items()
-                if sd == td and r["base"] > r["best"]]
-        retrieved = "retrieved" if key == "calibrated" else "own_retrieved"
-        skipped = [1 - r[retrieved] for (sd, td), r in results.items() if sd == td]
-        summary += [
-            f"- {label}: worst cell vs base {100 * worst:+.2f}% (target: at most +1%); in-domain share of the best "
-            f"fixed-λ gain kept {', '.join(f'{100 * k:.0f}%' for k in kept)} (target: at least 90%); in-domain "
-            f"retrieval skipped {', '.join(f'{100 * s:.0f}%' for s in skipped)} (target: at least 30%)"]
+            f"{pct(r['own'], r['own_always'])} | {held} |")
+
+    def summary_line(label: str, cells: dict, key: str, retrieved: str) -> str:
+        worst = max(r[key] / r["base"] - 1 for r in cells.values())
+        kept = [(r["base"] - r[key]) / (r["base"] - r["best"]) for r in cells.values()
+                if r["in_domain"] and r["base"] > r["best"]]
+        skipped = [1 - r[retrieved] for r in cells.values() if r["in_domain"]]
+        line = (f"- {label}: worst cell vs base {100 * worst:+.2f}% (target: at most +1%); in-domain share of the best "
+                f"fixed-λ gain kept {', '.join(f'{100 * k:.0f}%' for k in kept)} (target: at least 90%); in-domain "
+                f"retrieval skipped {', '.join(f'{100 * s:.0f}%' for s in skipped)} (target: at least 30%)")
+        if key == "own":
+            costs = [r["own"] / r["own_always"] - 1 for r in cells.values() if r["in_domain"]]
+            line += f", costing {', '.join(f'{100 * c:+.2f}%' for c in costs)} against always retrieving (target: at most +1%)"
+        return line
+
+    single = {c: r for c, r in results.items() if c[0] in DOMAINS}
+    mixed = {c: r for c, r in results.items() if c[0] in MIXED}
+    summary = [summary_line("self-calibrated (no user text), single-domain stores", single, "own", "own_retrieved"),
+               summary_line("calibrated on held-out text, single-domain stores", single, "calibrated", "retrieved")]
+    if mixed:
+        summary.append(summary_line("self-calibrated (no user text), mixed stores", mixed, "own", "own_retrieved"))
+    equal = [(f"{LABELS.get(sd, sd)}/{td}", r) for (sd, td), r in results.items() if "skipped_by_trail" in r]
+    summary.append("- retrieval skipped at +1% perplexity against always retrieving (each way's best cut on the "
+                   "cell itself): by the LM's top probability alone / with the previous position "
+                   + ", ".join(f"{name} {100 * r['skipped_by_top']:.0f}% / {100 * r['skipped_by_trail']:.0f}%"
+                               for name, r in equal))
     cmd = (f"python tools/domains.py --tokens {args.tokens} --calibration-tokens {args.calibration_tokens} "
            f"--self-tokens {args.self_tokens} --kind {args.kind} --keep {args.keep:g}")
     md = "\n".join([f"Command: `{cmd}` (stores cached in `{args.cache}`)", "", *lines, "", *summary, ""])
     out.with_suffix(".md").write_text(md, encoding="utf-8")
     print(md)
 
-    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(13, 4.5), dpi=120)
     cells = list(results)
     series = (("fixed", "fixed λ=0.15"), ("best", "best fixed λ per cell"), ("rule", "rule (no calibration)"),
               ("own", "self-calibrated (no user text)"), ("calibrated", "calibrated on held-out text"))
     width = 0.16
     for i, (key, label) in enumerate(series):
-        ys = [100 * (results[c][key] / results[c]["base"] - 1) for c in cells]
+        ys = [100 * (results[c].get(key, results[c]["base"]) / results[c]["base"] - 1) for c in cells]
         ax.bar([j + (i - 2) * width for j in range(len(cells))], ys, width, label=label)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axhline(1, color="grey", linestyle=":", linewidth=0.8)
     ax.set_xticks(range(len(cells)))
-    ax.set_xticklabels([f"{sd} store\non {td}" for sd, td in cells], fontsize=7)
+    ax.set_xticklabels([f"{LABELS.get(sd, sd)} store\non {td}" for sd, td in cells], fontsize=6)
     ax.set_ylabel("perplexity change vs base LM (%)")
     ax.set_title("kNN-LM across domains: fixed vs adaptive interpolation (SmolLM2-135M, k=128, T=3)")
     ax.legend(fontsize=8)
