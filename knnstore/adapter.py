@@ -569,7 +569,6 @@ class KNNLogitsProcessor(LogitsProcessor):
             self.steps.append(step)
         return step.log_probs.to(device=scores.device, dtype=scores.dtype)
 
-
     def _previous(self, input_ids: torch.LongTensor) -> torch.Tensor | None:
         """What the previous step passed on to each row (``Step.passed_on``): a row continues
         the previous step's row holding its sequence less the last token (the same row when

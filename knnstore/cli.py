@@ -1084,8 +1084,9 @@ def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature,
                           fmt(m["calibrated_ppl"]), f"{m['mean_lambda']:.3f}")
     out.print(table)
     skip = cal.skip_above_prob
-    out.print(f"retrieval: {'always' if skip is None else f'skipped where the LM top probability >= {skip:g}'}"
-              f" ({100 * cal.metrics['retrieved_fraction']:.1f}% of positions retrieve). "
+    how = ("skipped by the LM's confidence and the previous position's retrieval" if cal.skip_rule is not None
+           else "always" if skip is None else f"skipped where the LM top probability >= {skip:g}")
+    out.print(f"retrieval: {how} ({100 * cal.metrics['retrieved_fraction']:.1f}% of positions retrieve). "
               f"Adaptive λ (the default) uses it.")
 
 

@@ -1,6 +1,6 @@
 """Fixed vs adaptive interpolation across domains: three stores x three test sets.
 
-    python tools/domains.py [--cache DIR] [--tokens 8000] [--out docs/domains]
+    python tools/domains.py [--cache DIR] [--tokens 8000] [--outside] [--out docs/domains]
 
 Stores (built once with the default model, cached in --cache; rerunning reuses them and
 every per-cell result already computed):
@@ -10,19 +10,28 @@ every per-cell result already computed):
 * gutenberg:   the last 100,000 characters of each Gutenberg book's training part
                (../shared/data/gutenberg/docs, ten documents)
 
+* wiki+shakespeare, all three: the same corpora, two and three in one store (the default
+  on a store that mixes domains)
+* python (with --outside, a domain none of the project's data covers): this interpreter's
+  standard library source of email, http, logging and urllib, one document per file
+
 Test sets: the first --tokens tokens of WikiText-2 test.txt and of Tiny Shakespeare
-test.txt, and ten evenly spaced pieces of Gutenberg test.txt (so every book is in it).
+test.txt, and ten evenly spaced pieces of Gutenberg test.txt (so every book is in it)
+(and of the standard library's asyncio source, with --outside).
 
 Each store is calibrated twice: on its own text, with no user text (``knnstore calibrate
 STORE``: pieces of its documents scored with their own document hidden, ``--self-tokens``
 positions), and on held-out text of its own domain (``knnstore calibrate STORE --text``):
 the last 250,000 characters of WikiText-2 test.txt (disjoint from the scored tokens), Tiny
-Shakespeare valid.txt, Gutenberg valid.txt. The self-calibration is saved in the store
-last, so ``knnstore eval STORE --text FILE --adaptive --exact`` reproduces its cells.
+Shakespeare valid.txt, Gutenberg valid.txt (the standard library's unittest source); the
+mixed stores only on their own text. The self-calibration is saved in the store last, so
+``knnstore eval STORE --text FILE --max-tokens 8000 --exact`` (the default: adaptive)
+reproduces its cells.
 
 Every cell is one exact-search pass at k=128, T=3 that keeps each position's signals and
 target probabilities; base, fixed λ (the default and the best of a grid), the rule and
-the calibrated policy are all scored from it. Writes OUT.md (the table) and OUT.png.
+the calibrated policies are all scored from it, skipping decided position by position as
+eval and generation decide it. Writes OUT.md (the table) and OUT.png.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import dataclasses
 import math
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -51,6 +61,12 @@ DOMAINS = ("wiki", "shakespeare", "gutenberg")
 # Stores that mix domains (the corpora of the single-domain stores, added one by one):
 # their cells show the self-calibrated default only (no held-out text of a mixture).
 MIXED = {"mix2": ("wiki", "shakespeare"), "mix3": DOMAINS}
+# With --outside, a fourth domain none of the project's data covers: Python source code
+# (this interpreter's standard library; the store, its test text and its held-out text
+# from disjoint packages).
+OUTSIDE = "python"
+PYTHON_STORE = ("email", "http", "logging", "urllib")
+PYTHON_TEST, PYTHON_HELDOUT = "asyncio", "unittest"
 LABELS = {"mix2": "wiki+shakespeare", "mix3": "all three"}
 
 
@@ -67,29 +83,47 @@ def prepare_texts(cache: Path) -> dict[str, dict[str, Path]]:
     wiki_test = (DATA / "wikitext-2" / "test.txt").read_text(encoding="utf-8")
     heldout = wiki_test[-250_000:]
     (texts / "wiki-heldout.txt").write_text(heldout[heldout.index("\n") + 1:], encoding="utf-8")
-    lines = (DATA / "gutenberg" / "test.txt").read_text(encoding="utf-8").splitlines(keepends=True)
-    pieces = []
-    for i in range(10):
-        start = i * len(lines) // 10
-        piece, size = [], 0
-        for line in lines[start:]:
-            piece.append(line)
-            size += len(line)
-            if size >= 4_000:
-                break
-        pieces.append("".join(piece))
-    (texts / "gutenberg-test.txt").write_text("\n".join(pieces), encoding="utf-8")
+    (texts / "gutenberg-test.txt").write_text(pieces((DATA / "gutenberg" / "test.txt").read_text(encoding="utf-8")),
+                                              encoding="utf-8")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    (texts / "python-store").mkdir(exist_ok=True)
+    for package in PYTHON_STORE:
+        for source in sorted((stdlib / package).rglob("*.py")):
+            target = texts / "python-store" / f"{package}__{'__'.join(source.relative_to(stdlib / package).parts)}.txt"
+            if not target.exists():
+                target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+
+    def package_text(package: str) -> str:
+        return "\n".join(p.read_text(encoding="utf-8") for p in sorted((stdlib / package).rglob("*.py")))
+
+    (texts / "python-test.txt").write_text(pieces(package_text(PYTHON_TEST)), encoding="utf-8")
+    (texts / "python-heldout.txt").write_text(package_text(PYTHON_HELDOUT), encoding="utf-8")
     return {
         "store": {"wiki": DATA / "wikitext-2" / "valid.txt",
                   "shakespeare": DATA / "tinyshakespeare" / "train.txt",
-                  "gutenberg": texts / "gutenberg-tails"},
+                  "gutenberg": texts / "gutenberg-tails", OUTSIDE: texts / "python-store"},
         "test": {"wiki": DATA / "wikitext-2" / "test.txt",
                  "shakespeare": DATA / "tinyshakespeare" / "test.txt",
-                 "gutenberg": texts / "gutenberg-test.txt"},
+                 "gutenberg": texts / "gutenberg-test.txt", OUTSIDE: texts / "python-test.txt"},
         "calibrate": {"wiki": texts / "wiki-heldout.txt",
                       "shakespeare": DATA / "tinyshakespeare" / "valid.txt",
-                      "gutenberg": DATA / "gutenberg" / "valid.txt"},
+                      "gutenberg": DATA / "gutenberg" / "valid.txt", OUTSIDE: texts / "python-heldout.txt"},
     }
+
+
+def pieces(text: str, n: int = 10, size: int = 4_000) -> str:
+    """``n`` evenly spaced pieces of ``text``, each whole lines adding up to ``size`` characters."""
+    lines = text.splitlines(keepends=True)
+    out = []
+    for i in range(n):
+        piece, length = [], 0
+        for line in lines[i * len(lines) // n:]:
+            piece.append(line)
+            length += len(line)
+            if length >= size:
+                break
+        out.append("".join(piece))
+    return "\n".join(out)
 
 
 def knnstore_cli(*args: str) -> None:
@@ -163,13 +197,16 @@ def main() -> None:
     parser.add_argument("--kind", default="logistic", choices=("logistic", "mlp"))
     parser.add_argument("--keep", type=float, default=0.9,
                         help="Share of the best fixed λ's gain that skipping keeps (knnstore calibrate --keep).")
+    parser.add_argument("--outside", action="store_true",
+                        help="Add a domain the project's data does not cover: Python source code.")
     parser.add_argument("--out", default=str(REPO / "docs" / "domains"))
     args = parser.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     paths = prepare_texts(cache)
-    stores = {d: cache / f"domain-{d}" for d in (*DOMAINS, *MIXED)}
-    for d in DOMAINS:
+    domains = (*DOMAINS, OUTSIDE) if args.outside else DOMAINS
+    stores = {d: cache / f"domain-{d}" for d in (*domains, *MIXED)}
+    for d in domains:
         build_store(stores[d], {d: paths["store"][d]})
     for m, domains in MIXED.items():
         build_store(stores[m], {d: paths["store"][d] for d in domains})
@@ -178,7 +215,7 @@ def main() -> None:
     encoder = None
     results = {}
     (cache / "records").mkdir(exist_ok=True)
-    for sd in (*DOMAINS, *MIXED):
+    for sd in (*domains, *MIXED):
         store = Store.open(stores[sd])
         if encoder is None:
             encoder = Encoder.load(store.identity.model, key_layer=store.identity.key_layer,
@@ -186,7 +223,7 @@ def main() -> None:
         lm = KNNLM(encoder.model, encoder.tokenizer, store, settings)
         store.clear_calibrations()
         cal = None
-        if sd in DOMAINS:
+        if sd not in MIXED:
             # What `knnstore calibrate STORE --text FILE --max-tokens N --exact` does, with the
             # scored positions cached (the scoring is the slow part; the fit takes seconds).
             t0 = time.perf_counter()
@@ -208,7 +245,7 @@ def main() -> None:
                   init_lambda=settings.lambda_, keep=args.keep)
         store.save_calibration(own, text_source=SELF_SOURCE, n_tokens=own.tokens)
         print(f"self-calibrated {sd} in {time.perf_counter() - t0:.0f} s: {own.describe()}", flush=True)
-        for td in DOMAINS:
+        for td in domains:
             rec = records(cache / "records" / f"{sd}__{td}__{args.tokens}.pt", lm, paths["test"][td], args.tokens)
             base = ppl(rec.lm_target)
             fixed = {lam: ppl(mixture_log_prob(rec.lm_target, rec.knn_target, rec.has,
@@ -278,7 +315,7 @@ def write_report(results, args, stores, paths) -> None:
             line += f", costing {', '.join(f'{100 * c:+.2f}%' for c in costs)} against always retrieving (target: at most +1%)"
         return line
 
-    single = {c: r for c, r in results.items() if c[0] in DOMAINS}
+    single = {c: r for c, r in results.items() if c[0] not in MIXED}
     mixed = {c: r for c, r in results.items() if c[0] in MIXED}
     summary = [summary_line("self-calibrated (no user text), single-domain stores", single, "own", "own_retrieved"),
                summary_line("calibrated on held-out text, single-domain stores", single, "calibrated", "retrieved")]
