@@ -38,9 +38,9 @@ Two policies map them to λ:
   and used by ``--adaptive`` from then on.
 
 Skipping can only use what is known before the search: the LM's own distribution here,
-and what the previous position's retrieval told (``TRAIL``: whether it searched, its λ,
-its neighbours' agreement and nearest distance, and how much the store helped its token,
-known once that token is). A calibration fits a linear predictor of the store's gain at a
+and what the previous position told (``TRAIL``: whether it searched, its λ, its
+neighbours' agreement and nearest distance, how much the store helped its token, known
+once that token is, and how surprised the LM was by it). A calibration fits a linear predictor of the store's gain at a
 position from those (``SkipRule``) and retrieves where it reaches a cut: the most skipped
 positions that cost at most ``SKIP_COST`` of perplexity on the calibration text and keep
 ``keep`` of the best fixed λ's gain. The decision at a position depends on the one before,
@@ -149,7 +149,11 @@ def unsearched(trails: torch.Tensor) -> torch.Tensor:
     return torch.where(_KNOWN, trails, torch.zeros_like(trails))
 
 
+_N_HERE = len(SKIP_FEATURES) - len(TRAIL)  # features of the position itself (the LM's)
+
+
 def _lm_part(sig: torch.Tensor) -> torch.Tensor:
+    """[N, _N_HERE]: the skip features of the positions themselves."""
     return torch.stack([sig[:, SIGNALS.index("lm_top")], sig[:, SIGNALS.index("lm_entropy")]], dim=1).double()
 
 
@@ -197,12 +201,12 @@ class SkipRule:
         would pass on if it retrieved (``trail`` with all retrieved), ``previous`` the
         position before the first. Returns ([N] bool retrieved, the last position's trail)."""
         ww, c = self._affine()
-        n_lm = 2
+        here, before = ww[:_N_HERE], ww[_N_HERE:]
         trails = trails.double()
-        base = (_lm_part(sig) @ ww[:n_lm] + c).tolist()
-        if_searched = (trails @ ww[n_lm:]).tolist()
-        if_not = (unsearched(trails) @ ww[n_lm:]).tolist()
-        carry = 0.0 if previous is None else float(previous.double().reshape(-1) @ ww[n_lm:])
+        base = (_lm_part(sig) @ here + c).tolist()
+        if_searched = (trails @ before).tolist()
+        if_not = (unsearched(trails) @ before).tolist()
+        carry = 0.0 if previous is None else float(previous.double().reshape(-1) @ before)
         out = [False] * len(base)
         for i, a in enumerate(base):
             out[i] = a + carry >= self.cut

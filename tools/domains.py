@@ -208,8 +208,8 @@ def main() -> None:
     stores = {d: cache / f"domain-{d}" for d in (*domains, *MIXED)}
     for d in domains:
         build_store(stores[d], {d: paths["store"][d]})
-    for m, domains in MIXED.items():
-        build_store(stores[m], {d: paths["store"][d] for d in domains})
+    for m, parts in MIXED.items():
+        build_store(stores[m], {d: paths["store"][d] for d in parts})
 
     settings = KNNSettings(exact=True)  # k=128, λ=0.15, T=3
     encoder = None
@@ -327,13 +327,14 @@ def write_report(results, args, stores, paths) -> None:
                    + ", ".join(f"{name} {100 * r['skipped_by_top']:.0f}% / {100 * r['skipped_by_trail']:.0f}%"
                                for name, r in equal))
     cmd = (f"python tools/domains.py --tokens {args.tokens} --calibration-tokens {args.calibration_tokens} "
-           f"--self-tokens {args.self_tokens} --kind {args.kind} --keep {args.keep:g}")
+           f"--self-tokens {args.self_tokens} --kind {args.kind} --keep {args.keep:g}"
+           + (" --outside" if args.outside else ""))
     md = "\n".join([f"Command: `{cmd}` (stores cached in `{args.cache}`)", "", *lines, "", *summary, ""])
     out.with_suffix(".md").write_text(md, encoding="utf-8")
     print(md)
 
-    fig, ax = plt.subplots(figsize=(13, 4.5), dpi=120)
     cells = list(results)
+    fig, ax = plt.subplots(figsize=(max(9.0, 0.8 * len(cells)), 4.8), dpi=120)
     series = (("fixed", "fixed λ=0.15"), ("best", "best fixed λ per cell"), ("rule", "rule (no calibration)"),
               ("own", "self-calibrated (no user text)"), ("calibrated", "calibrated on held-out text"))
     width = 0.16
@@ -343,7 +344,7 @@ def write_report(results, args, stores, paths) -> None:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axhline(1, color="grey", linestyle=":", linewidth=0.8)
     ax.set_xticks(range(len(cells)))
-    ax.set_xticklabels([f"{LABELS.get(sd, sd)} store\non {td}" for sd, td in cells], fontsize=6)
+    ax.set_xticklabels([f"{LABELS.get(sd, sd)}\nstore on\n{td}" for sd, td in cells], fontsize=6)
     ax.set_ylabel("perplexity change vs base LM (%)")
     ax.set_title("kNN-LM across domains: fixed vs adaptive interpolation (SmolLM2-135M, k=128, T=3)")
     ax.legend(fontsize=8)
