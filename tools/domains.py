@@ -347,7 +347,8 @@ def write_report(results, args, stores, paths) -> None:
     ax.set_xticklabels([f"{LABELS.get(sd, sd)}\nstore on\n{td}" for sd, td in cells], fontsize=6)
     ax.set_ylabel("perplexity change vs base LM (%)")
     ax.set_title("kNN-LM across domains: fixed vs adaptive interpolation (SmolLM2-135M, k=128, T=3)")
-    ax.legend(fontsize=8)
+    ax.set_ylim(bottom=ax.get_ylim()[0] - 3)  # room for the legend below the bars
+    ax.legend(fontsize=8, loc="lower left", ncol=5)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"))
