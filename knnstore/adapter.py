@@ -435,13 +435,19 @@ class KNNLM:
             knn_weight=lambda_ if retrieved else 0.0,
         )
 
-    def explain(self, text: str, n_sources: int = 3, window: int = SCORE_WINDOW) -> list[TokenExplanation]:
-        """Score ``text`` and give, for every token after the first, its sources."""
-        check_number("sources", n_sources, 0, MAX_K, integer=True)
-        check_number("window", window, 2, MAX_WINDOW, integer=True)
-        ids = self.encoder.tokenize(text)
+    def explain_ids(self, text: str | Sequence[int]) -> list[int]:
+        """The tokens ``explain`` scores (refused under two: nothing to explain)."""
+        ids = list(text) if not isinstance(text, str) else self.encoder.tokenize(text)
         if len(ids) < 2:
             raise InputError("text to explain needs at least two tokens")
+        return ids
+
+    def explain(self, text: str | Sequence[int], n_sources: int = 3,
+                window: int = SCORE_WINDOW) -> list[TokenExplanation]:
+        """Score ``text`` (or its token ids) and give, for every token after the first, its sources."""
+        check_number("sources", n_sources, 0, MAX_K, integer=True)
+        check_number("window", window, 2, MAX_WINDOW, integer=True)
+        ids = self.explain_ids(text)
         out: list[TokenExplanation] = []
         previous = None
         for win in scored_windows(self.encoder, ids, window=window, stride=max(1, window * 3 // 4)):

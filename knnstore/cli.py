@@ -751,10 +751,11 @@ def _knn_options(sweep: bool):
     return decorate
 
 
-def _knnlm(store, opts: dict, single: bool, policy: bool = True):
+def _knnlm(store, opts: dict, single: bool, policy: bool = True, check=None):
     """The adapter for STORE with the kNN options of a command (``_knn_options``); with
     ``policy``, its adaptive policy worked out now (a self-calibration, where the store
-    needs one, with a progress bar)."""
+    needs one, with a progress bar), after ``check(adapter)``: what refuses bad input
+    with the model at hand, before a self-calibration writes to the store."""
     from .adapter import KNNLM
 
     lists = {name: opts[key] for name, key in (("--k", "k"), ("--lambda", "lambda_"),
@@ -776,6 +777,8 @@ def _knnlm(store, opts: dict, single: bool, policy: bool = True):
     s = _open(store)
     _load_model(s)
     lm = KNNLM.from_store(s, settings)
+    if check is not None:
+        check(lm)
     if policy and lm.needs_calibration():
         with _progress("Calibrating on the store's own text (once: saved in the store)") as update:
             lm.resolve_policy(progress=update)
@@ -832,10 +835,13 @@ def eval_(store, text_path, max_tokens, window, stride, sweep_out, as_json, **kn
     sweeping = any(len(knn_opts[key] or []) > 1 for key in ("k", "lambda_", "temperature"))
     if sweeping or click.get_current_context().get_parameter_source("sweep_out").name != "DEFAULT":
         check_sweep_prefix(sweep_out)  # before any scoring: a sweep must be writable
+    from .evaluate import token_ids
+
     text = _read_text_arg(text_path)
-    lm = _knnlm(store, knn_opts, single=False)
+    ids = []
+    lm = _knnlm(store, knn_opts, single=False, check=lambda lm: ids.extend(token_ids(lm, text, max_tokens)))
     with _progress("Scoring") as update:
-        result = lm.evaluate(text, lambdas=knn_opts["lambda_"], ks=knn_opts["k"],
+        result = lm.evaluate(ids, lambdas=knn_opts["lambda_"], ks=knn_opts["k"],
                              temperatures=knn_opts["temperature"],
                              max_tokens=max_tokens, window=window, stride=stride, progress=update)
     files = None
@@ -950,8 +956,9 @@ def explain(store, text, n_sources, as_json, with_spans, **knn_opts):
     Example:
         knnstore explain wiki-store "The tower was built in 1889"
     """
-    lm = _knnlm(store, knn_opts, single=True)
-    tokens = lm.explain(text, n_sources=n_sources)
+    ids = []
+    lm = _knnlm(store, knn_opts, single=True, check=lambda lm: ids.extend(lm.explain_ids(text)))
+    tokens = lm.explain(ids, n_sources=n_sources)
     if as_json:
         listed = [t.to_dict() for t in tokens]
         _echo_json({"tokens": listed, "spans": [sp.to_dict() for sp in lm.spans(tokens)]} if with_spans else listed)

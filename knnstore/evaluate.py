@@ -126,7 +126,7 @@ def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float
             (what ``knnstore calibrate`` fits on).
     """
     s = knnlm.settings
-    ids = _token_ids(knnlm, text, max_tokens)
+    ids = token_ids(knnlm, text, max_tokens)
     grid = list(itertools.product(lambdas or [s.lambda_], ks or [s.k], temperatures or [s.temperature]))
     for lambda_, k, t in grid:
         dataclasses.replace(s, lambda_=lambda_, k=k, temperature=t)  # validates each point
@@ -150,8 +150,9 @@ def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float
     return _result(knnlm, grid, tally)
 
 
-def _token_ids(knnlm: KNNLM, text: str | Sequence[int], max_tokens: int | None) -> list[int]:
-    """The tokens to score: the first ``max_tokens`` + 1 (the first is context only)."""
+def token_ids(knnlm: KNNLM, text: str | Sequence[int], max_tokens: int | None) -> list[int]:
+    """The tokens ``evaluate`` scores: the first ``max_tokens`` + 1 (the first is context
+    only); refused under two."""
     if max_tokens is not None:
         check_number("max_tokens", max_tokens, 1, None, integer=True)
     ids = list(text) if not isinstance(text, str) else knnlm.encoder.tokenize(text)
