@@ -349,3 +349,14 @@ def test_generation_eval_and_explain_pass_the_previous_position_on(lm):
     explained = alt.explain(HAMLET, n_sources=1, window=16)
     assert [t.retrieved for t in explained] == [i % 2 == 0 for i in range(len(explained))]
     assert all(t.knn_weight == 0.0 and not t.sources for t in explained if not t.retrieved)
+
+
+def test_batched_decoding_carries_each_rows_own_previous_position(lm):
+    from knnstore.decoding import Row, decode
+
+    alt = _alternating(lm)
+    rows = [Row(prompt_ids=lm.tokenizer(p)["input_ids"], max_tokens=5, temperature=0.0)
+            for p in ("The European lobster", "Hamlet")]  # left-padded to one length
+    decode(alt, rows)
+    for r in rows:
+        assert r.token_ids and r.retrieved == math.ceil(len(r.token_ids) / 2), (r.token_ids, r.retrieved)
