@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import itertools
 import math
@@ -206,19 +207,26 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
         w[search] = torch.from_numpy(found.weights).long()
     valid = knn.valid_mask(d, nt)
     matches = nt == win.targets.unsqueeze(1)
+
+    @functools.cache
+    def target_at(k: int, t: float) -> torch.Tensor:  # log p_kNN(target) from the k nearest, at T
+        return knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t, w[:, :k])
+
+    @functools.cache
+    def signals_at(k: int, t: float) -> torch.Tensor:
+        return adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t, w[:, :k])
+
     if in_order:
         k, t = s.k, s.temperature
-        sig = adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t, w[:, :k])
-        retrieve, tally.previous = policy.retrieval(
-            sig, policy.lambdas(sig, s.lambda_).clamp(0, 1), target_lm,
-            knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t, w[:, :k]),
-            valid[:, :k].any(dim=1), tally.previous)
+        sig = signals_at(k, t)
+        retrieve, tally.previous = policy.retrieval(sig, policy.lambdas(sig, s.lambda_).clamp(0, 1), target_lm,
+                                                    target_at(k, t), valid[:, :k].any(dim=1), tally.previous)
     for i, (lambda_, k, t) in enumerate(grid):
-        knn_t = knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t, w[:, :k])
+        knn_t = target_at(k, t)
         has = valid[:, :k].any(dim=1)
         tally.mix_nll[i] -= float(knn.interpolate(target_lm, knn_t, lambda_, has_knn=has).sum())
         if policy is not None:
-            sig = adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t, w[:, :k])
+            sig = signals_at(k, t)
             lambdas = torch.where(retrieve, policy.lambdas(sig, lambda_).clamp(0, 1), torch.zeros(()))
             tally.ada_nll[i] -= float(adaptive.mixture_log_prob(target_lm, knn_t, has & retrieve, lambdas).sum())
         if i == 0:
@@ -230,10 +238,7 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
             tally.n_covered += int(torch.isfinite(sel).sum())
     if records is not None:
         k, t = s.k, s.temperature
-        records.append(adaptive.Records(
-            adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t, w[:, :k]), target_lm,
-            knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t, w[:, :k]),
-            valid[:, :k].any(dim=1)))
+        records.append(adaptive.Records(signals_at(k, t), target_lm, target_at(k, t), valid[:, :k].any(dim=1)))
     tally.n_retrieved += int(retrieve.sum())
 
 
