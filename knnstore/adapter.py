@@ -172,6 +172,11 @@ class Step:
     lambdas: float | torch.Tensor = 0.0  # λ, or [N] per row with adaptive interpolation
     signals: torch.Tensor | None = None  # [N, len(adaptive.SIGNALS)] with adaptive interpolation
 
+    @property
+    def has_neighbours(self) -> torch.Tensor:
+        """[N] bool: the rows that found at least one neighbour."""
+        return torch.from_numpy(self.neighbours.next_tokens[:, 0] >= 0)
+
     def passed_on(self, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """What this step tells the next one's skip decision (``adaptive.trail``), for next
         rows continuing rows ``parent`` [M] of this step with ``tokens`` [M]."""
@@ -179,11 +184,9 @@ class Step:
             raise ValueError("only a step with adaptive interpolation passes a trail on")
         lambdas = self.lambdas if isinstance(self.lambdas, torch.Tensor) else torch.full(
             (len(self.retrieved),), float(self.lambdas))
-        has = torch.from_numpy(self.neighbours.next_tokens[:, 0] >= 0)
-        knn_lp = self.knn_log_probs
         rows = parent.long()
         return adaptive.trail(self.signals[rows], lambdas[rows], self.lm_log_probs[rows, tokens],
-                              knn_lp[rows, tokens], has[rows], self.retrieved[rows])
+                              self.knn_log_probs[rows, tokens], self.has_neighbours[rows], self.retrieved[rows])
 
 
 class KNNLM:
@@ -372,9 +375,8 @@ class KNNLM:
             return self.step(keys, lm_logits), None
         full = self.step(keys, lm_logits, retrieve=torch.ones(len(targets), dtype=torch.bool))
         rows = torch.arange(len(targets))
-        has = torch.from_numpy(full.neighbours.next_tokens[:, 0] >= 0)
         retrieved, passed = self.policy.retrieval(full.signals, full.lambdas, full.lm_log_probs[rows, targets],
-                                                  full.knn_log_probs[rows, targets], has, previous)
+                                                  full.knn_log_probs[rows, targets], full.has_neighbours, previous)
         lambdas = torch.where(retrieved, full.lambdas, torch.zeros_like(full.lambdas))
         mixed = knn.interpolate(full.lm_log_probs, full.knn_log_probs, lambdas)
         return dataclasses.replace(full, log_probs=mixed, retrieved=retrieved, lambdas=lambdas), passed

@@ -157,6 +157,21 @@ def _lm_part(sig: torch.Tensor) -> torch.Tensor:
     return torch.stack([sig[:, SIGNALS.index("lm_top")], sig[:, SIGNALS.index("lm_entropy")]], dim=1).double()
 
 
+def skip_features(sig: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, len(SKIP_FEATURES)]: each position's own signals (the LM's are enough) and what
+    the position before it passed on (``previous`` [N, len(TRAIL)]; None: none)."""
+    lm = _lm_part(sig)
+    if previous is None:
+        previous = torch.zeros(len(lm), len(TRAIL), dtype=torch.float64)
+    return torch.cat([lm, previous.double()], dim=1)
+
+
+def shifted(trails: torch.Tensor) -> torch.Tensor:
+    """What each position of a text in order is passed on by the one before it (the
+    first: nothing), from every position's ``trails``."""
+    return torch.cat([torch.zeros(1, trails.shape[1], dtype=torch.float64), trails[:-1].double()])
+
+
 def lm_signals(lm_log_probs: torch.Tensor) -> torch.Tensor:
     """[N, len(SIGNALS)] with only the LM's own signals filled in (what is known before a
     search): enough for ``Policy.retrieve``."""
@@ -190,10 +205,7 @@ class SkipRule:
     def retrieve(self, sig: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
         """[N] bool for one step of N rows: ``sig`` their signals (the LM's are enough),
         ``previous`` [N, len(TRAIL)] each row's previous position (None: none)."""
-        lm = _lm_part(sig)
-        if previous is None:
-            previous = torch.zeros(len(lm), len(TRAIL), dtype=torch.float64)
-        return self.scores(torch.cat([lm, previous.double()], dim=1)) >= self.cut
+        return self.scores(skip_features(sig, previous)) >= self.cut
 
     def sequence(self, sig: torch.Tensor, trails: torch.Tensor,
                  previous: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -567,10 +579,9 @@ def fit_skip(rec: Records, lambdas: torch.Tensor, keep: float = 0.9, reference_g
     lambdas = lambdas.double()
     gain = mixture_log_prob(rec.lm_target, rec.knn_target, rec.has, lambdas) - rec.lm_target.double()
     full = trail(rec.signals, lambdas, rec.lm_target, rec.knn_target, rec.has, torch.ones(n, dtype=torch.bool))
-    previous = torch.cat([torch.zeros(1, len(TRAIL), dtype=torch.float64), full[:-1]])
+    previous = shifted(full)
     hidden = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) < SKIP_MISSING
-    previous = torch.where(hidden.unsqueeze(1), unsearched(previous), previous)
-    x = torch.cat([_lm_part(rec.signals), previous], dim=1)
+    x = skip_features(rec.signals, torch.where(hidden.unsqueeze(1), unsearched(previous), previous))
     mean, std = x.mean(dim=0), x.std(dim=0).nan_to_num(1.0).clamp(min=1e-6)
     z = torch.cat([(x - mean) / std, torch.ones(n, 1, dtype=torch.float64)], dim=1)
     solution = torch.linalg.lstsq(z, gain.clamp(-3.0, 3.0).unsqueeze(1)).solution.squeeze(1)

@@ -49,7 +49,8 @@ import torch
 
 from knnstore import Store
 from knnstore.adapter import KNNLM
-from knnstore.adaptive import SIGNALS, Calibration, Policy, Records, Rule, fit, mixture_log_prob, trail
+from knnstore.adaptive import (SIGNALS, Calibration, Policy, Records, Rule, fit, mixture_log_prob, shifted,
+                               skip_features, trail)
 from knnstore.config import KNNSettings
 from knnstore.encoder import Encoder
 from knnstore.evaluate import SELF_SOURCE, SELF_TOKENS, evaluate, self_records
@@ -180,7 +181,7 @@ def skipped_at_cost(rec: Records, policy: Calibration, cost: float = 0.01) -> tu
     if rule is None:
         return by_top, by_top
     full = trail(rec.signals, lambdas, rec.lm_target, rec.knn_target, rec.has, torch.ones(n, dtype=torch.bool))
-    scores = rule.scores(torch.cat([torch.stack([top, rec.signals[:, SIGNALS.index("lm_entropy")]], dim=1), full], 1))
+    scores = rule.scores(skip_features(rec.signals, shifted(full)))
     cuts = torch.quantile(scores, torch.linspace(0.0, 0.95, 96, dtype=torch.float64)).tolist()
     by_trail = best(dataclasses.replace(rule, cut=c).sequence(rec.signals, full)[0] for c in cuts)
     return by_top, by_trail
