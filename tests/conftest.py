@@ -7,7 +7,9 @@ model. Tests marked `slow` load the real default model (SmolLM2-135M) once per s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -145,9 +147,25 @@ def text_dir(tmp_path) -> Path:
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
-    """Every file under ``path`` with its bytes (the write lock file excluded)."""
+    """Every file under ``path`` with its bytes: the SQLite catalog with its write-ahead log
+    checkpointed first, so that a write hidden in the log shows, and a checkpoint that
+    happens to run meanwhile (when a connection closes) does not look like a change; the
+    log, the shared-memory index and the write lock file excluded."""
+    catalog = path / "catalog.db"
+    if catalog.is_file():
+        try:
+            with contextlib.closing(sqlite3.connect(catalog)) as db:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:  # a damaged catalog is compared as it is
+            pass
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name != "write.lock"}
+            if p.is_file() and p.name != "write.lock" and not p.name.endswith(("-wal", "-shm"))}
+
+
+def changed(path: Path, before: dict[str, bytes]) -> set[str]:
+    """The files under ``path`` added, removed or rewritten since ``before = snapshot(path)``."""
+    after = snapshot(path)
+    return {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
 
 
 def replace_settings(settings: IngestSettings, **changes) -> IngestSettings:

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from knnstore import KNNSettings, Store
 from knnstore.cli import cli
 
-from .conftest import snapshot
+from .conftest import changed, snapshot
 
 SMALL = ["--window", "16", "--stride", "12", "--batch-size", "4"]
 
@@ -99,10 +99,7 @@ def test_user_mistakes_get_one_line_a_nonzero_exit_and_change_nothing(runner, cl
     assert "Traceback" not in result.output
     error_lines = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(error_lines) == 1
-    after = snapshot(cli_store)
-    changed = {k for k in before.keys() | after.keys()
-               if before.get(k) != after.get(k) and not k.endswith(("-shm", "-wal"))}
-    assert changed == set()
+    assert changed(cli_store, before) == set()
 
 
 def test_a_model_that_cannot_be_loaded_is_a_one_line_error(runner, tmp_path):
@@ -219,6 +216,4 @@ def test_eval_and_generate_mistakes_get_one_line_and_change_nothing(runner, fill
     result = runner.invoke(cli, args(str(filled_store), tmp_path))
     assert result.exit_code != 0
     assert message in result.output and "Traceback" not in result.output
-    after = snapshot(filled_store)
-    assert {k for k in before.keys() | after.keys()
-            if before.get(k) != after.get(k) and not k.endswith(("-shm", "-wal"))} == set()
+    assert changed(filled_store, before) == set()

@@ -19,7 +19,7 @@ from knnstore.cli import cli
 from knnstore.evaluate import SELF_MIN_TOKENS, evaluate, self_calibrate, self_records
 from knnstore.vectors import Neighbours
 
-from .conftest import snapshot
+from .conftest import changed, snapshot
 
 SETTINGS = IngestSettings(window=64, stride=48, batch_size=8, commit_every=4096)
 PHRASES = ["the lobsters are blue", "only becoming red on cooking", "First Citizen speaks",
@@ -119,7 +119,7 @@ def test_too_small_a_store_has_no_self_calibration(store, tiny_encoder, tmp_path
     before = snapshot(store.path)
     result = CliRunner().invoke(cli, ["calibrate", str(store.path), "--exact"])
     assert result.exit_code == 1 and "too little text to calibrate on itself" in result.output
-    assert snapshot(store.path) == before
+    assert changed(store.path, before) == set()
 
 
 def test_cli_calibrates_on_the_store_itself(domain_store):
