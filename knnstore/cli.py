@@ -751,11 +751,12 @@ def _knn_options(sweep: bool):
     return decorate
 
 
-def _knnlm(store, opts: dict, single: bool, policy: bool = True, check=None):
+def _knnlm(store, opts: dict, single: bool, policy: bool = True):
     """The adapter for STORE with the kNN options of a command (``_knn_options``); with
-    ``policy``, its adaptive policy worked out now (a self-calibration, where the store
-    needs one, with a progress bar), after ``check(adapter)``: what refuses bad input
-    with the model at hand, before a self-calibration writes to the store."""
+    ``policy``, its adaptive policy worked out now (``_resolve_policy``). A command that
+    checks its input with the model's tokenizer asks for ``policy=False`` and resolves it
+    after the check, so that bad input is refused before a self-calibration writes to the
+    store."""
     from .adapter import KNNLM
 
     lists = {name: opts[key] for name, key in (("--k", "k"), ("--lambda", "lambda_"),
@@ -777,9 +778,13 @@ def _knnlm(store, opts: dict, single: bool, policy: bool = True, check=None):
     s = _open(store)
     _load_model(s)
     lm = KNNLM.from_store(s, settings)
-    if check is not None:
-        check(lm)
-    if policy and lm.needs_calibration():
+    return _resolve_policy(lm) if policy else lm
+
+
+def _resolve_policy(lm):
+    """``lm`` with its adaptive policy worked out: a self-calibration, where the store needs
+    one, with a progress bar, and what the adapter has to say about it."""
+    if lm.needs_calibration():
         with _progress("Calibrating on the store's own text (once: saved in the store)") as update:
             lm.resolve_policy(progress=update)
         if lm.policy_note:
@@ -838,8 +843,9 @@ def eval_(store, text_path, max_tokens, window, stride, sweep_out, as_json, **kn
     from .evaluate import token_ids
 
     text = _read_text_arg(text_path)
-    ids = []
-    lm = _knnlm(store, knn_opts, single=False, check=lambda lm: ids.extend(token_ids(lm, text, max_tokens)))
+    lm = _knnlm(store, knn_opts, single=False, policy=False)
+    ids = token_ids(lm, text, max_tokens)
+    _resolve_policy(lm)
     with _progress("Scoring") as update:
         result = lm.evaluate(ids, lambdas=knn_opts["lambda_"], ks=knn_opts["k"],
                              temperatures=knn_opts["temperature"],
@@ -956,8 +962,9 @@ def explain(store, text, n_sources, as_json, with_spans, **knn_opts):
     Example:
         knnstore explain wiki-store "The tower was built in 1889"
     """
-    ids = []
-    lm = _knnlm(store, knn_opts, single=True, check=lambda lm: ids.extend(lm.explain_ids(text)))
+    lm = _knnlm(store, knn_opts, single=True, policy=False)
+    ids = lm.explain_ids(text)
+    _resolve_policy(lm)
     tokens = lm.explain(ids, n_sources=n_sources)
     if as_json:
         listed = [t.to_dict() for t in tokens]
