@@ -168,6 +168,23 @@ def changed(path: Path, before: dict[str, bytes]) -> set[str]:
     return {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
 
 
+@contextlib.contextmanager
+def read_only_view(path: Path, where: Path):
+    """``path`` bind-mounted read-only at ``where`` (needs root and mount; the test is
+    skipped, saying so, elsewhere)."""
+    import subprocess
+
+    where.mkdir()
+    proc = subprocess.run(["mount", "--bind", str(path), str(where)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot bind-mount here ({proc.stderr.strip() or 'mount failed'})")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(where)], check=True)
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
 def replace_settings(settings: IngestSettings, **changes) -> IngestSettings:
     return dataclasses.replace(settings, **changes)
 

@@ -32,7 +32,7 @@ from knnstore.cli import cli
 from knnstore.lock import WriteLock
 from knnstore.outputs import atomic_output
 
-from .conftest import changed, interrupted_cli_ingest, snapshot
+from .conftest import changed, interrupted_cli_ingest, read_only_view, snapshot
 
 
 def _run(*args, env=None):
@@ -240,15 +240,8 @@ def test_a_writer_stops_before_committing_into_a_directory_swapped_under_it(tmp_
 
 @pytest.fixture
 def read_only_copy(filled, tmp_path):
-    """The store bind-mounted read-only (needs root and mount; skipped, saying so, elsewhere)."""
-    where = tmp_path / "ro"
-    where.mkdir()
-    proc = subprocess.run(["mount", "--bind", str(filled.path), str(where)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot bind-mount here ({proc.stderr.strip() or 'mount failed'})")
-    subprocess.run(["mount", "-o", "remount,ro,bind", str(where)], check=True)
-    yield where
-    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+    with read_only_view(filled.path, tmp_path / "ro") as where:
+        yield where
 
 
 def test_a_read_only_store_can_be_read_and_refuses_writes_plainly(read_only_copy, filled, text_dir):

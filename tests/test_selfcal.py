@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from knnstore import IngestSettings
+from knnstore import adaptive as adaptive_module
 from knnstore.adapter import KNNLM
 from knnstore.adaptive import Calibration, Records
 from knnstore.cli import cli
@@ -130,3 +131,62 @@ def test_cli_calibrates_on_the_store_itself(domain_store):
     d = json.loads(result.stdout)
     assert d["metrics"]["source"] == "self" and d["metrics"]["holdout"]["tokens"] > 0
     assert domain_store.calibration().metrics["source"] == "self"
+
+
+def test_the_default_calibrates_once_and_again_when_the_content_changes(domain_store, tiny_encoder, tmp_path):
+    lm = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, domain_store, k=8, temperature=1.0, exact=True)
+    assert lm.settings.adaptive and lm.needs_calibration() and domain_store.calibration() is None
+    first = lm.policy  # the default: a self-calibration, made now and saved
+    assert isinstance(first, Calibration) and first.metrics["source"] == "self"
+    assert lm.policy_note == "calibrated on the store's own text (saved in the store)"
+    saved = domain_store.calibration()
+    assert saved.to_dict() == first.to_dict() and saved.metrics["content"] == domain_store.content()
+    again = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, domain_store, k=8, temperature=1.0, exact=True)
+    assert not again.needs_calibration() and again.policy.to_dict() == first.to_dict()  # reused, not redone
+    assert not lm.with_settings(lambda_=0.2).needs_calibration()  # a fixed λ: the plain kNN-LM, no policy
+    # another corpus: what the calibration was made on is no longer what the store holds
+    more = tmp_path / "more"
+    more.mkdir()
+    (more / "x.txt").write_text(_domain_text(random.Random(7), 40))
+    domain_store.add_corpus("more", [more], settings=SETTINGS)
+    assert saved.stale_for(domain_store.content())
+    later = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, domain_store, k=8, temperature=1.0, exact=True)
+    assert later.needs_calibration()
+    assert later.policy.metrics["content"] == domain_store.content() != first.metrics["content"]
+    assert domain_store.calibration().metrics["content"] == domain_store.content()
+
+
+def test_a_self_calibration_goes_stale_only_when_the_content_moves_enough():
+    cal = Calibration(kind="logistic", mean=[0.0], std=[1.0], params={}, k=8, temperature=1.0)
+    cal.metrics = {"source": "self", "content": {"corpora": [1, 2], "pairs": 1000}}
+    assert not cal.stale_for({"corpora": [2, 1], "pairs": 1000})
+    assert not cal.stale_for({"corpora": [1, 2], "pairs": 1090})  # a few documents more or less
+    assert cal.stale_for({"corpora": [1, 2], "pairs": 1200}) and cal.stale_for({"corpora": [1, 2], "pairs": 800})
+    assert cal.stale_for({"corpora": [1], "pairs": 1000}) and cal.stale_for({"corpora": [1, 2, 3], "pairs": 1000})
+    cal.metrics["source"] = "text"  # fitted on the user's held-out text: theirs to redo
+    assert not cal.stale_for({"corpora": [3], "pairs": 5})
+
+
+def test_a_store_too_small_to_calibrate_on_itself_uses_the_cautious_rule_and_says_so(store, tiny_encoder, tmp_path):
+    (tmp_path / "one.txt").write_text("The European lobster is a species of clawed lobster. " * 4)
+    store.add_corpus("one", [tmp_path / "one.txt"], settings=SETTINGS)
+    lm = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, store, k=8, exact=True)
+    assert lm.policy is adaptive_module.FALLBACK and "cautious rule" in lm.policy_note
+    assert store.calibration() is None  # nothing to save
+    result = CliRunner().invoke(cli, ["eval", str(store.path), "--text", str(tmp_path / "one.txt"), "--exact"])
+    assert result.exit_code == 0, result.output
+    assert "too little text to calibrate on itself" in result.output and "kNN-LM, adaptive λ" in result.output
+
+
+def test_a_read_only_store_calibrates_for_the_run_without_saving(domain_store, tmp_path):
+    from .conftest import read_only_view
+
+    text = tmp_path / "fresh.txt"
+    text.write_text(_domain_text(random.Random(99), 20))
+    with read_only_view(domain_store.path, tmp_path / "ro") as where:
+        result = CliRunner().invoke(cli, ["eval", str(where), "--text", str(text), "--k", "8", "--temperature", "1",
+                                          "--exact", "--json"])
+        assert result.exit_code == 0, result.output
+        assert "calibrated on the store's own text (not saved:" in result.output
+        assert json.loads(result.stdout)["adaptive"].startswith("calibrated")
+    assert domain_store.calibration() is None
