@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import numpy as np
 import pytest
@@ -190,3 +191,29 @@ def test_a_read_only_store_calibrates_for_the_run_without_saving(domain_store, t
         assert "calibrated on the store's own text (not saved:" in result.output
         assert json.loads(result.stdout)["adaptive"].startswith("calibrated")
     assert domain_store.calibration() is None
+
+
+def test_the_server_calibrates_again_once_another_process_changes_the_store(domain_store, tiny_encoder, tmp_path):
+    import httpx
+
+    from knnstore import Store
+    from knnstore.server import REFRESH_S, Server
+
+    from .servers import serve_app
+
+    lm = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, domain_store, k=8, temperature=1.0, exact=True)
+    first = lm.resolve_policy()  # what `knnstore serve` does before it listens
+    srv = Server(lm, Store.open(domain_store.path))
+    body = {"model": srv.model_id, "prompt": "the lobsters are", "max_tokens": 4, "temperature": 0}
+    for url in serve_app(srv.app):
+        assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
+        assert lm.policy is first
+        more = tmp_path / "more"
+        more.mkdir()
+        (more / "x.txt").write_text(_domain_text(random.Random(7), 40))
+        Store.open(domain_store.path).add_corpus("more", [more], settings=SETTINGS)  # another writer
+        time.sleep(REFRESH_S + 0.1)
+        assert httpx.post(url + "/v1/completions", json=body, timeout=120).status_code == 200
+        assert lm.policy is not first and lm.policy.metrics["content"] == lm.store.content()
+        assert lm.store.content() != first.metrics["content"] and len(lm.store.corpora()) == 2
+    assert Store.open(domain_store.path).calibration().metrics["content"] == lm.store.content()  # saved
