@@ -236,8 +236,8 @@ class KNNLM:
         clone = object.__new__(KNNLM)
         clone.__dict__.update(self.__dict__)
         clone.settings = dataclasses.replace(self.settings, **overrides)
-        if clone.settings.adaptive != self.settings.adaptive:
-            clone._policy = None
+        if any(getattr(clone.settings, name) != getattr(self.settings, name) for name in ("adaptive", "k", "temperature")):
+            clone._policy = None  # worked out again for these settings (a calibration is made at one k and T)
         return clone
 
     def with_policy(self, policy: adaptive.Policy) -> "KNNLM":
@@ -259,9 +259,10 @@ class KNNLM:
     @property
     def policy(self) -> adaptive.Policy | None:
         """The adaptive-λ policy (None unless ``settings.adaptive``): the store's newest
-        calibration; where it has none, or its self-calibration no longer fits what it
-        holds (``Calibration.stale_for``), a self-calibration made now (``calibrate_self``);
-        where the store is too small for one, ``adaptive.FALLBACK``."""
+        calibration made at this adapter's k and T (``Calibration.made_for``); where it has
+        none, or that is a self-calibration that no longer fits what the store holds
+        (``Calibration.stale_for``), a self-calibration made now (``calibrate_self``); where
+        the store is too small for one, ``adaptive.FALLBACK``."""
         return self.resolve_policy()
 
     def resolve_policy(self, progress=None) -> adaptive.Policy | None:
@@ -273,10 +274,11 @@ class KNNLM:
         return self._policy
 
     def _fitting_calibration(self) -> adaptive.Calibration | None:
-        """The store's newest calibration, unless it was made on other content than the
-        store holds now (``Calibration.stale_for``)."""
-        cal = self.store.calibration()
-        return None if cal is None or cal.stale_for(self.store.content()) else cal
+        """The store's newest calibration made at this adapter's k and T, unless it was made
+        on other content than the store holds now (``Calibration.stale_for``)."""
+        s = self.settings
+        made = [cal for cal in self.store.calibrations() if cal.made_for(s.k, s.temperature)]
+        return None if not made or made[0].stale_for(self.store.content()) else made[0]
 
     def forget_policy(self) -> None:
         """Work the policy out again at its next use (the store's content may have changed)."""

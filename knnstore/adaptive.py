@@ -345,6 +345,11 @@ class Calibration(Policy):
         """Positions the calibration was fitted and checked on (its fit and held-out parts)."""
         return self.metrics["fit"]["tokens"] + self.metrics["holdout"].get("tokens", 0)
 
+    def made_for(self, k: int, temperature: float) -> bool:
+        """Whether it was fitted at this k and kNN temperature: its signals (the neighbours'
+        agreement above all) mean something else at others."""
+        return int(self.k) == int(k) and math.isclose(float(self.temperature), float(temperature))
+
     def stale_for(self, content: dict) -> bool:
         """Whether a self-calibration no longer fits the store's content (``Store.content``):
         another set of ready corpora, or pairs changed by more than ``RECALIBRATE_CHANGE``.

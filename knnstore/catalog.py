@@ -151,7 +151,8 @@ class IngestRun(Base):
 
 
 class Calibration(Base):
-    """A fitted adaptive-λ map (``knnstore calibrate``); the newest one is used."""
+    """A fitted adaptive-λ map (``knnstore calibrate``); the newest one made at the k and T
+    in use is used."""
 
     __tablename__ = "calibrations"
     __table_args__ = {"sqlite_autoincrement": True}
@@ -237,7 +238,7 @@ def last_trained_rows(engine: Engine) -> int | None:
 
 
 def add_calibration(engine: Engine, **values) -> int:
-    """A new ``calibrations`` row (``--adaptive`` uses the newest); returns its id."""
+    """A new ``calibrations`` row (adaptive λ uses the newest at its k and T); returns its id."""
     with Session(engine) as s, s.begin():
         row = Calibration(**values)
         s.add(row)
@@ -248,6 +249,12 @@ def add_calibration(engine: Engine, **values) -> int:
 def newest_calibration_fit(engine: Engine) -> dict | None:
     with Session(engine) as s:
         return s.scalars(select(Calibration.fit).order_by(Calibration.id.desc()).limit(1)).first()
+
+
+def calibration_fits(engine: Engine) -> list[dict]:
+    """Every calibration's fit, newest first."""
+    with Session(engine) as s:
+        return list(s.scalars(select(Calibration.fit).order_by(Calibration.id.desc())))
 
 
 def clear_calibrations(engine: Engine) -> int:

@@ -487,10 +487,16 @@ class Store:
         fit = catalog.newest_calibration_fit(self.engine)
         return Calibration.from_dict(fit) if fit is not None else None
 
+    def calibrations(self) -> list:
+        """Every adaptive-λ calibration (``adaptive.Calibration``), newest first."""
+        from .adaptive import Calibration
+
+        return [Calibration.from_dict(fit) for fit in catalog.calibration_fits(self.engine)]
+
     # --- writing ---------------------------------------------------------------------
 
     def save_calibration(self, cal, text_source: str, n_tokens: int) -> int:
-        """Store a fitted calibration; ``--adaptive`` uses the newest one from now on."""
+        """Store a fitted calibration; adaptive λ at its k and T uses it from now on."""
         return self._writer.save_calibration(cal, text_source, n_tokens)
 
     def clear_calibrations(self) -> int:

@@ -217,3 +217,21 @@ def test_the_server_calibrates_again_once_another_process_changes_the_store(doma
         assert lm.policy is not first and lm.policy.metrics["content"] == lm.store.content()
         assert lm.store.content() != first.metrics["content"] and len(lm.store.corpora()) == 2
     assert Store.open(domain_store.path).calibration().metrics["content"] == lm.store.content()  # saved
+
+
+def test_a_calibration_is_used_only_at_the_k_and_temperature_it_was_made_at(domain_store, tiny_encoder):
+    def adapter(**settings):
+        return KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, domain_store, exact=True, **settings)
+
+    at_8 = adapter(k=8, temperature=1.0).policy
+    assert (at_8.k, at_8.temperature) == (8, 1.0) and at_8.made_for(8, 1.0) and not at_8.made_for(8, 3.0)
+    other = adapter(k=4, temperature=2.0)
+    assert other.needs_calibration()  # the store's calibration is for other settings
+    at_4 = other.policy
+    assert (at_4.k, at_4.temperature) == (4, 2.0) and len(domain_store.calibrations()) == 2
+    assert domain_store.calibration().to_dict() == at_4.to_dict()  # the newest ...
+    back = adapter(k=8, temperature=1.0)
+    assert not back.needs_calibration() and back.policy.to_dict() == at_8.to_dict()  # ... is not used at k=8
+    # a clone at other settings works its policy out again; at the same ones it keeps it
+    assert back.with_settings(exact=False).policy is back.policy
+    assert back.with_settings(k=4, temperature=2.0).policy.to_dict() == at_4.to_dict()
