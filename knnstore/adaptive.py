@@ -49,8 +49,8 @@ so it is made position by position (``SkipRule.sequence``, ``Policy.retrieval``)
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -182,6 +182,14 @@ def lm_signals(lm_log_probs: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _last(trails: torch.Tensor, retrieved: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor | None:
+    """What the last of a run of positions passes on ([1, len(TRAIL)]; ``previous`` if none)."""
+    if not len(retrieved):
+        return previous
+    last = trails[-1:].double()
+    return last if bool(retrieved[-1]) else unsearched(last)
+
+
 @dataclass
 class SkipRule:
     """Retrieve where a linear predictor of the store's gain at a position, from the LM's
@@ -260,13 +268,6 @@ class Policy:
         retrieved = top < self.skip_above_prob if self.skip_above_prob is not None else torch.ones_like(top, dtype=torch.bool)
         return retrieved, _last(full, retrieved, previous)
 
-
-def _last(trails: torch.Tensor, retrieved: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor | None:
-    """What the last of a run of positions passes on ([1, len(TRAIL)]; ``previous`` if none)."""
-    if not len(retrieved):
-        return previous
-    last = trails[-1:].double()
-    return last if bool(retrieved[-1]) else unsearched(last)
 
     def describe(self) -> str:
         raise NotImplementedError
