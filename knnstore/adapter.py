@@ -286,8 +286,11 @@ class KNNLM:
 
     def needs_calibration(self) -> bool:
         """Whether ``policy`` will calibrate on the store's own text first (slow: it scores
-        text with the model)."""
-        return self.settings.adaptive and self._policy is None and self._fitting_calibration() is None
+        text with the model); a calibration that fits is kept as the policy on the way."""
+        if not self.settings.adaptive or self._policy is not None:
+            return False
+        self._policy = self._fitting_calibration()
+        return self._policy is None
 
     def calibrate_self(self, progress=None) -> adaptive.Calibration | None:
         """Calibrate on the store's own text (``evaluate.self_calibrate``) and save the fit
