@@ -359,7 +359,11 @@ def self_records(knnlm: KNNLM, *, tokens: int = SELF_TOKENS, chunk: int = SELF_C
     the pairs of its own document within ``band`` positions of it hidden from the search
     (``KNNLM.hiding``): a document no longer than that is left out whole (leave one
     document out), a long one (a book) keeps its distant parts, as held-out text of the
-    same book would. Every position retrieves, at the adapter's k and T."""
+    same book would. Every position retrieves, at the adapter's k and T.
+
+    Documents shorter than a chunk (a store of many short notes or records) give fewer
+    positions than a chunk each: more of them, not drawn yet, are drawn until ``tokens``
+    positions are scored or every document has been."""
     store = knnlm.store
     docs = [d for d in store.ready_documents() if d.n_tokens > 16]
     if not docs:
@@ -370,9 +374,18 @@ def self_records(knnlm: KNNLM, *, tokens: int = SELF_TOKENS, chunk: int = SELF_C
     n_chunks = max(1, math.ceil(tokens / chunk))
     first = rng.choice(len(docs), size=min(n_chunks, len(docs)), replace=False, p=sizes / sizes.sum())
     more = rng.choice(len(docs), size=n_chunks - len(first), replace=True, p=sizes / sizes.sum())
+    order = [int(i) for i in np.concatenate([first, more])]
+    drawn = set(order)
     parts: list[adaptive.Records] = []
-    for i, di in enumerate(np.concatenate([first, more]).astype(int)):
-        doc = docs[di]
+    scored = i = 0
+    while True:
+        if i == len(order):  # every drawn document scored: short documents leave positions to find
+            extra = _more_documents(rng, sizes, drawn, tokens - scored)
+            if not extra:
+                break
+            order += extra
+        doc = docs[order[i]]
+        i += 1
         ids = store.document_tokens(doc.id)
         length = min(chunk + 1, len(ids))
         starts = [s for s in rng.permutation(max(1, len(ids) - length + 1))[:8]
@@ -386,9 +399,22 @@ def self_records(knnlm: KNNLM, *, tokens: int = SELF_TOKENS, chunk: int = SELF_C
             return (nb.document_ids == doc_id) & (nb.positions >= lo) & (nb.positions < hi)
 
         evaluate(knnlm.hiding(hidden), ids[start:start + length].tolist(), records=parts)
+        scored += length - 1
         if progress is not None:
-            progress(min(tokens, (i + 1) * chunk), tokens)
+            progress(min(tokens, scored), tokens)
     return adaptive.Records.concat(parts)
+
+
+def _more_documents(rng: np.random.Generator, sizes: np.ndarray, drawn: set[int], missing: int) -> list[int]:
+    """Documents not drawn yet (by size, without replacement), about enough to hold
+    ``missing`` more positions; added to ``drawn``."""
+    left = np.array([i for i in range(len(sizes)) if i not in drawn])
+    if missing <= 0 or not len(left):
+        return []
+    n = min(len(left), max(1, math.ceil(missing / float(sizes[left].mean()))))
+    chosen = [int(i) for i in rng.choice(left, size=n, replace=False, p=sizes[left] / sizes[left].sum())]
+    drawn.update(chosen)
+    return chosen
 
 
 def self_calibrate(knnlm: KNNLM, *, kind: str = "logistic", keep: float = 0.9, tokens: int = SELF_TOKENS,

@@ -113,6 +113,23 @@ def test_self_calibration_keeps_the_gain_in_domain_and_gives_lambda_zero_elsewhe
     assert off.knn_ppl - off.base_ppl < 0.5 * (off.fixed_knn_ppl - off.base_ppl)
 
 
+def test_a_store_of_many_short_documents_calibrates_on_itself(store, tiny_encoder, tmp_path):
+    # 90 records of a few sentences each (like the fact benchmark's): a chunk of 512 tokens
+    # finds one short document, so more documents are drawn until the positions are found
+    rng = random.Random(3)
+    docs = tmp_path / "notes"
+    docs.mkdir()
+    for i in range(90):
+        (docs / f"{i:03}.txt").write_text(_domain_text(rng, 3))
+    store.add_corpus("notes", [docs], settings=SETTINGS)
+    sizes = [d.n_tokens for d in store.ready_documents()]
+    assert max(sizes) < 200 and sum(sizes) > 2 * SELF_MIN_TOKENS
+    lm = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, store, k=8, temperature=1.0, exact=True)
+    rec = self_records(lm, tokens=2048)
+    assert 2048 <= len(rec) < 2048 + max(sizes) and rec.has.all()
+    assert self_calibrate(lm, tokens=2048) is not None
+
+
 def test_too_small_a_store_has_no_self_calibration(store, tiny_encoder, tmp_path):
     (tmp_path / "one.txt").write_text("The European lobster is a species of clawed lobster. " * 4)
     store.add_corpus("one", [tmp_path / "one.txt"], settings=SETTINGS)
