@@ -360,11 +360,13 @@ class KNNLM:
                 getattr(neighbours, f.name)[rows] = getattr(found, f.name)
         d, nt = torch.from_numpy(neighbours.distances), torch.from_numpy(neighbours.next_tokens)
         w = torch.from_numpy(neighbours.weights)
-        knn_lp = knn.knn_log_probs(d, nt, vocab, s.temperature, w)
         lambdas: float | torch.Tensor = s.lambda_
         sig = None
-        if self.policy is not None:
+        if self.policy is None:
+            knn_lp = knn.knn_log_probs(d, nt, vocab, s.temperature, w)
+        else:
             sig = adaptive.signals(d, nt, lm_log_probs, s.temperature, w)
+            knn_lp = self.policy.knn_log_probs(d, nt, vocab, s.temperature, w, sig)
             lambdas = (self.policy.lambdas(sig, s.lambda_).clamp(0, 1).to(lm_log_probs.dtype) if len(rows)
                        else torch.zeros(n, dtype=lm_log_probs.dtype))
         mixed = knn.interpolate(lm_log_probs, knn_lp, lambdas)

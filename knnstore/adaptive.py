@@ -59,7 +59,10 @@ from . import knn
 from .errors import InputError
 
 SIGNALS = ("log_d1", "log_spread", "knn_top", "knn_entropy", "lm_entropy", "lm_top",
-           "lm_on_knn_top", "knn_on_lm_top")
+           "lm_on_knn_top", "knn_on_lm_top", "knn_top_sharp")
+# The sharp view of the neighbours: p_kNN at a temperature of SHARP x the nearest distance
+# (``knn.relative_temperature``): the nearest context and those nearly as near decide.
+SHARP = 0.1
 KINDS = ("logistic", "mlp")
 GATE = "knn_top"  # calibrated λ = σ(f(z)) · knn_top
 _EPS = 1e-6
@@ -92,6 +95,8 @@ def signals(distances: torch.Tensor, next_tokens: torch.Tensor, lm_log_probs: to
     mass = torch.zeros(n, k, dtype=torch.float64).scatter_add_(1, group, sorted_w)
     token_of = torch.zeros(n, k, dtype=torch.long).scatter_(1, group, sorted_nt.clamp(max=2**62))
     knn_top, top_group = mass.max(dim=1)
+    sharp = sharp_log_weights(d, valid, weights).exp().gather(1, order)
+    knn_top_sharp = torch.zeros(n, k, dtype=torch.float64).scatter_add_(1, group, sharp).max(dim=1).values
     knn_top_token = token_of.gather(1, top_group.unsqueeze(1)).squeeze(1)
     knn_entropy = -(mass * mass.clamp(min=1e-300).log()).sum(dim=1)
 
@@ -114,11 +119,25 @@ def signals(distances: torch.Tensor, next_tokens: torch.Tensor, lm_log_probs: to
         lm_top.exp(),
         lm_on_knn_top.clamp(min=-30.0),
         knn_on_lm_top,
+        knn_top_sharp,
     ], dim=1)
     # Rows without neighbours: retrieval signals are 0 (their λ is 0 whatever the policy
     # says); the LM's own signals stay, since skipping is decided on them.
     retrieval = torch.tensor([name not in ("lm_entropy", "lm_top") for name in SIGNALS])
     return torch.where(retrieval & ~has.unsqueeze(1), torch.zeros_like(out), out)
+
+
+def sharp_log_weights(distances: torch.Tensor, valid: torch.Tensor,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, k] the neighbours' log weights in the sharp view (``SHARP``)."""
+    t = knn.relative_temperature(distances, valid, SHARP)
+    return knn.neighbour_log_weights(distances, valid, t, weights)
+
+
+def sharp_target(distances: torch.Tensor, matches: torch.Tensor, valid: torch.Tensor,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[N] log p_kNN(target) in the sharp view (``knn.knn_target_log_prob``'s arguments)."""
+    return torch.logsumexp(sharp_log_weights(distances, valid, weights).masked_fill(~matches, -math.inf), dim=-1)
 
 
 # What a position tells the next one's skip decision: whether it searched (1), its λ,
@@ -244,6 +263,16 @@ class Policy:
     def lambdas(self, sig: torch.Tensor, lambda_: float) -> torch.Tensor:
         raise NotImplementedError
 
+    def knn_log_probs(self, distances: torch.Tensor, next_tokens: torch.Tensor, vocab_size: int,
+                      temperature: float, weights: torch.Tensor | None, sig: torch.Tensor) -> torch.Tensor:
+        """log p_kNN [N, V] that this policy mixes in (here the plain one, at ``temperature``)."""
+        return knn.knn_log_probs(distances, next_tokens, vocab_size, temperature, weights)
+
+    def knn_target(self, distances: torch.Tensor, matches: torch.Tensor, valid: torch.Tensor,
+                   temperature: float, weights: torch.Tensor | None, sig: torch.Tensor) -> torch.Tensor:
+        """log p_kNN(target) [N] of ``knn_log_probs``, from which neighbours match the target."""
+        return knn.knn_target_log_prob(distances, matches, valid, temperature, weights)
+
     @property
     def skip_rule(self) -> SkipRule | None:
         """A skip decision that uses the previous position (None: the threshold alone)."""
@@ -308,6 +337,9 @@ class Calibration(Policy):
     # ``SkipRule``'s fields: skip by the previous position too (None in fits saved before
     # it, and where no cut kept enough: then ``skip_above_prob`` alone)
     skip: dict | None = None
+    # The sharp view's share α = σ(z·w + b) of p_kNN (``SHARP``): {"w": [...], "b": ...}
+    # (None in fits saved before it, and in fits without the sharp view's records).
+    sharp: dict | None = None
     name: str = "calibrated"
 
     @property
@@ -317,7 +349,37 @@ class Calibration(Policy):
     def _z(self, sig: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, dtype=torch.float64)
         std = torch.tensor(self.std, dtype=torch.float64)
-        return (sig.double() - mean) / std
+        return (sig[:, :len(mean)].double() - mean) / std  # fits saved before a signal was added use the first
+
+    def alphas(self, sig: torch.Tensor) -> torch.Tensor | None:
+        """[N] the sharp view's share of p_kNN (None: the plain view alone)."""
+        if self.sharp is None:
+            return None
+        return torch.sigmoid(self._z(sig) @ torch.tensor(self.sharp["w"], dtype=torch.float64) + self.sharp["b"])
+
+    def knn_log_probs(self, distances, next_tokens, vocab_size, temperature, weights, sig):
+        plain = super().knn_log_probs(distances, next_tokens, vocab_size, temperature, weights, sig)
+        alpha = self.alphas(sig)
+        if alpha is None:
+            return plain
+        valid = knn.valid_mask(distances, next_tokens)
+        sharp = knn.knn_log_probs(distances, next_tokens, vocab_size,
+                                  knn.relative_temperature(distances, valid, SHARP), weights)
+        return _blend(plain, sharp, alpha.unsqueeze(-1)).to(plain.dtype)
+
+    def knn_target(self, distances, matches, valid, temperature, weights, sig):
+        plain = super().knn_target(distances, matches, valid, temperature, weights, sig)
+        alpha = self.alphas(sig)
+        if alpha is None:
+            return plain
+        return _blend(plain, sharp_target(distances, matches, valid, weights), alpha)
+
+    def knn_target_of(self, rec: "Records") -> torch.Tensor:
+        """log p_kNN(target) [N] of the positions of ``rec`` as this policy mixes it."""
+        alpha = self.alphas(rec.signals)
+        if alpha is None or rec.knn_sharp is None:
+            return rec.knn_target
+        return _blend(rec.knn_target, rec.knn_sharp, alpha)
 
     def logits(self, sig: torch.Tensor) -> torch.Tensor:
         return _forward(self.kind, {k: torch.tensor(v, dtype=torch.float64) for k, v in self.params.items()},
@@ -326,7 +388,11 @@ class Calibration(Policy):
     def lambdas(self, sig: torch.Tensor, lambda_: float | None = None) -> torch.Tensor:
         lambdas = torch.sigmoid(self.logits(sig))
         if self.gate is not None:
-            lambdas = lambdas * _gate(sig, self.gate)
+            gate = _gate(sig, self.gate)
+            alpha = self.alphas(sig)
+            if alpha is not None:  # the agreement of the blend (exact where both views top the same token)
+                gate = (1 - alpha) * gate + alpha * _gate(sig, "knn_top_sharp")
+            lambdas = lambdas * gate
         if self.support is not None:
             lo, hi = self.support
             d1 = sig[:, SIGNALS.index("log_d1")].double()
@@ -338,6 +404,7 @@ class Calibration(Policy):
         if self.skip:
             skip = ", skip by the LM's confidence and the previous position's retrieval"
         gate = (" × neighbour agreement" if self.gate else "") + (" × distance support" if self.support else "")
+        gate += ", nearest neighbours sharpened where they stand out" if self.sharp else ""
         own = " on the store's own text" if self.metrics.get("source") == "self" else ""
         return f"calibrated {self.kind}{gate}{own} (k={self.k}, T={self.temperature:g}){skip}"
 
@@ -382,6 +449,7 @@ class Calibration(Policy):
 
 
 SUPPORT_QUANTILES = (0.9, 0.99)
+SHARP_START = 0.05  # the sharp view's share where a fit starts
 RECALIBRATE_CHANGE = 0.1  # a self-calibration is redone once the store's pairs change by more than this
 # Where a store is too small to calibrate on itself: the rule with the agreement cubed, λ at
 # most what the rule gives (a position whose neighbours agree less counts for less still).
@@ -394,6 +462,12 @@ def _support(log_d1: torch.Tensor) -> list[float] | None:
         return None
     q = torch.quantile(log_d1.double(), torch.tensor(SUPPORT_QUANTILES, dtype=torch.float64))
     return [float(q[0]), float(q[1])]
+
+
+def _blend(plain: torch.Tensor, sharp: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """log((1 - α) p_plain + α p_sharp), α in (0, 1), float64."""
+    alpha = alpha.double()
+    return torch.logaddexp(torch.log1p(-alpha) + plain.double(), alpha.log() + sharp.double())
 
 
 def _gate(sig: torch.Tensor, name: str) -> torch.Tensor:
@@ -421,17 +495,20 @@ class Records:
     lm_target: torch.Tensor  # [N]
     knn_target: torch.Tensor  # [N] (-inf where no neighbour voted for the target)
     has: torch.Tensor  # [N] bool: the position has neighbours
+    knn_sharp: torch.Tensor | None = None  # [N] log p_kNN(target) in the sharp view (SHARP)
 
     @classmethod
     def concat(cls, parts: list["Records"]) -> "Records":
         if not parts:
             return cls(torch.zeros(0, len(SIGNALS), dtype=torch.float64), torch.zeros(0), torch.zeros(0),
-                       torch.zeros(0, dtype=torch.bool))
+                       torch.zeros(0, dtype=torch.bool), torch.zeros(0))
+        sharp = torch.cat([p.knn_sharp for p in parts]) if all(p.knn_sharp is not None for p in parts) else None
         return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                     ("signals", "lm_target", "knn_target", "has")))
+                     ("signals", "lm_target", "knn_target", "has")), knn_sharp=sharp)
 
     def subset(self, rows) -> "Records":
-        return Records(self.signals[rows], self.lm_target[rows], self.knn_target[rows], self.has[rows])
+        return Records(self.signals[rows], self.lm_target[rows], self.knn_target[rows], self.has[rows],
+                       None if self.knn_sharp is None else self.knn_sharp[rows])
 
     def __len__(self) -> int:
         return len(self.lm_target)
@@ -460,21 +537,28 @@ def fit(rec: Records, *, kind: str = "logistic", k: int, temperature: float, ini
     mean = sig.mean(dim=0) if len(sig) else torch.zeros(len(SIGNALS), dtype=torch.float64)
     std = sig.std(dim=0).nan_to_num(1.0).clamp(min=1e-3) if len(sig) > 1 else torch.ones(len(SIGNALS), dtype=torch.float64)
     params = _initial_params(kind, init_lambda, seed)
+    sharp = None
+    if rec.knn_sharp is not None:  # fit the sharp view's share too, from the same signals
+        sharp = {"w": torch.zeros(len(mean), dtype=torch.float64),
+                 "b": torch.tensor(math.log(SHARP_START / (1 - SHARP_START)), dtype=torch.float64)}
     _maximise_likelihood(kind, params, (sig - mean) / std, train.lm_target[train.has].double(),
-                         train.knn_target[train.has].double().clamp(min=-1e4), steps)
+                         train.knn_target[train.has].double().clamp(min=-1e4), steps, sharp,
+                         None if sharp is None else train.knn_sharp[train.has].double().clamp(min=-1e4))
     cal = Calibration(kind=kind, mean=mean.tolist(), std=std.tolist(),
                       params={name: v.detach().tolist() for name, v in params.items()},
                       k=k, temperature=temperature, gate=GATE,
-                      support=_support(rec.signals[rec.has][:, SIGNALS.index("log_d1")]))
+                      support=_support(rec.signals[rec.has][:, SIGNALS.index("log_d1")]),
+                      sharp=None if sharp is None else {"w": sharp["w"].detach().tolist(), "b": float(sharp["b"].detach())})
     cal.metrics = {"fit": _report(cal, train, init_lambda),
                    "holdout": _report(cal, rec.subset(torch.arange(n_fit, n)), init_lambda),
                    "fixed_lambda": init_lambda}
     best_lambda, best_gain = best_fixed(rec)
-    rule, retained = fit_skip(rec, cal.lambdas(rec.signals), keep, reference_gain=best_gain, seed=seed)
+    mixed = dataclasses.replace(rec, knn_target=cal.knn_target_of(rec))  # p_kNN as the policy blends it
+    rule, retained = fit_skip(mixed, cal.lambdas(rec.signals), keep, reference_gain=best_gain, seed=seed)
     if rule is not None:
         cal.skip = asdict(rule)
     else:
-        cal.skip_above_prob, retained = choose_skip(rec, cal, keep, reference_gain=best_gain)
+        cal.skip_above_prob, retained = choose_skip(mixed, cal, keep, reference_gain=best_gain)
     cal.metrics.update(retrieved_fraction=retained, best_fixed_lambda=best_lambda,
                        best_fixed_ppl=_ppl(rec.lm_target.double()) * math.exp(-best_gain / max(1, n)))
     return cal
@@ -498,21 +582,32 @@ def _initial_params(kind: str, init_lambda: float, seed: int) -> dict[str, torch
 
 
 def _maximise_likelihood(kind: str, params: dict[str, torch.Tensor], z: torch.Tensor,
-                         lm_t: torch.Tensor, knn_t: torch.Tensor, steps: int) -> None:
+                         lm_t: torch.Tensor, knn_t: torch.Tensor, steps: int,
+                         sharp: dict[str, torch.Tensor] | None = None, knn_s: torch.Tensor | None = None) -> None:
     """Adam on the mean log-likelihood of the mixture σ(f(z)) p_kNN + (1 - σ(f(z))) p_LM of
-    the targets (a little L2 on the weights), in place. Works inside ``torch.inference_mode``
-    too (a fit made while generating): it copies what it differentiates out of it."""
+    the targets (a little L2 on the weights), in place. With ``sharp`` (and the sharp view's
+    targets ``knn_s``), p_kNN is (1 - α) p_kNN + α p_sharp, α = σ(z·w + b) fitted with it.
+    Works inside ``torch.inference_mode`` too (a fit made while generating): it copies what
+    it differentiates out of it."""
     with torch.inference_mode(False), torch.enable_grad():
         z, lm_t, knn_t = z.clone(), lm_t.clone(), knn_t.clone()
-        for name in params:
-            params[name] = params[name].detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam(params.values(), lr=0.05)
+        for group in (params, sharp or {}):
+            for name in group:
+                group[name] = group[name].detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([*params.values(), *(sharp or {}).values()], lr=0.05)
         for _ in range(steps if len(z) else 0):
             opt.zero_grad()
             logit = _forward(kind, params, z)
-            ll = torch.logaddexp(torch.nn.functional.logsigmoid(logit) + knn_t,
+            knn_mix = knn_t
+            if sharp is not None:
+                a = z @ sharp["w"] + sharp["b"]
+                knn_mix = torch.logaddexp(torch.nn.functional.logsigmoid(-a) + knn_t,
+                                          torch.nn.functional.logsigmoid(a) + knn_s)
+            ll = torch.logaddexp(torch.nn.functional.logsigmoid(logit) + knn_mix,
                                  torch.nn.functional.logsigmoid(-logit) + lm_t)
             weights = [v for name, v in params.items() if name.startswith("w")]
+            if sharp is not None:
+                weights.append(sharp["w"])
             loss = -ll.mean() + 1e-3 * sum((v ** 2).sum() for v in weights)
             loss.backward()
             opt.step()
@@ -526,7 +621,7 @@ def _report(cal: Calibration, part: Records, fixed_lambda: float) -> dict:
     fixed = torch.full((len(part),), fixed_lambda, dtype=torch.float64)
     return {"tokens": len(part), "base_ppl": _ppl(part.lm_target.double()),
             "fixed_ppl": _ppl(mixture_log_prob(part.lm_target, part.knn_target, part.has, fixed)),
-            "calibrated_ppl": _ppl(mixture_log_prob(part.lm_target, part.knn_target, part.has, lambdas)),
+            "calibrated_ppl": _ppl(mixture_log_prob(part.lm_target, cal.knn_target_of(part), part.has, lambdas)),
             "mean_lambda": float(lambdas[part.has].mean()) if part.has.any() else 0.0}
 
 

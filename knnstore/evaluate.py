@@ -216,11 +216,15 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
     def signals_at(k: int, t: float) -> torch.Tensor:
         return adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t, w[:, :k])
 
+    @functools.cache
+    def policy_target_at(k: int, t: float) -> torch.Tensor:  # log p_kNN(target) as the policy blends it
+        return policy.knn_target(d[:, :k], matches[:, :k], valid[:, :k], t, w[:, :k], signals_at(k, t))
+
     if in_order:
         k, t = s.k, s.temperature
         sig = signals_at(k, t)
         retrieve, tally.previous = policy.retrieval(sig, policy.lambdas(sig, s.lambda_).clamp(0, 1), target_lm,
-                                                    target_at(k, t), valid[:, :k].any(dim=1), tally.previous)
+                                                    policy_target_at(k, t), valid[:, :k].any(dim=1), tally.previous)
     for i, (lambda_, k, t) in enumerate(grid):
         knn_t = target_at(k, t)
         has = valid[:, :k].any(dim=1)
@@ -228,7 +232,8 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
         if policy is not None:
             sig = signals_at(k, t)
             lambdas = torch.where(retrieve, policy.lambdas(sig, lambda_).clamp(0, 1), torch.zeros(()))
-            tally.ada_nll[i] -= float(adaptive.mixture_log_prob(target_lm, knn_t, has & retrieve, lambdas).sum())
+            tally.ada_nll[i] -= float(adaptive.mixture_log_prob(target_lm, policy_target_at(k, t), has & retrieve,
+                                                                lambdas).sum())
         if i == 0:
             if policy is not None:
                 tally.lambda_sum += float(torch.where(has & retrieve, lambdas, torch.zeros_like(lambdas)).sum())
@@ -238,7 +243,8 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
             tally.n_covered += int(torch.isfinite(sel).sum())
     if records is not None:
         k, t = s.k, s.temperature
-        records.append(adaptive.Records(signals_at(k, t), target_lm, target_at(k, t), valid[:, :k].any(dim=1)))
+        records.append(adaptive.Records(signals_at(k, t), target_lm, target_at(k, t), valid[:, :k].any(dim=1),
+                                        adaptive.sharp_target(d[:, :k], matches[:, :k], valid[:, :k], w[:, :k])))
     tally.n_retrieved += int(retrieve.sum())
 
 
@@ -348,11 +354,16 @@ SELF_TOKENS = 16384  # positions a self-calibration scores (at most the store's 
 SELF_CHUNK = 512  # scored in chunks of this many tokens, one document each
 SELF_BAND = 4096  # a chunk's own document is hidden this many positions either side of it
 SELF_MIN_TOKENS = 1000  # fewer scorable positions: no self-calibration (the store is too small)
+# Share of the chunks scored with only their own stretch hidden (± SELF_MARGIN positions): the
+# rest of their document stays visible, as a store that holds what a query asks about would be.
+SELF_LOCAL = 0.0
+SELF_MARGIN = 32
 SELF_SOURCE = f"(the store's own text, its document hidden ±{SELF_BAND:,} positions)"  # as the catalog records it
 
 
 def self_records(knnlm: KNNLM, *, tokens: int = SELF_TOKENS, chunk: int = SELF_CHUNK, band: int = SELF_BAND,
-                 seed: int = 0, progress: ProgressFn | None = None) -> adaptive.Records:
+                 local: float = SELF_LOCAL, margin: int = SELF_MARGIN, seed: int = 0,
+                 progress: ProgressFn | None = None) -> adaptive.Records:
     """Per-position signals and target probabilities (``adaptive.Records``) of the store's
     own text, scored as if it were unseen: chunks of ``chunk`` tokens drawn from the
     store's documents (by their size; read back from the stored pairs), each scored with
@@ -360,6 +371,11 @@ def self_records(knnlm: KNNLM, *, tokens: int = SELF_TOKENS, chunk: int = SELF_C
     (``KNNLM.hiding``): a document no longer than that is left out whole (leave one
     document out), a long one (a book) keeps its distant parts, as held-out text of the
     same book would. Every position retrieves, at the adapter's k and T.
+
+    A share ``local`` of the chunks (spread evenly) hides only the chunk and ``margin``
+    positions either side of it: the rest of its document, with its other mentions of
+    the same names and facts, stays visible, as it does for a query about a stored
+    document.
 
     Documents shorter than a chunk (a store of many short notes or records) give fewer
     positions than a chunk each: more of them, not drawn yet, are drawn until ``tokens``
@@ -393,7 +409,8 @@ def self_records(knnlm: KNNLM, *, tokens: int = SELF_TOKENS, chunk: int = SELF_C
         if not starts or length < 17:
             continue
         start = int(starts[0])
-        lo, hi = start - band, start + length + band
+        near = margin if math.floor(i * local) > math.floor((i - 1) * local) else band
+        lo, hi = start - near, start + length + near
 
         def hidden(nb, doc_id=doc.id, lo=lo, hi=hi):
             return (nb.document_ids == doc_id) & (nb.positions >= lo) & (nb.positions < hi)

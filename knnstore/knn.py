@@ -25,16 +25,31 @@ import math
 import torch
 
 
-def _check(temperature: float) -> None:
-    if not temperature > 0:
+def _check(temperature: float | torch.Tensor) -> None:
+    if not bool(torch.all(torch.as_tensor(temperature) > 0)):
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def relative_temperature(distances: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """[N, 1] a temperature per row proportional to its nearest distance: ``scale`` · d_1
+    (at least ``MIN_TEMPERATURE``). With it p_kNN weighs a neighbour by how much farther
+    it is than the nearest, relative to it: exp(-(d_i / d_1 - 1) / scale), whatever the
+    model's distances are; a row whose nearest context is stored word for word (d_1 ≈ 0)
+    follows that context alone."""
+    d1 = torch.where(valid, distances.double(), torch.full_like(distances, math.inf, dtype=torch.float64)).min(-1).values
+    d1 = torch.where(torch.isfinite(d1), d1, torch.ones_like(d1))
+    return (scale * d1).clamp(min=MIN_TEMPERATURE).unsqueeze(-1)
+
+
+MIN_TEMPERATURE = 1e-3
+
+
 def neighbour_log_weights(distances: torch.Tensor, valid: torch.Tensor,
-                          temperature: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+                          temperature: float | torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """log softmax(-d / T + log w) over the valid neighbours of each row: [N, k].
 
-    Invalid slots get -inf; a row without any valid neighbour is all -inf.
+    ``temperature``: a float, or [N, 1] one per row. Invalid slots get -inf; a row
+    without any valid neighbour is all -inf.
     """
     _check(temperature)
     logits = -distances.double() / temperature
@@ -52,7 +67,7 @@ def valid_mask(distances: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tens
 
 
 def knn_log_probs(distances: torch.Tensor, next_tokens: torch.Tensor, vocab_size: int,
-                  temperature: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
+                  temperature: float | torch.Tensor = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
     """log p_kNN over the vocabulary: [N, V] (float32; -inf where no neighbour votes).
 
     A row without any valid neighbour is all -inf (no kNN distribution); ``interpolate``
@@ -67,7 +82,7 @@ def knn_log_probs(distances: torch.Tensor, next_tokens: torch.Tensor, vocab_size
 
 
 def knn_target_log_prob(distances: torch.Tensor, matches: torch.Tensor,
-                        valid: torch.Tensor, temperature: float = 1.0,
+                        valid: torch.Tensor, temperature: float | torch.Tensor = 1.0,
                         weights: torch.Tensor | None = None) -> torch.Tensor:
     """log p_kNN(target) per row: [N] (float64), exact in log space.
 

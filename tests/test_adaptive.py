@@ -360,3 +360,69 @@ def test_batched_decoding_carries_each_rows_own_previous_position(lm):
     decode(alt, rows)
     for r in rows:
         assert r.token_ids and r.retrieved == math.ceil(len(r.token_ids) / 2), (r.token_ids, r.retrieved)
+
+
+def test_the_sharp_view_follows_a_context_stored_word_for_word_and_ignores_the_distance_scale():
+    d = torch.tensor([[0.0, 2.0, 2.5, 3.0], [10.0, 11.0, 30.0, 40.0]])
+    nt = torch.tensor([[7, 1, 2, 3], [5, 6, 6, 6]])
+    valid = knn.valid_mask(d, nt)
+    t = knn.relative_temperature(d, valid, 0.1)
+    assert t[0, 0] == knn.MIN_TEMPERATURE and t[1, 0] == pytest.approx(1.0)
+    p = knn.knn_log_probs(d, nt, 10, t).exp()
+    assert p[0, 7] == pytest.approx(1.0)  # the crowd at 2-3 has no say next to a verbatim match
+    assert p[1, 5] > 0.7  # 10% farther than the nearest weighs e^-1 as much
+    plain = knn.knn_log_probs(d, nt, 10, 3.0).exp()
+    assert plain[0, 7] < 0.5
+    scaled = knn.knn_log_probs(d * 7, nt, 10, knn.relative_temperature(d * 7, valid, 0.1)).exp()
+    assert torch.allclose(scaled[1], p[1], atol=1e-6)  # the same whatever the model's distances are
+    sig = signals(d, nt, torch.log_softmax(torch.zeros(2, 10), dim=-1), temperature=3.0)
+    assert sig[0, col("knn_top_sharp")] == pytest.approx(1.0) and sig[0, col("knn_top")] < 0.5
+
+
+def _sharp_records(n: int, seed: int) -> Records:
+    """Positions where the target is the nearest neighbour's, which stands out from a crowd
+    (``gap``): the sharp view gives it 0.95, the plain one 0.2; elsewhere the crowd is right
+    as often as the nearest and the plain view is the better one."""
+    gen = torch.Generator().manual_seed(seed)
+    sig = torch.randn(n, len(SIGNALS), generator=gen, dtype=torch.float64)
+    gap = torch.rand(n, generator=gen) < 0.5
+    sig[:, col("log_spread")] = torch.where(gap, 2.0, 0.1) + 0.1 * sig[:, col("log_spread")]
+    lm_t = torch.full((n,), math.log(0.01), dtype=torch.float64)
+    plain = torch.where(gap, math.log(0.2), math.log(0.3)).double()
+    sharp = torch.where(gap, math.log(0.95), math.log(0.01)).double()
+    return Records(sig, lm_t, plain, torch.ones(n, dtype=torch.bool), sharp)
+
+
+def test_a_fit_uses_the_sharp_view_where_the_nearest_stands_out_and_old_fits_ignore_it():
+    rec = _sharp_records(3000, 0)
+    cal = fit(rec, k=8, temperature=1.0)
+    test = _sharp_records(500, 1)
+    gap = test.signals[:, col("log_spread")] > 1
+    alpha = cal.alphas(test.signals)
+    assert float(alpha[gap].mean()) > 0.8 and float(alpha[~gap].mean()) < 0.2
+    blended = cal.knn_target_of(test)
+    assert (blended[gap] > math.log(0.7)).all()
+    without = fit(dataclasses.replace(rec, knn_sharp=None), k=8, temperature=1.0)
+    assert without.sharp is None and torch.equal(without.knn_target_of(test), test.knn_target)
+    assert cal.metrics["holdout"]["calibrated_ppl"] < without.metrics["holdout"]["calibrated_ppl"]
+    # a fit saved before the sharp view (and its signal) existed: its first signals, the plain view
+    old = without.to_dict()
+    old.pop("sharp")
+    old["mean"], old["std"], old["params"]["w"] = old["mean"][:-1], old["std"][:-1], old["params"]["w"][:-1]
+    again = Calibration.from_dict(old)
+    assert again.alphas(test.signals) is None and again.lambdas(test.signals).shape == (500,)
+
+
+def test_the_adapter_mixes_the_blended_knn_distribution_it_reports(lm):
+    cal = fit(_sharp_records(2000, 2), k=lm.settings.k, temperature=lm.settings.temperature)
+    ada = lm.with_policy(cal)
+    for t in ada.explain(LOBSTER, n_sources=0):
+        if t.retrieved:
+            assert t.p == pytest.approx(t.knn_weight * t.p_knn + (1 - t.knn_weight) * t.p_lm, rel=1e-4, abs=1e-7)
+    parts = []
+    r = ada.with_settings(skip_above_prob=1.0).evaluate(HAMLET + CITIZEN, records=parts)
+    rec = Records.concat(parts)
+    assert rec.knn_sharp is not None
+    offline = math.exp(-float(mixture_log_prob(rec.lm_target, cal.knn_target_of(rec), rec.has,
+                                               cal.lambdas(rec.signals)).mean()))
+    assert r.knn_ppl == pytest.approx(offline, rel=1e-6)
