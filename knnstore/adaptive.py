@@ -63,6 +63,10 @@ SIGNALS = ("log_d1", "log_spread", "knn_top", "knn_entropy", "lm_entropy", "lm_t
 # The sharp view of the neighbours: p_kNN at a temperature of SHARP x the nearest distance
 # (``knn.relative_temperature``): the nearest context and those nearly as near decide.
 SHARP = 0.1
+# Whether fits learn the sharp view's share (where their records hold its targets): off
+# until its effect on the domains of docs/domains.md is measured (docs/facts.md measures it
+# on stored facts).
+FIT_SHARP = False
 KINDS = ("logistic", "mlp")
 GATE = "knn_top"  # calibrated λ = σ(f(z)) · knn_top
 _EPS = 1e-6
@@ -520,9 +524,12 @@ def _ppl(log_probs: torch.Tensor) -> float:
 
 
 def fit(rec: Records, *, kind: str = "logistic", k: int, temperature: float, init_lambda: float = 0.15,
-        holdout: float = 0.2, keep: float = 0.9, steps: int = 500, seed: int = 0) -> Calibration:
+        holdout: float = 0.2, keep: float = 0.9, steps: int = 500, seed: int = 0,
+        sharp: bool = FIT_SHARP) -> Calibration:
     """Fit σ(f(z)) on ``rec`` by maximising the mixture's log-likelihood; the returned
     calibration's λ is that times the agreement and support gates (module docstring).
+    With ``sharp`` (and records of the sharp view), p_kNN blends in the sharp view by a
+    share fitted with it.
 
     The last ``holdout`` fraction of the positions (contiguous text) is kept out of the fit
     and reported in ``metrics`` (perplexities base / fixed λ / calibrated, on fit and
@@ -530,6 +537,8 @@ def fit(rec: Records, *, kind: str = "logistic", k: int, temperature: float, ini
     """
     if kind not in KINDS:
         raise InputError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if not sharp:
+        rec = dataclasses.replace(rec, knn_sharp=None)
     n = len(rec)
     n_fit = max(1, int(round(n * (1 - holdout)))) if n > 1 else n
     train = rec.subset(torch.arange(n_fit))

@@ -325,13 +325,14 @@ def write_sweep(result: EvalResult, prefix: str | Path) -> tuple[Path, ...]:
 
 def calibrate(knnlm: KNNLM, text: str | Sequence[int], *, kind: str = "logistic",
               max_tokens: int | None = None, keep: float = 0.9, holdout: float = 0.2,
-              window: int = SCORE_WINDOW, stride: int = SCORE_STRIDE,
+              window: int = SCORE_WINDOW, stride: int = SCORE_STRIDE, sharp: bool = adaptive.FIT_SHARP,
               progress: ProgressFn | None = None) -> adaptive.Calibration:
     """Fit the adaptive-λ map on held-out text of the store's domain (see ``adaptive.fit``).
 
     Every position retrieves (no skipping) at the adapter's k and T; the adapter's λ is
-    the starting point and the fixed-λ reference in the reported metrics. The result is
-    not saved: ``Store.save_calibration`` does that.
+    the starting point and the fixed-λ reference in the reported metrics. With ``sharp``,
+    the share of the sharp view of the neighbours is fitted too (``adaptive.SHARP``). The
+    result is not saved: ``Store.save_calibration`` does that.
     """
     if kind not in adaptive.KINDS:
         raise InputError(f"calibration kind must be one of {', '.join(adaptive.KINDS)}, got {kind!r}")
@@ -347,7 +348,7 @@ def calibrate(knnlm: KNNLM, text: str | Sequence[int], *, kind: str = "logistic"
     if len(rec) < 100:
         raise InputError(f"calibration needs at least 100 tokens of text, got {len(rec)}: give a longer text")
     return adaptive.fit(rec, kind=kind, k=s.k, temperature=s.temperature,
-                        init_lambda=full.settings.lambda_, holdout=holdout, keep=keep)
+                        init_lambda=full.settings.lambda_, holdout=holdout, keep=keep, sharp=sharp)
 
 
 SELF_TOKENS = 16384  # positions a self-calibration scores (at most the store's tokens)
@@ -435,20 +436,22 @@ def _more_documents(rng: np.random.Generator, sizes: np.ndarray, drawn: set[int]
 
 
 def self_calibrate(knnlm: KNNLM, *, kind: str = "logistic", keep: float = 0.9, tokens: int = SELF_TOKENS,
-                   seed: int = 0, progress: ProgressFn | None = None) -> adaptive.Calibration | None:
-    """Fit the adaptive-λ map on the store's own text (``self_records``): no user text.
-    None where the store holds too little to score (fewer than ``SELF_MIN_TOKENS``
-    positions: a tiny store, or one document too short to hide a part of it)."""
+                   local: float = SELF_LOCAL, sharp: bool = adaptive.FIT_SHARP, seed: int = 0,
+                   progress: ProgressFn | None = None) -> adaptive.Calibration | None:
+    """Fit the adaptive-λ map on the store's own text (``self_records``; ``local`` and
+    ``sharp`` as there and in ``calibrate``): no user text. None where the store holds too
+    little to score (fewer than ``SELF_MIN_TOKENS`` positions: a tiny store, or one
+    document too short to hide a part of it)."""
     if kind not in adaptive.KINDS:
         raise InputError(f"calibration kind must be one of {', '.join(adaptive.KINDS)}, got {kind!r}")
     s = knnlm.settings
     full = knnlm.with_settings(adaptive=False, skip_above_prob=None, skip_below_entropy=None,
                                lambda_=s.lambda_ if 0 < s.lambda_ < 1 else KNNSettings.lambda_)
-    rec = self_records(full, tokens=tokens, seed=seed, progress=progress)
+    rec = self_records(full, tokens=tokens, local=local, seed=seed, progress=progress)
     if len(rec) < SELF_MIN_TOKENS:
         return None
     cal = adaptive.fit(rec, kind=kind, k=s.k, temperature=s.temperature, init_lambda=full.settings.lambda_,
-                       keep=keep)
+                       keep=keep, sharp=sharp)
     cal.metrics["source"] = "self"
     cal.metrics["content"] = knnlm.store.content()
     return cal

@@ -395,14 +395,14 @@ def _sharp_records(n: int, seed: int) -> Records:
 
 def test_a_fit_uses_the_sharp_view_where_the_nearest_stands_out_and_old_fits_ignore_it():
     rec = _sharp_records(3000, 0)
-    cal = fit(rec, k=8, temperature=1.0)
+    cal = fit(rec, k=8, temperature=1.0, sharp=True)
     test = _sharp_records(500, 1)
     gap = test.signals[:, col("log_spread")] > 1
     alpha = cal.alphas(test.signals)
     assert float(alpha[gap].mean()) > 0.8 and float(alpha[~gap].mean()) < 0.2
     blended = cal.knn_target_of(test)
     assert (blended[gap] > math.log(0.7)).all()
-    without = fit(dataclasses.replace(rec, knn_sharp=None), k=8, temperature=1.0)
+    without = fit(rec, k=8, temperature=1.0, sharp=False)
     assert without.sharp is None and torch.equal(without.knn_target_of(test), test.knn_target)
     assert cal.metrics["holdout"]["calibrated_ppl"] < without.metrics["holdout"]["calibrated_ppl"]
     # a fit saved before the sharp view (and its signal) existed: its first signals, the plain view
@@ -414,7 +414,8 @@ def test_a_fit_uses_the_sharp_view_where_the_nearest_stands_out_and_old_fits_ign
 
 
 def test_the_adapter_mixes_the_blended_knn_distribution_it_reports(lm):
-    cal = fit(_sharp_records(2000, 2), k=lm.settings.k, temperature=lm.settings.temperature)
+    cal = fit(_sharp_records(2000, 2), k=lm.settings.k, temperature=lm.settings.temperature, sharp=True)
+    assert cal.sharp is not None
     ada = lm.with_policy(cal)
     for t in ada.explain(LOBSTER, n_sources=0):
         if t.retrieved:

@@ -126,8 +126,10 @@ def test_a_store_of_many_short_documents_calibrates_on_itself(store, tiny_encode
     assert max(sizes) < 200 and sum(sizes) > 2 * SELF_MIN_TOKENS
     lm = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, store, k=8, temperature=1.0, exact=True)
     rec = self_records(lm, tokens=2048)
-    assert 2048 <= len(rec) < 2048 + max(sizes) and rec.has.all()
-    assert self_calibrate(lm, tokens=2048) is not None
+    assert 2048 <= len(rec) < 2048 + max(sizes) and rec.has.all() and rec.knn_sharp is not None
+    assert self_calibrate(lm, tokens=2048).sharp is None  # the sharp view only where asked for, for now
+    local = self_calibrate(lm, tokens=2048, local=0.5, sharp=True)
+    assert local.sharp is not None and "sharpened" in local.describe()
 
 
 def test_too_small_a_store_has_no_self_calibration(store, tiny_encoder, tmp_path):
