@@ -45,7 +45,7 @@ import facts as F
 from knnstore import SourceOptions, Store
 from knnstore.adapter import KNNLM, follows
 from knnstore.config import KNNSettings
-from knnstore.evaluate import evaluate
+from knnstore.evaluate import evaluate, self_calibrate
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -261,6 +261,12 @@ def main() -> None:
     parser.add_argument("--remove", type=int, default=20)
     parser.add_argument("--half", type=int, default=10)
     parser.add_argument("--fixed-lambda", type=float, default=KNNSettings.lambda_)
+    parser.add_argument("--sharp", action="store_true",
+                        help="Also probe with a self-calibration that fits the sharp view of the neighbours "
+                             "(self_calibrate(sharp=True, local=--local)), beside the default.")
+    parser.add_argument("--local", type=float, default=0.5,
+                        help="With --sharp: share of the self-calibration's chunks scored with only their own "
+                             "stretch hidden (the rest of their document visible).")
     parser.add_argument("--out", default=str(REPO / "docs" / "facts"))
     args = parser.parse_args()
     cache = Path(args.cache)
@@ -277,21 +283,29 @@ def main() -> None:
     t0 = time.perf_counter()
     policy = lms["default"].resolve_policy()
     log(f"default policy ({time.perf_counter() - t0:.0f} s): {policy.describe()}; {lms['default'].policy_note}")
+    if args.sharp:  # beside the default: its self-calibration made with the sharp view (not saved)
+        t0 = time.perf_counter()
+        cal = self_calibrate(lms["default"], sharp=True, local=args.local)
+        lms["sharp"] = lms["default"].with_policy(cal)
+        log(f"sharp policy ({time.perf_counter() - t0:.0f} s): {cal.describe()}")
     titles = _titles(people)
     rows = {name: run_probes(lm, probes, titles, name) for name, lm in lms.items()}
     results = {"args": vars(args), "policy": policy.describe(), "policy_note": lms["default"].policy_note,
+               "sharp_policy": lms["sharp"].policy.describe() if args.sharp else None,
                "pairs": store.stats().pairs,
                "facts_pairs": store.corpus("facts").pairs,
                "probes": {name: summarise(r) for name, r in rows.items()},
-               "attribution": {name: attribution(rows[name], rows["base"]) for name in ("fixed", "default")}}
+               "attribution": {name: attribution(rows[name], rows["base"]) for name in lms if name != "base"}}
     log(json.dumps(results["probes"], indent=1))
     log(json.dumps(results["attribution"], indent=1))
     results["c1"] = real_fact_control(lms, args.real_facts)
     log(f"C1 {results['c1']}")
     test = (WIKI / "test.txt").read_text(encoding="utf-8")
-    r = evaluate(lms["default"], test, max_tokens=args.test_tokens)
-    results["c2"] = dict(tokens=r.tokens, base=r.base_ppl, fixed=r.fixed_knn_ppl, default=r.knn_ppl,
-                         change=r.knn_ppl / r.base_ppl - 1, retrieved=r.retrieved_fraction)
+    results["c2"] = {}
+    for name in [n for n in lms if n not in ("base", "fixed")]:
+        r = evaluate(lms[name], test, max_tokens=args.test_tokens)
+        results["c2"][name] = dict(tokens=r.tokens, base=r.base_ppl, fixed=r.fixed_knn_ppl, adaptive=r.knn_ppl,
+                                   change=r.knn_ppl / r.base_ppl - 1, retrieved=r.retrieved_fraction)
     log(f"C2 {results['c2']}")
     results["c3"] = removal_controls(lms["default"], people, probes, rows["default"], args.seed, args.remove,
                                      args.half)
@@ -301,48 +315,62 @@ def main() -> None:
     write_report(results, Path(args.out))
 
 
+LABELS = {"base": "base LM", "fixed": "fixed λ", "default": "default", "sharp": "sharp view (opt-in)"}
+
+
 def write_report(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
     a = results["args"]
     cmd = "python tools/bench_facts.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in a.items() if k in ("people", "seed", "real_facts", "test_tokens"))
+    cmd += f" --sharp --local {a['local']}" if a.get("sharp") else ""
+    pr = results["probes"]
+    names = list(pr)
     lines = [f"Command: `{cmd}` ({results['seconds'] / 60:.0f} min on 2 CPUs; exact search, greedy, the default model)",
              "",
              f"Store: WikiText-2 valid.txt plus {a['people']} fictional people in two documents each "
-             f"({results['facts_pairs']:,} of {results['pairs']:,} pairs). Default policy: {results['policy']}.",
+             f"({results['facts_pairs']:,} of {results['pairs']:,} pairs). Default policy: {results['policy']}."
+             + (f" Sharp view: {results['sharp_policy']}." if results.get("sharp_policy") else ""),
              "",
-             "| probe | n | exact match: base | fixed λ | default | answer log p (first / rest): base | fixed λ | default | default: retrieved, λ |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    pr = results["probes"]
+             "Exact match of the greedy answer, and the answer's mean log-probability (first token / the rest):",
+             "",
+             "| probe | n | " + " | ".join(LABELS[n] for n in names) + " | "
+             + " | ".join(f"log p, {LABELS[n]}" for n in names) + " |",
+             "|---|---|" + "---|" * (2 * len(names))]
     for kind in F.KINDS:
-        b, f, d = pr["base"][kind], pr["fixed"][kind], pr["default"][kind]
-        lines.append(f"| {kind} {F.KIND_NAMES[kind]} | {b['n']} | {b['exact_match']:.0%} | {f['exact_match']:.0%} | "
-                     f"**{d['exact_match']:.0%}** | {b['first_lp']:.2f} / {b['rest_lp']:.2f} | "
-                     f"{f['first_lp']:.2f} / {f['rest_lp']:.2f} | {d['first_lp']:.2f} / {d['rest_lp']:.2f} | "
-                     f"{d['retrieved']:.0%}, {d['lam']:.2f} |")
-    lines += ["", "Attribution (P1-P3 answered with the store and not by the base LM; the top source of the "
+        row = [pr[n][kind] for n in names]
+        lines.append(f"| {kind} {F.KIND_NAMES[kind]} | {row[0]['n']} | "
+                     + " | ".join(f"{r['exact_match']:.0%}" for r in row) + " | "
+                     + " | ".join(f"{r['first_lp']:.2f} / {r['rest_lp']:.2f}" for r in row) + " |")
+    adaptive_names = [n for n in names if n not in ("base", "fixed")]
+    lines += ["", "The answer tokens' retrieval (fraction of them that searched, mean λ): "
+              + "; ".join(f"{LABELS[n]}: " + ", ".join(f"{k} {pr[n][k]['retrieved']:.0%} λ {pr[n][k]['lam']:.2f}"
+                                                       for k in F.KINDS) for n in names if n != "base") + ".",
+              "", "Attribution (P1-P3 answered with the store and not by the base LM; the top source of the "
               "answer's tokens):", "",
               "| setting | answered | cited | own document | precision | recall | token precision | one span, own |",
               "|---|---|---|---|---|---|---|---|"]
     for name, at in results["attribution"].items():
-        lines.append(f"| {name} | {at['answered']} | {at['cited']} | {at['own']} | {at['precision']:.1%} | "
+        lines.append(f"| {LABELS[name]} | {at['answered']} | {at['cited']} | {at['own']} | {at['precision']:.1%} | "
                      f"{at['recall']:.1%} | {at['token_precision']:.1%} | {at['one_span']} |")
     c1, c2, c3 = results["c1"], results["c2"], results["c3"]
     lines += ["", "Controls:", "",
-              f"* C1 real facts the base LM states: {c1['facts']}; stated with the store: fixed λ {c1['fixed']}, "
-              f"default {c1['default']}.",
-              f"* C2 WikiText-2 test ({c2['tokens']:,} tokens): base {c2['base']:.2f}, fixed λ {c2['fixed']:.2f}, "
-              f"default {c2['default']:.2f} ({c2['change']:+.2%}), retrieved at {c2['retrieved']:.0%}.",
-              f"* C3 `remove-documents` of {c3['removed_people']} people ({c3['removed_documents']} documents with "
-              f"C4's, {c3['removed_pairs']:,} pairs, {c3['seconds']:.2f} s): their {c3['removed_probes']} probes' "
-              f"answer log-probabilities differ from those with the documents hidden before the removal by at most "
-              f"{c3['max_abs_diff_vs_hidden']:.2e}; answers stated {c3['removed_correct_before']} before, "
-              f"{c3['removed_correct_after']} after; the other people's {c3['others']} probes: "
-              f"{c3['others_changed']} changed.",
-              f"* C4 a fact in two documents, the biography removed ({c3['c4_people']} people, P1-P3): stated "
-              f"{c3['c4_correct_before']} of {c3['c4_probes']} before, {c3['c4_correct_after']} after (the record "
-              f"still holds them): " + ", ".join(f"{k} {v[0]} -> {v[1]} of {v[2]}" for k, v in c3["c4_by_kind"].items()),
+              f"* C1 real facts the base LM states: {c1['facts']}; stated with the store: "
+              + ", ".join(f"{LABELS[n]} {c1[n]}" for n in names if n != "base") + ".",
+              *(f"* C2 WikiText-2 test ({c['tokens']:,} tokens), {LABELS[n]}: base {c['base']:.2f}, fixed λ "
+                f"{c['fixed']:.2f}, adaptive {c['adaptive']:.2f} ({c['change']:+.2%}), retrieved at {c['retrieved']:.0%}."
+                for n, c in c2.items()),
+              f"* C3 (default) `remove-documents` of {c3['removed_people']} people ({c3['removed_documents']} "
+              f"documents with C4's, {c3['removed_pairs']:,} pairs, {c3['seconds']:.2f} s): their "
+              f"{c3['removed_probes']} probes' answer log-probabilities differ from those with the documents hidden "
+              f"before the removal by at most {c3['max_abs_diff_vs_hidden']:.2e}; answers stated "
+              f"{c3['removed_correct_before']} before, {c3['removed_correct_after']} after; the other people's "
+              f"{c3['others']} probes: {c3['others_changed']} changed.",
+              f"* C4 (default) a fact in two documents, the biography removed ({c3['c4_people']} people, P1-P3): "
+              f"stated {c3['c4_correct_before']} of {c3['c4_probes']} before, {c3['c4_correct_after']} after (the "
+              "record still holds them): " + ", ".join(f"{k} {v[0]} -> {v[1]} of {v[2]}"
+                                                      for k, v in c3["c4_by_kind"].items()),
               ""]
     out.with_suffix(".md").write_text("\n".join(lines), encoding="utf-8")
     plot(results, out.with_suffix(".png"))
@@ -357,15 +385,16 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    width = 0.27
-    for i, name in enumerate(("base", "fixed", "default")):
+    names = list(results["probes"])
+    fig, ax = plt.subplots(figsize=(7.5, 4), dpi=120)
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
         vals = [results["probes"][name][k]["exact_match"] * 100 for k in F.KINDS]
-        ax.bar(np.arange(len(F.KINDS)) + (i - 1) * width, vals, width, label=name)
+        ax.bar(np.arange(len(F.KINDS)) + (i - (len(names) - 1) / 2) * width, vals, width, label=LABELS[name])
     ax.set_xticks(np.arange(len(F.KINDS)), [f"{k}\n{F.KIND_NAMES[k]}" for k in F.KINDS])
     ax.set_ylabel("exact match of the greedy answer (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Facts stored in the store, stated by the model")
+    ax.set_title("Facts the store holds, stated by the model")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
