@@ -34,15 +34,19 @@ def _domain_text(rng: random.Random, sentences: int) -> str:
     return " ".join(f"{rng.choice(PHRASES)}, {rng.choice(PHRASES)}." for _ in range(sentences))
 
 
+def _add_domain_corpus(store, folder, name: str, documents: int, sentences: int, seed: int) -> None:
+    """A corpus of ``documents`` files of ``sentences`` sentences of the phrase domain."""
+    rng = random.Random(seed)
+    folder.mkdir()
+    for i in range(documents):
+        (folder / f"{i:03}.txt").write_text(_domain_text(rng, sentences))
+    store.add_corpus(name, [folder], settings=SETTINGS)
+
+
 @pytest.fixture
 def domain_store(store, tmp_path):
     """A store of 12 documents of the phrase domain (about 4,000 tokens)."""
-    rng = random.Random(0)
-    docs = tmp_path / "domain"
-    docs.mkdir()
-    for i in range(12):
-        (docs / f"{i:02}.txt").write_text(_domain_text(rng, 40))
-    store.add_corpus("domain", [docs], settings=SETTINGS)
+    _add_domain_corpus(store, tmp_path / "domain", "domain", 12, 40, seed=0)
     return store
 
 
@@ -58,7 +62,7 @@ def test_without_drops_marked_neighbours_and_keeps_the_order():
 
 def test_a_stored_document_reads_back_as_its_tokens(domain_store, tiny_encoder, tmp_path):
     doc = domain_store.ready_documents()[3]
-    text = (tmp_path / "domain" / "03.txt").read_text()
+    text = (tmp_path / "domain" / "003.txt").read_text()
     assert domain_store.document_tokens(doc.id).tolist() == tiny_encoder.tokenize(text)
     # pairs 9 and 10 taken out: token 10 is told by neither (pair 9's next, pair 10's own)
     pids = domain_store.table.columns(["pair_id"], where=f"document_id = {doc.id} AND position IN (9, 10)")
@@ -116,12 +120,7 @@ def test_self_calibration_keeps_the_gain_in_domain_and_gives_lambda_zero_elsewhe
 def test_a_store_of_many_short_documents_calibrates_on_itself(store, tiny_encoder, tmp_path):
     # 90 records of a few sentences each (like the fact benchmark's): a chunk of 512 tokens
     # finds one short document, so more documents are drawn until the positions are found
-    rng = random.Random(3)
-    docs = tmp_path / "notes"
-    docs.mkdir()
-    for i in range(90):
-        (docs / f"{i:03}.txt").write_text(_domain_text(rng, 3))
-    store.add_corpus("notes", [docs], settings=SETTINGS)
+    _add_domain_corpus(store, tmp_path / "notes", "notes", 90, 3, seed=3)
     sizes = [d.n_tokens for d in store.ready_documents()]
     assert max(sizes) < 200 and sum(sizes) > 2 * SELF_MIN_TOKENS
     lm = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, store, k=8, temperature=1.0, exact=True)
