@@ -188,6 +188,8 @@ def removal_controls(lm: KNNLM, people: list[F.Person], probes: list[F.Probe], b
                      seed: int, n_remove: int, n_half: int) -> dict:
     """C3 and C4 with the default adapter (exact search)."""
     rng = random.Random(seed + 1)
+    n_remove = min(n_remove, len(people) // 3)  # leave people whose answers must not change
+    n_half = min(n_half, (len(people) - n_remove) // 2)
     order = list(range(len(people)))
     rng.shuffle(order)
     removed, half = set(order[:n_remove]), set(order[n_remove:n_remove + n_half])
@@ -258,8 +260,10 @@ def main() -> None:
     parser.add_argument("--base-store", help="A WikiText-2 valid store to copy instead of building one.")
     parser.add_argument("--real-facts", type=int, default=100)
     parser.add_argument("--test-tokens", type=int, default=8000, help="WikiText-2 test tokens for C2.")
-    parser.add_argument("--remove", type=int, default=20)
-    parser.add_argument("--half", type=int, default=10)
+    parser.add_argument("--remove", type=int, default=20,
+                        help="C3: people whose documents are removed (at most a third of them).")
+    parser.add_argument("--half", type=int, default=10,
+                        help="C4: other people whose biography alone is removed (at most half of the rest).")
     parser.add_argument("--fixed-lambda", type=float, default=KNNSettings.lambda_)
     parser.add_argument("--sharp", action="store_true",
                         help="Also probe with a self-calibration that fits the sharp view of the neighbours "
