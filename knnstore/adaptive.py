@@ -542,10 +542,13 @@ def fit(rec: Records, *, kind: str = "logistic", k: int, temperature: float, ini
     n = len(rec)
     n_fit = max(1, int(round(n * (1 - holdout)))) if n > 1 else n
     train = rec.subset(torch.arange(n_fit))
-    sig = train.signals[train.has]
-    mean = sig.mean(dim=0) if len(sig) else torch.zeros(len(SIGNALS), dtype=torch.float64)
-    std = sig.std(dim=0).nan_to_num(1.0).clamp(min=1e-3) if len(sig) > 1 else torch.ones(len(SIGNALS), dtype=torch.float64)
-    params = _initial_params(kind, init_lambda, seed)
+    # Without the sharp view, λ is fitted on the signals from before it (the sharp view's
+    # agreement is left out: the default's fit is what it was).
+    width = len(SIGNALS) if rec.knn_sharp is not None else SIGNALS.index("knn_top_sharp")
+    sig = train.signals[train.has][:, :width]
+    mean = sig.mean(dim=0) if len(sig) else torch.zeros(width, dtype=torch.float64)
+    std = sig.std(dim=0).nan_to_num(1.0).clamp(min=1e-3) if len(sig) > 1 else torch.ones(width, dtype=torch.float64)
+    params = _initial_params(kind, init_lambda, seed, width)
     sharp = None
     if rec.knn_sharp is not None:  # fit the sharp view's share too, from the same signals
         sharp = {"w": torch.zeros(len(mean), dtype=torch.float64),
@@ -573,9 +576,9 @@ def fit(rec: Records, *, kind: str = "logistic", k: int, temperature: float, ini
     return cal
 
 
-def _initial_params(kind: str, init_lambda: float, seed: int) -> dict[str, torch.Tensor]:
-    """Parameters of f at the start of the fit: every position at λ = ``init_lambda``."""
-    f = len(SIGNALS)
+def _initial_params(kind: str, init_lambda: float, seed: int, f: int) -> dict[str, torch.Tensor]:
+    """Parameters of f (over ``f`` signals) at the start of the fit: every position at
+    λ = ``init_lambda``."""
     b0 = math.log(init_lambda / (1 - init_lambda))
     if kind == "logistic":
         params = {"w": torch.zeros(f, dtype=torch.float64), "b": torch.tensor(b0, dtype=torch.float64)}

@@ -404,6 +404,7 @@ def test_a_fit_uses_the_sharp_view_where_the_nearest_stands_out_and_old_fits_ign
     assert (blended[gap] > math.log(0.7)).all()
     without = fit(rec, k=8, temperature=1.0, sharp=False)
     assert without.sharp is None and torch.equal(without.knn_target_of(test), test.knn_target)
+    assert len(without.mean) == len(SIGNALS) - 1  # λ fitted on the signals from before the sharp view
     assert cal.metrics["holdout"]["calibrated_ppl"] < without.metrics["holdout"]["calibrated_ppl"]
     # a fit saved before the sharp view (and its signal) existed: its first signals, the plain view
     old = without.to_dict()
