@@ -90,8 +90,7 @@ def answer_tokens(lm: KNNLM, prompt: str, answer: str) -> tuple[list[int], int]:
     """Token ids of prompt + " " + answer and where the answer's tokens start."""
     full = lm.encoder.tokenize(f"{prompt} {answer}")
     head = lm.encoder.tokenize(prompt)
-    start = len(head) if full[:len(head)] == head else len(lm.encoder.tokenize(f"{prompt} {answer}"[:len(prompt)]))
-    return full, start
+    return full, len(head)
 
 
 def run_probe(lm: KNNLM, probe: F.Probe, own_titles: set[str]) -> dict:
@@ -209,7 +208,9 @@ def removal_controls(lm: KNNLM, people: list[F.Person], probes: list[F.Probe], b
     diffs = [max(abs(aft[key]["first_lp"] - r["first_lp"]), abs(aft[key]["rest_lp"] - r["rest_lp"]))
              for key, r in ref.items()]
     removed_rows = [aft[key] for key in ref]
-    others = [key for key, x in aft.items() if probes_of(key, removed | half, probes)]
+    # probes about someone none of whose documents went (a two-hop probe: nor their teacher's)
+    source = {(p.person, p.kind, p.attribute): p.source_person for p in probes}
+    others = [key for key in aft if key[0] not in removed | half and source[key] not in removed | half]
     changed = [key for key in others if aft[key]["correct"] != bef[key]["correct"]]
     c4 = [key for key in aft if key[0] in half and key[1] != "P4"]
     return dict(removed_people=len(removed), removed_documents=len(removal.documents), removed_pairs=removal.pairs,
@@ -225,14 +226,6 @@ def removal_controls(lm: KNNLM, people: list[F.Person], probes: list[F.Probe], b
                 c4_by_kind={kind: [sum(bef[k]["correct"] for k in c4 if k[1] == kind),
                                    sum(aft[k]["correct"] for k in c4 if k[1] == kind),
                                    sum(1 for k in c4 if k[1] == kind)] for kind in ("P1", "P2", "P3")})
-
-
-def probes_of(key, excluded: set[int], probes: list[F.Probe]) -> bool:
-    """Whether a probe asks about someone none of whose documents was removed (P4: nor
-    their teacher's)."""
-    person, kind, attribute = key
-    p = next(p for p in probes if (p.person, p.kind, p.attribute) == key)
-    return person not in excluded and p.source_person not in excluded
 
 
 class _Doc:
