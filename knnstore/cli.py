@@ -903,6 +903,42 @@ def _print_eval(r, files) -> None:
             err.print("No plot: install matplotlib (pip install 'knnstore[plot]') for the PNG")
 
 
+@cli.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                          "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def lm_eval_(ctx, args):
+    """lm-evaluation-harness's own command line, with the `knnstore` model in it.
+
+    Takes exactly `lm_eval`'s arguments (`knnstore lm-eval run --help` lists them); the harness
+    loads no models from other packages, so this command registers knnstore's first. Where
+    no --include_path is given, knnstore's task files are included: knnstore_facts (the
+    fact benchmark's probes) and knnstore_text_ppl (perplexity over a local text file).
+    Needs the eval extra: pip install 'knnstore[eval]'.
+
+    \b
+    Example:
+        knnstore add-corpus my-store facts "$(knnstore lm-eval --tasks-dir)/facts_documents.jsonl"
+        knnstore lm-eval --model knnstore --model_args store=my-store --tasks knnstore_facts
+        knnstore lm-eval --model knnstore --model_args store=my-store,lambda=0.25 \\
+            --tasks knnstore_text_ppl --metadata '{"path": "test.txt"}'
+    """
+    args = list(args)
+    if args in (["--help"], ["-h"]):
+        out.print(ctx.get_help(), markup=False, highlight=False, soft_wrap=True)
+        return
+    try:
+        from . import lm_eval as harness
+    except ImportError as exc:
+        raise click.ClickException(f"{exc}") from None
+    if args == ["--tasks-dir"]:
+        out.print(str(harness.task_dir()), markup=False, highlight=False, soft_wrap=True)
+        return
+    if "--include_path" not in args and not any(a.startswith("--include_path=") for a in args):
+        args += ["--include_path", str(harness.task_dir())]
+    harness.main(args)
+
+
 @cli.command()
 @_store_argument
 @click.argument("prompt")

@@ -73,10 +73,7 @@ def build_stores(cache: Path, base_store: str | None, people: list[F.Person]) ->
         shutil.rmtree(work)
     shutil.copytree(base, work)
     jsonl = cache / "facts.jsonl"
-    with open(jsonl, "w", encoding="utf-8") as f:
-        for d in F.documents(people):
-            f.write(json.dumps({"id": f"{d.person}-{d.kind}", "title": d.title, "text": d.text,
-                                "person": d.person, "kind": d.kind}) + "\n")
+    F.write_documents(people, jsonl)
     s = Store.open(work)
     s.clear_calibrations()  # the default self-calibrates on what this store holds
     t0 = time.perf_counter()

@@ -13,8 +13,13 @@ know them), and a probe's answer is read back from the entity, never written by 
 
 from __future__ import annotations
 
+import argparse
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from knnstore.lm_eval_tasks.utils import normalise, states  # noqa: F401  (the benchmark's answer match)
 
 FIRST_START = ("Bre", "Cal", "Dor", "Elv", "Fen", "Gar", "Hal", "Isk", "Jor", "Kel", "Lor", "Mar", "Nev", "Orv",
                "Per", "Quin", "Ros", "Sel", "Tam", "Ulv", "Var", "Wyn", "Yor", "Zan")
@@ -159,20 +164,21 @@ def probes(p: Person, people: list[Person]) -> list[Probe]:
     return out
 
 
-def normalise(text: str) -> str:
-    """Lower case, no leading space or article: how answers are compared."""
-    t = text.strip().lower()
-    for article in ("a ", "an ", "the "):
-        if t.startswith(article):
-            t = t[len(article):]
-    return t
+def write_documents(people: list[Person], path: Path) -> None:
+    """The people's documents as a ``.jsonl`` corpus (``knnstore add-corpus``): id, title, text,
+    and the person and style kept as metadata."""
+    with open(path, "w", encoding="utf-8") as f:
+        for d in documents(people):
+            f.write(json.dumps({"id": f"{d.person}-{d.kind}", "title": d.title, "text": d.text,
+                                "person": d.person, "kind": d.kind}) + "\n")
 
 
-def states(generated: str, answer: str) -> bool:
-    """Whether a greedy continuation states ``answer`` first (exact match of the answer as a
-    whole word, after ``normalise``)."""
-    g, a = normalise(generated), normalise(answer)
-    return g.startswith(a) and (len(g) == len(a) or not g[len(a)].isalnum())
+def write_probes(people: list[Person], path: Path) -> None:
+    """Every probe of the people as ``.jsonl`` (what the lm-eval task ``knnstore_facts`` asks)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for p in people:
+            for probe in probes(p, people):
+                f.write(json.dumps(asdict(probe)) + "\n")
 
 
 # Real facts for control C1: the benchmark keeps the first 100 the base model states.
@@ -230,3 +236,22 @@ OTHER_FACTS = (
 def real_facts() -> list[tuple[str, str]]:
     """Candidate real facts (prompt, answer), in a fixed order."""
     return [(f"The capital of {country} is", city) for country, city in CAPITALS.items()] + list(OTHER_FACTS)
+
+
+def main() -> None:
+    """Write the documents and probes of ``--people`` people (the data the lm-eval task files
+    ship: ``python tools/facts.py --people 60 --out knnstore/lm_eval_tasks``)."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--people", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    people = make_people(args.people, seed=args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_documents(people, args.out / "facts_documents.jsonl")
+    write_probes(people, args.out / "facts_probes.jsonl")
+    print(f"wrote {len(people) * 2} documents and {len(people) * 13} probes to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
