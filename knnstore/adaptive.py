@@ -67,6 +67,14 @@ SHARP = 0.1
 # until its effect on the domains of docs/domains.md is measured (docs/facts.md measures it
 # on stored facts).
 FIT_SHARP = False
+# A context the store holds verbatim: the nearest stored context is at least this many times
+# nearer than the eighth (log_spread >= log RECOGNISED_SPREAD; the query's own stored key is
+# at distance ~0, the keys of other contexts are not). There the store knows what came next,
+# so every adaptive policy mixes in the sharp view with λ at least RECOGNISED_LAMBDA: a
+# prompt that begins as a stored document goes on as it does. Text the store does not hold
+# is never recognised (a self-calibration hides each scored document, so it never is either).
+RECOGNISED_SPREAD = 1000.0
+RECOGNISED_LAMBDA = 0.9
 KINDS = ("logistic", "mlp")
 GATE = "knn_top"  # calibrated λ = σ(f(z)) · knn_top
 _EPS = 1e-6
@@ -129,6 +137,11 @@ def signals(distances: torch.Tensor, next_tokens: torch.Tensor, lm_log_probs: to
     # says); the LM's own signals stay, since skipping is decided on them.
     retrieval = torch.tensor([name not in ("lm_entropy", "lm_top") for name in SIGNALS])
     return torch.where(retrieval & ~has.unsqueeze(1), torch.zeros_like(out), out)
+
+
+def recognised(sig: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the positions whose context the store holds verbatim (``RECOGNISED_SPREAD``)."""
+    return sig[:, SIGNALS.index("log_spread")] >= math.log(RECOGNISED_SPREAD)
 
 
 def sharp_log_weights(distances: torch.Tensor, valid: torch.Tensor,
@@ -264,18 +277,53 @@ class Policy:
     name: str = "fixed"
     skip_above_prob: float | None = None
 
-    def lambdas(self, sig: torch.Tensor, lambda_: float) -> torch.Tensor:
+    def lambdas(self, sig: torch.Tensor, lambda_: float | None = None) -> torch.Tensor:
+        """[N] λ per position: the policy's own (``view_lambdas``), at least
+        ``RECOGNISED_LAMBDA`` where the context is stored verbatim (``recognised``)."""
+        lambdas = self.view_lambdas(sig, lambda_)
+        return torch.where(recognised(sig), lambdas.clamp(min=RECOGNISED_LAMBDA), lambdas)
+
+    def view_lambdas(self, sig: torch.Tensor, lambda_: float | None) -> torch.Tensor:
         raise NotImplementedError
 
     def knn_log_probs(self, distances: torch.Tensor, next_tokens: torch.Tensor, vocab_size: int,
                       temperature: float, weights: torch.Tensor | None, sig: torch.Tensor) -> torch.Tensor:
-        """log p_kNN [N, V] that this policy mixes in (here the plain one, at ``temperature``)."""
+        """log p_kNN [N, V] that this policy mixes in: its own view (``view_log_probs``), the
+        sharp view where the context is stored verbatim (``recognised``)."""
+        out = self.view_log_probs(distances, next_tokens, vocab_size, temperature, weights, sig)
+        rec = recognised(sig)
+        if not bool(rec.any()):
+            return out
+        valid = knn.valid_mask(distances, next_tokens)
+        sharp = knn.knn_log_probs(distances, next_tokens, vocab_size,
+                                  knn.relative_temperature(distances, valid, SHARP), weights)
+        return torch.where(rec.unsqueeze(-1), sharp.to(out.dtype), out)
+
+    def view_log_probs(self, distances, next_tokens, vocab_size, temperature, weights, sig) -> torch.Tensor:
+        """The policy's own log p_kNN [N, V] (here the plain one, at ``temperature``)."""
         return knn.knn_log_probs(distances, next_tokens, vocab_size, temperature, weights)
 
     def knn_target(self, distances: torch.Tensor, matches: torch.Tensor, valid: torch.Tensor,
                    temperature: float, weights: torch.Tensor | None, sig: torch.Tensor) -> torch.Tensor:
         """log p_kNN(target) [N] of ``knn_log_probs``, from which neighbours match the target."""
+        out = self.view_target(distances, matches, valid, temperature, weights, sig)
+        rec = recognised(sig)
+        if not bool(rec.any()):
+            return out
+        return torch.where(rec, sharp_target(distances, matches, valid, weights).to(out.dtype), out)
+
+    def view_target(self, distances, matches, valid, temperature, weights, sig) -> torch.Tensor:
         return knn.knn_target_log_prob(distances, matches, valid, temperature, weights)
+
+    def knn_target_of(self, rec: "Records") -> torch.Tensor:
+        """log p_kNN(target) [N] of the positions of ``rec`` as this policy mixes it."""
+        out = self.view_target_of(rec)
+        if rec.knn_sharp is None:
+            return out
+        return torch.where(recognised(rec.signals), rec.knn_sharp.to(out.dtype), out)
+
+    def view_target_of(self, rec: "Records") -> torch.Tensor:
+        return rec.knn_target
 
     @property
     def skip_rule(self) -> SkipRule | None:
@@ -314,7 +362,7 @@ class Rule(Policy):
     skip_above_prob: float | None = 0.9
     name: str = "rule"
 
-    def lambdas(self, sig: torch.Tensor, lambda_: float) -> torch.Tensor:
+    def view_lambdas(self, sig: torch.Tensor, lambda_: float | None) -> torch.Tensor:
         return lambda_ * sig[:, SIGNALS.index("knn_top")].clamp(0, 1) ** self.power
 
     def describe(self) -> str:
@@ -361,8 +409,8 @@ class Calibration(Policy):
             return None
         return torch.sigmoid(self._z(sig) @ torch.tensor(self.sharp["w"], dtype=torch.float64) + self.sharp["b"])
 
-    def knn_log_probs(self, distances, next_tokens, vocab_size, temperature, weights, sig):
-        plain = super().knn_log_probs(distances, next_tokens, vocab_size, temperature, weights, sig)
+    def view_log_probs(self, distances, next_tokens, vocab_size, temperature, weights, sig):
+        plain = super().view_log_probs(distances, next_tokens, vocab_size, temperature, weights, sig)
         alpha = self.alphas(sig)
         if alpha is None:
             return plain
@@ -371,15 +419,14 @@ class Calibration(Policy):
                                   knn.relative_temperature(distances, valid, SHARP), weights)
         return _blend(plain, sharp, alpha.unsqueeze(-1)).to(plain.dtype)
 
-    def knn_target(self, distances, matches, valid, temperature, weights, sig):
-        plain = super().knn_target(distances, matches, valid, temperature, weights, sig)
+    def view_target(self, distances, matches, valid, temperature, weights, sig):
+        plain = super().view_target(distances, matches, valid, temperature, weights, sig)
         alpha = self.alphas(sig)
         if alpha is None:
             return plain
         return _blend(plain, sharp_target(distances, matches, valid, weights), alpha)
 
-    def knn_target_of(self, rec: "Records") -> torch.Tensor:
-        """log p_kNN(target) [N] of the positions of ``rec`` as this policy mixes it."""
+    def view_target_of(self, rec: "Records") -> torch.Tensor:
         alpha = self.alphas(rec.signals)
         if alpha is None or rec.knn_sharp is None:
             return rec.knn_target
@@ -389,7 +436,7 @@ class Calibration(Policy):
         return _forward(self.kind, {k: torch.tensor(v, dtype=torch.float64) for k, v in self.params.items()},
                         self._z(sig))
 
-    def lambdas(self, sig: torch.Tensor, lambda_: float | None = None) -> torch.Tensor:
+    def view_lambdas(self, sig: torch.Tensor, lambda_: float | None = None) -> torch.Tensor:
         lambdas = torch.sigmoid(self.logits(sig))
         if self.gate is not None:
             gate = _gate(sig, self.gate)

@@ -11,8 +11,8 @@ adaptive default or a fixed λ exactly as ``knnstore eval`` and ``generate`` mix
 
 Results are cached in an SQLite file (``cache``: default ``$KNNSTORE_CACHE/lm-eval.sqlite``,
 ``cache=none`` for no cache) under a key made of the request and everything that decides
-its answer: the model's weights, the store's pairs-table version and content, the kNN
-settings and the adaptive policy in use. A store changed by add-corpus, remove-documents,
+its answer: knnstore's version and mixing constants, the model's weights, the store's
+pairs-table version and content, the kNN settings and the adaptive policy in use. A store changed by add-corpus, remove-documents,
 forget or a new calibration gives new keys, so old results are never reused.
 
 From the command line (the harness has no plugin entry point; ``knnstore lm-eval`` is its
@@ -49,6 +49,7 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
     raise ImportError("knnstore.lm_eval needs the lm-eval package: pip install 'knnstore[eval]'") from exc
 from tqdm import tqdm
 
+from . import adaptive
 from .adapter import KNNLM
 from .config import MAX_NEW_TOKENS, SCORE_STRIDE, SCORE_WINDOW, KNNSettings, cache_root
 from .decoding import Row, decode
@@ -253,7 +254,9 @@ class KNNStoreLM(TemplateLM):
             described = policy.to_dict()
         else:
             described = dataclasses.asdict(policy)
-        state = {"format": CACHE_FORMAT, "model": lm.encoder.model_fingerprint(),
+        mixing = {"sharp": adaptive.SHARP, "recognised": [adaptive.RECOGNISED_SPREAD, adaptive.RECOGNISED_LAMBDA]}
+        state = {"format": CACHE_FORMAT, "knnstore": _version(), "mixing": mixing,
+                 "model": lm.encoder.model_fingerprint(),
                  "store": str(lm.store.path), "version": lm.store.table.version, "content": lm.store.content(),
                  "settings": dataclasses.asdict(lm.settings), "policy": described}
         return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
@@ -287,6 +290,15 @@ def _open_cache(cache: str | os.PathLike | None) -> sqlite3.Connection | None:
         return conn
     except (OSError, sqlite3.Error) as exc:
         raise InputError(f"cannot use {path} as the lm-eval cache ({exc}): give cache=PATH or cache=none") from None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("knnstore")
+    except PackageNotFoundError:  # run from a checkout
+        return "unknown"
 
 
 def _device(device: str | None) -> str:

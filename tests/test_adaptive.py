@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from knnstore import KNNLM, InputError, knn
-from knnstore.adaptive import (SIGNALS, SKIP_COST, SKIP_FEATURES, TRAIL, Calibration, Records, Rule, SkipRule,
+from knnstore.adaptive import (SIGNALS, SKIP_COST, SKIP_FEATURES, TRAIL, Calibration, Records, Rule, SkipRule, recognised,
+                               RECOGNISED_LAMBDA,
                                best_fixed, choose_skip, fit, mixture_log_prob, signals, unsearched)
 from knnstore.cli import cli
 from knnstore.evaluate import calibrate
@@ -168,18 +169,36 @@ def test_adaptive_eval_equals_scoring_its_records_offline(lm):
     r = ada.evaluate(HAMLET + CITIZEN, records=parts)
     rec = Records.concat(parts)
     lam = Rule().lambdas(rec.signals, 0.5)
-    offline = math.exp(-float(mixture_log_prob(rec.lm_target, rec.knn_target, rec.has, lam).mean()))
+    offline = math.exp(-float(mixture_log_prob(rec.lm_target, Rule().knn_target_of(rec), rec.has, lam).mean()))
     assert r.knn_ppl == pytest.approx(offline, rel=1e-9)
+    assert bool(recognised(rec.signals).any())  # the text is stored: some contexts are stored verbatim
 
 
 def test_adaptive_generation_mixes_with_the_rule_and_lambda_zero_stays_the_plain_lm(lm):
-    g = lm.with_policy(Rule()).with_settings(skip_above_prob=1.0).generate("The European", max_new_tokens=5,
+    # (not a stored document's beginning: see the next test for what happens there)
+    g = lm.with_policy(Rule()).with_settings(skip_above_prob=1.0).generate("So the European", max_new_tokens=5,
                                                                              explain=True)
     assert len(g.tokens) == 5 and g.retrieved_fraction == 1.0
     assert all(0.0 <= t.knn_weight <= 0.5 for t in g.tokens)
     plain = lm.with_settings(lambda_=0.0).generate("The European", max_new_tokens=5)
     off = lm.with_settings(lambda_=0.0, adaptive=True).generate("The European", max_new_tokens=5)
     assert off.token_ids == plain.token_ids and off.retrieved_fraction == 0.0
+
+
+def test_a_prompt_that_begins_as_a_stored_document_goes_on_as_it_does(lm):
+    # The prompt is the start of the stored lobster document: its context is stored verbatim
+    # (within the store's first window of 16 tokens, where the stored keys saw exactly this),
+    # so every adaptive policy takes the sharp view with λ >= RECOGNISED_LAMBDA there.
+    prompt = "The Euro"
+    rule = lm.with_policy(Rule()).with_settings(skip_above_prob=1.0)
+    g = rule.generate(prompt, max_new_tokens=4, explain=True)
+    assert LOBSTER.startswith(prompt + g.text)
+    assert all(t.knn_weight >= RECOGNISED_LAMBDA - 1e-6 and t.p_knn > 0.99 for t in g.tokens)
+    plain = lm.with_settings(lambda_=0.0).generate(prompt, max_new_tokens=4)
+    assert not LOBSTER.startswith(prompt + plain.text)  # the model alone does not know it
+    # elsewhere nothing is recognised: λ stays the rule's
+    other = rule.generate("Quarterly revenue of the European", max_new_tokens=4, explain=True)
+    assert all(t.knn_weight <= 0.5 for t in other.tokens)
 
 
 def test_calibrate_fits_on_text_and_adaptive_then_uses_the_calibration(lm):

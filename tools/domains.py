@@ -157,10 +157,11 @@ def score(rec: Records, policy: Policy, lambda_: float) -> tuple[float, float, f
     position by position as eval and generation do), the fraction of positions that
     retrieve, and the perplexity with every position retrieving."""
     lambdas = policy.lambdas(rec.signals, lambda_).double().clamp(0, 1)
-    retrieve, _ = policy.retrieval(rec.signals, lambdas, rec.lm_target, rec.knn_target, rec.has)
+    knn_target = policy.knn_target_of(rec)  # p_kNN as the policy mixes it (the sharp view where recognised)
+    retrieve, _ = policy.retrieval(rec.signals, lambdas, rec.lm_target, knn_target, rec.has)
     lam = torch.where(retrieve, lambdas, torch.zeros_like(lambdas))
-    return (ppl(mixture_log_prob(rec.lm_target, rec.knn_target, rec.has & retrieve, lam)),
-            float(retrieve.double().mean()), ppl(mixture_log_prob(rec.lm_target, rec.knn_target, rec.has, lambdas)))
+    return (ppl(mixture_log_prob(rec.lm_target, knn_target, rec.has & retrieve, lam)),
+            float(retrieve.double().mean()), ppl(mixture_log_prob(rec.lm_target, knn_target, rec.has, lambdas)))
 
 
 def skipped_at_cost(rec: Records, policy: Calibration, cost: float = 0.01) -> tuple[float, float]:
@@ -168,7 +169,8 @@ def skipped_at_cost(rec: Records, policy: Calibration, cost: float = 0.01) -> tu
     cost against always retrieving (the best cut on ``rec`` itself): the LM's top
     probability alone, and the policy's ``SkipRule`` (the previous position too)."""
     lambdas = policy.lambdas(rec.signals).double()
-    gain = mixture_log_prob(rec.lm_target, rec.knn_target, rec.has, lambdas) - rec.lm_target.double()
+    knn_target = policy.knn_target_of(rec)
+    gain = mixture_log_prob(rec.lm_target, knn_target, rec.has, lambdas) - rec.lm_target.double()
     budget, total, n = math.log1p(cost) * len(rec), float(gain.sum()), len(rec)
 
     def best(masks) -> float:
@@ -180,7 +182,7 @@ def skipped_at_cost(rec: Records, policy: Calibration, cost: float = 0.01) -> tu
     rule = policy.skip_rule
     if rule is None:
         return by_top, by_top
-    full = trail(rec.signals, lambdas, rec.lm_target, rec.knn_target, rec.has, torch.ones(n, dtype=torch.bool))
+    full = trail(rec.signals, lambdas, rec.lm_target, knn_target, rec.has, torch.ones(n, dtype=torch.bool))
     scores = rule.scores(skip_features(rec.signals, shifted(full)))
     cuts = torch.quantile(scores, torch.linspace(0.0, 0.95, 96, dtype=torch.float64)).tolist()
     by_trail = best(dataclasses.replace(rule, cut=c).sequence(rec.signals, full)[0] for c in cuts)
