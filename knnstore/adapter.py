@@ -317,8 +317,11 @@ class KNNLM:
         s = self.settings
         k = k or s.k
         queries = keys.detach().float().cpu().numpy() if isinstance(keys, torch.Tensor) else keys
+        # adaptive: a context stored verbatim is recognised on exact distances (not where
+        # pairs are hidden: a self-calibration hides what would be recognised)
         found = self.store.search(queries, k + (self._extra if self._hidden else 0), exact=s.exact,
-                                  nprobes=s.nprobes, refine_factor=s.refine_factor)
+                                  nprobes=s.nprobes, refine_factor=s.refine_factor,
+                                  verify_nearest=s.adaptive and self._hidden is None)
         return found if self._hidden is None else found.without(self._hidden(found), k)
 
     def retrieval_mask(self, lm_log_probs: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:

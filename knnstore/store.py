@@ -359,14 +359,15 @@ class Store:
         )
 
     def search(self, vectors: np.ndarray, k: int = 16, *, exact: bool = False,
-               nprobes: int = 32, refine_factor: int | None = None) -> Neighbours:
+               nprobes: int = 32, refine_factor: int | None = None, verify_nearest: bool = False) -> Neighbours:
         """The k nearest stored pairs (squared L2) of each row of ``vectors`` [Q, dim].
 
         One batched search for all rows; only pairs of ready corpora are returned.
         With an ANN index (and ``exact=False``) LanceDB answers from ``nprobes``
         partitions, re-ranking ``refine_factor`` x k candidates with exact distances
         (None: as the index type needs, see ``vectors.AUTO_REFINE``); otherwise a
-        brute-force scan (torch) gives the exact neighbours.
+        brute-force scan (torch) gives the exact neighbours. ``verify_nearest``: rows whose
+        estimated nearest stands out get exact distances (``vectors.VERIFY_NEAREST``).
         """
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if vectors.ndim != 2 or vectors.shape[1] != self.identity.dim:
@@ -376,8 +377,8 @@ class Store:
         vectors = self.stored_keys(vectors)
         if exact or not self.table.has_vector_index():
             return self._exact.search(vectors, k, corpora=self._visible)
-        return self.table.search(vectors, k, corpora=self._visible,
-                                 nprobes=nprobes, refine_factor=refine_factor)
+        return self.table.search(vectors, k, corpora=self._visible, nprobes=nprobes,
+                                 refine_factor=refine_factor, verify_nearest=verify_nearest)
 
     def stored_keys(self, keys: np.ndarray) -> np.ndarray:
         """Model keys [N, dim] as the table holds them: projected where the store reduces

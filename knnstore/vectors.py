@@ -224,6 +224,13 @@ AUTO_REFINE = {"ivf_rq": 0, "ivf_pq": 4}
 # A quantised store ranks refine_factor x k candidates of its routing key by their codes
 # (8 when the caller leaves it to the store: 1,024 candidates at k=128, docs/compact.md).
 CODES_REFINE = 8
+# Index estimates are off by ~0.1 in squared distance (IVF-RQ on the default model's keys),
+# which hides a context the table holds verbatim (its own key at ~1e-4: adaptive.recognised).
+# So where the caller asks (verify_nearest) and the estimates were returned as they are, the
+# queries whose estimated nearest is
+# within 1 / VERIFY_NEAREST of their eighth are searched again with their k re-ranked by
+# exact distances: few on text the store does not hold, every position of text it does.
+VERIFY_NEAREST = 10.0
 # One LanceDB multi-vector query runs on one thread; a batch is split into up to
 # search_parts() sub-batches of at least MIN_PART_QUERIES queries, searched at the same time
 # (measured on 2 CPUs: 2.0x the queries/s of one batch, docs/performance.md).
@@ -802,14 +809,15 @@ class PairsTable:
             yield self.keys_of(batch), {name: batch.column(name).to_numpy() for name in fields}
 
     def search(self, queries: np.ndarray, k: int, corpora: Collection[int] | None = None, *,
-               nprobes: int = 32, refine_factor: int | None = None) -> Neighbours:
+               nprobes: int = 32, refine_factor: int | None = None, verify_nearest: bool = False) -> Neighbours:
         """The k nearest pairs of each query row, by LanceDB (a big batch as concurrent sub-batches).
 
         Uses the ANN index when there is one (rows added since are searched exactly).
         ``refine_factor`` > 0 re-ranks refine_factor x k candidates with exact distances
         (read from the table: the costly part of a search); 0 ranks by the index's own
         distance estimates, which are then what is returned; None lets the index type
-        decide (``AUTO_REFINE``).
+        decide (``AUTO_REFINE``). With ``verify_nearest``, rows whose estimated nearest
+        stands out are searched again with exact distances (``VERIFY_NEAREST``).
 
         On a quantised table the index (or, without one, LanceDB's exact search) finds
         ``refine_factor`` x k candidates (None: ``CODES_REFINE``) by the routing key, and they
@@ -854,7 +862,21 @@ class PairsTable:
         out.distances[rows, cols] = dist[order][keep]
         for name, field in self.result_fields().items():
             getattr(out, field)[rows, cols] = result.column(name).to_numpy()[order][keep]
+        if verify_nearest and indexed and not quantised and not refine_factor and k >= 8:
+            self._verify_nearest(out, queries, corpora, nprobes)
         return out
+
+    def _verify_nearest(self, out: Neighbours, queries: np.ndarray, corpora: Collection[int] | None,
+                        nprobes: int) -> None:
+        """Rows of ``out`` whose estimated nearest stands out (``VERIFY_NEAREST``) searched
+        again with exact distances for their k (in place)."""
+        d1, d8 = np.maximum(out.distances[:, 0], 0.0), out.distances[:, 7]
+        rows = np.flatnonzero(np.isfinite(d8) & (out.next_tokens[:, 7] >= 0) & (d1 * VERIFY_NEAREST <= d8))
+        if len(rows) == 0:
+            return
+        exact = self.search(queries[rows], out.distances.shape[1], corpora, nprobes=nprobes, refine_factor=1)
+        for f in dataclasses.fields(Neighbours):
+            getattr(out, f.name)[rows] = getattr(exact, f.name)
 
     def _code_distances(self, result: pa.Table, queries: np.ndarray, qi: np.ndarray) -> np.ndarray:
         """Squared L2 from each candidate's decoded codes to its query (float32)."""

@@ -137,6 +137,14 @@ def test_index_types_rq_by_default_pq_on_request(store, tmp_path, small_settings
     refined = store.search(queries, k=8, nprobes=4, refine_factor=20)  # re-ranked: exact distances
     assert recall(refined) >= 0.95
     assert np.allclose(np.sort(refined.distances, axis=1), exact.distances, rtol=1e-3, atol=1e-3)
+    # The queries are stored keys: their own pair is at distance 0, which the estimates blur;
+    # verify_nearest searches those rows again with exact distances (adaptive.recognised)
+    assert np.abs(approx.distances[:, 0]).max() > 1e-3
+    verified = store.search(queries, k=8, nprobes=4, verify_nearest=True)
+    own = verified.distances[:, 0] <= 1e-4
+    blurred = np.abs(approx.distances[:, 0]) <= 1e-4
+    # (tiny keys of dim 32 give coarse codes: on real keys nearly every row is verified)
+    assert own.mean() >= blurred.mean() + 0.5 and (exact.distances[own, 0] <= 1e-4).all()
 
     store.create_index(num_partitions=4, num_sub_vectors=4)  # sub-vectors imply PQ
     assert store.table.index_type() == "ivf_pq"
