@@ -151,6 +151,14 @@ def sharp_log_weights(distances: torch.Tensor, valid: torch.Tensor,
     return knn.neighbour_log_weights(distances, valid, t, weights)
 
 
+def sharp_log_probs(distances: torch.Tensor, next_tokens: torch.Tensor, vocab_size: int,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, V] log p_kNN in the sharp view (``knn.knn_log_probs``'s arguments)."""
+    valid = knn.valid_mask(distances, next_tokens)
+    return knn.knn_log_probs(distances, next_tokens, vocab_size, knn.relative_temperature(distances, valid, SHARP),
+                             weights)
+
+
 def sharp_target(distances: torch.Tensor, matches: torch.Tensor, valid: torch.Tensor,
                  weights: torch.Tensor | None = None) -> torch.Tensor:
     """[N] log p_kNN(target) in the sharp view (``knn.knn_target_log_prob``'s arguments)."""
@@ -294,9 +302,7 @@ class Policy:
         rec = recognised(sig)
         if not bool(rec.any()):
             return out
-        valid = knn.valid_mask(distances, next_tokens)
-        sharp = knn.knn_log_probs(distances, next_tokens, vocab_size,
-                                  knn.relative_temperature(distances, valid, SHARP), weights)
+        sharp = sharp_log_probs(distances, next_tokens, vocab_size, weights)
         return torch.where(rec.unsqueeze(-1), sharp.to(out.dtype), out)
 
     def view_log_probs(self, distances, next_tokens, vocab_size, temperature, weights, sig) -> torch.Tensor:
@@ -414,9 +420,7 @@ class Calibration(Policy):
         alpha = self.alphas(sig)
         if alpha is None:
             return plain
-        valid = knn.valid_mask(distances, next_tokens)
-        sharp = knn.knn_log_probs(distances, next_tokens, vocab_size,
-                                  knn.relative_temperature(distances, valid, SHARP), weights)
+        sharp = sharp_log_probs(distances, next_tokens, vocab_size, weights)
         return _blend(plain, sharp, alpha.unsqueeze(-1)).to(plain.dtype)
 
     def view_target(self, distances, matches, valid, temperature, weights, sig):

@@ -49,8 +49,8 @@ import torch
 
 from knnstore import Store
 from knnstore.adapter import KNNLM
-from knnstore.adaptive import (SIGNALS, Calibration, Policy, Records, Rule, fit, mixture_log_prob, shifted,
-                               skip_features, trail)
+from knnstore.adaptive import (SIGNALS, Calibration, Policy, Records, Rule, fit, mixture_log_prob, recognised,
+                               shifted, skip_features, trail)
 from knnstore.config import KNNSettings
 from knnstore.encoder import Encoder
 from knnstore.evaluate import SELF_SOURCE, SELF_TOKENS, evaluate, self_records
@@ -259,7 +259,8 @@ def main() -> None:
             own_ppl, own_ret, own_always = score(rec, own, settings.lambda_)
             r = dict(base=base, fixed=fixed[settings.lambda_], best=fixed[best_lam], best_lambda=best_lam,
                      rule=rule_ppl, rule_retrieved=rule_ret, own=own_ppl, own_retrieved=own_ret,
-                     own_always=own_always, tokens=len(rec), in_domain=td in MIXED.get(sd, (sd,)))
+                     own_always=own_always, tokens=len(rec), in_domain=td in MIXED.get(sd, (sd,)),
+                     recognised=int(recognised(rec.signals).sum()))
             if cal is not None:
                 r["calibrated"], r["retrieved"], _ = score(rec, cal, settings.lambda_)
             if r["in_domain"]:
@@ -329,6 +330,9 @@ def write_report(results, args, stores, paths) -> None:
                    "cell itself): by the LM's top probability alone / with the previous position "
                    + ", ".join(f"{name} {100 * r['skipped_by_top']:.0f}% / {100 * r['skipped_by_trail']:.0f}%"
                                for name, r in equal))
+    summary.append("- positions whose context the store holds verbatim (``adaptive.recognised``: the sharp view, "
+                   "λ ≥ 0.9, in every policy): " + ", ".join(f"{LABELS.get(sd, sd)}/{td} {r['recognised']}"
+                                                            for (sd, td), r in results.items()))
     cmd = (f"python tools/domains.py --tokens {args.tokens} --calibration-tokens {args.calibration_tokens} "
            f"--self-tokens {args.self_tokens} --kind {args.kind} --keep {args.keep:g}"
            + (" --outside" if args.outside else ""))
