@@ -312,6 +312,24 @@ def main() -> None:
 LABELS = {"base": "base LM", "fixed": "fixed λ", "default": "default", "sharp": "sharp view (opt-in)"}
 
 
+def by_attribute(results: dict) -> list[str]:
+    """P1 and P2 exact match per attribute: the town and year of P1 are asked in the words
+    that begin a biography (the store holds that context verbatim), trade and teacher in
+    the words that begin a later sentence (the stored key also saw the sentences before)."""
+    names = list(results["rows"])
+    lines = ["Exact match by attribute (P1: town and year begin a biography's text; trade and teacher "
+             "begin a later sentence of it):", "",
+             "| probe | attribute | n | " + " | ".join(LABELS[n] for n in names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for kind in ("P1", "P2"):
+        for attribute in F.ATTRIBUTES:
+            cells = [[r for r in results["rows"][n] if r["kind"] == kind and r["attribute"] == attribute]
+                     for n in names]
+            lines.append(f"| {kind} | {attribute} | {len(cells[0])} | "
+                         + " | ".join(f"{sum(r['correct'] for r in c) / max(1, len(c)):.0%}" for c in cells) + " |")
+    return lines
+
+
 def write_report(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
@@ -338,6 +356,7 @@ def write_report(results: dict, out: Path) -> None:
                      + " | ".join(f"{r['exact_match']:.0%}" for r in row) + " | "
                      + " | ".join(f"{r['first_lp']:.2f} / {r['rest_lp']:.2f}" for r in row) + " |")
     adaptive_names = [n for n in names if n not in ("base", "fixed")]
+    lines += ["", *by_attribute(results)]
     lines += ["", "The answer tokens' retrieval (fraction of them that searched, mean λ): "
               + "; ".join(f"{LABELS[n]}: " + ", ".join(f"{k} {pr[n][k]['retrieved']:.0%} λ {pr[n][k]['lam']:.2f}"
                                                        for k in F.KINDS) for n in names if n != "base") + ".",
