@@ -368,7 +368,7 @@ class KNNLM:
         if self.policy is None:
             knn_lp = knn.knn_log_probs(d, nt, vocab, s.temperature, w)
         else:
-            sig = adaptive.signals(d, nt, lm_log_probs, s.temperature, w)
+            sig = adaptive.signals(d, nt, lm_log_probs, s.temperature, w, torch.from_numpy(neighbours.positions))
             knn_lp = self.policy.knn_log_probs(d, nt, vocab, s.temperature, w, sig)
             lambdas = (self.policy.lambdas(sig, s.lambda_).clamp(0, 1).to(lm_log_probs.dtype) if len(rows)
                        else torch.zeros(n, dtype=lm_log_probs.dtype))

@@ -59,7 +59,7 @@ from . import knn
 from .errors import InputError
 
 SIGNALS = ("log_d1", "log_spread", "knn_top", "knn_entropy", "lm_entropy", "lm_top",
-           "lm_on_knn_top", "knn_on_lm_top", "knn_top_sharp")
+           "lm_on_knn_top", "knn_on_lm_top", "knn_top_sharp", "recognised")
 # The sharp view of the neighbours: p_kNN at a temperature of SHARP x the nearest distance
 # (``knn.relative_temperature``): the nearest context and those nearly as near decide.
 SHARP = 0.1
@@ -81,7 +81,8 @@ _EPS = 1e-6
 
 
 def signals(distances: torch.Tensor, next_tokens: torch.Tensor, lm_log_probs: torch.Tensor,
-            temperature: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+            temperature: float, weights: torch.Tensor | None = None,
+            positions: torch.Tensor | None = None) -> torch.Tensor:
     """The retrieval and LM signals of each position: [N, len(SIGNALS)] float64.
 
     Args:
@@ -89,6 +90,8 @@ def signals(distances: torch.Tensor, next_tokens: torch.Tensor, lm_log_probs: to
             ``next_token < 0`` or an infinite distance).
         lm_log_probs: [N, V] the LM's normalised log probabilities.
         weights: [N, k] pairs each neighbour stands for (a pruned store; None: 1).
+        positions: [N, k] the neighbours' positions in their documents: a nearest at
+            position 0 (a one-token context) is never ``recognised`` (None: not known).
     Rows without any neighbour get zeros in the retrieval signals.
     """
     d = torch.as_tensor(distances).double()
@@ -122,9 +125,17 @@ def signals(distances: torch.Tensor, next_tokens: torch.Tensor, lm_log_probs: to
     d1 = torch.where(valid[:, 0], d[:, 0], torch.zeros_like(d[:, 0])).clamp(min=0)
     j = min(k, 8) - 1
     dj = torch.where(valid[:, j], d[:, j], d1).clamp(min=0)
+    spread = (dj + _EPS).log() - (d1 + _EPS).log()
+    # A context stored verbatim (RECOGNISED_SPREAD). Not a one-token one: at a text's first
+    # position the key is the model's attention sink, nearly the same whatever the token
+    # (SmolLM2: squared norm ~970 against ~90 elsewhere), so any text's first position is
+    # "near" a document's first position without the store holding anything of it.
+    verbatim = spread >= math.log(RECOGNISED_SPREAD)
+    if positions is not None:
+        verbatim &= torch.as_tensor(positions)[:, 0] > 0
     out = torch.stack([
         (d1 + _EPS).log(),
-        (dj + _EPS).log() - (d1 + _EPS).log(),
+        spread,
         knn_top,
         knn_entropy,
         lm_entropy,
@@ -132,6 +143,7 @@ def signals(distances: torch.Tensor, next_tokens: torch.Tensor, lm_log_probs: to
         lm_on_knn_top.clamp(min=-30.0),
         knn_on_lm_top,
         knn_top_sharp,
+        verbatim.double(),
     ], dim=1)
     # Rows without neighbours: retrieval signals are 0 (their λ is 0 whatever the policy
     # says); the LM's own signals stay, since skipping is decided on them.
@@ -140,7 +152,11 @@ def signals(distances: torch.Tensor, next_tokens: torch.Tensor, lm_log_probs: to
 
 
 def recognised(sig: torch.Tensor) -> torch.Tensor:
-    """[N] bool: the positions whose context the store holds verbatim (``RECOGNISED_SPREAD``)."""
+    """[N] bool: the positions whose context the store holds verbatim (``RECOGNISED_SPREAD``;
+    signals from before the ``recognised`` signal: by the spread alone)."""
+    at = SIGNALS.index("recognised")
+    if sig.shape[1] > at:
+        return sig[:, at] > 0.5
     return sig[:, SIGNALS.index("log_spread")] >= math.log(RECOGNISED_SPREAD)
 
 
@@ -595,7 +611,8 @@ def fit(rec: Records, *, kind: str = "logistic", k: int, temperature: float, ini
     train = rec.subset(torch.arange(n_fit))
     # Without the sharp view, λ is fitted on the signals from before it (the sharp view's
     # agreement is left out: the default's fit is what it was).
-    width = len(SIGNALS) if rec.knn_sharp is not None else SIGNALS.index("knn_top_sharp")
+    # ``recognised`` is never fitted: it overrides the fit (Policy.lambdas).
+    width = SIGNALS.index("recognised") if rec.knn_sharp is not None else SIGNALS.index("knn_top_sharp")
     sig = train.signals[train.has][:, :width]
     mean = sig.mean(dim=0) if len(sig) else torch.zeros(width, dtype=torch.float64)
     std = sig.std(dim=0).nan_to_num(1.0).clamp(min=1e-3) if len(sig) > 1 else torch.ones(width, dtype=torch.float64)

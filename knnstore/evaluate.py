@@ -200,11 +200,13 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
     d = torch.full((rows, k_max), math.inf, dtype=torch.float32)
     nt = torch.full((rows, k_max), -1, dtype=torch.long)
     w = torch.ones((rows, k_max), dtype=torch.long)
+    pos = torch.full((rows, k_max), -1, dtype=torch.long)
     if search.any():
         found = knnlm.search(win.keys[search], k=k_max)
         d[search] = torch.from_numpy(found.distances)
         nt[search] = torch.from_numpy(found.next_tokens).long()
         w[search] = torch.from_numpy(found.weights).long()
+        pos[search] = torch.from_numpy(found.positions).long()
     valid = knn.valid_mask(d, nt)
     matches = nt == win.targets.unsqueeze(1)
 
@@ -214,7 +216,7 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
 
     @functools.cache
     def signals_at(k: int, t: float) -> torch.Tensor:
-        return adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t, w[:, :k])
+        return adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t, w[:, :k], pos[:, :k])
 
     @functools.cache
     def policy_target_at(k: int, t: float) -> torch.Tensor:  # log p_kNN(target) as the policy blends it

@@ -43,6 +43,15 @@ def test_signals_of_a_hand_made_example():
     assert s[0, col("log_d1")] == pytest.approx(math.log(1e-6))
     # No neighbours: retrieval signals are 0, the LM's own are kept (skipping uses them).
     assert s[1, col("knn_top")] == 0 and s[1, col("log_d1")] == 0
+    # the nearest at distance 0, the eighth at 1: a context stored verbatim...
+    d8 = torch.tensor([[0.0] + [1.0] * 7, [0.5] + [1.0] * 7])
+    nt8 = torch.full((2, 8), 7)
+    assert recognised(signals(d8, nt8, lm, temperature=1.0)).tolist() == [True, False]
+    # ...unless the nearest is a document's first position (a one-token context: the
+    # attention sink's key, about the same for any first token)
+    first = signals(d8, nt8, lm, temperature=1.0, positions=torch.tensor([[0] + [5] * 7] * 2))
+    later = signals(d8, nt8, lm, temperature=1.0, positions=torch.tensor([[4] + [5] * 7] * 2))
+    assert recognised(first).tolist() == [False, False] and recognised(later).tolist() == [True, False]
     assert s[1, col("lm_top")] == pytest.approx(0.1)
 
 
@@ -75,6 +84,7 @@ def _synthetic(n: int, seed: int, helpful: bool) -> Records:
     """Positions whose kNN target probability is high when the nearest distance is small."""
     g = torch.Generator().manual_seed(seed)
     sig = torch.randn(n, len(SIGNALS), generator=g, dtype=torch.float64)
+    sig[:, col("recognised")] = 0.0  # nothing stored verbatim
     close = sig[:, col("log_d1")] < 0
     # Close neighbours agree on a token (knn_top 1); far ones split their votes.
     sig[:, col("knn_top")] = torch.where(close, 1.0, 0.5 * torch.rand(n, generator=g, dtype=torch.float64))
@@ -141,6 +151,7 @@ def test_a_calibration_survives_the_catalog_unchanged(knn_store):  # noqa: F811
     back = knn_store.calibration()
     assert isinstance(back, Calibration) and back.to_dict() == cal.to_dict()
     sig = torch.randn(7, len(SIGNALS), dtype=torch.float64)
+    sig[:, col("recognised")] = 0.0  # nothing stored verbatim
     assert torch.equal(back.lambdas(sig), cal.lambdas(sig))
     assert knn_store.clear_calibrations() == 1 and knn_store.calibration() is None
 
@@ -286,6 +297,7 @@ def _bursty(n: int, seed: int) -> Records:
     says nothing about where: only the previous position's retrieval does."""
     g = torch.Generator().manual_seed(seed)
     sig = torch.randn(n, len(SIGNALS), generator=g, dtype=torch.float64)
+    sig[:, col("recognised")] = 0.0  # nothing stored verbatim
     sig[:, col("lm_top")] = torch.rand(n, generator=g, dtype=torch.float64)
     run = torch.zeros(n, dtype=torch.bool)
     i = 0
@@ -333,6 +345,7 @@ def test_deciding_a_text_in_order_equals_deciding_it_step_by_step(seed):
     rule = SkipRule(mean=torch.randn(f, generator=g).tolist(), std=(torch.rand(f, generator=g) + 0.5).tolist(),
                     w=torch.randn(f, generator=g).tolist(), b=float(torch.randn(1, generator=g)), cut=0.0)
     sig = torch.randn(n, len(SIGNALS), generator=g, dtype=torch.float64)
+    sig[:, col("recognised")] = 0.0  # nothing stored verbatim
     trails = torch.randn(n, len(TRAIL), generator=g, dtype=torch.float64)
     start = torch.randn(1, len(TRAIL), generator=g, dtype=torch.float64)
     together, last = rule.sequence(sig, trails, start)
@@ -404,6 +417,7 @@ def _sharp_records(n: int, seed: int) -> Records:
     as often as the nearest and the plain view is the better one."""
     gen = torch.Generator().manual_seed(seed)
     sig = torch.randn(n, len(SIGNALS), generator=gen, dtype=torch.float64)
+    sig[:, col("recognised")] = 0.0  # nothing stored verbatim
     gap = torch.rand(n, generator=gen) < 0.5
     sig[:, col("log_spread")] = torch.where(gap, 2.0, 0.1) + 0.1 * sig[:, col("log_spread")]
     lm_t = torch.full((n,), math.log(0.01), dtype=torch.float64)
@@ -423,7 +437,7 @@ def test_a_fit_uses_the_sharp_view_where_the_nearest_stands_out_and_old_fits_ign
     assert (blended[gap] > math.log(0.7)).all()
     without = fit(rec, k=8, temperature=1.0, sharp=False)
     assert without.sharp is None and torch.equal(without.knn_target_of(test), test.knn_target)
-    assert len(without.mean) == len(SIGNALS) - 1  # λ fitted on the signals from before the sharp view
+    assert len(without.mean) == SIGNALS.index("knn_top_sharp")  # λ fitted on the signals from before the sharp view
     assert cal.metrics["holdout"]["calibrated_ppl"] < without.metrics["holdout"]["calibrated_ppl"]
     # a fit saved before the sharp view (and its signal) existed: its first signals, the plain view
     old = without.to_dict()
