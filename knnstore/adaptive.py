@@ -13,6 +13,9 @@ from signals that cost nothing beyond the search itself (``signals``):
     lm_top          p_LM of its most likely token
     lm_on_knn_top   log p_LM of p_kNN's most likely token (does the LM find it plausible?)
     knn_on_lm_top   p_kNN of the LM's most likely token
+    knn_top_sharp   knn_top in the sharp view (``SHARP``)
+    recognised      1 where the store holds the context verbatim (``RECOGNISED_SPREAD``):
+                    never fitted; every policy then takes the sharp view, λ >= 0.9
 
 Two policies map them to λ:
 
