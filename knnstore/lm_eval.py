@@ -325,8 +325,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = ["lm_eval", *args]
-    cli_evaluate()
+    saved, sys.argv = sys.argv, ["lm_eval", *args]  # the harness parses sys.argv itself
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ NAMED = {
     ("explain", "text"): ["", " "],
     ("serve", "host"): ["", "0.0.0.0", "192.0.2.1", "no such host!"],
     ("serve", "api_key"): ["", "   "],
+    ("lm-eval", "args"): ["--no-such-option", "--model"],
     ("sql", "query"): ["", "DELETE FROM pairs", "EXPLAIN ANALYZE DROP VIEW pairs", "SELECT 1; SELECT 2"],
     ("sql", "output"): ["{store}/catalog.db", "{store}/vectors/x.csv", "/nonexistent/dir/x.csv", "/dev/zero",
                         "{dir}"],
@@ -94,6 +95,7 @@ BASE = {
     "index": {"store": "{store}", "status_only": True},
     "sql": {"store": "{store}", "query": "SELECT 1 AS one"},
     "serve": {"store": "{store}", "port": "{port}"},  # any case that passed would serve (and hang)
+    "lm-eval": {"args": "--tasks-dir"},  # lm_eval's own arguments, passed through
 }
 
 

@@ -174,3 +174,11 @@ def test_the_cli_is_lm_evals_own_with_the_knnstore_model(lm_store, tmp_path):
     assert found and json.loads(found[0].read_text())["config"]["knnstore_policy"] == "fixed"
     assert subprocess.run([sys.executable, "-m", "knnstore", "lm-eval", "--tasks-dir"], capture_output=True,
                           text=True).stdout.strip() == str(task_dir())
+
+
+def test_a_store_that_is_not_there_is_one_line_and_exit_1(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "knnstore", "lm-eval", "--model", "knnstore", "--model_args",
+                           f"store={tmp_path / 'nowhere'}", "--tasks", "knnstore_facts_p1", "--limit", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("Error: ") and "nowhere" in done.stderr
