@@ -92,6 +92,12 @@ class KNNStoreLM(TemplateLM):
             raise InputError(f"unknown knnstore model argument(s) {', '.join(unknown)}: use store, "
                              f"{', '.join(sorted(SETTINGS))}, batch_size, device, dtype or cache")
         given = {SETTINGS[name]: value for name, value in settings.items()}
+        try:  # (max_batch_size: the harness's, for "auto" batch sizes; not used)
+            self.batch_size = 4 if batch_size is None or str(batch_size).startswith("auto") else int(batch_size)
+        except ValueError:
+            raise InputError(f"batch_size must be a whole number or 'auto', got {batch_size!r}") from None
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be at least 1, got {self.batch_size}")
         if knnlm is None:
             if store is None:
                 raise InputError("the knnstore model needs a store: --model_args store=PATH")
@@ -101,9 +107,6 @@ class KNNStoreLM(TemplateLM):
             knnlm = knnlm.with_settings(**given)
         self.knnlm = knnlm
         self.tokenizer = knnlm.tokenizer
-        self.batch_size = 4 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
-        if self.batch_size < 1:
-            raise InputError(f"batch_size must be at least 1, got {self.batch_size}")
         if knnlm.needs_calibration():
             print("knnstore: calibrating adaptive λ on the store's own text first (once per store content)",
                   file=sys.stderr)

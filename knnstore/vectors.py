@@ -227,9 +227,9 @@ CODES_REFINE = 8
 # Index estimates are off by ~0.1 in squared distance (IVF-RQ on the default model's keys),
 # which hides a context the table holds verbatim (its own key at ~1e-4: adaptive.recognised).
 # So where the caller asks (verify_nearest) and the estimates were returned as they are, the
-# queries whose estimated nearest is
-# within 1 / VERIFY_NEAREST of their eighth are searched again with their k re-ranked by
-# exact distances: few on text the store does not hold, every position of text it does.
+# queries whose estimated nearest is within 1 / VERIFY_NEAREST of their eighth are searched
+# again with their k re-ranked by exact distances: few on text the store does not hold,
+# most positions of text it does.
 VERIFY_NEAREST = 10.0
 # One LanceDB multi-vector query runs on one thread; a batch is split into up to
 # search_parts() sub-batches of at least MIN_PART_QUERIES queries, searched at the same time

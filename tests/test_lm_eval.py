@@ -127,6 +127,8 @@ def test_bad_model_arguments_are_named(lm_store):
         KNNStoreLM(store=str(store.path), lambda_x=0.3)
     with pytest.raises(InputError, match="needs a store"):
         KNNStoreLM()
+    with pytest.raises(InputError, match="batch_size must be a whole number"):
+        KNNStoreLM(store=str(store.path), batch_size="many")
 
 
 def test_simple_evaluate_runs_the_task_files_offline(lm, tmp_path):
