@@ -166,7 +166,7 @@ class KNNStoreLM(TemplateLM):
                     raise InputError("a loglikelihood request has an empty continuation: nothing to score")
                 whole = (ctx + cont)[-(self.max_length + 1):]  # the last max_length + 1 tokens
                 rows.append(whole[:-1])
-                conts.append(cont[-len(whole) + 1:] if len(cont) >= len(whole) else cont)
+                conts.append(cont[-(len(whole) - 1):])  # the continuation's tokens the window predicts
             batch, mask = right_padded(rows)
             found_keys, logits = self.knnlm.encoder.forward(batch, mask, with_logits=True)
             for row, i in enumerate(group):
@@ -179,7 +179,7 @@ class KNNStoreLM(TemplateLM):
                 self._store(keys[i], answers[i])
             bar.update(len(group))
         bar.close()
-        return [a for a in answers]  # type: ignore[misc]
+        return answers  # type: ignore[return-value]
 
     @torch.inference_mode()
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
