@@ -215,6 +215,9 @@ class KNNLM:
         base = settings or KNNSettings.resolve(lambda_=overrides.get("lambda_"), adaptive=overrides.get("adaptive"))
         self.settings = dataclasses.replace(base, **overrides) if overrides else base
         self.policy_note: str | None = None  # why the policy is what it is, where it is not the obvious
+        # whether working the policy out may self-calibrate (score text, write the fit);
+        # off where reads must never write (a server's requests): the cautious rule instead
+        self.calibrates = True
         self._policy: adaptive.Policy | None = None
         self._hidden: Callable[[Neighbours], np.ndarray] | None = None  # ``hiding``
         self._extra = 0
@@ -270,7 +273,14 @@ class KNNLM:
         if not self.settings.adaptive:
             return None
         if self._policy is None:
-            self._policy = self._fitting_calibration() or self.calibrate_self(progress) or adaptive.FALLBACK
+            fitting = self._fitting_calibration()
+            if fitting is None and not self.calibrates:
+                self.policy_note = (f"no calibration of this store fits k={self.settings.k}, T="
+                                    f"{self.settings.temperature:g} (and this adapter never calibrates): adaptive "
+                                    f"λ uses the cautious rule; `knnstore calibrate` makes one")
+            elif fitting is None:
+                fitting = self.calibrate_self(progress)
+            self._policy = fitting or adaptive.FALLBACK
         return self._policy
 
     def _fitting_calibration(self) -> adaptive.Calibration | None:
@@ -290,7 +300,7 @@ class KNNLM:
         if not self.settings.adaptive or self._policy is not None:
             return False
         self._policy = self._fitting_calibration()
-        return self._policy is None
+        return self._policy is None and self.calibrates
 
     def calibrate_self(self, progress=None) -> adaptive.Calibration | None:
         """Calibrate on the store's own text (``evaluate.self_calibrate``) and save the fit
@@ -329,7 +339,7 @@ class KNNLM:
         as the settings' skip options say where given, else as the policy decides
         (``previous``: each row's previous position, ``adaptive.trail``; None: none)."""
         s = self.settings
-        if not self.store.visible_corpora:
+        if not self.store.searchable:
             return torch.zeros(lm_log_probs.shape[0], dtype=torch.bool)
         if s.skip_above_prob is None and s.skip_below_entropy is None and self.policy is not None:
             return self.policy.retrieve(lm_log_probs, previous)
@@ -381,7 +391,7 @@ class KNNLM:
         known: where the policy skips by the previous position, every row is searched and
         then decided in order (``Policy.retrieval``; skipped rows get the LM alone), as
         generating the text would have. Returns the step and what its last row passes on."""
-        if not self.skips_by_trail or not self.store.visible_corpora or self.settings.lambda_ == 0.0:
+        if not self.skips_by_trail or not self.store.searchable or self.settings.lambda_ == 0.0:
             return self.step(keys, lm_logits), None
         full = self.step(keys, lm_logits, retrieve=torch.ones(len(targets), dtype=torch.bool))
         rows = torch.arange(len(targets))

@@ -257,6 +257,12 @@ def calibration_fits(engine: Engine) -> list[dict]:
         return list(s.scalars(select(Calibration.fit).order_by(Calibration.id.desc())))
 
 
+def newest_calibration(engine: Engine) -> int | None:
+    """The newest calibration's id (None: none): what a reader compares to see new ones."""
+    with Session(engine) as s:
+        return s.scalar(select(func.max(Calibration.id)))
+
+
 def clear_calibrations(engine: Engine) -> int:
     """Delete every calibration; returns how many."""
     with Session(engine) as s, s.begin():
@@ -289,6 +295,18 @@ def write_projection(engine: Engine, data: bytes, sha: str) -> None:
 def set_store_id(engine: Engine, store_id: str) -> None:
     with Session(engine) as s, s.begin():
         s.execute(update(StoreConfig).where(StoreConfig.id == 1).values(store_id=store_id))
+
+
+def store_config(engine: Engine) -> StoreConfig:
+    """The store's config row, read now (detached: usable after the session)."""
+    with Session(engine, expire_on_commit=False) as s:
+        return s.get(StoreConfig, 1)
+
+
+def named_table(engine: Engine) -> str | None:
+    """The pairs table's name as the catalog records it now (None: the first name)."""
+    with Session(engine) as s:
+        return s.scalar(select(StoreConfig.pairs_table).where(StoreConfig.id == 1))
 
 
 def corpus_states(engine: Engine) -> dict[int, str]:

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 from . import catalog
 from .catalog import FAILED, INGESTING, READY, REMOVING
 from .config import DTYPES
-from .errors import StoreDamagedError
+from .errors import StoreChangedError, StoreDamagedError
 from .vectors import CODES, VECTOR_TYPES, PairsTable, in_list, pairs_schema, value_counts
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class CheckReport:
 def check(store: "Store", repair: bool = False) -> CheckReport:
     """Check that the catalog and the vector table agree; with ``repair``, fix what is safe."""
     if not repair:
-        return _check(store, repair=False)
+        return _settled(store)
     try:
         with store.write_lock():  # refused on a table with missing data files: nothing is repaired
             report = _check(store, repair=True)
@@ -88,6 +88,23 @@ def check(store: "Store", repair: bool = False) -> CheckReport:
         return _check(store, repair=False)  # the damage, as findings
     store.refresh()
     return report
+
+
+def _settled(store: "Store", tries: int = 5) -> CheckReport:
+    """``_check`` of one state of the store: where another process (a compaction, prune,
+    purge, removal) changed the store while it was read, it is read again, so that a change
+    under way is never reported as damage."""
+    for _ in range(tries):
+        try:
+            store.refresh()
+            with store.following():
+                report = _check(store, repair=False)
+        except StoreChangedError:
+            continue
+        if report.ok or not store.moved_on():
+            return report
+    raise StoreChangedError(f"{store.path} kept changing while it was checked (another process is writing to "
+                            "it): run `knnstore check` again when that work has finished")
 
 
 def damaged(path: str, message: str) -> CheckReport:

@@ -39,6 +39,8 @@ from .config import (
     MAX_WINDOW,
     SCORE_STRIDE,
     SCORE_WINDOW,
+    SQL_MEMORY,
+    SQL_TIMEOUT_S,
     IngestSettings,
     KNNSettings,
     SourceOptions,
@@ -459,6 +461,9 @@ def remove_corpus(store, name, purge):
         _print_purge(s.purge())
 
 
+CONFIRM_ABOVE = 1000  # documents one remove-documents may take without --yes
+
+
 @cli.command("remove-documents")
 @_store_argument
 @click.option("--where", "where", required=True,
@@ -466,9 +471,11 @@ def remove_corpus(store, name, purge):
                    "document_id, path, title, corpus, metadata, ...), e.g. \"path LIKE '%/2019/%'\".")
 @click.option("--corpus", "corpus", default=None, help="Only documents of this corpus.")
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; change nothing.")
+@click.option("--yes", is_flag=True, help=f"Remove even when the condition matches every document of the store "
+                                          f"or more than {CONFIRM_ABOVE:,} (refused without it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the removal as one JSON object.")
 @_purge_option
-def remove_documents(store, where, corpus, dry_run, as_json, purge):
+def remove_documents(store, where, corpus, dry_run, as_json, purge, yes):
     """Delete the documents matching a condition, and their pairs, without a rebuild.
 
     The condition is evaluated by the read-only SQL sandbox over the documents view. The
@@ -481,6 +488,13 @@ def remove_documents(store, where, corpus, dry_run, as_json, purge):
         knnstore remove-documents wiki-store --where "json_extract(metadata, '$.author') = 'X'"
     """
     s = _open(store)
+    if not dry_run and not yes:
+        matched = len(s.remove_documents(where, corpus, dry_run=True).documents)
+        held = sum(c.documents for c in s.corpora() if c.status == "ready")
+        if matched == held or matched > CONFIRM_ABOVE:
+            what = f"every document of the store ({held:,})" if matched == held else f"{matched:,} documents"
+            raise InputError(f"--where matches {what}: check it with --dry-run, and add --yes to remove them; "
+                             "nothing was removed")
     removal = s.remove_documents(where, corpus, dry_run=dry_run)
     purged = s.purge() if purge and not dry_run else None
     if as_json:
@@ -1225,7 +1239,13 @@ def index(store, status_only, rebuild, index_type, partitions, sub_vectors, as_j
               help="Write the result to this file instead of the terminal.")
 @click.option("--max-rows", default=50, show_default=True, type=Num(0),
               help="Rows shown in table format (the other formats write every row).")
-def sql(store, query, fmt, output, max_rows):
+@click.option("--timeout", type=Num(0.0, None, integer=False, lo_open=True), default=SQL_TIMEOUT_S,
+              show_default=True, help="Seconds a statement may run before it is stopped.")
+@click.option("--row-limit", type=Num(1), default=1_000_000, show_default=True,
+              help="Rows of a result read at most (the rest is left unread, with a warning).")
+@click.option("--memory", default=SQL_MEMORY, show_default=True,
+              help="Memory a statement's joins and sorts may use (e.g. 512MB, 4GB).")
+def sql(store, query, fmt, output, max_rows, timeout, row_limit, memory):
     """Run a read-only SQL query over a store (DuckDB); without QUERY, an interactive prompt.
 
     \b
@@ -1250,11 +1270,23 @@ def sql(store, query, fmt, output, max_rows):
         raise click.BadParameter("parquet is binary: give --output FILE", param_hint="--format")
     if output:
         check_output_path(output)  # before the query runs: never into a store
-    with _open(store).sql_session() as session:
+    from .sql import SQLLimits
+
+    limits = SQLLimits(timeout_s=timeout, max_rows=row_limit, memory=memory)
+    with _open(store).sql_session(limits) as session:
         if query is not None:
-            _emit(session.execute(query), fmt, output, max_rows)
+            _emit(_limited(session, query), fmt, output, max_rows)
             return
         _interactive(session, fmt, max_rows)
+
+
+def _limited(session, query: str):
+    """The statement's rows, at most the session's row limit (a warning says when more were left)."""
+    result = session.run(query)
+    if result.truncated:
+        err.print(f"[yellow]warning:[/] the result was cut at {result.table.num_rows:,} rows (--row-limit "
+                  "raises it)")
+    return result.table
 
 
 def _emit(table, fmt: str, output, max_rows: int) -> None:
@@ -1315,7 +1347,7 @@ def _interactive(session, fmt: str, max_rows: int) -> None:
             continue
         buffer = []
         try:
-            _emit(session.execute(statement.rstrip(";")), fmt, None, max_rows)
+            _emit(_limited(session, statement.rstrip(";")), fmt, None, max_rows)
         except KnnstoreError as exc:
             err.print(Text(f"Error: {_safe(exc)}", style="red"))
 

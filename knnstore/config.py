@@ -32,6 +32,10 @@ MARKER_FILE = "knnstore.json"
 CATALOG_FILE = "catalog.db"
 VECTORS_DIR = "vectors"
 PAIRS_TABLE = "pairs"
+# What one read-only SQL statement may take by default (``sql.SQLLimits``)
+SQL_TIMEOUT_S = 60.0
+SQL_MAX_ROWS = 100_000
+SQL_MEMORY = "1GB"
 
 DEFAULT_MODEL = "smollm2-135m"
 KEY_SITES = ("ffn_input", "layer_output")

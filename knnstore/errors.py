@@ -78,6 +78,11 @@ class StoreDamagedError(KnnstoreError):
     """A part of the store (marker, catalog, vector table) is missing or unreadable."""
 
 
+class StoreChangedError(KnnstoreError):
+    """A read lost its snapshot to a change of the store (a compaction, prune, purge or
+    removal replaced the files it read): retry it; nothing is damaged."""
+
+
 class StoreMismatchError(KnnstoreError):
     """The catalog and the vector table belong to different stores (their store ids differ)."""
 

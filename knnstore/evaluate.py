@@ -194,7 +194,7 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
     # kNN-LM; the adaptive mixture uses only the positions its policy retrieves at. A policy
     # that skips by the previous position decides once the neighbours are known, position
     # by position (as generation would), carrying the last one over to the next window.
-    in_order = knnlm.skips_by_trail and bool(knnlm.store.visible_corpora)
+    in_order = knnlm.skips_by_trail and knnlm.store.searchable
     search = retrieve if policy is None or not (retrieve.any() or in_order) else torch.ones_like(retrieve)
     rows = len(win.targets)
     d = torch.full((rows, k_max), math.inf, dtype=torch.float32)

@@ -224,17 +224,43 @@ def open_parts(given: "str | os.PathLike | Location", storage_options: dict[str,
     engine = catalog.make_engine(url, read_only=read_only and given_url is None)
     try:
         row = read_store_config(engine, place, url, read_only)
+        for _ in range(10):
+            try:
+                table = PairsTable.open(place.child(VECTORS_DIR), table_name(row))
+                break
+            except StoreDamagedError:
+                if catalog.named_table(engine) == row.pairs_table:
+                    raise
+                row = read_store_config(engine, place, url, read_only)  # a compaction switched tables meanwhile
         identity = StoreIdentity(**{f.name: getattr(row, f.name) for f in dataclasses.fields(StoreIdentity)})
-        table = PairsTable.open(place.child(VECTORS_DIR), row.pairs_table or PAIRS_TABLE)
         check_binding(place, url, marker.store_id, row.store_id, table.store_id())
-        projection = check_projection(place, row, table)
-        table.use_codec(projection)
+        projection = use_projection(place, row, table)
     except BaseException:
         engine.dispose()
         raise
     shown = url if isinstance(url, str) else url.render_as_string()
     return StoreParts(place, shown, engine, identity, table, row.store_id, own_catalog=given_url is None,
                       projection=projection)
+
+
+def table_name(row: catalog.StoreConfig) -> str:
+    """The name of the pairs table the catalog's row names (a compaction renames it)."""
+    return row.pairs_table or PAIRS_TABLE
+
+
+def open_named_table(place: Location, row: catalog.StoreConfig) -> tuple[PairsTable, KeyProjection | None]:
+    """The table the catalog's row names now and its projection, checked against the row:
+    what a reader re-opens when a compaction (in any process) switched the store to a new
+    table (``Store.refresh``)."""
+    table = PairsTable.open(place.child(VECTORS_DIR), table_name(row))
+    return table, use_projection(place, row, table)
+
+
+def use_projection(place: Location, row: catalog.StoreConfig, table: PairsTable) -> KeyProjection | None:
+    """``check_projection``, then read the table's keys with it."""
+    projection = check_projection(place, row, table)
+    table.use_codec(projection)
+    return projection
 
 
 def check_projection(place: Location, row: catalog.StoreConfig, table: PairsTable) -> KeyProjection | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import datetime
 import hmac
 import json
@@ -48,7 +49,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .adapter import KNNLM
 from .config import check_number
 from .decoding import Row, decode
-from .errors import CorpusNotFoundError, InputError, KnnstoreError, first_line
+from .errors import (
+    CorpusNotFoundError,
+    InputError,
+    KnnstoreError,
+    StoreChangedError,
+    StoreDamagedError,
+    first_line,
+)
+from .sql import SQLLimits, SQLSession
 from .store import Store
 
 log = logging.getLogger("knnstore.serve")
@@ -58,6 +67,12 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_CHOICES = 16  # n per request
 MAX_ROWS = 64  # prompts × n per request
 MAX_SQL_ROWS = 10_000
+MAX_BODY_BYTES = 4 * 2**20  # a request body (a prompt of ~1M characters)
+MAX_REQUEST_TOKENS = 32_768  # tokens generated per request: max_tokens × prompts × n
+REQUEST_TIMEOUT_S = 600.0  # a completion still decoding after this ends with an error
+SQL_TIMEOUT_S = 30.0  # a /v1/store/sql statement (then interrupted)
+SQL_MEMORY = "512MB"
+SHUTDOWN_S = 5  # SIGTERM / SIGINT: open requests get this long, then are cut
 REFRESH_S = 1.0  # how stale the served snapshot of the store may get
 
 
@@ -88,6 +103,8 @@ def api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, CorpusNotFoundError):
         return APIError(404, str(exc), code="not_found")
+    if isinstance(exc, StoreChangedError):
+        return APIError(503, str(exc), "server_busy", code="store_changed")
     if isinstance(exc, KnnstoreError):
         return APIError(400, str(exc))
     log.exception("request failed", exc_info=exc)
@@ -100,9 +117,10 @@ def api_error(exc: BaseException) -> APIError:
 class KNNFields(BaseModel):
     """The kNN-LM's settings, as extra body fields of a completion request (unset: the
     server's defaults). ``temperature`` is OpenAI's sampling temperature; the kNN
-    distribution's is ``knn_temperature``."""
+    distribution's is ``knn_temperature``. Types are strict: ``true`` is not a number,
+    ``"5"`` not an integer."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
     lambda_: float | None = Field(None, alias="lambda")
     k: int | None = None
@@ -120,13 +138,22 @@ class KNNFields(BaseModel):
 
 class Sampling(KNNFields):
     model: str
-    max_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
     temperature: float = 1.0
     top_p: float = 1.0
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     stop: str | list[str] | None = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+
+    def unsupported(self) -> None:
+        """A 400 for OpenAI fields this server does not implement, rather than ignoring them."""
+        for name in ("logprobs", "top_logprobs"):
+            if getattr(self, name) not in (None, False, 0):
+                raise APIError(400, f"{name} is not supported by knnstore serve: set \"explain\": true for each "
+                                    "token's p_LM, p_kNN and λ (knnstore.tokens)", param=name, code="unsupported")
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -156,10 +183,11 @@ class Message(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
 
 
 class SQLRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
     query: str
     max_rows: int = Field(1000, ge=1, le=MAX_SQL_ROWS)
 
@@ -177,6 +205,12 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    deadline: float = field(default_factory=lambda: time.monotonic() + REQUEST_TIMEOUT_S)
+
+    @property
+    def over(self) -> bool:
+        """Whether it should stop decoding: its client left, or it ran past its deadline."""
+        return self.cancelled or time.monotonic() > self.deadline
 
     @property
     def key(self) -> tuple:
@@ -204,6 +238,8 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="knnstore-engine", daemon=True)
         self._refreshed = 0.0
+        self._calibration = lm.store.newest_calibration()  # the newest calibration in the store
+        self._seen = (lm.store.content(), self._calibration)  # what the policy was worked out for
         self.busy = False
         self.served_tokens = 0
         self.batched_rows_max = 0  # the most rows decoded together so far
@@ -267,12 +303,14 @@ class Engine:
             return
         self._running = live
         try:
-            if time.monotonic() - self._refreshed > REFRESH_S:  # corpora added or removed meanwhile
-                before = self.lm.store.content()
+            if time.monotonic() - self._refreshed > REFRESH_S:  # corpora added, removed, compacted meanwhile
                 self.lm.store.refresh()
+                self._calibration = self.lm.store.newest_calibration()  # or calibrated by `knnstore calibrate`
                 self._refreshed = time.monotonic()
-                if self.lm.store.content() != before:
-                    self.lm.forget_policy()  # its calibration may no longer fit: checked at the next step
+            seen = (self.lm.store.content(), self._calibration)
+            if seen != self._seen:  # (a search may have followed the store too)
+                self.lm.forget_policy()  # its calibration may no longer fit: checked at the next step
+                self._seen = seen
             lm = self.lm.with_settings(**live[0].overrides) if live[0].overrides else self.lm
             rows = [r for job in live for r in job.rows]
             self.batched_rows_max = max(self.batched_rows_max, len(rows))
@@ -282,11 +320,18 @@ class Engine:
                 job, j = owner[i]
                 job.send("token", j, text, explained)
 
-            decode(lm, rows, on_token, cancelled=lambda i: owner[i][0].cancelled, seed=live[0].seed)
+            decode(lm, rows, on_token, cancelled=lambda i: owner[i][0].over, seed=live[0].seed)
             self.served_tokens += sum(len(r.token_ids) for r in rows)
             for job in live:
-                job.send("done")
+                if job.over and not job.cancelled:
+                    job.send("error", APIError(504, f"the completion ran past the server's limit of "
+                                                    f"{REQUEST_TIMEOUT_S:g} s: ask for fewer tokens",
+                                               "server_error", code="timeout"))
+                else:
+                    job.send("done")
         except BaseException as exc:  # noqa: BLE001  (every waiting request hears of it)
+            if isinstance(exc, StoreChangedError):
+                self._refreshed = 0.0  # follow the store before the next turn
             error = api_error(exc)
             for job in live:
                 job.send("error", error)
@@ -314,6 +359,41 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+class BodyTooLarge(APIError):
+    def __init__(self) -> None:
+        super().__init__(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB: send a shorter prompt",
+                         code="body_too_large")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``MAX_BODY_BYTES`` is refused with a 413 before
+    it is read (by its Content-Length) or as soon as it grows past it (a chunked one)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            response = BodyTooLarge().response() if length.isdigit() else APIError(
+                400, "the Content-Length header is not a number").response()
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY_BYTES:
+                    raise BodyTooLarge()
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -322,9 +402,15 @@ class Server:
     """The served model and store (``app`` is the ASGI application)."""
 
     def __init__(self, lm: KNNLM, reader: Store, *, api_key: str | None = None, max_batch: int = 8,
-                 max_queue: int = 64) -> None:
+                 max_queue: int = 64, sql_timeout_s: float = SQL_TIMEOUT_S) -> None:
         self.lm, self.reader, self.api_key = lm, reader, api_key
+        self.sql_timeout_s = sql_timeout_s
+        lm.calibrates = False  # no request writes: calibrations are made by `knnstore calibrate` or at start-up
         self.engine = Engine(lm, max_batch=max_batch, max_queue=max_queue)
+        # prompts are tokenised here, off the event loop, one at a time (a tokenizer is not
+        # safe to call from several threads at once)
+        self._tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="knnstore-tokenize")
+        self._sql_sessions: set[SQLSession] = set()  # running statements, interrupted at shutdown
         self.model_id = lm.store.identity.model
         self.store_name = Path(str(lm.store.path)).name
         self.created = int(time.time())
@@ -351,7 +437,15 @@ class Server:
                                 top_p=req.top_p, stop=stop, explain=req.explain, n_sources=req.sources))
         if len(rows) > MAX_ROWS:
             raise APIError(400, f"{len(rows)} choices asked for at once (prompts × n): at most {MAX_ROWS}", param="n")
+        if len(rows) * max_tokens > MAX_REQUEST_TOKENS:
+            raise APIError(400, f"max_tokens × prompts × n is {len(rows) * max_tokens:,} tokens: at most "
+                                f"{MAX_REQUEST_TOKENS:,} per request; ask for fewer", param="max_tokens")
         return rows
+
+    async def _tokenize(self, fn):
+        """``fn()`` (tokenizing a prompt) on the tokenizer's thread: the event loop keeps
+        answering (``/health`` above all) while a long prompt is tokenised."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn)
 
     def _job(self, rows: list[Row], req: Sampling) -> Job:
         overrides = req.overrides()
@@ -421,10 +515,11 @@ class Server:
 
     async def completions(self, req: CompletionRequest):
         self.check_model(req.model)
+        req.unsupported()
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not texts or any(not t for t in texts):
             raise APIError(400, "the prompt is empty: give at least one word", param="prompt")
-        prompts = [self.lm.tokenizer(t)["input_ids"] for t in texts]
+        prompts = await self._tokenize(lambda: [self.lm.tokenizer(t)["input_ids"] for t in texts])
         rows = self._rows(prompts, req, req.max_tokens if req.max_tokens is not None else 16)
         job = self._job(rows, req)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -446,13 +541,14 @@ class Server:
 
     async def chat(self, req: ChatRequest):
         self.check_model(req.model)
+        req.unsupported()
         tok = self.lm.tokenizer
         if not getattr(tok, "chat_template", None):
             raise APIError(400, f"{self.model_id} has no chat template: use /v1/completions", param="messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
-        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = await self._tokenize(lambda: tok(tok.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"])
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         rows = self._rows([ids], req, limit if limit is not None else 256)
         job = self._job(rows, req)
@@ -482,10 +578,17 @@ class Server:
         return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created,
                                             "owned_by": "knnstore", "store": str(self.lm.store.path)}]}
 
-    def health(self) -> dict:
-        return {"status": "ok", "model": self.model_id, "store": str(self.lm.store.path),
+    def health(self):
+        """``ok`` only while the store can be read (its catalog and the table it names, at
+        their latest state); else a 503 whose ``error`` says why."""
+        body = {"status": "ok", "model": self.model_id, "store": str(self.lm.store.path),
                 "waiting": self.engine.waiting, "busy": self.engine.busy,
                 "served_tokens": self.engine.served_tokens}
+        try:
+            self._read(lambda s: s.table.count())
+        except Exception as exc:  # noqa: BLE001  (whatever it is, the store cannot be served)
+            return JSONResponse({**body, "status": "unavailable", "error": first_line(exc)}, status_code=503)
+        return body
 
     def _read(self, fn):
         with self._read_lock:
@@ -522,14 +625,45 @@ class Server:
             return {"document": _jsonable(doc[0]), "offset": offset, "pairs": _jsonable(rows)}
         return self._read(read)
 
-    def sql(self, req: SQLRequest) -> dict:
-        def read(s: Store) -> dict:
-            with s.sql_session() as session:
-                table = session.execute(req.query)
-            rows = table.slice(0, req.max_rows).to_pylist()
-            return {"columns": table.schema.names, "rows": [_jsonable(list(r.values())) for r in rows],
-                    "row_count": table.num_rows, "truncated": table.num_rows > req.max_rows}
-        return self._read(read)
+    async def sql(self, req: SQLRequest, request: Request) -> dict:
+        """One statement on its own snapshot and thread, within ``sql_timeout_s``,
+        ``req.max_rows`` and ``SQL_MEMORY``; interrupted when its client leaves. Other
+        endpoints never wait for it."""
+        limits = SQLLimits(timeout_s=self.sql_timeout_s, max_rows=req.max_rows, memory=SQL_MEMORY)
+        try:
+            result = await self._sql(req.query, limits, request)
+        except StoreDamagedError:  # files replaced under it (a compaction, purge): once more, on the new state
+            try:
+                result = await self._sql(req.query, limits, request)
+            except StoreDamagedError as exc:
+                with self._read_lock:  # moved on since the snapshot it read: not damage
+                    moved = self.reader.moved_on()
+                raise StoreChangedError(str(exc)) if moved else exc from None
+        rows = result.table.to_pylist()
+        return {"columns": result.table.schema.names, "rows": [_jsonable(list(r.values())) for r in rows],
+                "row_count": len(rows), "truncated": result.truncated}
+
+    async def _sql(self, query: str, limits: SQLLimits, request: Request):
+        views = await asyncio.to_thread(self._read, lambda s: s.sql_views())
+        session = await asyncio.to_thread(SQLSession, views, limits)
+        self._sql_sessions.add(session)
+        try:
+            task = asyncio.ensure_future(asyncio.to_thread(session.run, query))
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.25)
+                if not task.done() and await request.is_disconnected():
+                    session.interrupt(timed_out=False)
+            return task.result()
+        finally:
+            self._sql_sessions.discard(session)
+            session.close()
+
+    def _shutdown(self) -> None:
+        """Stop everything running: decoding (``Engine.stop``), SQL statements, tokenizing."""
+        for session in list(self._sql_sessions):
+            session.interrupt(timed_out=False)
+        self.engine.stop()
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
     # --- wiring ---------------------------------------------------------------------------
 
@@ -542,9 +676,10 @@ class Server:
             try:
                 yield
             finally:
-                self.engine.stop()
+                self._shutdown()
 
         app = FastAPI(title="knnstore", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+        app.add_middleware(BodyLimit)
 
         @app.middleware("http")
         async def guard(request: Request, call_next):
@@ -578,6 +713,8 @@ class Server:
 
         @app.exception_handler(StarletteHTTPException)
         async def on_http(_request, exc: StarletteHTTPException):
+            if isinstance(exc.__cause__, APIError):  # raised while the body was read (BodyTooLarge)
+                return exc.__cause__.response()
             return APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
                             ).response()
 
@@ -657,6 +794,6 @@ def serve(lm: KNNLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str 
     reader = Store.open(lm.store.location)  # the read-only endpoints' own handle: no model, own snapshot
     server = Server(lm, reader, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
     try:
-        uvicorn.run(server.app, host=host, port=port, log_level=log_level)
+        uvicorn.run(server.app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_S)
     finally:
         reader.close()

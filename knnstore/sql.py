@@ -31,6 +31,8 @@ Example:
 from __future__ import annotations
 
 import json
+import re
+import threading
 from dataclasses import dataclass
 
 import duckdb
@@ -43,7 +45,8 @@ from sqlalchemy.orm import Session
 
 from . import catalog
 from .catalog import READY
-from .errors import InputError, ReadOnlyError, first_line
+from .config import SQL_MAX_ROWS, SQL_MEMORY, SQL_TIMEOUT_S, check_number
+from .errors import InputError, ReadOnlyError, StoreDamagedError, first_line
 
 _ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 VIEWS = ("pairs", "documents", "corpora", "vocab", "runs")
@@ -164,6 +167,32 @@ def _catalog_tables(rows: dict, statuses: dict[int, str]) -> dict[str, pa.Table]
     }
 
 
+@dataclass(frozen=True)
+class SQLLimits:
+    """What one statement may take (``knnstore sql`` and the server's ``/v1/store/sql``):
+    ``timeout_s`` of wall time (then it is interrupted), ``max_rows`` rows of result (the
+    rest is not read: ``Result.truncated``), ``memory`` for DuckDB's operators (a join or
+    sort past it fails with an out-of-memory error, the process unharmed)."""
+
+    timeout_s: float = SQL_TIMEOUT_S
+    max_rows: int = SQL_MAX_ROWS
+    memory: str = SQL_MEMORY
+
+    def __post_init__(self) -> None:
+        check_number("SQL timeout (seconds)", self.timeout_s, 0.0, None, integer=False, lo_open=True)
+        check_number("SQL row limit", self.max_rows, 1, None, integer=True)
+        if not re.fullmatch(r"\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)", self.memory.strip(), re.IGNORECASE):
+            raise InputError(f"SQL memory limit {self.memory!r} is not a size: write e.g. 512MB or 2GB")
+
+
+@dataclass(frozen=True)
+class Result:
+    """A statement's rows (at most the limit's) and whether more were left unread."""
+
+    table: pa.Table
+    truncated: bool
+
+
 class SQLSession:
     """A read-only DuckDB connection over one moment of a store.
 
@@ -171,13 +200,18 @@ class SQLSession:
         views: what to show (``Store.sql_views()``, or ``Store.sql_session()`` for the
             session itself). An open ``Store`` is taken too (as before ``Views``): the
             session then reads its latest consistent snapshot.
+        limits: what one statement may take (``SQLLimits``; ``run`` applies them all,
+            ``execute`` the time and memory).
     """
 
-    def __init__(self, views: Views) -> None:
+    def __init__(self, views: Views, limits: SQLLimits | None = None) -> None:
         if not isinstance(views, Views):  # a Store
             views = views.sql_views()
+        self.limits = limits or SQLLimits()
+        self._timed_out = False
         con = duckdb.connect(":memory:", config={
-            "autoinstall_known_extensions": False, "autoload_known_extensions": False})
+            "autoinstall_known_extensions": False, "autoload_known_extensions": False,
+            "memory_limit": self.limits.memory})
         for name, data in _catalog_tables(views.rows, views.statuses).items():
             con.register(f"_{name}", data)
             con.execute(f"CREATE VIEW {name} AS SELECT *{_ALIASES.get(name, '')} FROM _{name}")
@@ -200,15 +234,53 @@ class SQLSession:
         self._con = con
 
     def execute(self, query: str) -> pa.Table:
-        """Run one read-only statement and return its rows as a pyarrow Table."""
+        """Run one read-only statement and return all its rows as a pyarrow Table (within
+        the session's time and memory limits)."""
+        return self.run(query, max_rows=None).table
+
+    def run(self, query: str, max_rows: int | None = -1) -> Result:
+        """Run one read-only statement; read at most ``max_rows`` rows of its result (-1:
+        the limits' ``max_rows``; None: all), within the limits' time and memory."""
         check_read_only(query)
+        limit = self.limits.max_rows if max_rows == -1 else max_rows
+        timer = threading.Timer(self.limits.timeout_s, self.interrupt)
+        timer.daemon = True
+        self._timed_out = False
+        timer.start()
         try:
-            return self._con.sql(query).to_arrow_table()
+            reader = self._con.sql(query).fetch_record_batch(min(limit or 65536, 65536) + 1)
+            batches, rows, truncated = [], 0, False
+            for batch in reader:
+                if limit is not None and rows + batch.num_rows > limit:
+                    batches.append(batch.slice(0, limit - rows))
+                    truncated = True
+                    break
+                batches.append(batch)
+                rows += batch.num_rows
+            return Result(pa.Table.from_batches(batches, schema=reader.schema), truncated)
         except duckdb.PermissionException as exc:
             raise ReadOnlyError(f"knnstore sql reads only the store's views; files and other "
                                 f"databases are out of reach ({first_line(exc)})") from None
+        except duckdb.InterruptException:
+            if self._timed_out:
+                raise InputError(f"the query ran past its limit of {self.limits.timeout_s:g} s and was stopped: "
+                                 "narrow it (WHERE, LIMIT), or raise the limit (--timeout)") from None
+            raise InputError("the query was cancelled") from None
+        except duckdb.OutOfMemoryException as exc:
+            raise InputError(f"the query needs more than its memory limit of {self.limits.memory} "
+                             f"({first_line(exc)}): narrow it, or raise the limit (--memory)") from None
         except duckdb.Error as exc:
+            if "stream registered as '_pairs' failed" in str(exc):  # the table's files, not the query
+                raise StoreDamagedError(f"the pairs table could not be read ({first_line(exc)[:300]}): run "
+                                        "`knnstore check` on the store") from None
             raise InputError(f"SQL error: {first_line(exc)}") from None
+        finally:
+            timer.cancel()
+
+    def interrupt(self, timed_out: bool = True) -> None:
+        """Stop the statement running now (from another thread): it raises in ``run``."""
+        self._timed_out = timed_out
+        self._con.interrupt()
 
     def close(self) -> None:
         self._con.close()

@@ -33,6 +33,7 @@ from .config import (
     CATALOG_FILE,
     DEFAULT_MODEL,
     DTYPES,
+    PAIRS_TABLE,
     IngestSettings,
     SourceOptions,
     check_number,
@@ -42,11 +43,22 @@ from .distributed import ray_options
 from .errors import (
     CorpusNotFoundError,
     InputError,
+    KnnstoreError,
     ModelMismatchError,
+    StoreChangedError,
+    StoreDamagedError,
     StoreLockedError,
 )
 from .indexing import IndexPlan
-from .layout import StoreParts, bind_legacy, check_new_store, create_store, open_parts, resolve_catalog_url
+from .layout import (
+    StoreParts,
+    bind_legacy,
+    check_new_store,
+    create_store,
+    open_named_table,
+    open_parts,
+    resolve_catalog_url,
+)
 from .projection import KeyProjection
 from .results import CorpusInfo, DocumentRef, StoreStats  # noqa: F401  (importable from here, as before)
 from .vectors import ExactSearch, Neighbours, PairsTable, row_bytes
@@ -56,7 +68,7 @@ if TYPE_CHECKING:
     import torch
 
     from .encoder import Encoder
-    from .sql import SQLSession, Views
+    from .sql import SQLLimits, SQLSession, Views
 
 
 class Store:
@@ -243,7 +255,8 @@ class Store:
         delay = 0.001
         for _ in range(200):
             before = catalog.corpus_states(self.engine)
-            self.table.refresh()
+            if not self._follow_table():
+                continue  # the catalog switched tables while this looked: read it again
             with catalog.snapshot_session(self.engine) as s:
                 rows = catalog.corpora(s)
                 result = read(s) if read is not None else None
@@ -254,6 +267,54 @@ class Store:
             time.sleep(delay)
             delay = min(0.05, delay * 2)
         raise StoreLockedError(f"{self.path} changed too often to read a consistent state of it; retry")
+
+    def _follow_table(self) -> bool:
+        """Bring this handle to the latest version of the table the catalog names, re-opening
+        it where a compaction (in any process) switched the store to a new one, so that a
+        long-lived reader (a server, a SQL session, an eval) follows the store instead of
+        reading a dropped table. False: the catalog switched again meanwhile (read again)."""
+        named = catalog.named_table(self.engine) or PAIRS_TABLE
+        try:
+            if named != self.table.name:
+                table, projection = open_named_table(self.location, catalog.store_config(self.engine))
+                self._switch_table(table, projection)
+            self.table.refresh()
+        except StoreDamagedError:
+            if (catalog.named_table(self.engine) or PAIRS_TABLE) != named:
+                return False  # dropped by the compaction that replaced it: not damage
+            raise
+        return True
+
+    def moved_on(self) -> bool:
+        """Whether the store has changed past this handle's snapshot: the catalog names
+        another table, or the table has a newer version (what a read that finds its files
+        gone after a compaction, prune or purge checks before calling the store damaged)."""
+        named = catalog.named_table(self.engine) or PAIRS_TABLE
+        return named != self.table.name or self.table.latest_version() != self.table.version
+
+    @contextmanager
+    def following(self) -> Iterator[None]:
+        """Around a read of this handle's snapshot: where it fails because the store moved
+        on and removed the files it was reading (``moved_on``), a ``StoreChangedError``
+        (retry: the store is fine) instead of a ``StoreDamagedError``."""
+        try:
+            yield
+        except StoreDamagedError as exc:
+            try:
+                moved = self.moved_on()
+            except KnnstoreError:
+                moved = False
+            if moved:
+                raise StoreChangedError(f"{self.path} changed while it was read (a compaction, prune, purge or "
+                                        "removal replaced the files being read): retry; the store is not "
+                                        "damaged") from exc
+            raise
+
+    @property
+    def searchable(self) -> bool:
+        """Whether a search can find anything: a ready corpus holds pairs in this snapshot
+        (ready corpora of documents too short for a pair hold none)."""
+        return any(c.n_pairs for c in self._rows if c.id in self._visible)
 
     @property
     def visible_corpora(self) -> frozenset[int]:
@@ -374,11 +435,20 @@ class Store:
             raise InputError(
                 f"query vectors have dim {vectors.shape[-1]}; this store's keys have dim {self.identity.dim}"
             )
-        vectors = self.stored_keys(vectors)
-        if exact or not self.table.has_vector_index():
-            return self._exact.search(vectors, k, corpora=self._visible)
-        return self.table.search(vectors, k, corpora=self._visible, nprobes=nprobes,
-                                 refine_factor=refine_factor, verify_nearest=verify_nearest)
+
+        def search() -> Neighbours:
+            queries = self.stored_keys(vectors)
+            if exact or not self.table.has_vector_index():
+                return self._exact.search(queries, k, corpora=self._visible)
+            return self.table.search(queries, k, corpora=self._visible, nprobes=nprobes,
+                                     refine_factor=refine_factor, verify_nearest=verify_nearest)
+
+        try:
+            with self.following():
+                return search()
+        except StoreChangedError:  # a compaction, prune or purge removed what it read: follow the store
+            self.refresh()
+            return search()
 
     def stored_keys(self, keys: np.ndarray) -> np.ndarray:
         """Model keys [N, dim] as the table holds them: projected where the store reduces
@@ -407,6 +477,10 @@ class Store:
     def use_table(self, table: PairsTable, projection: KeyProjection | None) -> None:
         """Read and write ``table`` from now on, its keys made by ``projection`` (after a
         compaction switched the catalog to it; the caller holds the write lock)."""
+        self._switch_table(table, projection)
+        self.refresh()
+
+    def _switch_table(self, table: PairsTable, projection: KeyProjection | None) -> None:
         self.table, self.projection = table, projection
         table.use_codec(projection)
         self.identity = dataclasses.replace(
@@ -414,7 +488,6 @@ class Store:
             key_projection_sha=None if projection is None else projection.sha256,
             key_bits=None if projection is None else projection.bits,
             route_dim=None if projection is None else projection.route_dim)
-        self.refresh()
 
     def compact(self, key_dim: int, progress: ProgressFn | None = None, *, key_bits: int | None = None,
                 route_dim: int | None = None):
@@ -439,15 +512,16 @@ class Store:
         Views: pairs, documents, corpora, vocab, runs (see ``knnstore.sql``). Anything
         but SELECT is refused with ReadOnlyError, and the store is never changed.
         """
-        with self.sql_session() as session:
+        with self.sql_session() as session, self.following():
             return session.execute(query)
 
-    def sql_session(self) -> "SQLSession":
-        """A read-only SQL session over the latest consistent snapshot (``sql_views``);
-        close it when done (it is a context manager)."""
+    def sql_session(self, limits: "SQLLimits | None" = None) -> "SQLSession":
+        """A read-only SQL session over the latest consistent snapshot (``sql_views``),
+        each statement within ``limits`` (``sql.SQLLimits``; None: the defaults); close it
+        when done (it is a context manager)."""
         from .sql import SQLSession
 
-        return SQLSession(self.sql_views())
+        return SQLSession(self.sql_views(), limits)
 
     def sql_views(self) -> "Views":
         """What the SQL views show, read at one moment (``read_snapshot``)."""
@@ -487,6 +561,10 @@ class Store:
 
         fit = catalog.newest_calibration_fit(self.engine)
         return Calibration.from_dict(fit) if fit is not None else None
+
+    def newest_calibration(self) -> int | None:
+        """The id of the newest calibration saved (by any process; None: none)."""
+        return catalog.newest_calibration(self.engine)
 
     def calibrations(self) -> list:
         """Every adaptive-λ calibration (``adaptive.Calibration``), newest first."""

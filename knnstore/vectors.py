@@ -503,11 +503,17 @@ class PairsTable:
 
     def refresh(self) -> None:
         """Move this handle's snapshot to the latest committed version."""
-        if self._lancedb is None:
-            self._ds = open_dataset(self.uri, self.name)
-        else:
-            self._lancedb.checkout_latest()
-            self._pinned = False
+        with damage_errors(self.uri):
+            if self._lancedb is None:
+                self._ds = open_dataset(self.uri, self.name)
+            else:
+                self._lancedb.checkout_latest()
+                self._pinned = False
+
+    def latest_version(self) -> int:
+        """The table's latest committed version (this handle stays where it is)."""
+        with damage_errors(self.uri):
+            return open_dataset(self.uri, self.name).version
 
     def add(self, data: pa.Table | pa.RecordBatchReader) -> None:
         """Append rows in one atomic commit (a reader streams its batches into it)."""

@@ -63,6 +63,7 @@ NAMED = {
     ("serve", "api_key"): ["", "   "],
     ("lm-eval", "args"): ["--no-such-option", "--model"],
     ("sql", "query"): ["", "DELETE FROM pairs", "EXPLAIN ANALYZE DROP VIEW pairs", "SELECT 1; SELECT 2"],
+    ("sql", "memory"): ["", "lots", "-1GB", "12"],
     ("sql", "output"): ["{store}/catalog.db", "{store}/vectors/x.csv", "/nonexistent/dir/x.csv", "/dev/zero",
                         "{dir}"],
 }

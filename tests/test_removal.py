@@ -197,3 +197,16 @@ def test_a_killed_purge_leaves_a_consistent_store(docs_store):
     assert after.sql("SELECT pair_id FROM pairs ORDER BY pair_id").to_pylist() == expected
     assert check(after).ok
     assert after.purge()["bytes_after"] > 0  # and it runs again
+
+
+def test_a_condition_that_matches_everything_needs_yes(docs_store):
+    store = docs_store
+    before = snapshot(store.path)
+    refused = CliRunner().invoke(cli, ["remove-documents", str(store.path), "--where", "1=1"])
+    assert refused.exit_code == 1 and "every document of the store" in refused.output
+    assert "--yes" in refused.output and "Traceback" not in refused.output
+    assert changed(store.path, before) == set()
+    done = CliRunner().invoke(cli, ["remove-documents", str(store.path), "--where", "1=1", "--yes", "--json"])
+    assert done.exit_code == 0, done.output
+    store.refresh()
+    assert sum(c.documents for c in store.corpora()) == 0

@@ -211,10 +211,11 @@ def test_a_read_only_store_calibrates_for_the_run_without_saving(domain_store, t
     assert domain_store.calibration() is None
 
 
-def test_the_server_calibrates_again_once_another_process_changes_the_store(domain_store, tiny_encoder, tmp_path):
+def test_the_server_never_calibrates_and_follows_calibrations_made_elsewhere(domain_store, tiny_encoder, tmp_path):
     import httpx
 
     from knnstore import Store
+    from knnstore.adaptive import FALLBACK
     from knnstore.server import REFRESH_S, Server
 
     from .servers import serve_app
@@ -230,11 +231,19 @@ def test_the_server_calibrates_again_once_another_process_changes_the_store(doma
         more.mkdir()
         (more / "x.txt").write_text(_domain_text(random.Random(7), 40))
         Store.open(domain_store.path).add_corpus("more", [more], settings=SETTINGS)  # another writer
+        saved = len(domain_store.calibrations())
         time.sleep(REFRESH_S + 0.1)
         assert httpx.post(url + "/v1/completions", json=body, timeout=120).status_code == 200
-        assert lm.policy is not first and lm.policy.metrics["content"] == lm.store.content()
-        assert lm.store.content() != first.metrics["content"] and len(lm.store.corpora()) == 2
-    assert Store.open(domain_store.path).calibration().metrics["content"] == lm.store.content()  # saved
+        # its self-calibration no longer fits: the cautious rule, and nothing written by a request
+        assert lm.policy is FALLBACK and "never calibrates" in lm.policy_note
+        assert len(domain_store.calibrations()) == saved and len(lm.store.corpora()) == 2
+        # `knnstore calibrate` in another process: the server picks the new calibration up
+        elsewhere = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, Store.open(domain_store.path), k=8,
+                          temperature=1.0, exact=True)
+        made = elsewhere.resolve_policy()
+        time.sleep(REFRESH_S + 0.1)
+        assert httpx.post(url + "/v1/completions", json=body, timeout=120).status_code == 200
+        assert lm.policy.to_dict() == made.to_dict() and made.metrics["content"] == lm.store.content()
 
 
 def test_a_calibration_is_used_only_at_the_k_and_temperature_it_was_made_at(domain_store, tiny_encoder):
