@@ -10,7 +10,7 @@ overlaps. Pure: token ids and a tokenizer in, spans out.
 
 from __future__ import annotations
 
-import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -58,16 +58,50 @@ def token_spans(tokenizer, ids: Sequence[int]) -> tuple[str, np.ndarray]:
     return "".join(pieces), spans
 
 
+# Characters that change nothing a reader sees: zero-width space, non-joiner, joiner, word
+# joiner, byte-order mark, soft hyphen. Dropped before matching, so that a string cannot
+# hide from ``forget`` behind them.
+INVISIBLE = frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad")
+
+
+def normalised(text: str, ignore_case: bool = False) -> tuple[str, np.ndarray]:
+    """``text`` as ``forget`` matches it, and for each of its characters the index of the
+    character of ``text`` it came from: NFKC (full-width ``＠`` is ``@``, NFD is NFC),
+    invisible characters dropped, case folded with ``ignore_case``. A base character and the
+    combining marks after it are normalised together."""
+    out: list[str] = []
+    origin: list[int] = []
+    i = 0
+    while i < len(text):
+        j = i + 1
+        while j < len(text) and unicodedata.combining(text[j]):
+            j += 1
+        group = "".join(c for c in text[i:j] if c not in INVISIBLE)
+        piece = unicodedata.normalize("NFKC", group)
+        if ignore_case:
+            piece = piece.casefold()
+        out.append(piece)
+        origin += [i] * len(piece)
+        i = j
+    return "".join(out), np.asarray(origin + [len(text)], dtype=np.int64)
+
+
 def find(tokenizer, document_id: int, ids: Sequence[int], needle: str, ignore_case: bool = False) -> list[Occurrence]:
     """Every occurrence of ``needle`` in the document spelled by ``ids`` (non-overlapping,
-    left to right), with the tokens each overlaps."""
+    left to right), with the tokens each overlaps. Both are compared ``normalised``: the
+    span of an occurrence is in the decoded text as stored."""
     if not ids:
         return []
     text, spans = token_spans(tokenizer, ids)
-    pattern = re.compile(re.escape(needle), re.IGNORECASE if ignore_case else 0)
-    found = []
-    for m in pattern.finditer(text):
-        overlapping = np.nonzero((spans[:, 0] < m.end()) & (spans[:, 1] > m.start()))[0]
+    wanted = normalised(needle, ignore_case)[0]
+    if not wanted:
+        return []
+    flat, origin = normalised(text, ignore_case)
+    found, at = [], flat.find(wanted)
+    while at >= 0:
+        start, end = int(origin[at]), int(origin[at + len(wanted)])  # (its last character's marks too)
+        overlapping = np.nonzero((spans[:, 0] < end) & (spans[:, 1] > start))[0]
         if len(overlapping):
-            found.append(Occurrence(document_id, m.start(), m.end(), int(overlapping[0]), int(overlapping[-1])))
+            found.append(Occurrence(document_id, start, end, int(overlapping[0]), int(overlapping[-1])))
+        at = flat.find(wanted, at + len(wanted))
     return found

@@ -162,3 +162,22 @@ def test_a_store_with_no_pairs_left_finds_nothing_and_says_so(planted):
     store.remove_documents("n_pairs >= 0")
     with pytest.raises(InputError, match="occurs in no stored document"):
         store.forget(EMAIL)
+
+
+def test_disguised_forms_are_found_and_the_text_is_gone(tmp_path, tiny_encoder, small_settings):
+    """A full-width ＠, a zero-width joiner inside, NFD instead of NFC: each is the same
+    text to a reader, so each is forgotten, and no pair predicts a token of any form."""
+    import unicodedata
+
+    forms = ["jane.doe\uff20example.com", "jane.d\u200doe@example.com",
+             unicodedata.normalize("NFD", "josé.doe@example.com")]
+    root = tmp_path / "docs"
+    root.mkdir()
+    for i, (chunk, form) in enumerate(zip(_slice(), forms)):
+        (root / f"{i}.txt").write_text(chunk[:600] + f" Write to {form} today. " + chunk[600:])
+    store = Store.create(tmp_path / "store", encoder=tiny_encoder)
+    store.add_corpus("docs", [root], settings=small_settings)
+    assert store.forget(EMAIL).occurrences == 2  # the full-width and the zero-width forms
+    assert store.forget("josé.doe@example.com").occurrences == 1  # NFC given, NFD stored
+    with pytest.raises(InputError, match="occurs in no stored document"):  # every form is gone
+        store.forget("JANE.DOE@EXAMPLE.COM", ignore_case=True, dry_run=True)
