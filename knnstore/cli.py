@@ -526,8 +526,10 @@ def forget(store, text, ignore_case, context, documents, dry_run, as_json, purge
 
     Every occurrence is found in the documents' decoded text (not by token ids, which
     depend on what precedes the text), and every pair whose next token overlaps one is
-    deleted, so the store can no longer put any token of it into a prediction. The catalog
-    keeps a salted hash of the text, never the text. --purge takes the rows off the disk.
+    deleted, so the store can no longer put any token of it into a prediction. Titles,
+    paths and metadata that hold it are redacted. Matching is after Unicode normalisation
+    (NFKC, zero-width characters dropped). The catalog keeps a salted hash of the text,
+    never the text. --purge takes the rows off the disk.
 
     \b
     Examples:
@@ -543,6 +545,9 @@ def forget(store, text, ignore_case, context, documents, dry_run, as_json, purge
     verb = "Would remove" if dry_run else "Removed"
     what = f"{done.pairs_removed:,} pairs" + (" (whole documents)" if documents else "")
     out.print(f"{verb} {what}: {done.occurrences:,} occurrences in {done.documents:,} documents")
+    if done.in_catalog:
+        out.print(f"{'Would redact' if dry_run else 'Redacted'} it from {done.in_catalog:,} catalog fields "
+                  "(titles, paths, metadata)")
     for d in done.by_document[:20]:
         out.print(Text(_safe(f"  {d['document_id']}  {d['corpus']}  {d['source']}  {d['occurrences']} occurrences, "
                              f"{d['pairs']:,} pairs")))

@@ -86,22 +86,56 @@ def normalised(text: str, ignore_case: bool = False) -> tuple[str, np.ndarray]:
     return "".join(out), np.asarray(origin + [len(text)], dtype=np.int64)
 
 
-def find(tokenizer, document_id: int, ids: Sequence[int], needle: str, ignore_case: bool = False) -> list[Occurrence]:
-    """Every occurrence of ``needle`` in the document spelled by ``ids`` (non-overlapping,
-    left to right), with the tokens each overlaps. Both are compared ``normalised``: the
-    span of an occurrence is in the decoded text as stored."""
-    if not ids:
-        return []
-    text, spans = token_spans(tokenizer, ids)
+def matches(text: str, needle: str, ignore_case: bool = False) -> list[tuple[int, int]]:
+    """The [start, end) character spans of ``text`` where ``needle`` occurs, both compared
+    ``normalised`` (non-overlapping, left to right; a span takes its last character's
+    combining marks and any invisible characters inside)."""
     wanted = normalised(needle, ignore_case)[0]
-    if not wanted:
+    if not wanted or not text:
         return []
     flat, origin = normalised(text, ignore_case)
     found, at = [], flat.find(wanted)
     while at >= 0:
-        start, end = int(origin[at]), int(origin[at + len(wanted)])  # (its last character's marks too)
+        found.append((int(origin[at]), int(origin[at + len(wanted)])))
+        at = flat.find(wanted, at + len(wanted))
+    return found
+
+
+REDACTED = "[forgotten]"
+
+
+def redact(value, needle: str, ignore_case: bool = False) -> tuple[object, int]:
+    """``value`` (a string, or JSON: dicts, lists, strings and scalars) with every
+    occurrence of ``needle`` in its strings (dict keys too) replaced by ``REDACTED``, and
+    how many were replaced."""
+    if isinstance(value, str):
+        spans = matches(value, needle, ignore_case)
+        for start, end in reversed(spans):
+            value = value[:start] + REDACTED + value[end:]
+        return value, len(spans)
+    if isinstance(value, list):
+        parts = [redact(v, needle, ignore_case) for v in value]
+        return [v for v, _ in parts], sum(n for _, n in parts)
+    if isinstance(value, dict):
+        out, total = {}, 0
+        for key, item in value.items():
+            new_key, n_key = redact(key, needle, ignore_case)
+            new_item, n_item = redact(item, needle, ignore_case)
+            out[new_key] = new_item
+            total += n_key + n_item
+        return out, total
+    return value, 0
+
+
+def find(tokenizer, document_id: int, ids: Sequence[int], needle: str, ignore_case: bool = False) -> list[Occurrence]:
+    """Every occurrence of ``needle`` in the document spelled by ``ids`` (``matches``), with
+    the tokens each overlaps; the span of an occurrence is in the decoded text as stored."""
+    if not ids:
+        return []
+    text, spans = token_spans(tokenizer, ids)
+    found = []
+    for start, end in matches(text, needle, ignore_case):
         overlapping = np.nonzero((spans[:, 0] < end) & (spans[:, 1] > start))[0]
         if len(overlapping):
             found.append(Occurrence(document_id, start, end, int(overlapping[0]), int(overlapping[-1])))
-        at = flat.find(wanted, at + len(wanted))
     return found

@@ -82,7 +82,9 @@ def remove_documents(store: "Store", where: str, corpus: str | None = None,
         chosen = select_documents(store, where, corpus)  # again, under the lock: what is there now
         if not chosen:
             raise InputError(f"no document matches {where!r} any more: nothing was removed")
-        removal = record(store, command="remove-documents", condition=where, corpus=corpus,
+        salt = secrets.token_hex(16)  # the condition may name what is removed: kept only as a salted hash
+        removal = record(store, command="remove-documents", corpus=corpus, salt=salt,
+                          text_hash=hashlib.sha256((salt + where).encode("utf-8")).hexdigest(),
                           n_documents=len(chosen), n_pairs=sum(d["n_pairs"] for d in chosen),
                           document_ids=[d["id"] for d in chosen])
         crash_point("remove_documents.after_intent")
@@ -100,12 +102,17 @@ def finish_removals(store: "Store") -> int:
     return len(pending)
 
 
-def record(store: "Store", **values) -> catalog.Removal:
+def record(store: "Store", redactions: dict | None = None, **values) -> catalog.Removal:
     """Step 1: the removal's intent row (``removing``), committed before anything goes
-    (``prune`` records its own the same way)."""
+    (``prune`` records its own the same way), in one transaction with the ``redactions``
+    of catalog fields (``_catalog_fields``): the text is never kept to redact them later."""
     with Session(store.engine, expire_on_commit=False) as s, s.begin():
         row = catalog.Removal(status=catalog.REMOVING, **values)
         s.add(row)
+        for model, rows in (redactions or {}).items():
+            for row_id, changes in rows.items():
+                s.execute(update(model).where(model.id == row_id).values(
+                    {getattr(model, name): value for name, value in changes.items()}))
     return row
 
 
@@ -160,21 +167,23 @@ def forget(store: "Store", text: str, *, ignore_case: bool = False, context: int
     document (matched on the decoded text, ``occurrences``); with ``context`` N, also the
     pairs whose last N context tokens overlap one; with ``documents``, the whole documents
     that contain it. The catalog keeps a salted hash of the text, never the text."""
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str) or not occurrences.normalised(text)[0].strip():
         raise InputError("--text needs the text to forget (e.g. an e-mail address); it was empty")
     check_number("context", context, 0, MAX_WINDOW, integer=True)
     plan, pair_ids = _forget_plan(store, text, ignore_case, context, documents)
-    if not plan.occurrences:
-        raise InputError("the text occurs in no stored document (matched on the decoded text"
-                         f"{', ignoring case' if ignore_case else ''}): nothing was removed")
+    fields = _catalog_fields(store, text, ignore_case)
+    if not plan.occurrences and not fields:
+        raise InputError("the text occurs in no stored document, title, path or metadata (matched after Unicode "
+                         f"normalisation{', ignoring case' if ignore_case else ''}): nothing was removed")
     if dry_run:
-        return plan
+        return dataclasses.replace(plan, in_catalog=_counted(fields))
     seen = (store.table.version, store.visible_corpora)
     with store.write_lock():
         finish_removals(store)
         if (store.table.version, store.visible_corpora) != seen:  # the store moved on: look again
             plan, pair_ids = _forget_plan(store, text, ignore_case, context, documents)
-        if plan.occurrences:
+        fields = _catalog_fields(store, text, ignore_case)  # under the lock: what is there now
+        if plan.occurrences or fields:
             salt = secrets.token_hex(16)
             removal = record(
                 store, command="forget", corpus=None, salt=salt,
@@ -182,11 +191,38 @@ def forget(store: "Store", text: str, *, ignore_case: bool = False, context: int
                 text_hash=hashlib.sha256((salt + text).encode("utf-8")).hexdigest(),
                 n_occurrences=plan.occurrences, n_documents=plan.documents, n_pairs=plan.pairs_removed,
                 document_ids=[d["document_id"] for d in plan.by_document],
-                pair_ids=None if documents else pair_ids)
+                pair_ids=None if documents else pair_ids, redactions=fields)
             crash_point("remove_documents.after_intent")
             finish(store, removal)
     store.refresh()
-    return dataclasses.replace(plan, dry_run=False)
+    return dataclasses.replace(plan, dry_run=False, in_catalog=_counted(fields))
+
+
+# Catalog fields a forgotten text is redacted from (``occurrences.redact``), by model: what
+# names or describes a document (a ``--split-on-heading`` title, a path, ``.jsonl`` fields
+# kept as metadata), a corpus (the paths given, and what resume re-reads) and a run's error.
+CATALOG_FIELDS = {catalog.Document: ("title", "source", "meta"), catalog.Corpus: ("source", "spec"),
+                  catalog.IngestRun: ("error",)}
+
+
+def _catalog_fields(store: "Store", text: str, ignore_case: bool) -> dict:
+    """Every catalog field that holds ``text``, with its redacted value:
+    {model: {row id: {field: value}}} (models with no match left out)."""
+    found: dict = {}
+    with Session(store.engine) as s:
+        for model, names in CATALOG_FIELDS.items():
+            columns = [getattr(model, name) for name in names]
+            for row in s.execute(select(model.id, *columns)):
+                for name, value in zip(names, row[1:]):
+                    new, n = occurrences.redact(value, text, ignore_case)
+                    if n:
+                        found.setdefault(model, {}).setdefault(row[0], {})[name] = new
+    return found
+
+
+def _counted(fields: dict) -> int:
+    """How many catalog fields ``_catalog_fields`` redacts."""
+    return sum(len(values) for rows in fields.values() for values in rows.values())
 
 
 def _forget_plan(store: "Store", text: str, ignore_case: bool, context: int,
@@ -224,7 +260,8 @@ def _forget_plan(store: "Store", text: str, ignore_case: bool, context: int,
     refs = store.document_refs([d["document_id"] for d in by_document])
     for d in by_document:
         ref = refs.get(d["document_id"])
-        d.update(corpus=ref.corpus if ref else None, source=ref.source if ref else None)
+        source = occurrences.redact(ref.source, text, ignore_case)[0] if ref else None  # shown, never the text
+        d.update(corpus=ref.corpus if ref else None, source=source)
     return Forgetting(total, len(by_document), len(pair_ids), True, documents, by_document), pair_ids
 
 

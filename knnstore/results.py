@@ -97,6 +97,7 @@ class Forgetting:
     dry_run: bool
     whole_documents: bool
     by_document: list[dict]  # document_id, corpus, source, occurrences, pairs
+    in_catalog: int = 0  # catalog fields (titles, paths, metadata, corpus sources) it was redacted from
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

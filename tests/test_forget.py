@@ -181,3 +181,54 @@ def test_disguised_forms_are_found_and_the_text_is_gone(tmp_path, tiny_encoder, 
     assert store.forget("josé.doe@example.com").occurrences == 1  # NFC given, NFD stored
     with pytest.raises(InputError, match="occurs in no stored document"):  # every form is gone
         store.forget("JANE.DOE@EXAMPLE.COM", ignore_case=True, dry_run=True)
+
+
+def _byte_forms(text: str, tokenizer) -> list[bytes]:
+    """What would still spell ``text`` in a file: UTF-8, UTF-16 either way, and its token ids
+    as 32- and 64-bit little-endian integers (as it is tokenised alone and after a space)."""
+    forms = [text.encode("utf-8"), text.encode("utf-16-le"), text.encode("utf-16-be")]
+    for spelled in (text, " " + text):
+        ids = np.asarray(tokenizer(spelled, add_special_tokens=False)["input_ids"])
+        forms += [ids.astype("<i4").tobytes(), ids.astype("<i8").tobytes()]
+    return forms
+
+
+def test_after_purge_no_file_of_the_store_spells_the_text(tmp_path, tiny_encoder, small_settings):
+    """The address in a document's text, in a `--split-on-heading` title, in a file's name
+    and in a `.jsonl` field kept as metadata: after `forget --purge`, no byte sequence of it
+    (UTF-8, UTF-16, token ids) is left in any file of the store, and the audit keeps only a
+    salted hash; its titles and paths read `[forgotten]`."""
+    body = " ".join(_slice())[:3000]
+    heading = tmp_path / "wiki"
+    heading.mkdir()
+    (heading / "w.txt").write_text(f" = Contact {EMAIL} = \n\n{body[:1500]}\n = Other = \n\n Write to {EMAIL} .\n")
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / f"{EMAIL}.txt").write_text(body[1500:2500])
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"text": body[2500:], "author": f"Jane <{EMAIL}>", "n": 3}) + "\n")
+    store = Store.create(tmp_path / "store", encoder=tiny_encoder)
+    from knnstore.config import SourceOptions
+
+    store.add_corpus("wiki", [heading / "w.txt"], settings=small_settings,
+                     options=SourceOptions(split_on_heading=True))
+    store.add_corpus("named", [named], settings=small_settings)
+    store.add_corpus("records", [records], settings=small_settings)
+    forms = _byte_forms(EMAIL, tiny_encoder.tokenizer)
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "store").rglob("*") if p.is_file())
+    assert EMAIL.encode() in raw  # the scan sees it before
+
+    result = CliRunner().invoke(cli, ["forget", str(tmp_path / "store"), "--text", EMAIL, "--purge", "--json"])
+    assert result.exit_code == 0, result.output
+    done = json.loads(result.stdout)
+    assert done["in_catalog"] == 4 and done["occurrences"] >= 2  # a title, two paths, a field; the text twice
+    for path in (tmp_path / "store").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not [f for f in forms if f in data], f"{path} still spells the text"
+    store.refresh()
+    titles = [d.title for d in store.documents("wiki")]
+    assert any("[forgotten]" in (t or "") for t in titles), titles
+    assert all(EMAIL not in d.source for c in ("wiki", "named", "records") for d in store.documents(c))
+    assert store.documents("records")[0].meta == {"author": "Jane <[forgotten]>", "n": 3}
+    assert check(store).ok

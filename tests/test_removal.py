@@ -7,6 +7,8 @@ Real LanceDB tables, the tiny model, small corpora written here.
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import os
 import subprocess
@@ -63,8 +65,10 @@ def test_removed_documents_lose_every_pair_and_the_rest_is_untouched(docs_store)
     assert store.corpus("other") == before["other"]
     assert check(store).ok
     audit = store.engine.connect().exec_driver_sql(
-        "SELECT command, condition, status, n_documents, n_pairs FROM removals").all()
-    assert audit == [("remove-documents", "path LIKE '%b.txt' OR path LIKE '%d.txt'", "ok", 2, gone_pairs)]
+        "SELECT command, condition, status, n_documents, n_pairs, salt, text_hash FROM removals").all()
+    assert [row[:5] for row in audit] == [("remove-documents", None, "ok", 2, gone_pairs)]  # never the condition
+    salt, digest = audit[0][5:]
+    assert hashlib.sha256((salt + "path LIKE '%b.txt' OR path LIKE '%d.txt'").encode()).hexdigest() == digest
 
 
 def test_a_store_without_the_documents_scores_text_exactly_as_one_built_without_them(
