@@ -548,6 +548,10 @@ def forget(store, text, ignore_case, context, documents, dry_run, as_json, purge
     if done.in_catalog:
         out.print(f"{'Would redact' if dry_run else 'Redacted'} it from {done.in_catalog:,} catalog fields "
                   "(titles, paths, metadata)")
+    if done.pruned_corpora:
+        err.print(Text(_safe(f"warning: {', '.join(done.pruned_corpora)} was pruned: merged pairs no longer spell "
+                             "their text, so more of it may be carried there unseen; remove the documents that "
+                             "held it to be sure"), style="yellow"))
     for d in done.by_document[:20]:
         out.print(Text(_safe(f"  {d['document_id']}  {d['corpus']}  {d['source']}  {d['occurrences']} occurrences, "
                              f"{d['pairs']:,} pairs")))

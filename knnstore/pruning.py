@@ -2,9 +2,9 @@
 a next token, after efficient-knnlm (He, Neubig and Berg-Kirkpatrick, EMNLP 2021).
 
 Every pair of a corpus, in pair-id order, looks at its ``neighbours`` nearest pairs of the
-same corpus (the store's own search: its ANN index, or exact without one). Those that are
-still there, stand for no other pair yet and predict the same next token are merged into
-it: they leave the table and its ``weight`` grows by theirs. p_kNN then counts a neighbour
+same corpus (the store's own search: its ANN index, or exact without one). Those of the
+same document that are still there, stand for no other pair yet and predict the same next
+token are merged into it: they leave the table and its ``weight`` grows by theirs. p_kNN then counts a neighbour
 ``weight`` times (log weight is added to its logit, ``knn``), so a merged pair votes as the
 pairs it replaced would have, from the position of the one kept.
 
@@ -15,12 +15,12 @@ store, and keeps each merged pair's vote. Measured on the WikiText-2 store (266,
 pairs; docs/compact.md): 16 neighbours remove about 43% of the pairs for about +0.5%
 perplexity.
 
-Merging stays within a corpus, so removing a corpus removes every vote it cast. Within a
-corpus it crosses documents: a pair merged into another document's pair adds to that
-pair's weight, and leaves with it (not with its own document): ``remove-documents`` and
-``forget`` take out the pairs still stored. The merged pairs' keys are gone from the disk
-once ``purge`` has run, and their tokens with them: a pruned corpus's documents show gaps
-in snippets and in the text ``forget`` searches.
+Merging stays within a document (neighbours of other documents are not merged), so
+removing a document, or its corpus, removes exactly the votes it cast, as on a store
+never pruned. The merged pairs' keys are gone from the disk once ``purge`` has run, and
+their tokens with them: a pruned corpus's documents show gaps in snippets and in the text
+``forget`` searches, so ``forget`` names the pruned corpora where the text may still be
+carried unseen (and never says "nothing was removed" while there are any).
 
 Per corpus, under the write lock: an intent row in ``removals`` (command ``prune``), one
 Lance commit that replaces the corpus's rows by the kept ones with their weights (a merge
@@ -167,7 +167,7 @@ def _plan(store: "Store", corpus_id: int, neighbours: int, exact: bool, nprobes:
     """The rows of one corpus that stay, with their new weights (columns pair_id, weight)."""
     table = store.table
     where = f"corpus_id = {int(corpus_id)}"
-    ids, values, weights, found = [], [], [], []
+    ids, docs, values, weights, found, found_docs = [], [], [], [], [], []
     searcher = ExactSearch(table, device=store.device) if exact or not table.has_vector_index() else None
     total, done = table.count(corpus_id), 0
     for keys, meta in table.scan_vectors(SEARCH_BATCH, where=where):
@@ -176,6 +176,8 @@ def _plan(store: "Store", corpus_id: int, neighbours: int, exact: bool, nprobes:
         else:
             near = table.search(keys, neighbours + 1, corpora=[corpus_id], nprobes=nprobes)
         ids.append(meta["pair_id"])
+        docs.append(meta["document_id"])
+        found_docs.append(near.document_ids)
         values.append(meta["next_token"])
         weights.append(meta[WEIGHT] if WEIGHT in meta else np.ones(len(keys), dtype=np.int64))
         found.append(near.pair_ids)
@@ -188,8 +190,11 @@ def _plan(store: "Store", corpus_id: int, neighbours: int, exact: bool, nprobes:
     order = np.argsort(pair_ids, kind="stable")  # rows in pair-id order: a stable, documented order
     pair_ids = pair_ids[order]
     near_ids = np.concatenate(found)[order]
+    # only pairs of the same document merge: a removal of one document then takes exactly
+    # its own votes (and a merged pair's votes leave with the document that cast them)
+    same = np.concatenate(found_docs)[order] == np.concatenate(docs)[order][:, None]
     rows = np.searchsorted(pair_ids, near_ids).clip(max=len(pair_ids) - 1)
-    rows = np.where((near_ids >= 0) & (pair_ids[rows] == near_ids), rows, -1)  # an empty slot: none
+    rows = np.where((near_ids >= 0) & (pair_ids[rows] == near_ids) & same, rows, -1)  # an empty slot: none
     kept, new_weights = greedy_merge(np.concatenate(values)[order], np.concatenate(weights)[order], rows)
     return pa.table({"pair_id": pa.array(pair_ids[kept], pa.int64()),
                      WEIGHT: pa.array(new_weights[kept], pa.int32())})

@@ -172,9 +172,16 @@ def forget(store: "Store", text: str, *, ignore_case: bool = False, context: int
     check_number("context", context, 0, MAX_WINDOW, integer=True)
     plan, pair_ids = _forget_plan(store, text, ignore_case, context, documents)
     fields = _catalog_fields(store, text, ignore_case)
+    pruned = pruned_corpora(store)
     if not plan.occurrences and not fields:
+        if pruned:
+            raise InputError(f"the text occurs in none of the stored tokens, titles, paths or metadata, but "
+                             f"{', '.join(pruned)} {'was' if len(pruned) == 1 else 'were'} pruned: merged pairs no "
+                             "longer spell their text, so it may be carried there unseen; remove the documents that "
+                             "held it (remove-documents) or the corpus; nothing was removed")
         raise InputError("the text occurs in no stored document, title, path or metadata (matched after Unicode "
                          f"normalisation{', ignoring case' if ignore_case else ''}): nothing was removed")
+    plan = dataclasses.replace(plan, pruned_corpora=pruned)
     if dry_run:
         return dataclasses.replace(plan, in_catalog=_counted(fields))
     seen = (store.table.version, store.visible_corpora)
@@ -203,6 +210,15 @@ def forget(store: "Store", text: str, *, ignore_case: bool = False, context: int
 # kept as metadata), a corpus (the paths given, and what resume re-reads) and a run's error.
 CATALOG_FIELDS = {catalog.Document: ("title", "source", "meta"), catalog.Corpus: ("source", "spec"),
                   catalog.IngestRun: ("error",)}
+
+
+def pruned_corpora(store: "Store") -> list[str]:
+    """The ready corpora a ``prune`` merged pairs in: their documents' stored tokens have
+    gaps, so a text search cannot see everything they carry."""
+    with Session(store.engine) as s:
+        ids = {row[0] for row in s.scalars(select(catalog.Removal.document_ids).where(
+            catalog.Removal.command == PRUNE, catalog.Removal.status == DONE)) if row}
+    return [c.name for c in store.corpora() if c.id in ids and c.status == catalog.READY]
 
 
 def _catalog_fields(store: "Store", text: str, ignore_case: bool) -> dict:

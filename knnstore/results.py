@@ -98,6 +98,7 @@ class Forgetting:
     whole_documents: bool
     by_document: list[dict]  # document_id, corpus, source, occurrences, pairs
     in_catalog: int = 0  # catalog fields (titles, paths, metadata, corpus sources) it was redacted from
+    pruned_corpora: list[str] = dataclasses.field(default_factory=list)  # may carry it unseen (``prune``)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

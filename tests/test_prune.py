@@ -171,3 +171,25 @@ def test_a_killed_prune_leaves_a_store_that_opens_and_one_command_finishes_it(tw
     sums = {r["corpus"]: r["w"] for r in after_crash.sql("SELECT corpus, sum(weight) AS w FROM pairs GROUP BY corpus")
             .to_pylist()}
     assert sums == before
+
+
+def test_removal_after_a_prune_is_exact(store, tmp_path, small_settings):
+    """Two identical documents x and y: a prune merges only within a document, so removing
+    x leaves every vote of y (its rows and weights as after the prune); and forgetting a
+    text after a prune names the pruned corpus instead of saying nothing was removed."""
+    root = tmp_path / "twins"
+    root.mkdir()
+    text = "The lobster sat on the rock and the crab sat on the sand. " * 8
+    for name in ("x.txt", "y.txt"):
+        (root / name).write_text(text)
+    store.add_corpus("twins", [root], settings=small_settings)
+    y = next(d for d in store.documents("twins") if d.source.endswith("y.txt"))
+    pruned = store.prune("twins", neighbours=8, exact=True)
+    assert pruned.pairs_after < pruned.pairs_before  # it merged something (within each document)
+    where = f"document_id = {y.id}"
+    votes = store.table.columns(["pair_id", "weight"], where=where).sort_by("pair_id").to_pylist()
+    assert sum(v["weight"] for v in votes) == y.n_pairs  # y's rows carry exactly y's votes
+    store.remove_documents("path LIKE '%x.txt'")
+    assert store.table.columns(["pair_id", "weight"], where=where).sort_by("pair_id").to_pylist() == votes
+    with pytest.raises(InputError, match="twins was pruned"):
+        store.forget("jane.doe@example.com")
