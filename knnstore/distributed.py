@@ -72,6 +72,35 @@ def ray_module():
     return ray
 
 
+RAY_CONNECT_S = 5.0  # how long the cluster's address may take to answer before add-corpus gives up
+
+
+def check_reachable(options: RayOptions) -> None:
+    """Before anything is read or written (and before the write lock): the cluster's
+    address (``--ray-address`` or ``RAY_ADDRESS``) answers a TCP connection within
+    ``RAY_CONNECT_S``; an unreachable one is a one-line InputError, never a hang holding
+    the lock. ``auto`` and ``local`` are left to Ray."""
+    import socket
+    from urllib.parse import urlparse
+
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    if address is None or address in ("auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = parsed.hostname, parsed.port or 10001
+    except ValueError as exc:
+        raise InputError(f"the Ray address {address!r} is not host:port ({exc}): check --ray-address") from None
+    if not host:
+        raise InputError(f"the Ray address {address!r} names no host: give e.g. ray://head:10001")
+    try:
+        with socket.create_connection((host, port), timeout=RAY_CONNECT_S):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}): check --ray-address "
+                         "or RAY_ADDRESS; nothing was written") from None
+
+
 @contextmanager
 def ray_runtime(options: RayOptions) -> Iterator[None]:
     """A Ray runtime for one run: the cluster at ``options.address`` (or ``RAY_ADDRESS``),

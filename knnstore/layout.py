@@ -206,16 +206,18 @@ class StoreParts:
         return WriteLock(catalog.sqlite_file(self.engine.url))
 
 
-def open_parts(given: "str | os.PathLike | Location", storage_options: dict[str, str] | None = None) -> StoreParts:
-    """Open a store's catalog (upgraded if older; ``KNNSTORE_CATALOG_URL`` overrides the
-    marker's) and table, after checking that they belong together (``check_binding``)."""
+def open_parts(given: "str | os.PathLike | Location", storage_options: dict[str, str] | None = None,
+               catalog_url: str | None = None) -> StoreParts:
+    """Open a store's catalog (upgraded if older; ``catalog_url``, else
+    ``KNNSTORE_CATALOG_URL``, overrides the marker's, which never has a password) and
+    table, after checking that they belong together (``check_binding``)."""
     place = Location.of(given, storage_options)
     if not place.file_exists(MARKER_FILE):
         if not place.exists():
             raise StoreNotFoundError(f"no store at {place}: create one with `knnstore init {place}`")
         raise StoreNotFoundError(f"{place} is not a knnstore store (it has no {MARKER_FILE})")
     marker = Marker.read(place)
-    given_url = env("catalog_url", str, None) or marker.catalog_url
+    given_url = catalog_url or env("catalog_url", str, None) or marker.catalog_url
     if given_url is None and place.remote:
         raise StoreDamagedError(f"{place} records no catalog URL, and a store on an object store cannot hold "
                                 "its own: set KNNSTORE_CATALOG_URL to its catalog")

@@ -67,6 +67,12 @@ class Location:
         if isinstance(given, Location):
             return given if storage_options is None else cls(given.uri, dict(storage_options))
         options = dict(storage_options or {})
+        keys = {_S3_KEYS[k] for k in options if k in _S3_KEYS}
+        if ("access_key" in keys) != ("secret_key" in keys):
+            given_key, missing = (("aws_access_key_id", "aws_secret_access_key") if "access_key" in keys
+                                  else ("aws_secret_access_key", "aws_access_key_id"))
+            raise InputError(f"--storage-option {given_key} needs {missing} too: give both, or neither (then "
+                             "the environment's AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
         if is_remote(given):
             parsed = urlparse(str(given))
             if not parsed.netloc:
@@ -241,7 +247,8 @@ class Location:
 
 
 # what Lance's and pyarrow's object-store clients say when the store cannot be reached
-_STORE_FAILURES = ("Generic S3 error", "Generic GCS error", "Generic MicrosoftAzure error",
+_STORE_FAILURES = ("Failed to get AWS credentials", "credentials", "Generic S3 error", "Generic GCS error",
+                   "Generic MicrosoftAzure error",
                    "error sending request", "Connection refused", "Could not connect", "NETWORK_CONNECTION",
                    "dispatch failure", "operation timed out")
 

@@ -155,12 +155,13 @@ class Store:
                          integer=True)
             identity = dataclasses.replace(identity, key_dim=key_dim, key_bits=key_bits, route_dim=route_dim)
         create_store(place, identity, catalog.vocab_rows(encoder.tokenizer), catalog_url)
-        return cls.open(place, encoder=encoder, device=device, compute_dtype=compute_dtype)
+        # through the URL given: the marker keeps it without its password
+        return cls.open(place, encoder=encoder, device=device, compute_dtype=compute_dtype, catalog_url=catalog_url)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, model: str | None = None,
              encoder: Encoder | None = None, device: str = "auto", compute_dtype: str = "auto",
-             storage_options: dict[str, str] | None = None) -> "Store":
+             storage_options: dict[str, str] | None = None, catalog_url: str | None = None) -> "Store":
         """Open a store; upgrades an older catalog. The model is loaded only when needed.
 
         Refuses, before reading anything else, a catalog that belongs to another store
@@ -178,11 +179,13 @@ class Store:
                 ``aws_endpoint``, ``aws_region``, ``allow_http``); by default the standard
                 environment variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...).
                 Never recorded with the store.
+            catalog_url: the catalog's URL, over ``KNNSTORE_CATALOG_URL`` and the one the
+                store records (which never holds a password).
         """
         if (device, compute_dtype) != ("auto", "auto"):  # a bad choice fails before anything is opened
             device = resolve_device(device)
             resolve_compute_dtype(device, compute_dtype)
-        parts = open_parts(path, storage_options)
+        parts = open_parts(path, storage_options, catalog_url)
         store = cls(parts, device=device, compute_dtype=compute_dtype)
         if encoder is None and model is not None:
             encoder = store.load_encoder(model)

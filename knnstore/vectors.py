@@ -111,6 +111,10 @@ PROJECTION_KEY = "knnstore.key_projection"  # sha256 of the projection that made
 def _raise_storage_error(uri: Location, exc: BaseException, action: str) -> None:
     """A remote table's object store failing, as one StorageError (other errors: nothing)."""
     failure = storage_failure(exc) if uri.remote else None
+    if failure is not None and "credentials" in failure:
+        raise StorageError(f"cannot {action} the pairs table under {uri}: the object store's credentials are "
+                           f"missing or refused ({failure.split(':')[0]}): set AWS_ACCESS_KEY_ID and "
+                           "AWS_SECRET_ACCESS_KEY (or --storage-option); the store is not damaged") from None
     if failure is not None:
         raise StorageError(f"cannot {action} the pairs table under {uri} ({failure}): check that the object "
                            "store is reachable and retry") from None

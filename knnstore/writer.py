@@ -38,7 +38,7 @@ from .errors import (
     StorageError,
     StoreLockedError,
 )
-from .distributed import RayOptions, encode_on_ray, ray_module
+from .distributed import RayOptions, check_reachable, encode_on_ray, ray_module
 from .faults import crash_point
 from .indexing import IndexPlan, IndexPolicy
 from .location import storage_failure
@@ -68,6 +68,7 @@ class Writer:
         settings = settings or IngestSettings.resolve()
         if ray is not None:
             ray_module()  # installed? Before anything is read or written
+            check_reachable(ray)
         name, paths = self.check_new_corpus(name, paths)  # before the model loads in scan
         # Read and validate every source before taking the lock: a writer never waits for input.
         scan = ingest.scan(paths, options, self.store.encoder.tokenize)
@@ -93,6 +94,7 @@ class Writer:
         """Finish an interrupted or failed add: keeps the documents already committed."""
         if ray is not None:
             ray_module()
+            check_reachable(ray)
         self.store.refresh()
         info = self._resumable(name)
         with Session(self.store.engine) as s:

@@ -45,7 +45,7 @@ NAMED = {
     ("add-corpus", "name"): ["", "   ", "keep", "bad\x1b[31mname", "x" * 300],
     ("add-corpus", "paths"): ["/nonexistent/path", "/dev/zero", "{empty}", "{store}/catalog.db"],
     ("add-corpus", "text_field"): ["", "  "],
-    ("add-corpus", "ray_address"): ["", "   "],
+    ("add-corpus", "ray_address"): ["", "   ", "127.0.0.1:1", "ray://:x"],
     ("resume-corpus", "ray_address"): ["", "   "],
     ("resume-corpus", "name"): ["", "nope", "keep"],
     ("remove-corpus", "name"): ["", "nope", "bad\x1b]0;x\x07"],

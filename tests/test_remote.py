@@ -196,6 +196,25 @@ def test_storage_options_reach_a_store_without_the_environment(s3, postgres, tmp
     assert json.loads(listed.stdout) == []
 
 
+def test_credentials_and_passwords_are_told_apart_from_damage(s3, postgres, tmp_path, tiny_model_dir, monkeypatch):
+    """init with a catalog password opens what it made through that URL (the marker keeps
+    none); missing S3 credentials are a StorageError about credentials, never "restore from a
+    backup"; half a key pair as --storage-option is one line."""
+    uri = s3.uri()
+    with_password = postgres.database().replace("knnstore@", "knnstore:s3cret@")
+    store = Store.create(uri, model=str(tiny_model_dir), catalog_url=with_password)
+    assert store.engine.url.password == "s3cret" and "s3cret" not in json.dumps(s3.objects(uri), default=str)
+    monkeypatch.setenv("KNNSTORE_CATALOG_URL", with_password)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StorageError, match="credentials") as failed:
+        Store.open(uri)
+    assert "backup" not in str(failed.value) and "damaged" not in str(failed.value).replace("not damaged", "")
+    half = CliRunner().invoke(cli, ["list", uri, "--storage-option", "aws_secret_access_key=x"])
+    assert half.exit_code == 1 and "aws_access_key_id too" in half.output and "Traceback" not in half.output
+
+
 def test_an_s3_store_with_an_sqlite_catalog_on_one_machine(s3, tmp_path, tiny_model_dir):
     uri = s3.uri()
     store = Store.create(uri, model=str(tiny_model_dir), catalog_url=f"sqlite:///{tmp_path / 'catalog.db'}")
