@@ -134,6 +134,17 @@ def greedy_merge(next_tokens: np.ndarray, weights: np.ndarray, neighbours: np.nd
     return kept, out
 
 
+def mergeable(pair_ids: np.ndarray, document_ids: np.ndarray, near_ids: np.ndarray,
+              near_documents: np.ndarray) -> np.ndarray:
+    """``greedy_merge``'s ``neighbours``: for rows ``pair_ids`` [n] (sorted) of documents
+    ``document_ids`` [n], and their nearest pairs' ids [n, m] (-1: none) and documents
+    [n, m], the row numbers of the neighbours that may merge into them: only pairs of the
+    same document (-1 elsewhere), so that removing a document takes exactly its own votes."""
+    rows = np.searchsorted(pair_ids, near_ids).clip(max=len(pair_ids) - 1)
+    same = near_documents == document_ids[:, None]
+    return np.where((near_ids >= 0) & (pair_ids[rows] == near_ids) & same, rows, -1)
+
+
 def prune(store: "Store", corpus: str | None = None, *, neighbours: int = DEFAULT_NEIGHBOURS,
           exact: bool = False, nprobes: int = 32, dry_run: bool = False,
           progress: ProgressFn | None = None) -> Pruning:
@@ -189,12 +200,8 @@ def _plan(store: "Store", corpus_id: int, neighbours: int, exact: bool, nprobes:
     pair_ids = np.concatenate(ids)
     order = np.argsort(pair_ids, kind="stable")  # rows in pair-id order: a stable, documented order
     pair_ids = pair_ids[order]
-    near_ids = np.concatenate(found)[order]
-    # only pairs of the same document merge: a removal of one document then takes exactly
-    # its own votes (and a merged pair's votes leave with the document that cast them)
-    same = np.concatenate(found_docs)[order] == np.concatenate(docs)[order][:, None]
-    rows = np.searchsorted(pair_ids, near_ids).clip(max=len(pair_ids) - 1)
-    rows = np.where((near_ids >= 0) & (pair_ids[rows] == near_ids) & same, rows, -1)  # an empty slot: none
+    rows = mergeable(pair_ids, np.concatenate(docs)[order], np.concatenate(found)[order],
+                     np.concatenate(found_docs)[order])
     kept, new_weights = greedy_merge(np.concatenate(values)[order], np.concatenate(weights)[order], rows)
     return pa.table({"pair_id": pa.array(pair_ids[kept], pa.int64()),
                      WEIGHT: pa.array(new_weights[kept], pa.int32())})

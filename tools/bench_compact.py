@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from knnstore import KNNLM  # noqa: E402
 from knnstore import knn  # noqa: E402
 from knnstore.projection import FIT_KEYS, KeyProjection  # noqa: E402
-from knnstore.pruning import greedy_merge  # noqa: E402
+from knnstore.pruning import greedy_merge, mergeable  # noqa: E402
 from knnstore.scoring import scored_windows  # noqa: E402
 from knnstore.vectors import (WEIGHT, ExactSearch, PairsTable, key_columns, key_matrix,  # noqa: E402
                               pairs_schema)
@@ -129,11 +129,9 @@ def main() -> None:
     n_full = rows.num_rows
     # each pair's nearest neighbours, once, by the full store's own index (what `prune` does)
     t0 = time.perf_counter()
-    near = np.concatenate([src.table.search(keys[i:i + 8192], max(PRUNE) + 1, nprobes=NPROBES).pair_ids
-                           for i in range(0, n_full, 8192)])
-    pair_ids = rows.column("pair_id").to_numpy()
-    near_rows = np.searchsorted(pair_ids, near).clip(max=n_full - 1)
-    near_rows = np.where((near >= 0) & (pair_ids[near_rows] == near), near_rows, -1)
+    found = [src.table.search(keys[i:i + 8192], max(PRUNE) + 1, nprobes=NPROBES) for i in range(0, n_full, 8192)]
+    near_rows = mergeable(rows.column("pair_id").to_numpy(), rows.column("document_id").to_numpy(),
+                          np.concatenate([f.pair_ids for f in found]), np.concatenate([f.document_ids for f in found]))
     print(f"neighbours of {n_full:,} pairs: {time.perf_counter() - t0:.0f} s", flush=True)
     sample = keys[np.linspace(0, n_full - 1, min(FIT_KEYS, n_full)).astype(np.int64)]
     next_tokens = rows.column("next_token").to_numpy()
