@@ -31,6 +31,7 @@ from .config import (
     MAX_BATCH_SIZE,
     MAX_BEAMS,
     MAX_K,
+    MAX_KNN_TEMPERATURE,
     MAX_NEW_TOKENS,
     MAX_NPROBES,
     MAX_PARTITIONS,
@@ -746,7 +747,7 @@ def _knn_options(sweep: bool):
                          help=f"Neighbours per position [default: {KNNSettings.k}]{many}."),
             click.option("--lambda", "lambda_", type=NumList(0.0, 1.0, integer=False),
                          help=f"Weight of p_kNN in the mixture [default: {KNNSettings.lambda_}]{many}."),
-            click.option("--temperature", type=NumList(0.0, None, integer=False, lo_open=True),
+            click.option("--temperature", type=NumList(0.0, MAX_KNN_TEMPERATURE, integer=False, lo_open=True),
                          help=f"T in p_kNN ∝ exp(-distance / T) [default: {KNNSettings.temperature:g}]{many}."),
             click.option("--exact", is_flag=True, default=None,
                          help="Brute-force search over all stored keys instead of the ANN index."),
@@ -1086,7 +1087,7 @@ def serve(store, host, port, api_key, max_batch, max_queue, **knn_opts):
 @click.option("--k", "k", type=Num(1, MAX_K), help=f"Neighbours per position [default: {KNNSettings.k}].")
 @click.option("--lambda", "lambda_", type=Num(0.0, 1.0, integer=False),
               help=f"The fixed λ to start from and compare with [default: {KNNSettings.lambda_}].")
-@click.option("--temperature", type=Num(0.0, None, integer=False, lo_open=True),
+@click.option("--temperature", type=Num(0.0, MAX_KNN_TEMPERATURE, integer=False, lo_open=True),
               help=f"T of p_kNN [default: {KNNSettings.temperature:g}].")
 @click.option("--exact", is_flag=True, default=None, help="Brute-force search instead of the ANN index.")
 @click.option("--clear", is_flag=True, help="Delete the store's calibrations (adaptive λ then calibrates on the "

@@ -171,6 +171,7 @@ def cache_root() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "knnstore"
 
 
+MAX_KNN_TEMPERATURE = 1e6  # T of p_kNN: far above any squared distance a key has (T beyond it is uniform)
 MAX_WINDOW = 1 << 20  # tokens per encoding or scoring window (a model's own limit applies first)
 # Scoring (eval, calibrate, explain): every scored token after the first window sees at
 # least SCORE_WINDOW - SCORE_STRIDE tokens of context.
@@ -265,7 +266,7 @@ class KNNSettings:
     def __post_init__(self) -> None:
         check_number("k", self.k, 1, MAX_K, integer=True)
         check_number("lambda", self.lambda_, 0.0, 1.0)
-        check_number("temperature", self.temperature, 0.0, None, lo_open=True)
+        check_number("temperature", self.temperature, 0.0, MAX_KNN_TEMPERATURE, lo_open=True)
         check_number("nprobes", self.nprobes, 1, MAX_NPROBES, integer=True)
         if self.refine_factor is not None:
             check_number("refine_factor", self.refine_factor, 0, MAX_REFINE_FACTOR, integer=True)

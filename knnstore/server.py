@@ -67,6 +67,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_CHOICES = 16  # n per request
 MAX_ROWS = 64  # prompts × n per request
 MAX_SQL_ROWS = 10_000
+MAX_STOP_CHARS = 256  # a stop string (the text held back while streaming is as long)
 MAX_BODY_BYTES = 4 * 2**20  # a request body (a prompt of ~1M characters)
 MAX_REQUEST_TOKENS = 32_768  # tokens generated per request: max_tokens × prompts × n
 REQUEST_TIMEOUT_S = 600.0  # a completion still decoding after this ends with an error
@@ -157,8 +158,9 @@ class Sampling(KNNFields):
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise APIError(400, "stop takes at most 4 non-empty strings", param="stop")
+        if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise APIError(400, f"stop takes at most 4 non-empty strings of at most {MAX_STOP_CHARS} characters",
+                           param="stop")
         return tuple(stops)
 
 

@@ -311,3 +311,65 @@ def test_real_model_served_by_the_cli(tmp_path):
         proc.terminate()
         out, _ = proc.communicate(timeout=60)
     assert "Traceback" not in out
+
+
+# --- generated bad values for every request field (issue 31) ---------------------------
+
+def _bad_values(annotation) -> list:
+    """Values of the wrong type, out of any range and huge, from a field's annotation."""
+    import typing
+
+    args = set(typing.get_args(annotation)) or {annotation}
+    args.discard(type(None))
+    huge = "x" * 2_000_000
+    if args <= {int}:
+        return ["3", 2.5, True, -10**20, 10**20, [1]]
+    if args <= {float}:
+        return ["0.5", True, -1e308, 1e308, [0.5], {"v": 1}]
+    if args <= {bool}:
+        return ["true", 2, 0.5, [True]]
+    if args <= {str}:
+        return [5, ["a"], {"a": 1}, True]
+    return [5, True, {"a": 1}, [5], [huge[:10], 3], huge]  # unions of strings and lists (prompt, stop)
+
+
+def _cases():
+    from knnstore.server import ChatRequest, CompletionRequest
+
+    for route, model in (("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatRequest)):
+        for name, info in model.model_fields.items():
+            key = info.alias or name
+            if name in ("logprobs", "top_logprobs"):
+                values = [True, 5, "yes"]
+            elif name == "messages":
+                values = [[], "hi", [{"role": "robot", "content": "x"}], [{"role": "user"}], [5]]
+            elif name == "model":
+                values = [5, None, "x" * 100_000]
+            else:
+                values = _bad_values(info.annotation)
+            for value in values:
+                yield route, key, value
+
+
+def test_every_request_field_refuses_bad_values_in_openais_shape(server, built):
+    _, path = built
+    before = snapshot(path)
+    base = {"/v1/completions": {"model": server.model_id, "prompt": PROMPT, "max_tokens": 2},
+            "/v1/chat/completions": {"model": server.model_id, "messages": [{"role": "user", "content": PROMPT}],
+                                     "max_tokens": 2}}
+    seen = 0
+    for route, key, value in _cases():
+        body = {**base[route], key: value}
+        r = httpx.post(server.url + route, json=body, timeout=60)
+        assert 400 <= r.status_code < 500, (route, key, str(value)[:40], r.status_code, r.text[:200])
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], (key, error)
+        seen += 1
+    for route, body in base.items():  # each required field missing
+        for key in body:
+            if key != "max_tokens":
+                r = httpx.post(server.url + route, json={k: v for k, v in body.items() if k != key})
+                assert r.status_code == 400 and r.json()["error"]["param"] == key, (route, key, r.text)
+    assert seen > 100
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert changed(path, before) == set()
