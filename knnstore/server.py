@@ -660,10 +660,14 @@ class Server:
             self._sql_sessions.discard(session)
             session.close()
 
-    def _shutdown(self) -> None:
-        """Stop everything running: decoding (``Engine.stop``), SQL statements, tokenizing."""
+    def interrupt_sql(self) -> None:
+        """Stop every SQL statement running now (their requests answer 400 "cancelled")."""
         for session in list(self._sql_sessions):
             session.interrupt(timed_out=False)
+
+    def _shutdown(self) -> None:
+        """Stop everything running: decoding (``Engine.stop``), SQL statements, tokenizing."""
+        self.interrupt_sql()
         self.engine.stop()
         self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
@@ -795,7 +799,14 @@ def serve(lm: KNNLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str 
     check_address(host, port, api_key)
     reader = Store.open(lm.store.location)  # the read-only endpoints' own handle: no model, own snapshot
     server = Server(lm, reader, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+    class Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # SIGTERM / SIGINT: running SQL stops now, not after the grace
+            server.interrupt_sql()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=SHUTDOWN_S)
     try:
-        uvicorn.run(server.app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_S)
+        Uvicorn(config).run()
     finally:
         reader.close()

@@ -222,11 +222,157 @@ def kills(run: Run, work: Path, model: Path, docs: Path, n: int, rng: random.Ran
             run.found(f"{what}: check after recovery failed")
 
 
+def _serve(store: Path, port: int) -> subprocess.Popen:
+    import httpx
+
+    proc = subprocess.Popen([*KNN, "serve", str(store), "--port", str(port), "--lambda", "0.5"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the server did not start: {proc.stderr.read()[-500:]}")
+
+
+def served(run: Run, work: Path, model: Path, docs: Path) -> None:
+    """Issue 31's surfaces: a served store under its own maintenance, bounded requests,
+    read endpoints that never write, shutdown, forgetting metadata and disguised forms."""
+    import socket
+    import threading
+
+    import httpx
+
+    store = work / "served"
+    run.ok("init served", "init", store, "--model", model)
+    for name, template in (("a", "Doc {i}: the lobster sat on the rock. "), ("b", "Mail {i}: jane@example.org wrote. ")):
+        run.ok(f"add {name}", "add-corpus", store, name, write_docs(work / f"served-{name}", 6, 6, template=template))
+    run.ok("index", "index", store, "--partitions", "2")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = _serve(store, port)
+    model_id = httpx.get(url + "/v1/models", timeout=5).json()["data"][0]["id"]
+    answers, stop = [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                for r in (httpx.post(url + "/v1/completions", timeout=60, json={
+                        "model": model_id, "prompt": "Doc 1", "max_tokens": 4, "temperature": 0}),
+                          httpx.post(url + "/v1/store/sql", timeout=60, json={"query": "SELECT count(*) FROM pairs"})):
+                    answers.append((r.status_code, r.text))
+            except httpx.HTTPError as exc:
+                answers.append((0, str(exc)))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        for args in (["compact", store, "--key-dim", "16"], ["prune", store], ["purge", store],
+                     ["remove-documents", store, "--where", "ordinal = 0", "--corpus", "a"],
+                     ["forget", store, "--text", "jane@example.org"], ["purge", store]):
+            run.cases += 1
+            checker = subprocess.Popen([*KNN, "check", str(store)], env=ENV, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True) if args[0] == "compact" else None
+            run.ok(f"served: {args[0]}", *args)
+            if checker is not None:
+                out, err = checker.communicate(timeout=300)
+                if "backup" in out + err or "Traceback" in err:
+                    run.found(f"check during compact: {(out + err).strip().splitlines()[-1][:200]}")
+            time.sleep(1.5)
+    finally:
+        stop.set()
+        thread.join()
+    for status, text in answers:
+        run.cases += 1
+        if status not in (200, 503) or "damaged" in text or "backup" in text:
+            run.found(f"served under maintenance: {status} {text[:160]}")
+    health = httpx.get(url + "/health", timeout=5)
+    run.cases += 1
+    if health.status_code != 200:
+        run.found(f"/health after maintenance: {health.status_code} {health.text[:160]}")
+    # bounded requests; /health keeps answering
+    before = _bytes(store)
+    slow = threading.Thread(target=lambda: answers.append(("sql", httpx.post(
+        url + "/v1/store/sql", timeout=120, json={"query": "SELECT count(*) FROM pairs a, pairs b, pairs c, pairs d"}))))
+    slow.start()
+    time.sleep(0.5)
+    for what, request in (
+            ("health during slow SQL", lambda: httpx.get(url + "/health", timeout=3)),
+            ("20 MB body", lambda: httpx.post(url + "/v1/completions", content=b"x" * 20_000_000, timeout=30,
+                                               headers={"content-type": "application/json"})),
+            ("chunked 20 MB body", lambda: httpx.post(url + "/v1/completions", timeout=30,
+                                                       content=iter([b"x" * 1_000_000] * 20))),
+            ("new knn_temperature", lambda: httpx.post(url + "/v1/completions", timeout=60, json={
+                "model": model_id, "prompt": "Doc", "max_tokens": 2, "adaptive": True, "knn_temperature": 7.5})),
+            ("max_tokens true", lambda: httpx.post(url + "/v1/completions", timeout=60, json={
+                "model": model_id, "prompt": "Doc", "max_tokens": True})),
+            ("logprobs", lambda: httpx.post(url + "/v1/completions", timeout=60, json={
+                "model": model_id, "prompt": "Doc", "max_tokens": 2, "logprobs": 3}))):
+        run.cases += 1
+        t0 = time.monotonic()
+        try:
+            r = request()
+        except httpx.HTTPError as exc:
+            run.found(f"{what}: {exc}")
+            continue
+        took = time.monotonic() - t0
+        expected = {"health during slow SQL": 200, "new knn_temperature": 200}.get(what)
+        if (expected and r.status_code != expected) or (not expected and not 400 <= r.status_code < 500):
+            run.found(f"{what}: {r.status_code} {r.text[:120]}")
+        if took > 10:
+            run.found(f"{what}: took {took:.0f} s")
+    slow.join()
+    run.cases += 1
+    if answers[-1][1].status_code != 400:
+        run.found(f"slow SQL: {answers[-1][1].status_code}, not stopped at its limit")
+    if _bytes(store) != before:
+        run.found("a request wrote to the store")
+    # shutdown with a statement running
+    slow = threading.Thread(target=lambda: httpx.post(url + "/v1/store/sql", timeout=120, json={
+        "query": "SELECT count(*) FROM pairs a, pairs b, pairs c, pairs d"}), daemon=True)
+    slow.start()
+    time.sleep(0.5)
+    run.cases += 1
+    t0 = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        run.found("SIGTERM with SQL running: the server did not stop within 20 s")
+    else:
+        print(f"served: SIGTERM with SQL running: stopped in {time.monotonic() - t0:.1f} s", flush=True)
+    # forgetting what metadata holds, disguised forms; removals that match everything
+    forms = work / "forms"
+    forms.mkdir()
+    (forms / "jane.doe@example.com.txt").write_text("A note. " * 40)
+    (forms / "b.txt").write_text("Write to jane.doe\uff20example.com or jane.d\u200doe@example.com today. " * 8)
+    (work / "forms.jsonl").write_text(json.dumps({"text": "Plain text. " * 30, "owner": "jane.doe@example.com"}) + "\n")
+    fstore = work / "forms-store"
+    run.ok("init forms", "init", fstore, "--model", model)
+    run.ok("add forms", "add-corpus", fstore, "files", forms)
+    run.ok("add jsonl", "add-corpus", fstore, "records", work / "forms.jsonl")
+    run.refused("remove-documents --where 1=1", fstore, "remove-documents", fstore, "--where", "1=1")
+    run.refused("add-corpus --ray-address 127.0.0.1:1", fstore, "add-corpus", fstore, "r", docs,
+                "--ray-address", "127.0.0.1:1")
+    run.cases += 1
+    run.ok("forget --purge", "forget", fstore, "--text", "jane.doe@example.com", "--purge")
+    for path in fstore.rglob("*"):
+        if path.is_file() and any(f in path.read_bytes() for f in (b"jane.doe", "jane.doe".encode("utf-16-le"))):
+            run.found(f"forget --purge left the text in {path.relative_to(fstore)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--kills", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=["served"], help="run only this part (issue 31's surfaces)")
     args = ap.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
@@ -234,7 +380,11 @@ def main() -> None:
     docs = write_docs(args.work / "docs", 6, 8)
     run = Run()
     t0 = time.monotonic()
-    for part in (hostile_inputs, damaged_stores):
+    if args.only == "served":
+        served(run, args.work, model, docs)
+        print(f"{run.cases} cases in {time.monotonic() - t0:.0f} s: {len(run.findings)} findings")
+        sys.exit(1 if run.findings else 0)
+    for part in (hostile_inputs, damaged_stores, served):
         part(run, args.work, model, docs)
         print(f"{part.__name__}: {run.cases} cases so far, {len(run.findings)} findings", flush=True)
     kills(run, args.work, model, docs, args.kills, random.Random(args.seed))
