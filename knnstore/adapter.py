@@ -496,9 +496,11 @@ class KNNLM:
 
     # --- generation -------------------------------------------------------------------
 
-    def logits_processor(self, record: bool = False) -> "KNNLogitsProcessor":
-        """A LogitsProcessor for ``model.generate``; use it inside its ``with`` block."""
-        return KNNLogitsProcessor(self, record=record)
+    def logits_processor(self, record: bool = False, trail: torch.Tensor | None = None) -> "KNNLogitsProcessor":
+        """A LogitsProcessor for ``model.generate``; use it inside its ``with`` block.
+        ``trail``: what each row's previous step passed on (``Step.passed_on``), for rows
+        that continue a decoding paused earlier."""
+        return KNNLogitsProcessor(self, record=record, trail=trail)
 
     @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 40, *, do_sample: bool = False,
@@ -554,8 +556,8 @@ class KNNLogitsProcessor(LogitsProcessor):
     probabilities of the mixture; sampling warpers passed after it act on the mixture.
     """
 
-    def __init__(self, knnlm: KNNLM, record: bool = False) -> None:
-        self.knnlm, self.record = knnlm, record
+    def __init__(self, knnlm: KNNLM, record: bool = False, trail: torch.Tensor | None = None) -> None:
+        self.knnlm, self.record, self._trail = knnlm, record, trail
         self.steps: list[Step] = []  # every step, with record=True
         self.last: Step | None = None  # the latest step
         self._stack: contextlib.ExitStack | None = None
@@ -589,6 +591,9 @@ class KNNLogitsProcessor(LogitsProcessor):
         if keys.shape[0] != scores.shape[0]:
             raise RuntimeError(f"captured {keys.shape[0]} keys for {scores.shape[0]} rows of scores")
         previous = self._previous(input_ids) if self.knnlm.skips_by_trail else None
+        if self.last is None and self._trail is not None:  # the first step of a resumed decoding
+            previous = self._trail if self.knnlm.skips_by_trail else None
+            self._ids = input_ids.detach().cpu()
         step = self.knnlm.step(keys, scores.cpu(), previous)  # the mixture is computed on the CPU
         self._retrieved += int(step.retrieved.sum())
         self._total += int(step.retrieved.numel())

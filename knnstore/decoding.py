@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .adapter import KNNLM, Span, TokenExplanation
@@ -51,6 +51,7 @@ class Row:
     tokens: list[TokenExplanation] = field(default_factory=list)  # with explain
     spans: list[Span] = field(default_factory=list)  # with explain, once finished
     retrieved: int = 0  # steps that searched the store
+    trail: object = None  # what its last step passed on (a paused row resumes with it)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -127,21 +128,45 @@ def eos_ids(lm: KNNLM) -> list[int]:
     return ids
 
 
+class _Pause(StoppingCriteria):
+    """Ends ``generate`` when ``pause()`` says so (rows not done stay unfinished)."""
+
+    def __init__(self, pause: Callable[[], bool]) -> None:
+        self.pause, self.paused = pause, False
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        self.paused = bool(self.pause())
+        return torch.full((input_ids.shape[0],), self.paused, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.inference_mode()
 def decode(lm: KNNLM, rows: Sequence[Row], on_token: OnToken | None = None,
-           cancelled: Callable[[int], bool] | None = None, seed: int | None = None) -> None:
+           cancelled: Callable[[int], bool] | None = None, seed: int | None = None,
+           pause: Callable[[], bool] | None = None) -> bool:
     """Decode ``rows`` as one batch with the kNN-LM (see the module's docstring); each
     row's ``text``, ``finish_reason``, ``token_ids`` (and ``tokens``/``spans`` where it
-    asked to be explained) are filled in. ``cancelled(i)`` is asked after every step."""
+    asked to be explained) are filled in. ``cancelled(i)`` is asked after every step.
+
+    ``pause()``, asked after every step, ends the call early when it says so: the rows not
+    done keep their tokens and what their last step passed on, and a later call with the
+    same rows (and, where sampling, the random state restored) continues them exactly as
+    one call would have. Returns whether it paused."""
     if not rows:
-        return
+        return False
+    if any(r.done for r in rows):
+        raise ValueError("decode takes rows that are not done yet")
     eos = eos_ids(lm)
     stop_len = max((len(s) for r in rows for s in r.stop), default=0)
     decode_text = lm.tokenizer.decode
-    ids, mask = left_padded([r.prompt_ids for r in rows], pad=eos[0])
-    proc = lm.logits_processor()
+    ids, mask = left_padded([r.prompt_ids + r.token_ids for r in rows], pad=eos[0])
+    resumed = [r.trail for r in rows if r.trail is not None]
+    if resumed and len(resumed) != len(rows):
+        raise ValueError("rows resumed from a pause are decoded together, without new ones")
+    proc = lm.logits_processor(trail=torch.stack(resumed) if resumed else None)
+    last_tokens: list[int] = []
 
     def on_step(tokens: list[int]) -> None:
+        last_tokens[:] = tokens
         step = proc.last
         for i, (r, tok) in enumerate(zip(rows, tokens)):
             if r.done:
@@ -178,15 +203,26 @@ def decode(lm: KNNLM, rows: Sequence[Row], on_token: OnToken | None = None,
     if seed is not None:
         torch.manual_seed(seed)
     device = lm.encoder.device
+    stopper = _Pause(pause or (lambda: False))
     with proc:
         lm.model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device),
-            max_new_tokens=max(r.max_tokens for r in rows), do_sample=True,
+            max_new_tokens=max(r.max_tokens - len(r.token_ids) for r in rows), do_sample=True,
             temperature=1.0, top_p=1.0, top_k=0, eos_token_id=eos, pad_token_id=eos[0],
             logits_processor=LogitsProcessorList([proc, RowSampler(rows, eos[0])]),
-            streamer=_Steps(on_step),
+            stopping_criteria=StoppingCriteriaList([stopper]), streamer=_Steps(on_step),
         )
+    if stopper.paused and not all(r.done for r in rows):
+        step = proc.last
+        for i, r in enumerate(rows):
+            r.trail = (step.passed_on(torch.tensor([i]), torch.tensor([last_tokens[i]]))[0]
+                       if step is not None and step.signals is not None and lm.skips_by_trail else None)
+        if any(r.trail is None for r in rows):
+            for r in rows:
+                r.trail = None
+        return True
     for r in rows:
         r.finish_reason = r.finish_reason or LENGTH
         if r.explain:
             r.spans = lm.spans(r.tokens)
+    return False

@@ -40,6 +40,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -75,6 +76,7 @@ SQL_TIMEOUT_S = 30.0  # a /v1/store/sql statement (then interrupted)
 SQL_MEMORY = "512MB"
 SHUTDOWN_S = 5  # SIGTERM / SIGINT: open requests get this long, then are cut
 REFRESH_S = 1.0  # how stale the served snapshot of the store may get
+SLICE_S = 2.0  # a completion decodes this long before it pauses for a waiting request
 
 
 # --- errors --------------------------------------------------------------------------
@@ -208,6 +210,13 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     deadline: float = field(default_factory=lambda: time.monotonic() + REQUEST_TIMEOUT_S)
+    rng_state: Any = None  # a paused job with a seed: the random state it goes on from
+    turns: int = 0  # turns on the engine so far (more than one: it was paused for others)
+
+    @property
+    def resumed(self) -> bool:
+        """Whether it was paused to let others run (then it is decoded alone)."""
+        return self.turns > 0
 
     @property
     def over(self) -> bool:
@@ -283,13 +292,24 @@ class Engine:
                 return None
             first = self._pending.popleft()
             batch, rows = [first], len(first.rows)
-            if first.seed is None:
+            if first.seed is None and not first.resumed:
                 for job in list(self._pending):
-                    if job.seed is None and job.key == first.key and rows + len(job.rows) <= self.max_batch:
+                    if (job.seed is None and not job.resumed and job.key == first.key
+                            and rows + len(job.rows) <= self.max_batch):
                         self._pending.remove(job)
                         batch.append(job)
                         rows += len(job.rows)
             return batch
+
+    def _requeue(self, jobs: list[Job]) -> None:
+        """Paused jobs go back in line, after those that were waiting (sampling ones with
+        their random state, so that a seed gives the same text however often it paused)."""
+        state = torch.get_rng_state()
+        with self._cond:
+            for job in jobs:
+                job.rng_state = state if job.seed is not None else None
+                self._pending.append(job)
+            self._cond.notify()
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:
@@ -314,17 +334,30 @@ class Engine:
                 self.lm.forget_policy()  # its calibration may no longer fit: checked at the next step
                 self._seen = seen
             lm = self.lm.with_settings(**live[0].overrides) if live[0].overrides else self.lm
-            rows = [r for job in live for r in job.rows]
+            owner = [(job, j) for job in live for j, r in enumerate(job.rows) if not r.done]
+            rows = [job.rows[j] for job, j in owner]
             self.batched_rows_max = max(self.batched_rows_max, len(rows))
-            owner = [(job, j) for job in live for j in range(len(job.rows))]
+            before = sum(len(r.token_ids) for r in rows)
 
             def on_token(i: int, text: str, explained) -> None:
                 job, j = owner[i]
                 job.send("token", j, text, explained)
 
-            decode(lm, rows, on_token, cancelled=lambda i: owner[i][0].over, seed=live[0].seed)
-            self.served_tokens += sum(len(r.token_ids) for r in rows)
+            seed = live[0].seed if not live[0].resumed else None
+            if live[0].rng_state is not None:
+                torch.set_rng_state(live[0].rng_state)
+            started = time.monotonic()
+            # another request waiting gets its turn after SLICE_S: this one goes on after it
+            paused = decode(lm, rows, on_token, cancelled=lambda i: owner[i][0].over, seed=seed,
+                            pause=lambda: bool(self._pending) and time.monotonic() - started > SLICE_S)
+            self.served_tokens += sum(len(r.token_ids) for r in rows) - before
             for job in live:
+                job.turns += 1
+            if paused:
+                self._requeue([job for job in live if not all(r.done for r in job.rows)])
+            for job in live:
+                if paused and not all(r.done for r in job.rows):
+                    continue
                 if job.over and not job.cancelled:
                     job.send("error", APIError(504, f"the completion ran past the server's limit of "
                                                     f"{REQUEST_TIMEOUT_S:g} s: ask for fewer tokens",

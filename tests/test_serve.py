@@ -373,3 +373,62 @@ def test_every_request_field_refuses_bad_values_in_openais_shape(server, built):
     assert seen > 100
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     assert changed(path, before) == set()
+
+
+def test_a_paused_decoding_goes_on_exactly_as_one_call(built):
+    """``decode`` paused every few steps and resumed gives the same tokens as one call:
+    greedy, and sampling with a seed (the random state carried), on the adaptive default."""
+    import torch
+
+    lm, _ = built
+    adaptive = lm.with_settings(adaptive=True, lambda_=0.25)
+    for temperature, seed in ((0.0, None), (1.0, 7)):
+        ids = lm.tokenizer(PROMPT)["input_ids"]
+        whole = Row(prompt_ids=list(ids), max_tokens=24, temperature=temperature, explain=True)
+        decode(adaptive, [whole], seed=seed)
+        parts = Row(prompt_ids=list(ids), max_tokens=24, temperature=temperature, explain=True)
+        steps = {"n": 0}
+
+        def pause() -> bool:
+            steps["n"] += 1
+            return steps["n"] % 5 == 0
+
+        calls, state = 0, None
+        while True:
+            if state is not None:
+                torch.set_rng_state(state)
+            paused = decode(adaptive, [parts], seed=seed if calls == 0 else None, pause=pause)
+            calls += 1
+            state = torch.get_rng_state()
+            if not paused:
+                break
+        assert calls >= 3
+        assert parts.token_ids == whole.token_ids and parts.text == whole.text
+        assert parts.finish_reason == whole.finish_reason
+        assert [t.token for t in parts.tokens] == [t.token for t in whole.tokens]
+        # λ, as the resumed step saw the trail (a re-read prompt differs in float rounding only)
+        assert max(abs(a.knn_weight - b.knn_weight) for a, b in zip(parts.tokens, whole.tokens)) < 1e-3
+
+
+def test_a_long_completion_lets_short_ones_through(server, monkeypatch):
+    """One long completion no longer holds the engine: a short request sent after it is
+    answered long before it ends, and the long one's text is what it would have been alone."""
+    import knnstore.server as served
+
+    monkeypatch.setattr(served, "SLICE_S", 0.2)
+    body = {"model": server.model_id, "prompt": PROMPT, "temperature": 0}
+    alone = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 200}, timeout=120).json()
+    done = {}
+
+    def long():
+        done["long"] = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 200}, timeout=120)
+        done["long_at"] = time.monotonic()
+
+    thread = threading.Thread(target=long)
+    thread.start()
+    time.sleep(0.5)
+    short = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 2}, timeout=120)
+    short_at = time.monotonic()
+    thread.join()
+    assert short.status_code == 200 and short_at < done["long_at"]
+    assert done["long"].json()["choices"][0]["text"] == alone["choices"][0]["text"]
