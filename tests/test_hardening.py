@@ -418,3 +418,18 @@ def test_a_write_to_a_table_with_a_missing_data_file_changes_nothing(filled, tmp
 def test_a_text_that_cannot_be_read_is_one_line(filled):
     result = _run("eval", filled.path, "--text", "/proc/self/mem")
     assert result.exit_code == 1 and "cannot read /proc/self/mem" in result.output
+
+
+def test_a_store_whose_corpora_hold_no_pairs_retrieves_nothing(store, tmp_path, small_settings):
+    """A ready corpus whose documents were all removed holds no pair: nothing is searched,
+    so nothing is said to have been retrieved (issue 31)."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("The lobster sat on the rock. " * 6)
+    store.add_corpus("docs", [docs], settings=small_settings)
+    store.remove_documents("1=1")
+    assert store.corpus("docs").pairs == 0 and store.corpus("docs").status == "ready"
+    text = tmp_path / "t.txt"
+    text.write_text("The European lobster is a species of clawed lobster. " * 4)
+    result = _run("eval", store.path, "--text", text, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["retrieved_fraction"] == 0.0
