@@ -115,7 +115,11 @@ MAX_SEED = 2**32 - 1
 def describe_range(lo=None, hi=None, *, integer: bool = False, lo_open: bool = False) -> str:
     """'between 0 and 1', 'at least 1 and at most 4,096 (a whole number)', 'positive', ...
     (for messages)."""
-    fmt = lambda x: f"{x:,}" if integer else f"{x:g}"  # noqa: E731
+    def fmt(x) -> str:
+        if integer:
+            return f"{x:,}"
+        return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
     if lo_open and lo == 0 and hi is None:
         text = "positive"
     elif lo_open:

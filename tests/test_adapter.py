@@ -201,7 +201,7 @@ def test_the_adapter_refuses_another_model_and_says_what_differs(knn_store, tmp_
 @pytest.mark.parametrize("change, message", [
     ({"lambda_": 1.5}, "lambda must be between 0 and 1"),
     ({"k": 0}, "k must be at least 1"),
-    ({"temperature": 0.0}, "temperature must be positive"),
+    ({"temperature": 0.0}, r"temperature must be in \(0, 1000000\]"),
 ])
 def test_bad_knn_settings_are_refused_with_what_to_change(lm, change, message):
     with pytest.raises(InputError, match=message):

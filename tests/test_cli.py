@@ -209,7 +209,7 @@ def test_index_trains_and_reports_the_ann_index(runner, filled_store, tmp_path):
     (lambda s, t: ["eval", s, "--text", _write(t, "two.txt", b"x"), "--k", "a,b"], "comma-separated"),
     (lambda s, t: ["generate", s, "To be", "--k", "4,8"], "takes one value here"),
     (lambda s, t: ["generate", s, "To be", "--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
-    (lambda s, t: ["explain", s, "x", "--temperature", "0"], "temperature must be positive"),
+    (lambda s, t: ["explain", s, "x", "--temperature", "0"], "temperature must be in (0, 1000000]"),
 ])
 def test_eval_and_generate_mistakes_get_one_line_and_change_nothing(runner, filled_store, tmp_path, args, message):
     before = snapshot(filled_store)
