@@ -47,6 +47,7 @@ from .config import (
     SourceOptions,
     check_number,
     describe_range,
+    show_number,
 )
 from .errors import InputError, KnnstoreError
 
@@ -76,7 +77,7 @@ class Num(click.ParamType):
     def get_metavar(self, param, ctx=None) -> str:
         """INTEGER, with its range as --help shows it: 'INTEGER 1..4096', 'NUMBER >0'."""
         kind = "INTEGER" if self.integer else "NUMBER"
-        fmt = lambda x: None if x is None else (str(x) if self.integer else f"{x:g}")  # noqa: E731
+        fmt = lambda x: None if x is None else (str(x) if self.integer else show_number(x))  # noqa: E731
         lo, hi = fmt(self.lo), fmt(self.hi)
         if lo is not None and hi is not None:
             return f"{kind} ({lo}..{hi}]" if self.lo_open else f"{kind} {lo}..{hi}"

@@ -112,13 +112,16 @@ MAX_BEAMS = 64
 MAX_SEED = 2**32 - 1
 
 
+def show_number(x) -> str:
+    """A bound as messages and --help show it: 1000000 (not 1e+06), 0.5, 1e-08."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
 def describe_range(lo=None, hi=None, *, integer: bool = False, lo_open: bool = False) -> str:
     """'between 0 and 1', 'at least 1 and at most 4,096 (a whole number)', 'positive', ...
     (for messages)."""
     def fmt(x) -> str:
-        if integer:
-            return f"{x:,}"
-        return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+        return f"{x:,}" if integer else show_number(x)
 
     if lo_open and lo == 0 and hi is None:
         text = "positive"
