@@ -102,6 +102,22 @@ class Num(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+def _json_option(what: str = "Print the result as one JSON object."):
+    """``--json`` (every command that prints a result has it), with what it prints."""
+    return click.option("--json", "as_json", is_flag=True, help=what)
+
+
+def _quantisation_options(fn):
+    """``--key-bits`` and ``--route-dim``: how reduced keys are quantised (``init``, ``compact``)."""
+    fn = click.option("--route-dim", default=None, type=Num(1),
+                      help="Dimensions of the routing key of quantised keys (default: 64, at most half of "
+                           "--key-dim).")(fn)
+    return click.option("--key-bits", default=None, type=click.Choice(["4", "8"]),
+                        help="Keep the reduced keys as 4- or 8-bit codes per dimension, beside a small float "
+                             "routing key the index is built on (needs --key-dim): about a third of the bytes, "
+                             "docs/compact.md.")(fn)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled as Ctrl-C is: the write in progress is recorded as failed."""
 
@@ -311,11 +327,7 @@ def cli():
 @click.option("--key-dim", default=None, type=Num(1),
               help="Store keys reduced to this many dimensions (PCA fitted on the first corpus's keys; "
                    "default: the model's own keys). Smaller stores, slightly higher perplexity: docs/compact.md.")
-@click.option("--key-bits", default=None, type=click.Choice(["4", "8"]),
-              help="Keep the reduced keys as 4- or 8-bit codes per dimension, beside a small float routing key "
-                   "the index is built on (needs --key-dim): about a third of the bytes, docs/compact.md.")
-@click.option("--route-dim", default=None, type=Num(1),
-              help="Dimensions of the routing key of quantised keys (default: 64, at most half of --key-dim).")
+@_quantisation_options
 @click.option("--catalog-url", default=None,
               help="SQLAlchemy URL of the catalog (default: SQLite file inside STORE; required for "
                    "a store on an object store: PostgreSQL to share it between machines).")
@@ -361,7 +373,7 @@ def init(store, model, key_layer, key_site, dtype, key_dim, key_bits, route_dim,
               help=f"Windows per forward pass [default: {IngestSettings.batch_size}].")
 @click.option("--no-index", is_flag=True,
               help="Leave the ANN index as it is (`knnstore index STORE` applies the index policy later).")
-@click.option("--json", "as_json", is_flag=True, help="Print the new corpus as JSON.")
+@_json_option('Print the new corpus as JSON.')
 @_ray_options
 @_device_options
 def add_corpus(store, name, paths, split_on_heading, text_field, max_documents, window, stride,
@@ -395,7 +407,7 @@ def add_corpus(store, name, paths, split_on_heading, text_field, max_documents, 
 @cli.command("resume-corpus")
 @_store_argument
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Print the corpus as JSON.")
+@_json_option('Print the corpus as JSON.')
 @_ray_options
 @_device_options
 def resume_corpus(store, name, as_json, workers, ray_address):
@@ -475,7 +487,7 @@ CONFIRM_ABOVE = 1000  # documents one remove-documents may take without --yes
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; change nothing.")
 @click.option("--yes", is_flag=True, help=f"Remove even when the condition matches every document of the store "
                                           f"or more than {CONFIRM_ABOVE:,} (refused without it).")
-@click.option("--json", "as_json", is_flag=True, help="Print the removal as one JSON object.")
+@_json_option('Print the removal as one JSON object.')
 @_purge_option
 def remove_documents(store, where, corpus, dry_run, as_json, purge, yes):
     """Delete the documents matching a condition, and their pairs, without a rebuild.
@@ -521,7 +533,7 @@ def remove_documents(store, where, corpus, dry_run, as_json, purge, yes):
               help="Also remove the pairs that have a token of it among their last N context tokens.")
 @click.option("--documents", is_flag=True, help="Remove the whole documents that contain it instead.")
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; change nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@_json_option()
 @_purge_option
 def forget(store, text, ignore_case, context, documents, dry_run, as_json, purge):
     """Remove a text (personal data, a secret) wherever a stored document contains it.
@@ -563,7 +575,7 @@ def forget(store, text, ignore_case, context, documents, dry_run, as_json, purge
 
 @cli.command()
 @_store_argument
-@click.option("--json", "as_json", is_flag=True, help="Print what was done as one JSON object.")
+@_json_option('Print what was done as one JSON object.')
 def purge(store, as_json):
     """Take removed rows off the disk: rewrite the data files that still hold deleted rows,
     drop old table versions, vacuum the catalog.
@@ -590,7 +602,7 @@ def purge(store, as_json):
               help="Nearest pairs each pair looks at for pairs to merge [default: 16]; more removes more.")
 @click.option("--exact", is_flag=True, help="Find the neighbours by brute force even where there is an index.")
 @click.option("--dry-run", is_flag=True, help="Say how many pairs would go; change nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@_json_option()
 def prune(store, corpus, neighbours, exact, dry_run, as_json):
     """Shrink a store: merge neighbouring pairs that predict the same next token.
 
@@ -622,12 +634,8 @@ def prune(store, corpus, neighbours, exact, dry_run, as_json):
 @_store_argument
 @click.option("--key-dim", required=True, type=Num(1),
               help="Dimensions to keep (the leading principal axes of the store's own keys).")
-@click.option("--key-bits", default=None, type=click.Choice(["4", "8"]),
-              help="Keep the reduced keys as 4- or 8-bit codes per dimension, beside a small float routing key "
-                   "the index is built on (needs --key-dim): about a third of the bytes, docs/compact.md.")
-@click.option("--route-dim", default=None, type=Num(1),
-              help="Dimensions of the routing key of quantised keys (default: 64, at most half of --key-dim).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@_quantisation_options
+@_json_option()
 def compact(store, key_dim, key_bits, route_dim, as_json):
     """Make a store's keys smaller in place: keep their KEY_DIM leading principal axes
     (quantised to --key-bits per dimension if given).
@@ -657,7 +665,7 @@ def compact(store, key_dim, key_bits, route_dim, as_json):
 
 @cli.command("list")
 @_store_argument
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per corpus, in a list.")
+@_json_option('One JSON object per corpus, in a list.')
 def list_(store, as_json):
     """List the corpora of a store with status, documents, pairs and bytes.
 
@@ -690,7 +698,7 @@ def list_(store, as_json):
 
 @cli.command()
 @_store_argument
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+@_json_option('Print the figures as one JSON object.')
 def stats(store, as_json):
     """Show the model, key site, sizes and index state of a store.
 
@@ -843,7 +851,7 @@ def _read_text_arg(path) -> str:
               help="Step between windows; each token is scored once, with at least window - stride tokens of context.")
 @click.option("--sweep-out", default="knnstore-sweep", show_default=True,
               help="With a sweep: write PREFIX.csv and PREFIX.png (the PNG needs knnstore[plot]).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@_json_option()
 @_device_options
 def eval_(store, text_path, max_tokens, window, stride, sweep_out, as_json, **knn_opts):
     """Perplexity of a text with and without the store, side by side.
@@ -977,7 +985,7 @@ def lm_eval_(ctx, args):
 @click.option("--explain", is_flag=True, help="Show the source documents of each generated token.")
 @click.option("--sources", "n_sources", default=3, show_default=True, type=Num(0, MAX_K),
               help="With --explain: neighbours shown per token.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@_json_option()
 @_device_options
 def generate(store, prompt, max_new_tokens, sample, top_p, num_beams, seed, explain, n_sources,
              as_json, **knn_opts):
@@ -1011,7 +1019,7 @@ def generate(store, prompt, max_new_tokens, sample, top_p, num_beams, seed, expl
 @_knn_options(sweep=False)
 @click.option("--sources", "n_sources", default=3, show_default=True, type=Num(0, MAX_K),
               help="Neighbours shown per token.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per token, in a list.")
+@_json_option('Print one JSON object per token, in a list.')
 @click.option("--spans", "with_spans", is_flag=True,
               help="With --json: print {\"tokens\": [...], \"spans\": [...]} (passages followed "
                    "token after token, each once); the text output always shows them.")
@@ -1093,7 +1101,7 @@ def serve(store, host, port, api_key, max_batch, max_queue, **knn_opts):
 @click.option("--exact", is_flag=True, default=None, help="Brute-force search instead of the ANN index.")
 @click.option("--clear", is_flag=True, help="Delete the store's calibrations (adaptive λ then calibrates on the "
                                            "store's own text again at its next use).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@_json_option()
 @_device_options
 def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature, exact, clear, as_json):
     """Fit adaptive interpolation (--adaptive) for STORE, on held-out text or on the
@@ -1198,7 +1206,7 @@ def _print_explanations(tokens) -> None:
 @click.option("--partitions", type=Num(1, MAX_PARTITIONS), help="IVF partitions [default: about sqrt(rows)].")
 @click.option("--sub-vectors", type=Num(1, 65536),
               help="PQ sub-vectors, a divisor of the key dimension [default: dim / 8] (implies --type ivf_pq).")
-@click.option("--json", "as_json", is_flag=True, help="Print the index state as JSON.")
+@_json_option('Print the index state as JSON.')
 def index(store, status_only, rebuild, index_type, partitions, sub_vectors, as_json):
     """Show or maintain the ANN index (IVF-RQ by default, squared L2) of the stored keys.
 
@@ -1367,7 +1375,7 @@ def _interactive(session, fmt: str, max_rows: int) -> None:
 @_store_argument
 @click.option("--repair", is_flag=True,
               help="Fix what can be fixed without touching ready corpora (takes the write lock).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@_json_option('Print the report as one JSON object.')
 def check(store, repair, as_json):
     """Check that the catalog and the vector table agree; exit 1 if something is wrong.
 
