@@ -43,7 +43,7 @@ from .config import (
 from .encoder import Encoder
 from .errors import InputError, KnnstoreError
 from .store import Store
-from .scoring import ScoredWindow, scored_windows  # noqa: F401  (ScoredWindow: kept importable here)
+from .scoring import scored_windows
 from .vectors import Neighbours
 
 

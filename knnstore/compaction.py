@@ -27,7 +27,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 from sqlalchemy import update
@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from . import catalog
 from .check import leftover_tables
-from .config import check_number
+from .config import ProgressFn, check_number
 from .errors import InputError
 from .faults import crash_point
 from .projection import FIT_KEYS, KeyProjection
@@ -45,7 +45,6 @@ from .vectors import CODES, INDEX_TYPES, PairsTable, key_columns, pairs_schema
 if TYPE_CHECKING:
     from .store import Store
 
-ProgressFn = Callable[[int, int], None]
 COPY_BATCH = 65536  # rows projected and written at a time
 
 

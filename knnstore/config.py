@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 from .errors import InputError
 
@@ -32,6 +33,17 @@ MARKER_FILE = "knnstore.json"
 CATALOG_FILE = "catalog.db"
 VECTORS_DIR = "vectors"
 PAIRS_TABLE = "pairs"
+ProgressFn = Callable[[int, int], None]  # a long job's progress: (done so far, total)
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (its affinity on Linux; else every core)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 # What one read-only SQL statement may take by default (``sql.SQLLimits``)
 SQL_TIMEOUT_S = 60.0
 SQL_MAX_ROWS = 100_000

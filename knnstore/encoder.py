@@ -20,7 +20,6 @@ import importlib.util
 import io
 import json
 import logging
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +27,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .config import KEY_SITES, StoreIdentity, cache_root
+from .config import KEY_SITES, StoreIdentity, available_cpus, cache_root
 from .devices import is_out_of_memory, resolve_compute_dtype, resolve_device
 from .errors import InputError, ModelLoadError, UnsupportedModelError
 from .modelcache import load_cached
@@ -231,7 +230,7 @@ class Encoder:
         one) in ``compute_dtype`` ("auto": float32 on the CPU, bfloat16 / float16 on a GPU)."""
         device = resolve_device(device)  # a bad device or dtype fails before the model loads
         dtype = resolve_compute_dtype(device, compute_dtype)
-        torch.set_num_threads(default_threads())
+        torch.set_num_threads(available_cpus())  # every core the process may use
         model, tokenizer = load_model_and_tokenizer(name)
         return cls(model, tokenizer, canonical_model_name(name), key_layer, key_site).to(device, dtype)
 
@@ -331,9 +330,3 @@ class Encoder:
         return captured[0].float().cpu(), None
 
 
-def default_threads() -> int:
-    """Torch's intra-op threads: every core the process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1

@@ -24,13 +24,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
 from . import adaptive, knn
-from .config import SCORE_STRIDE, SCORE_WINDOW, KNNSettings, check_number
+from .config import SCORE_STRIDE, SCORE_WINDOW, KNNSettings, ProgressFn, check_number
 from .errors import InputError
 from .outputs import atomic_output, check_output_path
 from .scoring import scored_windows
@@ -38,7 +38,6 @@ from .scoring import scored_windows
 if TYPE_CHECKING:
     from .adapter import KNNLM
 
-ProgressFn = Callable[[int, int], None]
 
 
 def _ppl(nll_sum: float, n: int) -> float:

@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from .config import IngestSettings, SourceOptions
 from .errors import InputError, ModelRunError
-from .vectors import pair_id, pairs_batch, pairs_schema  # noqa: F401  (pair_id, pairs_schema: kept importable here)
+from .vectors import pairs_batch
 from .windows import right_padded, windows
 
 if TYPE_CHECKING:  # torch only in annotations: importing ingest (the CLI's sources) needs no torch

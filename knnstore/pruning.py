@@ -36,13 +36,13 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from . import catalog, removal
-from .config import MAX_K, check_number
+from .config import MAX_K, ProgressFn, check_number
 from .errors import InputError
 from .faults import crash_point
 from .vectors import WEIGHT, ExactSearch
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 DEFAULT_NEIGHBOURS = 16
 SEARCH_BATCH = 4096  # pairs searched at once while pruning
 
-ProgressFn = Callable[[int, int], None]
 
 
 @dataclass

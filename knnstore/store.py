@@ -35,6 +35,7 @@ from .config import (
     DTYPES,
     PAIRS_TABLE,
     IngestSettings,
+    ProgressFn,
     SourceOptions,
     check_number,
 )
@@ -60,9 +61,9 @@ from .layout import (
     resolve_catalog_url,
 )
 from .projection import KeyProjection
-from .results import CorpusInfo, DocumentRef, StoreStats  # noqa: F401  (importable from here, as before)
+from .results import CorpusInfo, DocumentRef, StoreStats
 from .vectors import ExactSearch, Neighbours, PairsTable, row_bytes
-from .writer import ProgressFn, Writer, normalise_name  # noqa: F401  (normalise_name: kept importable here)
+from .writer import Writer, normalise_name
 
 if TYPE_CHECKING:
     import torch

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Collection, Iterator
 import numpy as np
 import pyarrow as pa
 
-from .config import MAX_PARTITIONS, PAIRS_TABLE, check_number
+from .config import MAX_PARTITIONS, PAIRS_TABLE, available_cpus, check_number
 from .errors import InputError, StorageError, StoreDamagedError, first_line
 from .location import Location, storage_failure
 
@@ -28,13 +28,6 @@ if TYPE_CHECKING:  # torch is imported where keys are computed on: opening a tab
     import torch
 
     from .projection import KeyProjection
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def lance_settings() -> None:
@@ -58,7 +51,7 @@ def lance_settings() -> None:
     """
     os.environ.setdefault("LANCEDB_LOG", "error")
     os.environ.setdefault("LANCE_LOG", os.environ["LANCEDB_LOG"])
-    os.environ.setdefault("LANCE_CPU_THREADS", str(_cpus()))
+    os.environ.setdefault("LANCE_CPU_THREADS", str(available_cpus()))
     os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
 
 
@@ -246,7 +239,7 @@ def search_parts() -> int:
     """How many sub-batches a big batch search is split into."""
     if SEARCH_PARTS is not None:
         return SEARCH_PARTS
-    return max(1, int(os.environ.get("LANCE_CPU_THREADS") or _cpus()))
+    return max(1, int(os.environ.get("LANCE_CPU_THREADS") or available_cpus()))
 
 
 def default_partitions(rows: int) -> int:

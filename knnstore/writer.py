@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from . import catalog, indexing, ingest
 from .catalog import FAILED, INGESTING, PENDING, READY, REMOVING
-from .config import VECTORS_DIR, IngestSettings, SourceOptions
+from .config import VECTORS_DIR, IngestSettings, ProgressFn, SourceOptions
 from .errors import (
     CorpusExistsError,
     CorpusNotFoundError,
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
     from .results import CorpusInfo
     from .store import Store
 
-ProgressFn = Callable[[int, int], None]  # (tokens done so far, total tokens)
 _MAX_DOCS_PER_COMMIT = 10_000
 
 
