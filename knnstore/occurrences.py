@@ -10,6 +10,7 @@ overlaps. Pure: token ids and a tokenizer in, spans out.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Sequence
@@ -62,6 +63,7 @@ def token_spans(tokenizer, ids: Sequence[int]) -> tuple[str, np.ndarray]:
 # joiner, byte-order mark, soft hyphen. Dropped before matching, so that a string cannot
 # hide from ``forget`` behind them.
 INVISIBLE = frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad")
+_ASCII_RUN = re.compile(r"[\x00-\x7f]+")
 
 
 def normalised(text: str, ignore_case: bool = False) -> tuple[str, np.ndarray]:
@@ -69,10 +71,18 @@ def normalised(text: str, ignore_case: bool = False) -> tuple[str, np.ndarray]:
     character of ``text`` it came from: NFKC (full-width ``＠`` is ``@``, NFD is NFC),
     invisible characters dropped, case folded with ``ignore_case``. A base character and the
     combining marks after it are normalised together."""
+    if text.isascii():  # nothing to normalise: the common case, at C speed
+        return (text.lower() if ignore_case else text), np.arange(len(text) + 1, dtype=np.int64)
     out: list[str] = []
     origin: list[int] = []
     i = 0
     while i < len(text):
+        run = _ASCII_RUN.match(text, i)
+        if run is not None and run.end() - i > 1:  # all but its last character as they are (a mark may follow it)
+            piece = text[i:run.end() - 1]
+            out.append(piece.lower() if ignore_case else piece)
+            origin += range(i, run.end() - 1)
+            i = run.end() - 1
         j = i + 1
         while j < len(text) and unicodedata.combining(text[j]):
             j += 1
