@@ -75,14 +75,15 @@ def ray_module():
 RAY_CONNECT_S = 5.0  # how long the cluster's address may take to answer before add-corpus gives up
 
 
-def check_reachable(options: RayOptions) -> None:
-    """Before anything is read or written (and before the write lock): the cluster's
-    address (``--ray-address`` or ``RAY_ADDRESS``) answers a TCP connection within
-    ``RAY_CONNECT_S``; an unreachable one is a one-line InputError, never a hang holding
-    the lock. ``auto`` and ``local`` are left to Ray."""
+def check_ray(options: RayOptions) -> None:
+    """Before anything is read or written (and before the write lock): Ray is installed
+    (``ray_module``), and the cluster's address (``--ray-address`` or ``RAY_ADDRESS``)
+    answers a TCP connection within ``RAY_CONNECT_S``; an unreachable one is a one-line
+    InputError, never a hang holding the lock. ``auto`` and ``local`` are left to Ray."""
     import socket
     from urllib.parse import urlparse
 
+    ray_module()
     address = options.address or os.environ.get("RAY_ADDRESS") or None
     if address is None or address in ("auto", "local"):
         return

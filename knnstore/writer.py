@@ -38,7 +38,7 @@ from .errors import (
     StorageError,
     StoreLockedError,
 )
-from .distributed import RayOptions, check_reachable, encode_on_ray, ray_module
+from .distributed import RayOptions, check_ray, encode_on_ray
 from .faults import crash_point
 from .indexing import IndexPlan, IndexPolicy
 from .location import storage_failure
@@ -66,8 +66,7 @@ class Writer:
         """``Store.add_corpus``: read and validate, then (under the lock) write and index."""
         settings = settings or IngestSettings.resolve()
         if ray is not None:
-            ray_module()  # installed? Before anything is read or written
-            check_reachable(ray)
+            check_ray(ray)  # installed and reachable? Before anything is read or written
         name, paths = self.check_new_corpus(name, paths)  # before the model loads in scan
         # Read and validate every source before taking the lock: a writer never waits for input.
         scan = ingest.scan(paths, options, self.store.encoder.tokenize)
@@ -92,8 +91,7 @@ class Writer:
                       ray: RayOptions | None = None) -> CorpusInfo:
         """Finish an interrupted or failed add: keeps the documents already committed."""
         if ray is not None:
-            ray_module()
-            check_reachable(ray)
+            check_ray(ray)
         self.store.refresh()
         info = self._resumable(name)
         with Session(self.store.engine) as s:
