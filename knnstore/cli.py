@@ -502,14 +502,7 @@ def remove_documents(store, where, corpus, dry_run, as_json, purge, yes):
         knnstore remove-documents wiki-store --where "json_extract(metadata, '$.author') = 'X'"
     """
     s = _open(store)
-    if not dry_run and not yes:
-        matched = len(s.remove_documents(where, corpus, dry_run=True).documents)
-        held = sum(c.documents for c in s.corpora() if c.status == "ready")
-        if matched == held or matched > CONFIRM_ABOVE:
-            what = f"every document of the store ({held:,})" if matched == held else f"{matched:,} documents"
-            raise InputError(f"--where matches {what}: check it with --dry-run, and add --yes to remove them; "
-                             "nothing was removed")
-    removal = s.remove_documents(where, corpus, dry_run=dry_run)
+    removal = s.remove_documents(where, corpus, dry_run=dry_run, refuse_above=None if yes else CONFIRM_ABOVE)
     purged = s.purge() if purge and not dry_run else None
     if as_json:
         _echo_json({**removal.to_dict(), **({"purge": purged} if purged is not None else {})})

@@ -67,14 +67,22 @@ def select_documents(store: "Store", where: str, corpus: str | None = None) -> l
 
 
 def remove_documents(store: "Store", where: str, corpus: str | None = None,
-                     dry_run: bool = False) -> DocumentRemoval:
+                     dry_run: bool = False, refuse_above: int | None = None) -> DocumentRemoval:
     """Remove the documents matching ``where`` (see ``select_documents``) and their pairs;
-    with ``dry_run``, only say what would go. A condition matching nothing is an error."""
+    with ``dry_run``, only say what would go. A condition matching nothing is an error; with
+    ``refuse_above`` (``remove-documents`` without ``--yes``), so is one matching every
+    ready document of the store or more than that many."""
     chosen = select_documents(store, where, corpus)  # a missing corpus fails here, before the lock
     if not chosen:
         scope = f" in corpus '{corpus}'" if corpus is not None else ""
         raise InputError(f"no document{scope} matches {where!r}: nothing was removed (try it first with "
                          "`knnstore sql STORE \"SELECT id, path FROM documents WHERE ...\"`)")
+    if refuse_above is not None and not dry_run:
+        held = sum(c.documents for c in store.corpora() if c.status == catalog.READY)
+        if len(chosen) == held or len(chosen) > refuse_above:
+            what = f"every document of the store ({held:,})" if len(chosen) == held else f"{len(chosen):,} documents"
+            raise InputError(f"--where matches {what}: check it with --dry-run, and add --yes to remove them; "
+                             "nothing was removed")
     if dry_run:
         return DocumentRemoval(where, chosen, sum(d["n_pairs"] for d in chosen), dry_run=True)
     with store.write_lock():

@@ -639,15 +639,17 @@ class Store:
         """Delete a corpus's pairs and catalog rows. The index is not rebuilt."""
         self._writer.remove_corpus(name)
 
-    def remove_documents(self, where: str, corpus: str | None = None, *, dry_run: bool = False):
+    def remove_documents(self, where: str, corpus: str | None = None, *, dry_run: bool = False,
+                         refuse_above: int | None = None):
         """Remove the documents matching ``where``, an SQL condition over the ``documents``
         view (e.g. ``"path LIKE '%/2019/%'"``, ``"document_id IN (3, 7)"``), and their pairs,
         without a rebuild; ``corpus`` limits it to one corpus; ``dry_run`` only says what
         would go. Returns a ``DocumentRemoval``. A condition that matches nothing, or is not
-        a read-only SQL condition, raises and changes nothing (see ``knnstore.removal``)."""
+        a read-only SQL condition, raises and changes nothing (see ``knnstore.removal``);
+        with ``refuse_above``, so does one that matches every document or more than that many."""
         from .removal import remove_documents
 
-        return remove_documents(self, where, corpus, dry_run=dry_run)
+        return remove_documents(self, where, corpus, dry_run=dry_run, refuse_above=refuse_above)
 
     def forget(self, text: str, *, ignore_case: bool = False, context: int = 0, documents: bool = False,
                dry_run: bool = False):
