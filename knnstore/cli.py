@@ -40,6 +40,7 @@ from .config import (
     MAX_WINDOW,
     SCORE_STRIDE,
     SCORE_WINDOW,
+    SQL_MAX_ROWS,
     SQL_MEMORY,
     SQL_TIMEOUT_S,
     IngestSettings,
@@ -1253,7 +1254,7 @@ def index(store, status_only, rebuild, index_type, partitions, sub_vectors, as_j
               help="Rows shown in table format (the other formats write every row).")
 @click.option("--timeout", type=Num(0.0, None, integer=False, lo_open=True), default=SQL_TIMEOUT_S,
               show_default=True, help="Seconds a statement may run before it is stopped.")
-@click.option("--row-limit", type=Num(1), default=1_000_000, show_default=True,
+@click.option("--row-limit", type=Num(1), default=SQL_MAX_ROWS, show_default=True,
               help="Rows of a result read at most (the rest is left unread, with a warning).")
 @click.option("--memory", default=SQL_MEMORY, show_default=True,
               help="Memory a statement's joins and sorts may use (e.g. 512MB, 4GB).")

@@ -46,7 +46,7 @@ def available_cpus() -> int:
 
 # What one read-only SQL statement may take by default (``sql.SQLLimits``)
 SQL_TIMEOUT_S = 60.0
-SQL_MAX_ROWS = 100_000
+SQL_MAX_ROWS = 1_000_000  # rows of a result read (`knnstore sql --row-limit`)
 SQL_MEMORY = "1GB"
 
 DEFAULT_MODEL = "smollm2-135m"

@@ -72,8 +72,8 @@ MAX_STOP_CHARS = 256  # a stop string (the text held back while streaming is as 
 MAX_BODY_BYTES = 4 * 2**20  # a request body (a prompt of ~1M characters)
 MAX_REQUEST_TOKENS = 32_768  # tokens generated per request: max_tokens × prompts × n
 REQUEST_TIMEOUT_S = 600.0  # a completion still decoding after this ends with an error
-SQL_TIMEOUT_S = 30.0  # a /v1/store/sql statement (then interrupted)
-SQL_MEMORY = "512MB"
+SERVED_SQL_TIMEOUT_S = 30.0  # a /v1/store/sql statement (then interrupted): tighter than `knnstore sql`'s
+SERVED_SQL_MEMORY = "512MB"
 SHUTDOWN_S = 5  # SIGTERM / SIGINT: open requests get this long, then are cut
 REFRESH_S = 1.0  # how stale the served snapshot of the store may get
 SLICE_S = 2.0  # a completion decodes this long before it pauses for a waiting request
@@ -437,7 +437,7 @@ class Server:
     """The served model and store (``app`` is the ASGI application)."""
 
     def __init__(self, lm: KNNLM, reader: Store, *, api_key: str | None = None, max_batch: int = 8,
-                 max_queue: int = 64, sql_timeout_s: float = SQL_TIMEOUT_S) -> None:
+                 max_queue: int = 64, sql_timeout_s: float = SERVED_SQL_TIMEOUT_S) -> None:
         self.lm, self.reader, self.api_key = lm, reader, api_key
         self.sql_timeout_s = sql_timeout_s
         lm.calibrates = False  # no request writes: calibrations are made by `knnstore calibrate` or at start-up
@@ -662,9 +662,9 @@ class Server:
 
     async def sql(self, req: SQLRequest, request: Request) -> dict:
         """One statement on its own snapshot and thread, within ``sql_timeout_s``,
-        ``req.max_rows`` and ``SQL_MEMORY``; interrupted when its client leaves. Other
+        ``req.max_rows`` and ``SERVED_SQL_MEMORY``; interrupted when its client leaves. Other
         endpoints never wait for it."""
-        limits = SQLLimits(timeout_s=self.sql_timeout_s, max_rows=req.max_rows, memory=SQL_MEMORY)
+        limits = SQLLimits(timeout_s=self.sql_timeout_s, max_rows=req.max_rows, memory=SERVED_SQL_MEMORY)
         try:
             result = await self._sql(req.query, limits, request)
         except StoreDamagedError:  # files replaced under it (a compaction, purge): once more, on the new state
