@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from . import adaptive, knn
+from . import adaptive, knn, mixing, policies
 from .config import (
     MAX_BEAMS,
     MAX_K,
@@ -38,10 +38,11 @@ from .config import (
     MAX_WINDOW,
     SCORE_WINDOW,
     KNNSettings,
+    ProgressFn,
     check_number,
 )
 from .encoder import Encoder
-from .errors import InputError, KnnstoreError
+from .errors import InputError
 from .store import Store
 from .scoring import scored_windows
 from .vectors import Neighbours
@@ -171,6 +172,7 @@ class Step:
     neighbours: Neighbours  # [N, k]; rows that skipped hold no neighbours
     lambdas: float | torch.Tensor = 0.0  # λ, or [N] per row with adaptive interpolation
     signals: torch.Tensor | None = None  # [N, len(adaptive.SIGNALS)] with adaptive interpolation
+    view: mixing.View | None = None  # what the neighbours said before the rows were gated
 
     @property
     def has_neighbours(self) -> torch.Tensor:
@@ -261,64 +263,44 @@ class KNNLM:
 
     @property
     def policy(self) -> adaptive.Policy | None:
-        """The adaptive-λ policy (None unless ``settings.adaptive``): the store's newest
-        calibration made at this adapter's k and T (``Calibration.made_for``); where it has
-        none, or that is a self-calibration that no longer fits what the store holds
-        (``Calibration.stale_for``), a self-calibration made now (``calibrate_self``); where
-        the store is too small for one, ``adaptive.FALLBACK``."""
-        return self.resolve_policy()
-
-    def resolve_policy(self, progress=None) -> adaptive.Policy | None:
-        """``policy``, worked out now (a self-calibration reports to ``progress``)."""
+        """The adaptive-λ policy in use (None unless ``settings.adaptive``), as
+        ``resolve_policy`` worked it out. Reading it never calibrates nor writes: every entry
+        point of the adapter (``generate``, ``explain``, ``evaluate``, ``step``) resolves the
+        policy first; before that, reading it is an error."""
         if not self.settings.adaptive:
             return None
         if self._policy is None:
-            fitting = self._fitting_calibration()
-            if fitting is None and not self.calibrates:
-                self.policy_note = (f"no calibration of this store fits k={self.settings.k}, T="
-                                    f"{self.settings.temperature:g} (and this adapter never calibrates): adaptive "
-                                    f"λ uses the cautious rule; `knnstore calibrate` makes one")
-            elif fitting is None:
-                fitting = self.calibrate_self(progress)
-            self._policy = fitting or adaptive.FALLBACK
+            raise RuntimeError("the adaptive policy is not worked out yet: call resolve_policy() first")
         return self._policy
 
-    def _fitting_calibration(self) -> adaptive.Calibration | None:
-        """The store's newest calibration made at this adapter's k and T, unless it was made
-        on other content than the store holds now (``Calibration.stale_for``)."""
-        s = self.settings
-        made = [cal for cal in self.store.calibrations() if cal.made_for(s.k, s.temperature)]
-        return None if not made or made[0].stale_for(self.store.content()) else made[0]
+    def resolve_policy(self, progress: ProgressFn | None = None) -> adaptive.Policy | None:
+        """The adaptive-λ policy (None unless ``settings.adaptive``), worked out on first call
+        (``policies.resolve``): the store's newest calibration made at this adapter's k and T;
+        where it has none, or that is a self-calibration that no longer fits what the store
+        holds, a self-calibration made now and saved (it reports to ``progress``; where this
+        adapter never ``calibrates``, the cautious rule instead); where the store is too
+        small for one, ``adaptive.FALLBACK``. ``policy_note`` says why, where it is not the
+        obvious."""
+        if not self.settings.adaptive:
+            return None
+        if self._policy is None:
+            found = policies.resolve(self, calibrate=self.calibrates, progress=progress)
+            self._policy = found.policy
+            if found.note is not None:
+                self.policy_note = found.note
+        return self._policy
 
     def forget_policy(self) -> None:
         """Work the policy out again at its next use (the store's content may have changed)."""
         self._policy = None
 
     def needs_calibration(self) -> bool:
-        """Whether ``policy`` will calibrate on the store's own text first (slow: it scores
-        text with the model); a calibration that fits is kept as the policy on the way."""
+        """Whether ``resolve_policy`` will calibrate on the store's own text first (slow: it
+        scores text with the model); a calibration that fits is kept as the policy on the way."""
         if not self.settings.adaptive or self._policy is not None:
             return False
-        self._policy = self._fitting_calibration()
+        self._policy = policies.fitting(self)
         return self._policy is None and self.calibrates
-
-    def calibrate_self(self, progress=None) -> adaptive.Calibration | None:
-        """Calibrate on the store's own text (``evaluate.self_calibrate``) and save the fit
-        where this process may write (else keep it for this adapter only); None where the
-        store is too small (``policy_note`` says so)."""
-        from .evaluate import SELF_MIN_TOKENS, SELF_SOURCE, self_calibrate
-
-        cal = self_calibrate(self, progress=progress)
-        if cal is None:
-            self.policy_note = (f"the store holds too little text to calibrate on itself ({SELF_MIN_TOKENS:,} "
-                                "positions needed): adaptive λ uses the cautious rule")
-            return None
-        try:
-            self.store.save_calibration(cal, text_source=SELF_SOURCE, n_tokens=cal.tokens)
-            self.policy_note = "calibrated on the store's own text (saved in the store)"
-        except KnnstoreError as exc:  # read-only, or another process writing: used, not saved
-            self.policy_note = f"calibrated on the store's own text (not saved: {exc})"
-        return cal
 
     # --- one step --------------------------------------------------------------------
 
@@ -341,8 +323,9 @@ class KNNLM:
         s = self.settings
         if not self.store.searchable:
             return torch.zeros(lm_log_probs.shape[0], dtype=torch.bool)
-        if s.skip_above_prob is None and s.skip_below_entropy is None and self.policy is not None:
-            return self.policy.retrieve(lm_log_probs, previous)
+        policy = self.resolve_policy()
+        if s.skip_above_prob is None and s.skip_below_entropy is None and policy is not None:
+            return policy.retrieve(lm_log_probs, previous)
         return knn.retrieval_mask(lm_log_probs, s.skip_above_prob, s.skip_below_entropy)
 
     @property
@@ -358,9 +341,9 @@ class KNNLM:
         """The kNN-LM distribution for rows of keys [N, dim] and LM logits [N, V]
         (``previous``: what each row's previous step passed on, ``Step.passed_on``;
         ``retrieve``: [N] bool the rows to search, instead of ``retrieval_mask``'s)."""
-        s = self.settings
+        s, policy = self.settings, self.resolve_policy()
         lm_log_probs = torch.log_softmax(lm_logits.float(), dim=-1)
-        n, vocab = lm_log_probs.shape
+        n = lm_log_probs.shape[0]
         if s.lambda_ == 0.0:  # the plain LM: nothing to look up
             retrieve = torch.zeros(n, dtype=torch.bool)
         elif retrieve is None:
@@ -371,19 +354,13 @@ class KNNLM:
             found = self.search(keys[retrieve])
             for f in dataclasses.fields(Neighbours):
                 getattr(neighbours, f.name)[rows] = getattr(found, f.name)
-        d, nt = torch.from_numpy(neighbours.distances), torch.from_numpy(neighbours.next_tokens)
-        w = torch.from_numpy(neighbours.weights)
-        lambdas: float | torch.Tensor = s.lambda_
-        sig = None
-        if self.policy is None:
-            knn_lp = knn.knn_log_probs(d, nt, vocab, s.temperature, w)
-        else:
-            sig = adaptive.signals(d, nt, lm_log_probs, s.temperature, w, torch.from_numpy(neighbours.positions))
-            knn_lp = self.policy.knn_log_probs(d, nt, vocab, s.temperature, w, sig)
-            lambdas = (self.policy.lambdas(sig, s.lambda_).clamp(0, 1).to(lm_log_probs.dtype) if len(rows)
-                       else torch.zeros(n, dtype=lm_log_probs.dtype))
-        mixed = knn.interpolate(lm_log_probs, knn_lp, lambdas)
-        return Step(mixed, lm_log_probs, knn_lp, retrieve, neighbours, lambdas, sig)
+        v = mixing.view(mixing.Found.of(neighbours), lm_log_probs, lambda_=s.lambda_, temperature=s.temperature,
+                        policy=policy)
+        lambdas: float | torch.Tensor = v.lambdas
+        if policy is not None:
+            lambdas = v.lambdas.to(lm_log_probs.dtype) if len(rows) else torch.zeros(n, dtype=lm_log_probs.dtype)
+        return Step(mixing.mixture(lm_log_probs, v, retrieve), lm_log_probs, v.knn, retrieve, neighbours, lambdas,
+                    v.signals, v)
 
     def text_step(self, keys: torch.Tensor, lm_logits: torch.Tensor, targets: torch.Tensor,
                   previous: torch.Tensor | None = None) -> tuple[Step, torch.Tensor | None]:
@@ -391,15 +368,16 @@ class KNNLM:
         known: where the policy skips by the previous position, every row is searched and
         then decided in order (``Policy.retrieval``; skipped rows get the LM alone), as
         generating the text would have. Returns the step and what its last row passes on."""
+        self.resolve_policy()
         if not self.skips_by_trail or not self.store.searchable or self.settings.lambda_ == 0.0:
             return self.step(keys, lm_logits), None
         full = self.step(keys, lm_logits, retrieve=torch.ones(len(targets), dtype=torch.bool))
         rows = torch.arange(len(targets))
-        retrieved, passed = self.policy.retrieval(full.signals, full.lambdas, full.lm_log_probs[rows, targets],
-                                                  full.knn_log_probs[rows, targets], full.has_neighbours, previous)
+        retrieved, passed = mixing.in_order(self.policy, full.view, full.lm_log_probs[rows, targets],
+                                            full.knn_log_probs[rows, targets], previous)
         lambdas = torch.where(retrieved, full.lambdas, torch.zeros_like(full.lambdas))
-        mixed = knn.interpolate(full.lm_log_probs, full.knn_log_probs, lambdas)
-        return dataclasses.replace(full, log_probs=mixed, retrieved=retrieved, lambdas=lambdas), passed
+        return dataclasses.replace(full, log_probs=mixing.mixture(full.lm_log_probs, full.view, retrieved),
+                                   retrieved=retrieved, lambdas=lambdas), passed
 
     def evaluate(self, text: str | list[int], **kwargs):
         """Perplexity of ``text`` with and without the store: see ``evaluate.evaluate``."""
@@ -586,6 +564,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         if not self._captured:
             raise RuntimeError("no key was captured for this step: is the processor's model "
                                "the one running generate()?")
+        self.knnlm.resolve_policy()
         keys = self._captured[-1][:, -1, :].float().cpu()  # the last position of each row
         self._captured.clear()
         if keys.shape[0] != scores.shape[0]:

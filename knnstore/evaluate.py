@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from . import adaptive, knn
+from . import adaptive, mixing
 from .config import SCORE_STRIDE, SCORE_WINDOW, KNNSettings, ProgressFn, check_number
 from .errors import InputError
 from .outputs import atomic_output, check_output_path
@@ -127,6 +127,7 @@ def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float
     """
     s = knnlm.settings
     ids = token_ids(knnlm, text, max_tokens)
+    knnlm.resolve_policy()  # a self-calibration, where the store needs one, before the scoring
     grid = list(itertools.product(lambdas or [s.lambda_], ks or [s.k], temperatures or [s.temperature]))
     for lambda_, k, t in grid:
         dataclasses.replace(s, lambda_=lambda_, k=k, temperature=t)  # validates each point
@@ -206,46 +207,37 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
         nt[search] = torch.from_numpy(found.next_tokens).long()
         w[search] = torch.from_numpy(found.weights).long()
         pos[search] = torch.from_numpy(found.positions).long()
-    valid = knn.valid_mask(d, nt)
-    matches = nt == win.targets.unsqueeze(1)
+    neighbours = mixing.Found(d, nt, w, pos)
 
     @functools.cache
-    def target_at(k: int, t: float) -> torch.Tensor:  # log p_kNN(target) from the k nearest, at T
-        return knn.knn_target_log_prob(d[:, :k], matches[:, :k], valid[:, :k], t, w[:, :k])
-
-    @functools.cache
-    def signals_at(k: int, t: float) -> torch.Tensor:
-        return adaptive.signals(d[:, :k], nt[:, :k], lm_log_probs, t, w[:, :k], pos[:, :k])
-
-    @functools.cache
-    def policy_target_at(k: int, t: float) -> torch.Tensor:  # log p_kNN(target) as the policy blends it
-        return policy.knn_target(d[:, :k], matches[:, :k], valid[:, :k], t, w[:, :k], signals_at(k, t))
+    def view_at(k: int, t: float, adaptive_: bool) -> mixing.View:
+        """The targets' p_kNN from the k nearest at T (at the adapter's λ): the plain kNN-LM's,
+        or as the policy mixes it."""
+        return mixing.view(neighbours.first(k), lm_log_probs, lambda_=s.lambda_, temperature=t,
+                           policy=policy if adaptive_ else None, targets=win.targets)
 
     if in_order:
-        k, t = s.k, s.temperature
-        sig = signals_at(k, t)
-        retrieve, tally.previous = policy.retrieval(sig, policy.lambdas(sig, s.lambda_).clamp(0, 1), target_lm,
-                                                    policy_target_at(k, t), valid[:, :k].any(dim=1), tally.previous)
+        v = view_at(s.k, s.temperature, True)
+        retrieve, tally.previous = mixing.in_order(policy, v, target_lm, v.knn, tally.previous)
+    searched = torch.ones_like(retrieve)  # the fixed λ beside a policy: the kNN-LM searching everywhere
     for i, (lambda_, k, t) in enumerate(grid):
-        knn_t = target_at(k, t)
-        has = valid[:, :k].any(dim=1)
-        tally.mix_nll[i] -= float(knn.interpolate(target_lm, knn_t, lambda_, has_knn=has).sum())
+        fixed = mixing.at_lambda(view_at(k, t, False), lambda_, None)
+        tally.mix_nll[i] -= float(mixing.mixture(target_lm, fixed, searched).sum())
         if policy is not None:
-            sig = signals_at(k, t)
-            lambdas = torch.where(retrieve, policy.lambdas(sig, lambda_).clamp(0, 1), torch.zeros(()))
-            tally.ada_nll[i] -= float(adaptive.mixture_log_prob(target_lm, policy_target_at(k, t), has & retrieve,
-                                                                lambdas).sum())
+            ada = mixing.at_lambda(view_at(k, t, True), lambda_, policy)
+            tally.ada_nll[i] -= float(mixing.mixture(target_lm, ada, retrieve).sum())
         if i == 0:
             if policy is not None:
-                tally.lambda_sum += float(torch.where(has & retrieve, lambdas, torch.zeros_like(lambdas)).sum())
+                tally.lambda_sum += float(mixing.applied(ada, retrieve).sum())
             tally.t_knn += time.perf_counter() - t1  # search + one mixture: the kNN-LM's extra cost
-            sel = knn_t[retrieve]
+            sel = fixed.knn[retrieve]
             tally.knn_only_nll -= float(sel.sum())
             tally.n_covered += int(torch.isfinite(sel).sum())
     if records is not None:
         k, t = s.k, s.temperature
-        records.append(adaptive.Records(signals_at(k, t), target_lm, target_at(k, t), valid[:, :k].any(dim=1),
-                                        adaptive.sharp_target(d[:, :k], matches[:, :k], valid[:, :k], w[:, :k])))
+        near, plain = neighbours.first(k), view_at(k, t, False)
+        sig = view_at(k, t, True).signals if policy is not None else mixing.signals(near, lm_log_probs, t)
+        records.append(adaptive.Records(sig, target_lm, plain.knn, plain.has, mixing.sharp_target(near, win.targets)))
     tally.n_retrieved += int(retrieve.sum())
 
 

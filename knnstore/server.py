@@ -47,6 +47,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import policies
 from .adapter import KNNLM
 from .config import check_number
 from .decoding import Row, decode
@@ -249,8 +250,7 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="knnstore-engine", daemon=True)
         self._refreshed = 0.0
-        self._calibration = lm.store.newest_calibration()  # the newest calibration in the store
-        self._seen = (lm.store.content(), self._calibration)  # what the policy was worked out for
+        self._policy_watch = policies.Watch(lm)  # whether the policy must be worked out again
         self.busy = False
         self.served_tokens = 0
         self.batched_rows_max = 0  # the most rows decoded together so far
@@ -327,12 +327,9 @@ class Engine:
         try:
             if time.monotonic() - self._refreshed > REFRESH_S:  # corpora added, removed, compacted meanwhile
                 self.lm.store.refresh()
-                self._calibration = self.lm.store.newest_calibration()  # or calibrated by `knnstore calibrate`
+                self._policy_watch.look()  # or calibrated by `knnstore calibrate`
                 self._refreshed = time.monotonic()
-            seen = (self.lm.store.content(), self._calibration)
-            if seen != self._seen:  # (a search may have followed the store too)
-                self.lm.forget_policy()  # its calibration may no longer fit: checked at the next step
-                self._seen = seen
+            self._policy_watch.stale()  # its calibration may no longer fit: worked out again at the next step
             lm = self.lm.with_settings(**live[0].overrides) if live[0].overrides else self.lm
             owner = [(job, j) for job in live for j, r in enumerate(job.rows) if not r.done]
             rows = [job.rows[j] for job, j in owner]

@@ -217,7 +217,7 @@ def test_calibrate_fits_on_text_and_adaptive_then_uses_the_calibration(lm):
     assert cal.k == 8 and cal.temperature == 1.0 and set(cal.metrics) >= {"fit", "holdout", "retrieved_fraction"}
     lm.store.save_calibration(cal, text_source="t", n_tokens=100)
     fresh = KNNLM(lm.model, lm.tokenizer, lm.store, k=8, lambda_=0.5, temperature=1.0, adaptive=True)
-    assert isinstance(fresh.policy, Calibration)
+    assert isinstance(fresh.resolve_policy(), Calibration)
     r = fresh.evaluate(LOBSTER + OTHER)
     assert r.adaptive.startswith("calibrated")
     with pytest.raises(InputError, match="at least 100 tokens"):

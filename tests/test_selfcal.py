@@ -155,7 +155,7 @@ def test_cli_calibrates_on_the_store_itself(domain_store):
 def test_the_default_calibrates_once_and_again_when_the_content_changes(domain_store, tiny_encoder, tmp_path):
     lm = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, domain_store, k=8, temperature=1.0, exact=True)
     assert lm.settings.adaptive and lm.needs_calibration() and domain_store.calibration() is None
-    first = lm.policy  # the default: a self-calibration, made now and saved
+    first = lm.resolve_policy()  # the default: a self-calibration, made now and saved
     assert isinstance(first, Calibration) and first.metrics["source"] == "self"
     assert lm.policy_note == "calibrated on the store's own text (saved in the store)"
     saved = domain_store.calibration()
@@ -171,7 +171,7 @@ def test_the_default_calibrates_once_and_again_when_the_content_changes(domain_s
     assert saved.stale_for(domain_store.content())
     later = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, domain_store, k=8, temperature=1.0, exact=True)
     assert later.needs_calibration()
-    assert later.policy.metrics["content"] == domain_store.content() != first.metrics["content"]
+    assert later.resolve_policy().metrics["content"] == domain_store.content() != first.metrics["content"]
     assert domain_store.calibration().metrics["content"] == domain_store.content()
 
 
@@ -190,7 +190,7 @@ def test_a_store_too_small_to_calibrate_on_itself_uses_the_cautious_rule_and_say
     (tmp_path / "one.txt").write_text("The European lobster is a species of clawed lobster. " * 4)
     store.add_corpus("one", [tmp_path / "one.txt"], settings=SETTINGS)
     lm = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, store, k=8, exact=True)
-    assert lm.policy is adaptive_module.FALLBACK and "cautious rule" in lm.policy_note
+    assert lm.resolve_policy() is adaptive_module.FALLBACK and "cautious rule" in lm.policy_note
     assert store.calibration() is None  # nothing to save
     result = CliRunner().invoke(cli, ["eval", str(store.path), "--text", str(tmp_path / "one.txt"), "--exact"])
     assert result.exit_code == 0, result.output
@@ -250,15 +250,15 @@ def test_a_calibration_is_used_only_at_the_k_and_temperature_it_was_made_at(doma
     def adapter(**settings):
         return KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, domain_store, exact=True, **settings)
 
-    at_8 = adapter(k=8, temperature=1.0).policy
+    at_8 = adapter(k=8, temperature=1.0).resolve_policy()
     assert (at_8.k, at_8.temperature) == (8, 1.0) and at_8.made_for(8, 1.0) and not at_8.made_for(8, 3.0)
     other = adapter(k=4, temperature=2.0)
     assert other.needs_calibration()  # the store's calibration is for other settings
-    at_4 = other.policy
+    at_4 = other.resolve_policy()
     assert (at_4.k, at_4.temperature) == (4, 2.0) and len(domain_store.calibrations()) == 2
     assert domain_store.calibration().to_dict() == at_4.to_dict()  # the newest ...
     back = adapter(k=8, temperature=1.0)
     assert not back.needs_calibration() and back.policy.to_dict() == at_8.to_dict()  # ... is not used at k=8
     # a clone at other settings works its policy out again; at the same ones it keeps it
     assert back.with_settings(exact=False).policy is back.policy
-    assert back.with_settings(k=4, temperature=2.0).policy.to_dict() == at_4.to_dict()
+    assert back.with_settings(k=4, temperature=2.0).resolve_policy().to_dict() == at_4.to_dict()

@@ -55,7 +55,7 @@ def main() -> None:
               f"{r.speed_ratio:10.3f} ({r.knn_tokens_per_s:.0f}/{r.base_tokens_per_s:.0f})", flush=True)
         if name == runs[0][0]:
             print(f"{'base LM':36} {r.base_ppl:8.3f}")
-    print(f"policy behind adaptive: {lm.with_settings(adaptive=True).policy.describe()}")
+    print(f"policy behind adaptive: {lm.with_settings(adaptive=True).resolve_policy().describe()}")
     generation(lm.with_settings(exact=not ann), text, args.prompts, args.new_tokens)
 
 
@@ -71,7 +71,7 @@ def generation(lm: KNNLM, text: str, prompts: int, new_tokens: int) -> None:
     plain = None
     for name, settings in runs:
         variant = lm.with_settings(**settings)
-        variant.policy  # a self-calibration, if one is needed, is not timed
+        variant.resolve_policy()  # a self-calibration, if one is needed, is not timed
         best, searched = 0.0, 0.0
         for _ in range(2):
             t0, made, found = time.perf_counter(), 0, 0.0
