@@ -236,11 +236,9 @@ class KNNLM:
     def with_settings(self, **overrides) -> "KNNLM":
         """The same model and store with other kNN parameters. A λ given without
         ``adaptive`` asks for the plain kNN-LM with that λ (``KNNSettings.resolve``)."""
-        if "lambda_" in overrides and "adaptive" not in overrides:
-            overrides["adaptive"] = False
         clone = object.__new__(KNNLM)
         clone.__dict__.update(self.__dict__)
-        clone.settings = dataclasses.replace(self.settings, **overrides)
+        clone.settings = self.settings.override(**overrides)
         if any(getattr(clone.settings, name) != getattr(self.settings, name) for name in ("adaptive", "k", "temperature")):
             clone._policy = None  # worked out again for these settings (a calibration is made at one k and T)
         return clone

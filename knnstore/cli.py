@@ -45,6 +45,7 @@ from .config import (
     SQL_TIMEOUT_S,
     IngestSettings,
     KNNSettings,
+    settings_of,
     SourceOptions,
     check_number,
     describe_range,
@@ -740,39 +741,33 @@ class NumList(Num):
             self.fail(f"{exc.message} (give one number or a comma-separated list)", param, ctx)
 
 
-def _knn_options(sweep: bool):
-    """The kNN-LM options shared by eval, generate and explain."""
+def _knn_options(sweep: bool, only: tuple[str, ...] | None = None, helps: dict[str, str] | None = None):
+    """The kNN-LM options, one per ``KNNSettings`` field as its ``Setting`` declares it (eval,
+    generate, explain and serve take them all; ``only``: those fields; ``helps``: a
+    command's own wording of some), and ``--fixed-lambda``."""
     many = " (a comma-separated list sweeps)" if sweep else ""
+    options = []
+    for f, declared in settings_of(KNNSettings):
+        if only is not None and f.name not in only:
+            continue
+        default = "none" if f.default is None else show_number(f.default)
+        text = (helps or {}).get(f.name, declared.help).format(default=default, many=many)
+        if f.type == "bool":
+            flag = f"{declared.option}/--no-{declared.option[2:]}" if declared.negative else declared.option
+            switch = {} if declared.negative else {"is_flag": True}
+            options.append(click.option(flag, f.name, default=None, help=text, **switch))
+        else:
+            kind = NumList if declared.sweep and only is None else Num
+            options.append(click.option(declared.option, f.name, help=text,
+                                        type=kind(declared.lo, declared.hi, integer=declared.integer,
+                                                  lo_open=declared.lo_open)))
+    if only is None:
+        options.append(click.option("--fixed-lambda", type=Num(0.0, 1.0, integer=False),
+                                    help="The plain kNN-LM with this fixed λ (as in the paper), not adaptive: "
+                                         "the same as --no-adaptive --lambda L."))
 
     def decorate(f):
-        for opt in reversed([
-            click.option("--k", "k", type=NumList(1, MAX_K),
-                         help=f"Neighbours per position [default: {KNNSettings.k}]{many}."),
-            click.option("--lambda", "lambda_", type=NumList(0.0, 1.0, integer=False),
-                         help=f"Weight of p_kNN in the mixture [default: {KNNSettings.lambda_}]{many}."),
-            click.option("--temperature", type=NumList(0.0, MAX_KNN_TEMPERATURE, integer=False, lo_open=True),
-                         help=f"T in p_kNN ∝ exp(-distance / T) [default: {KNNSettings.temperature:g}]{many}."),
-            click.option("--exact", is_flag=True, default=None,
-                         help="Brute-force search over all stored keys instead of the ANN index."),
-            click.option("--nprobes", type=Num(1, MAX_NPROBES),
-                         help=f"ANN: index partitions searched [default: {KNNSettings.nprobes}]."),
-            click.option("--refine-factor", type=Num(0, MAX_REFINE_FACTOR),
-                         help="ANN: candidates re-ranked with exact distances, times k; 0: none "
-                              "[default: 0 on an IVF-RQ index, 4 on IVF-PQ; on quantised keys, "
-                              "candidates ranked by their codes: 8]."),
-            click.option("--skip-above-prob", type=Num(0.0, 1.0, integer=False, lo_open=True),
-                         help="Adaptive retrieval: skip the store where the LM's top probability is at least this."),
-            click.option("--skip-below-entropy", type=Num(0.0, None, integer=False),
-                         help="Adaptive retrieval: skip the store where the LM's entropy (nats) is at most this."),
-            click.option("--adaptive/--no-adaptive", default=None,
-                         help="A λ per token from the retrieval's confidence, and retrieval only where it "
-                              "helps: the store's calibration (`knnstore calibrate`; the store calibrates "
-                              "itself on its own text when it has none). The default unless --lambda is "
-                              "given; --no-adaptive: the plain kNN-LM with a fixed λ."),
-            click.option("--fixed-lambda", type=Num(0.0, 1.0, integer=False),
-                         help="The plain kNN-LM with this fixed λ (as in the paper), not adaptive: "
-                              "the same as --no-adaptive --lambda L."),
-        ]):
+        for opt in reversed(options):
             f = opt(f)
         return f
     return decorate
@@ -1087,12 +1082,10 @@ def serve(store, host, port, api_key, max_batch, max_queue, **knn_opts):
 @click.option("--keep", type=Num(0.0, 1.0, integer=False, lo_open=True), default=0.9, show_default=True,
               help="Skip retrieval wherever that keeps this fraction of the best fixed λ's gain "
                    "on the text.")
-@click.option("--k", "k", type=Num(1, MAX_K), help=f"Neighbours per position [default: {KNNSettings.k}].")
-@click.option("--lambda", "lambda_", type=Num(0.0, 1.0, integer=False),
-              help=f"The fixed λ to start from and compare with [default: {KNNSettings.lambda_}].")
-@click.option("--temperature", type=Num(0.0, MAX_KNN_TEMPERATURE, integer=False, lo_open=True),
-              help=f"T of p_kNN [default: {KNNSettings.temperature:g}].")
-@click.option("--exact", is_flag=True, default=None, help="Brute-force search instead of the ANN index.")
+@_knn_options(sweep=False, only=("k", "lambda_", "temperature", "exact"),
+              helps={"lambda_": "The fixed λ to start from and compare with [default: {default}].",
+                     "temperature": "T of p_kNN [default: {default}].",
+                     "exact": "Brute-force search instead of the ANN index."})
 @click.option("--clear", is_flag=True, help="Delete the store's calibrations (adaptive λ then calibrates on the "
                                            "store's own text again at its next use).")
 @_json_option()

@@ -248,6 +248,50 @@ def _flag(raw: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Setting:
+    """How one kNN setting is given and checked: the one declaration that the CLI's options
+    (``cli._knn_options``), the server's request fields (``server.KNNFields``), the
+    ``KNNSTORE_*`` environment variable (``KNNSettings.resolve``), the validation
+    (``KNNSettings.__post_init__``) and docs/cli.md's table read.
+
+    ``help`` may name ``{default}`` (the field's default) and ``{many}`` (what a list
+    does, on ``eval``'s sweepable options)."""
+
+    name: str  # as users write it: the option's --name, the environment variable's suffix, the error's
+    help: str
+    lo: float | None = None  # range of a number (``check_number``); None: open
+    hi: float | None = None
+    integer: bool = False
+    lo_open: bool = False
+    sweep: bool = False  # ``eval`` takes a comma-separated list of values
+    request: str | None = None  # the server's request field (None: a server-wide setting only)
+    negative: bool = False  # a switch with an --no- form (else a flag that only turns on)
+    shown_default: str | None = None  # the default as the docs' table says it, where the field's is not it
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def environment(self) -> str:
+        return "KNNSTORE_" + self.name.upper()
+
+    def check(self, value) -> None:
+        if self.lo is not None or self.hi is not None:
+            check_number(self.name, value, self.lo, self.hi, integer=self.integer, lo_open=self.lo_open)
+
+
+def setting(default, **declared) -> dataclasses.Field:
+    """A ``KNNSettings`` field with its ``Setting`` (``settings_of``)."""
+    return dataclasses.field(default=default, metadata={"setting": Setting(**declared)})
+
+
+def settings_of(cls) -> list[tuple[dataclasses.Field, Setting]]:
+    """The declared settings of ``cls`` (``KNNSettings``), in their order."""
+    return [(f, f.metadata["setting"]) for f in dataclasses.fields(cls) if "setting" in f.metadata]
+
+
+@dataclass(frozen=True)
 class KNNSettings:
     """How the adapter mixes the store into the LM (the kNN-LM parameters).
 
@@ -269,30 +313,47 @@ class KNNSettings:
             own text when it has none or its content has changed since), else a fixed rule.
             ``KNNSettings(...)`` is exactly what it is given (False: the plain kNN-LM);
             ``resolve`` gives the defaults users get, adaptive unless λ is given.
+
+    Each field is declared once, with its ``Setting``: a new setting is one field here.
     """
 
     # Defaults chosen by a sweep with SmolLM2-135M and a WikiText-2 store (docs/performance.md).
-    k: int = 128
-    lambda_: float = 0.15
-    temperature: float = 3.0
-    exact: bool = False
-    nprobes: int = 32
-    refine_factor: int | None = None
-    skip_above_prob: float | None = None
-    skip_below_entropy: float | None = None
-    adaptive: bool = False
+    k: int = setting(128, name="k", help="Neighbours per position [default: {default}]{many}.", lo=1, hi=MAX_K,
+                     integer=True, sweep=True, request="k")
+    lambda_: float = setting(0.15, name="lambda", help="Weight of p_kNN in the mixture [default: {default}]{many}.",
+                             lo=0.0, hi=1.0, sweep=True, request="lambda")
+    temperature: float = setting(3.0, name="temperature",
+                                 help="T in p_kNN ∝ exp(-distance / T) [default: {default}]{many}.",
+                                 lo=0.0, hi=MAX_KNN_TEMPERATURE, lo_open=True, sweep=True, request="knn_temperature")
+    exact: bool = setting(False, name="exact", shown_default="off",
+                          help="Brute-force search over all stored keys instead of the ANN index.",
+                          request="exact")
+    nprobes: int = setting(32, name="nprobes", help="ANN: index partitions searched [default: {default}].", lo=1,
+                           hi=MAX_NPROBES, integer=True)
+    refine_factor: int | None = setting(None, name="refine_factor", lo=0, hi=MAX_REFINE_FACTOR, integer=True,
+                                        shown_default="by the index: 0 on IVF-RQ, 4 on IVF-PQ, 8 on quantised keys",
+                                        help="ANN: candidates re-ranked with exact distances, times k; 0: none "
+                                             "[default: 0 on an IVF-RQ index, 4 on IVF-PQ; on quantised keys, "
+                                             "candidates ranked by their codes: 8].")
+    skip_above_prob: float | None = setting(None, name="skip_above_prob", lo=0.0, hi=1.0, lo_open=True,
+                                            shown_default="off",
+                                            help="Adaptive retrieval: skip the store where the LM's top probability "
+                                                 "is at least this.")
+    skip_below_entropy: float | None = setting(None, name="skip_below_entropy", lo=0.0, shown_default="off",
+                                               help="Adaptive retrieval: skip the store where the LM's entropy "
+                                                    "(nats) is at most this.")
+    adaptive: bool = setting(False, name="adaptive", negative=True, request="adaptive",
+                             shown_default="on, unless λ is given (`--lambda`, `lambda_=`, `KNNSTORE_LAMBDA`)",
+                             help="A λ per token from the retrieval's confidence, and retrieval only where it "
+                                  "helps: the store's calibration (`knnstore calibrate`; the store calibrates "
+                                  "itself on its own text when it has none). The default unless --lambda is "
+                                  "given; --no-adaptive: the plain kNN-LM with a fixed λ.")
 
     def __post_init__(self) -> None:
-        check_number("k", self.k, 1, MAX_K, integer=True)
-        check_number("lambda", self.lambda_, 0.0, 1.0)
-        check_number("temperature", self.temperature, 0.0, MAX_KNN_TEMPERATURE, lo_open=True)
-        check_number("nprobes", self.nprobes, 1, MAX_NPROBES, integer=True)
-        if self.refine_factor is not None:
-            check_number("refine_factor", self.refine_factor, 0, MAX_REFINE_FACTOR, integer=True)
-        if self.skip_above_prob is not None:
-            check_number("skip_above_prob", self.skip_above_prob, 0.0, 1.0, lo_open=True)
-        if self.skip_below_entropy is not None:
-            check_number("skip_below_entropy", self.skip_below_entropy, 0.0, None)
+        for f, declared in settings_of(type(self)):
+            value = getattr(self, f.name)
+            if value is not None:
+                declared.check(value)
 
     @classmethod
     def resolve(cls, **given) -> "KNNSettings":
@@ -301,14 +362,19 @@ class KNNSettings:
         given (a value or KNNSTORE_LAMBDA) without ``adaptive``: a λ asks for the plain
         kNN-LM with that λ, as it always has."""
         values = {}
-        for f in dataclasses.fields(cls):
+        for f, declared in settings_of(cls):
             value = given.get(f.name)
             if value is None:
-                env_name = "lambda" if f.name == "lambda_" else f.name
-                cast = {"k": int, "nprobes": int, "refine_factor": int,
-                        "exact": _flag, "adaptive": _flag}.get(f.name, float)
-                value = env(env_name, cast, None)
+                cast = _flag if f.type in ("bool", bool) else int if declared.integer else float
+                value = env(declared.name, cast, None)
             if value is None and f.name == "adaptive":
                 value = given.get("lambda_") is None and env("lambda", float, None) is None
             values[f.name] = f.default if value is None else value
         return cls(**values)
+
+    def override(self, **given) -> "KNNSettings":
+        """These settings with some replaced. A λ given without ``adaptive`` asks for the
+        plain kNN-LM with that λ, as in ``resolve``."""
+        if "lambda_" in given and "adaptive" not in given:
+            given["adaptive"] = False
+        return dataclasses.replace(self, **given)

@@ -31,6 +31,7 @@ import concurrent.futures
 import datetime
 import hmac
 import json
+import keyword
 import logging
 import threading
 import time
@@ -44,12 +45,12 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import policies
 from .adapter import KNNLM
-from .config import check_number
+from .config import KNNSettings, Setting, check_number, settings_of
 from .decoding import Row, decode
 from .errors import (
     CorpusNotFoundError,
@@ -118,26 +119,32 @@ def api_error(exc: BaseException) -> APIError:
 # --- requests ------------------------------------------------------------------------
 
 
-class KNNFields(BaseModel):
-    """The kNN-LM's settings, as extra body fields of a completion request (unset: the
-    server's defaults). ``temperature`` is OpenAI's sampling temperature; the kNN
-    distribution's is ``knn_temperature``. Types are strict: ``true`` is not a number,
-    ``"5"`` not an integer."""
+def _request_attribute(declared: Setting) -> str:
+    """The Python name of a request field (``lambda`` is a keyword: ``lambda_``)."""
+    return declared.request + "_" if keyword.iskeyword(declared.request) else declared.request
 
+
+class _RequestFields(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
-    lambda_: float | None = Field(None, alias="lambda")
-    k: int | None = None
-    knn_temperature: float | None = None
-    adaptive: bool | None = None
-    exact: bool | None = None
     explain: bool = False
     sources: int = Field(3, ge=0, le=32)
 
     def overrides(self) -> dict:
-        given = {"lambda_": self.lambda_, "k": self.k, "temperature": self.knn_temperature,
-                 "adaptive": self.adaptive, "exact": self.exact}
+        """The kNN settings the request gives (``KNNSettings`` field: value)."""
+        given = {f.name: getattr(self, _request_attribute(declared))
+                 for f, declared in settings_of(KNNSettings) if declared.request is not None}
         return {key: value for key, value in given.items() if value is not None}
+
+
+# The kNN-LM's settings, as extra body fields of a completion request (unset: the server's
+# defaults), one per ``KNNSettings`` field that declares a ``request`` name. ``temperature``
+# is OpenAI's sampling temperature; the kNN distribution's is ``knn_temperature``. Types
+# are strict: ``true`` is not a number, ``"5"`` not an integer.
+KNNFields = create_model("KNNFields", __base__=_RequestFields, **{
+    _request_attribute(declared): ((bool if f.type == "bool" else int if declared.integer else float) | None,
+                                   Field(None, alias=declared.request))
+    for f, declared in settings_of(KNNSettings) if declared.request is not None})
 
 
 class Sampling(KNNFields):

@@ -1,4 +1,5 @@
-"""The docs match the code: the CLI reference is current and the README names every command."""
+"""The docs match the code: the CLI reference and the table of kNN settings are current, and the
+README names every command."""
 
 from pathlib import Path
 
@@ -14,6 +15,7 @@ def test_cli_reference_is_generated_from_the_current_help():
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     assert (ROOT / "docs" / "cli.md").read_text() == gen.render(), "run: python tools/gen_cli_docs.py"
+    assert (ROOT / "docs" / "adapter.md").read_text() == gen.render_adapter_doc(), "run: python tools/gen_cli_docs.py"
 
 
 def test_readme_documents_every_command_and_both_scripts_exist():
