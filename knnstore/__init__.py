@@ -39,7 +39,7 @@ except PackageNotFoundError:  # a source tree that was never installed
 # (transformers' generation utilities) are slow to import, and `knnstore list` needs none
 # of torch and transformers.
 _LAZY = {"Store": "store", "Encoder": "encoder", "CorpusInfo": "results", "DocumentRef": "results",
-         "StoreStats": "results", "IndexState": "vectors", "Neighbours": "vectors",
+         "StoreStats": "results", "IndexState": "index_kinds", "Neighbours": "vectors",
          "KNNLM": "adapter", "KNNLogitsProcessor": "adapter", "Generation": "adapter",
          "Source": "adapter", "Span": "adapter", "TokenExplanation": "adapter", "EvalResult": "evaluate",
          # the Python twins of `knnstore calibrate` and `check` (`eval`: KNNLM.evaluate;

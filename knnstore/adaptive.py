@@ -589,8 +589,7 @@ class Records:
 
 
 def _ppl(log_probs: torch.Tensor) -> float:
-    mean = -float(log_probs.mean())
-    return math.exp(mean) if mean < 700 else float("inf")
+    return knn.perplexity(-float(log_probs.double().sum()), len(log_probs))
 
 
 def fit(rec: Records, *, kind: str = "logistic", k: int, temperature: float, init_lambda: float = 0.15,

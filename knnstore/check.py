@@ -37,7 +37,8 @@ from . import catalog
 from .catalog import FAILED, INGESTING, READY, REMOVING
 from .config import DTYPES
 from .errors import StoreChangedError, StoreDamagedError
-from .vectors import CODES, VECTOR_TYPES, PairsTable, in_list, pairs_schema, value_counts
+from .schema import CODES, VECTOR_TYPES, pairs_schema
+from .vectors import PairsTable, in_list, value_counts
 
 if TYPE_CHECKING:
     from .store import Store

@@ -31,11 +31,8 @@ from .config import (
     MAX_BATCH_SIZE,
     MAX_BEAMS,
     MAX_K,
-    MAX_KNN_TEMPERATURE,
     MAX_NEW_TOKENS,
-    MAX_NPROBES,
     MAX_PARTITIONS,
-    MAX_REFINE_FACTOR,
     MAX_SEED,
     MAX_WINDOW,
     SCORE_STRIDE,
@@ -52,6 +49,7 @@ from .config import (
     show_number,
 )
 from .errors import InputError, KnnstoreError
+from .index_kinds import INDEX_TYPES
 
 _PLAIN = {"markup": False, "highlight": False, "emoji": False}
 err = Console(stderr=True, soft_wrap=True, **_PLAIN)
@@ -1187,7 +1185,7 @@ def _print_explanations(tokens) -> None:
 @_store_argument
 @click.option("--status", "status_only", is_flag=True, help="Only show the index state and what the policy would do.")
 @click.option("--rebuild", is_flag=True, help="Re-train the index now, whatever the policy says.")
-@click.option("--type", "index_type", type=click.Choice(["ivf_rq", "ivf_pq"]),
+@click.option("--type", "index_type", type=click.Choice(list(INDEX_TYPES)),
               help="Index type to train now [default: ivf_rq, 4-bit RaBitQ codes ranked without "
                    "re-reading keys; ivf_pq: smaller codes, re-ranked with exact distances].")
 @click.option("--partitions", type=Num(1, MAX_PARTITIONS), help="IVF partitions [default: about sqrt(rows)].")
@@ -1211,7 +1209,7 @@ def index(store, status_only, rebuild, index_type, partitions, sub_vectors, as_j
         knnstore index wiki-store --rebuild  # train now, e.g. on a small store
         knnstore index wiki-store --type ivf_pq --sub-vectors 72
     """
-    from .vectors import check_index_params
+    from .index_kinds import check_index_params
 
     s = _open(store)
     if not status_only:

@@ -40,7 +40,9 @@ from .errors import InputError
 from .faults import crash_point
 from .projection import FIT_KEYS, KeyProjection
 from .removal import finish_removals
-from .vectors import CODES, INDEX_TYPES, PairsTable, key_columns, pairs_schema
+from .index_kinds import INDEX_TYPES
+from .schema import CODES, key_columns, pairs_schema
+from .vectors import PairsTable
 
 if TYPE_CHECKING:
     from .store import Store

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from . import adaptive, mixing
+from . import adaptive, knn, mixing
 from .config import SCORE_STRIDE, SCORE_WINDOW, KNNSettings, ProgressFn, check_number
 from .errors import InputError
 from .outputs import atomic_output, check_output_path
@@ -37,14 +37,6 @@ from .scoring import scored_windows
 
 if TYPE_CHECKING:
     from .adapter import KNNLM
-
-
-
-def _ppl(nll_sum: float, n: int) -> float:
-    if n == 0:
-        return float("nan")
-    mean = nll_sum / n
-    return math.exp(mean) if mean < 700 else float("inf")
 
 
 @dataclass
@@ -243,14 +235,14 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
 
 def _result(knnlm: KNNLM, grid: list, tally: _Tally) -> EvalResult:
     policy, n = knnlm.policy, tally.n
-    points = [SweepPoint(lambda_, k, t, _ppl(nll, n), _ppl(a, n) if policy is not None else None)
+    points = [SweepPoint(lambda_, k, t, knn.perplexity(nll, n), knn.perplexity(a, n) if policy is not None else None)
               for (lambda_, k, t), nll, a in zip(grid, tally.mix_nll, tally.ada_nll)]
     best = min(points, key=lambda p: p.knn_ppl if policy is None else p.adaptive_ppl)
     t_base, t_knn = tally.t_base, tally.t_knn
     return EvalResult(
-        tokens=n, base_ppl=_ppl(tally.base_nll, n),
+        tokens=n, base_ppl=knn.perplexity(tally.base_nll, n),
         knn_ppl=best.knn_ppl if policy is None else best.adaptive_ppl,
-        knn_only_ppl=(_ppl(tally.knn_only_nll, tally.n_retrieved) if tally.n_covered == tally.n_retrieved
+        knn_only_ppl=(knn.perplexity(tally.knn_only_nll, tally.n_retrieved) if tally.n_covered == tally.n_retrieved
                       else float("inf")),
         knn_coverage=tally.n_covered / tally.n_retrieved if tally.n_retrieved else 0.0,
         retrieved_fraction=tally.n_retrieved / n if n else 0.0,

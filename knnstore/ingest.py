@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from .config import IngestSettings, SourceOptions
 from .errors import InputError, ModelRunError
-from .vectors import pairs_batch
+from .schema import pairs_batch
 from .windows import right_padded, windows
 
 if TYPE_CHECKING:  # torch only in annotations: importing ingest (the CLI's sources) needs no torch
@@ -318,7 +318,7 @@ def encode_documents(
     codec=None,
 ) -> Iterator[tuple[pa.RecordBatch, int]]:
     """Map tokenised documents to record batches of pairs (``codec``: the projection that
-    quantises a quantised store's keys, ``vectors.key_columns``).
+    quantises a quantised store's keys, ``schema.key_columns``).
 
     Args:
         forward: (input_ids [B, T], attention_mask [B, T]) -> keys [B, T, dim].

@@ -154,3 +154,14 @@ def retrieval_mask(lm_log_probs: torch.Tensor, skip_above_prob: float | None = N
     if skip_below_entropy is not None:
         retrieve &= entropy(lm_log_probs) > skip_below_entropy
     return retrieve
+
+
+def perplexity(nll_sum: float, n: int) -> float:
+    """exp of the mean negative log-likelihood (nats) of ``n`` tokens: the one perplexity
+    (nan for no token; inf past what a float holds). For log probabilities ``lp`` [N]:
+    ``perplexity(-float(lp.double().sum()), len(lp))``."""
+    if n == 0:
+        return float("nan")
+    mean = nll_sum / n
+    return math.exp(mean) if mean < 700 else float("inf")
+

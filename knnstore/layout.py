@@ -38,7 +38,8 @@ from .errors import (
 from .location import Location
 from .lock import CatalogLock, WriteLock, on_read_only_mount
 from .projection import KeyProjection
-from .vectors import PairsTable, pairs_schema
+from .schema import pairs_schema
+from .vectors import PairsTable
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ from . import catalog, removal
 from .config import MAX_K, ProgressFn, check_number
 from .errors import InputError
 from .faults import crash_point
-from .vectors import WEIGHT, ExactSearch
+from .schema import WEIGHT
+from .vectors import ExactSearch
 
 if TYPE_CHECKING:
     from .store import Store

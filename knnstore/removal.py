@@ -39,7 +39,8 @@ from .config import MAX_WINDOW, check_number
 from .errors import InputError
 from .faults import crash_point
 from .results import DocumentRemoval, Forgetting
-from .vectors import in_list, pair_id
+from .schema import pair_id
+from .vectors import in_list
 
 if TYPE_CHECKING:
     from .store import Store

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 
-from .vectors import IndexState
+from .index_kinds import IndexState
 
 
 @dataclass

@@ -62,7 +62,8 @@ from .layout import (
 )
 from .projection import KeyProjection
 from .results import CorpusInfo, DocumentRef, StoreStats
-from .vectors import ExactSearch, Neighbours, PairsTable, row_bytes
+from .schema import row_bytes
+from .vectors import ExactSearch, Neighbours, PairsTable
 from .writer import Writer, normalise_name
 
 if TYPE_CHECKING:
@@ -430,7 +431,7 @@ class Store:
         One batched search for all rows; only pairs of ready corpora are returned.
         With an ANN index (and ``exact=False``) LanceDB answers from ``nprobes``
         partitions, re-ranking ``refine_factor`` x k candidates with exact distances
-        (None: as the index type needs, see ``vectors.AUTO_REFINE``); otherwise a
+        (None: as the index type needs, see ``index_kinds.AUTO_REFINE``); otherwise a
         brute-force scan (torch) gives the exact neighbours. ``verify_nearest``: rows whose
         estimated nearest stands out get exact distances (``vectors.VERIFY_NEAREST``).
         """

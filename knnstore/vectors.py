@@ -1,4 +1,5 @@
-"""The LanceDB table `pairs`: schema, add, delete, index, batched nearest-neighbour search.
+"""The LanceDB table `pairs` (its format: ``schema``; its index kinds: ``index_kinds``): add,
+delete, index, batched nearest-neighbour search.
 
 One row per stored pair: the key vector, the next token and where the pair came from.
 Every ``add`` is one atomic LanceDB commit. Searches run on a pinned snapshot of the
@@ -20,9 +21,11 @@ from typing import TYPE_CHECKING, Collection, Iterator
 import numpy as np
 import pyarrow as pa
 
-from .config import MAX_PARTITIONS, PAIRS_TABLE, available_cpus, check_number
-from .errors import InputError, StorageError, StoreDamagedError, first_line
+from .config import PAIRS_TABLE, available_cpus
+from .errors import StorageError, StoreDamagedError, first_line
+from .index_kinds import AUTO_REFINE, CODES_REFINE, IndexInfo, IndexState, choose
 from .location import Location, storage_failure
+from .schema import CODES, RESULT_FIELDS, WEIGHT, key_matrix, pair_id, pairs_schema
 
 if TYPE_CHECKING:  # torch is imported where keys are computed on: opening a table needs none
     import torch
@@ -129,98 +132,6 @@ def damage_errors(uri: Location) -> Iterator[None]:
                                 "run `knnstore check` on the store, and restore it from a backup") from None
 
 
-# --- the `pairs` table's schema: its one home (docs/storage.md) -----------------------
-
-# Every column but the key, with its Arrow type, in table order; `vector` comes last.
-PAIR_COLUMNS = {
-    "pair_id": pa.int64(),      # pair_id(document_id, position): stable, unique in the store
-    "corpus_id": pa.int32(),
-    "document_id": pa.int64(),
-    "position": pa.int32(),     # t, the token position in the document
-    "token": pa.int32(),        # the token at t
-    "next_token": pa.int32(),   # the token at t+1: the value
-}
-VECTOR_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
-VECTOR_NUMPY = {pa.float16(): np.float16, pa.float32(): np.float32}
-# How many pairs of its corpus a row stands for: 1, unless ``knnstore prune`` merged
-# neighbours with the same next token into it (p_kNN then adds log(weight) to its logit).
-# Added to a table by its first prune; a table without it weighs every row 1.
-WEIGHT = "weight"
-# A quantised store's keys (``projection``): ``code_bytes`` bytes of per-dimension codes a
-# row, beside a small float ``vector`` (the routing key) that the index is built on.
-CODES = "codes"
-
-
-def pairs_schema(dim: int, dtype: str, weighted: bool = False, code_bytes: int = 0) -> pa.Schema:
-    """Arrow schema of the LanceDB table `pairs`: the columns above and the key vector
-    (``dim``: the routing key's dimension on a quantised store), the ``codes`` of a quantised
-    store (``code_bytes`` > 0), then (``weighted``: a table some corpus of which was pruned)
-    the ``weight`` column, where ``add_weight_column`` puts it."""
-    fields = [pa.field(name, kind, nullable=False) for name, kind in PAIR_COLUMNS.items()]
-    fields.append(pa.field("vector", pa.list_(VECTOR_TYPES[dtype], dim), nullable=False))
-    if code_bytes:
-        fields.append(pa.field(CODES, pa.binary(code_bytes), nullable=False))
-    if weighted:
-        fields.append(pa.field(WEIGHT, pa.int32(), nullable=False))
-    return pa.schema(fields)
-
-
-def pair_id(document_id, position):
-    """Stable pair id: document id in the high 32 bits, position in the low 32."""
-    return (np.asarray(document_id, dtype=np.int64) << 32) | np.asarray(position, dtype=np.int64)
-
-
-def row_bytes(dim: int, dtype: str, code_bytes: int = 0) -> int:
-    """Bytes one row takes at its stored width (before LanceDB's own overhead)."""
-    return (sum(kind.bit_width // 8 for kind in PAIR_COLUMNS.values()) + dim * VECTOR_TYPES[dtype].bit_width // 8
-            + code_bytes)
-
-
-def key_columns(schema: pa.Schema, keys: np.ndarray, codec: "KeyProjection | None" = None) -> dict[str, pa.Array]:
-    """The key columns of ``schema`` for ``keys`` [n, key dim] (as the store searches them):
-    ``vector`` alone; or, on a quantised store, ``codec``'s routing key and codes."""
-    vtype = schema.field("vector").type
-    out = {}
-    if CODES in schema.names:
-        if codec is None or not codec.quantised:
-            raise InputError("this table keeps quantised keys: its key projection is needed to write them")
-        keys, codes = codec.encode(keys)
-        ctype = schema.field(CODES).type
-        out[CODES] = pa.Array.from_buffers(ctype, len(codes), [None, pa.py_buffer(codes.tobytes())])
-    flat = pa.array(np.asarray(keys).astype(VECTOR_NUMPY[vtype.value_type], copy=False).reshape(-1),
-                    vtype.value_type)
-    out["vector"] = pa.FixedSizeListArray.from_arrays(flat, vtype.list_size)
-    return out
-
-
-def pairs_batch(schema: pa.Schema, *, document_id, position, corpus_id: int, token, next_token,
-                vector: np.ndarray, codec: "KeyProjection | None" = None) -> pa.RecordBatch:
-    """One record batch of pairs, built by column name (``pair_id`` is derived; the key
-    columns by ``key_columns``)."""
-    n = len(position)
-    columns = {"pair_id": pair_id(document_id, position), "corpus_id": np.full(n, corpus_id),
-               "document_id": document_id, "position": position, "token": token, "next_token": next_token}
-    keys = key_columns(schema, vector, codec)
-    return pa.RecordBatch.from_arrays(
-        [keys[f.name] if f.name in keys else pa.array(np.asarray(columns[f.name]), f.type) for f in schema],
-        schema=schema)
-
-
-# What a search returns of each neighbour besides the distance: column -> Neighbours field.
-RESULT_FIELDS = {"pair_id": "pair_ids", "next_token": "next_tokens", "corpus_id": "corpus_ids",
-                 "document_id": "document_ids", "position": "positions"}
-
-# ANN index types: IVF with RaBitQ codes (4 bits per dimension) or product quantisation.
-INDEX_TYPES = ("ivf_rq", "ivf_pq")
-DEFAULT_INDEX_TYPE = "ivf_rq"
-RQ_BITS = 4
-# Re-ranking when the caller leaves it to the index (refine_factor=None): 4-bit RaBitQ
-# distances are precise enough to rank without it (recall@64 0.97 at nprobes 32 on a
-# WikiText-2 store, docs/performance.md); 8-bit PQ codes are not (0.77 without, 0.96 with x4).
-AUTO_REFINE = {"ivf_rq": 0, "ivf_pq": 4}
-# A quantised store ranks refine_factor x k candidates of its routing key by their codes
-# (8 when the caller leaves it to the store: 1,024 candidates at k=128, docs/compact.md).
-CODES_REFINE = 8
 # Index estimates are off by ~0.1 in squared distance (IVF-RQ on the default model's keys),
 # which hides a context the table holds verbatim (its own key at ~1e-4: adaptive.recognised).
 # So where the caller asks (verify_nearest) and the estimates were returned as they are, the
@@ -240,27 +151,6 @@ def search_parts() -> int:
     if SEARCH_PARTS is not None:
         return SEARCH_PARTS
     return max(1, int(os.environ.get("LANCE_CPU_THREADS") or available_cpus()))
-
-
-def default_partitions(rows: int) -> int:
-    """IVF partitions for ``rows`` keys: about sqrt(rows), so a probe scans about sqrt(rows)
-    codes per partition as the store grows (uncapped up to MAX_PARTITIONS, 4.3e9 rows; a
-    cap of 4,096 would leave 244k rows a partition at 10^9 rows)."""
-    return max(1, min(MAX_PARTITIONS, int(round(rows ** 0.5))))
-
-
-def check_index_params(rows: int, dim: int, num_partitions: int | None, num_sub_vectors: int | None) -> None:
-    """Index parameters a table of ``rows`` keys of ``dim`` can be trained with."""
-    if rows == 0:
-        raise InputError("the store has no rows to train an index on: add a corpus first")
-    if num_partitions is not None:
-        check_number(f"partitions (the table has {rows:,} rows)", num_partitions, 1, min(rows, MAX_PARTITIONS), integer=True)
-    if num_sub_vectors is not None:
-        check_number("sub_vectors", num_sub_vectors, 1, dim, integer=True)
-        if dim % num_sub_vectors:
-            fits = [d for d in range(1, dim + 1) if dim % d == 0]
-            raise InputError(f"sub_vectors must divide the key dimension {dim} (one of "
-                             f"{', '.join(map(str, fits))}), got {num_sub_vectors}")
 
 
 @dataclass
@@ -299,42 +189,6 @@ class Neighbours:
         return out
 
 
-@dataclass(frozen=True)
-class IndexInfo:
-    """One index of the table (LanceDB's name and type, the columns it covers)."""
-
-    name: str
-    type: str
-    columns: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class IndexState:
-    """The table's indices, and the rows the key column's index covers and does not
-    (rows added since it was trained, searched exactly until ``update_index``)."""
-
-    indices: tuple[IndexInfo, ...]
-    indexed_rows: int
-    unindexed_rows: int
-
-    @property
-    def has_vector_index(self) -> bool:
-        return any("vector" in i.columns for i in self.indices)
-
-    def describe(self) -> str:
-        """The index types, as ``stats`` and ``index`` print them."""
-        return ", ".join(i.type for i in self.indices) or "none (exact search)"
-
-    def __getitem__(self, key: str):
-        """``state["indexed_rows"]``: as when this was a dict (kept for code that reads it so)."""
-        return self.to_dict()[key]
-
-    def to_dict(self) -> dict:
-        """As ``stats --json`` shows it: indices as {name, type, columns} objects."""
-        return {"indices": [{"name": i.name, "type": i.type, "columns": list(i.columns)} for i in self.indices],
-                "indexed_rows": self.indexed_rows, "unindexed_rows": self.unindexed_rows}
-
-
 def in_list(column: str, ids: Collection[int]) -> str:
     """A Lance filter: ``column IN (ids)`` (whole numbers only, so nothing else gets in)."""
     return f"{column} IN ({', '.join(str(int(i)) for i in ids)})"
@@ -344,12 +198,6 @@ def value_counts(values: np.ndarray) -> dict[int, int]:
     """How often each whole number occurs in ``values``."""
     ids, counts = np.unique(values, return_counts=True)
     return {int(i): int(c) for i, c in zip(ids, counts)}
-
-
-def key_matrix(column: pa.FixedSizeListArray) -> np.ndarray:
-    """A key column as float32 [rows, dim] (zero-copy and read-only for a float32 store)."""
-    flat = column.flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(len(column), column.type.list_size).astype(np.float32, copy=False)
 
 
 class PairsTable:
@@ -700,30 +548,14 @@ class PairsTable:
         centroids are trained by ``kmeans`` on ``device`` (a GPU when the store has one)
         from a sample of the keys; Lance assigns every row and encodes it.
         """
-        if index_type is None:
-            index_type = "ivf_pq" if num_sub_vectors is not None else DEFAULT_INDEX_TYPE
-        if index_type not in INDEX_TYPES:
-            raise InputError(f"index type must be one of {', '.join(INDEX_TYPES)}, got {index_type!r}")
-        rows = self.count()
-        dim = self.schema.field("vector").type.list_size
-        check_index_params(rows, dim, num_partitions, num_sub_vectors)
-        if num_partitions is None:
-            num_partitions = default_partitions(rows)
-        params = {"type": index_type, "partitions": num_partitions}
-        options = {"metric": "L2", "num_partitions": num_partitions, "replace": True,
-                   "ivf_centroids": self.train_centroids(num_partitions, device).cpu().numpy()}
-        if index_type == "ivf_pq":
-            if num_sub_vectors is None:
-                num_sub_vectors = dim // 8 if dim % 8 == 0 else 1
-            params["sub_vectors"] = num_sub_vectors
-            options.update(num_sub_vectors=num_sub_vectors)
-        else:
-            params["bits"] = RQ_BITS
-            options.update(num_bits=RQ_BITS)
+        kind = choose(self.count(), self.schema.field("vector").type.list_size, index_type, num_partitions,
+                      num_sub_vectors)
+        options = {"metric": "L2", "replace": True, **kind.lance_options(),
+                   "ivf_centroids": self.train_centroids(kind.partitions, device).cpu().numpy()}
         with damage_errors(self.uri):
-            self._lance().create_index("vector", index_type.upper(), **options)
+            self._lance().create_index("vector", kind.name.upper(), **options)
         self.refresh()
-        return params
+        return kind.params()
 
     def train_centroids(self, partitions: int, device: torch.device | None = None, seed: int = 0) -> torch.Tensor:
         """IVF centroids [partitions, dim] of a random sample of the keys (``kmeans``:

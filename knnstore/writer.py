@@ -43,7 +43,8 @@ from .faults import crash_point
 from .indexing import IndexPlan, IndexPolicy
 from .location import storage_failure
 from .projection import FIT_KEYS, KeyProjection
-from .vectors import INDEX_TYPES, key_matrix, pairs_schema, row_bytes
+from .index_kinds import INDEX_TYPES
+from .schema import key_matrix, pairs_schema, row_bytes
 
 if TYPE_CHECKING:
     from .results import CorpusInfo

@@ -183,7 +183,7 @@ def test_ray_workers_store_keys_reduced_by_the_projection_the_driver_fitted(tmp_
 
 
 def test_ray_workers_store_quantised_keys_with_the_codes_the_driver_fitted(tmp_path, tiny_model_dir, reference):
-    from knnstore.vectors import CODES
+    from knnstore.schema import CODES
 
     single, docs = reference
     made = {}

@@ -163,7 +163,8 @@ import os, sys
 from pathlib import Path
 import numpy as np, pyarrow as pa
 import knnstore
-from knnstore.vectors import PairsTable, pairs_batch
+from knnstore.schema import pairs_batch
+from knnstore.vectors import PairsTable
 assert os.environ.get("LANCEDB_LOG") == (sys.argv[2] if len(sys.argv) > 2 else None)  # import sets nothing
 x = np.repeat(np.random.default_rng(0).standard_normal((20, 16)).astype(np.float32), 300, axis=0)
 n = len(x)
@@ -219,7 +220,7 @@ def test_a_big_batch_searched_as_concurrent_parts_answers_as_one_query(store, tm
 
 def test_default_partitions_follow_the_store_past_4096():
     from knnstore.config import MAX_PARTITIONS
-    from knnstore.vectors import default_partitions
+    from knnstore.index_kinds import default_partitions
 
     assert default_partitions(1) == 1 and default_partitions(266_918) == 517
     assert default_partitions(16_777_216) == 4096

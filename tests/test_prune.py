@@ -20,7 +20,7 @@ from knnstore import knn
 from knnstore.check import check
 from knnstore.cli import cli
 from knnstore.pruning import greedy_merge
-from knnstore.vectors import WEIGHT
+from knnstore.schema import WEIGHT
 
 from .conftest import changed, snapshot
 

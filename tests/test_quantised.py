@@ -22,7 +22,7 @@ from knnstore.check import check
 from knnstore.cli import cli
 from knnstore.errors import StoreMismatchError
 from knnstore.projection import KeyProjection
-from knnstore.vectors import CODES
+from knnstore.schema import CODES
 
 from .conftest import changed, snapshot, write_docs
 

@@ -18,7 +18,7 @@ from knnstore import (
     StoreNotFoundError,
     StoreVersionError,
 )
-from knnstore.vectors import pair_id
+from knnstore.schema import pair_id
 
 from .conftest import Boom, fail_after, make_tiny_model, snapshot, write_docs
 

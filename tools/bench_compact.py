@@ -46,8 +46,8 @@ from knnstore import knn  # noqa: E402
 from knnstore.projection import FIT_KEYS, KeyProjection  # noqa: E402
 from knnstore.pruning import greedy_merge, mergeable  # noqa: E402
 from knnstore.scoring import scored_windows  # noqa: E402
-from knnstore.vectors import (WEIGHT, ExactSearch, PairsTable, key_columns, key_matrix,  # noqa: E402
-                              pairs_schema)
+from knnstore.schema import WEIGHT, key_columns, key_matrix, pairs_schema  # noqa: E402
+from knnstore.vectors import ExactSearch, PairsTable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 K, LAMBDA, T = 128, 0.15, 3.0

@@ -27,7 +27,7 @@ from pathlib import Path
 from benchlib import held_out_queries, query_args, recall
 
 from knnstore import Store
-from knnstore.vectors import RQ_BITS, default_partitions
+from knnstore.index_kinds import RQ_BITS, default_partitions
 
 
 def main() -> None:

@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 from knnstore import Store
-from knnstore.vectors import PairsTable, default_partitions, key_matrix
+from knnstore.index_kinds import default_partitions
+from knnstore.schema import key_matrix
+from knnstore.vectors import PairsTable
 
 
 def recall(ds, queries: np.ndarray, exact: list[set], nprobes: int) -> float:

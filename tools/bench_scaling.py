@@ -62,7 +62,8 @@ from benchlib import (
 
 from knnstore import Store
 from knnstore.projection import FIT_KEYS, KeyProjection
-from knnstore.vectors import ExactSearch, PairsTable, key_columns, pairs_schema
+from knnstore.schema import key_columns, pairs_schema
+from knnstore.vectors import ExactSearch, PairsTable
 
 LANCE_SETTINGS = ((16, 0), (32, 0), (64, 0), (32, 2))  # (nprobes, refine factor) on IVF-RQ
 QUANTISED_SETTINGS = ((16, 8), (32, 8), (32, 16), (64, 16))  # (nprobes, candidates per k) with --key-bits

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from knnstore import Store
+from knnstore import Store, knn
 from knnstore.adapter import KNNLM
 from knnstore.adaptive import (SIGNALS, Calibration, Policy, Records, Rule, fit, mixture_log_prob, recognised,
                                shifted, skip_features, trail)
@@ -149,7 +149,7 @@ def build_store(path: Path, sources: dict[str, Path]) -> None:
 
 
 def ppl(log_probs: torch.Tensor) -> float:
-    return math.exp(-float(log_probs.double().mean()))
+    return knn.perplexity(-float(log_probs.double().sum()), len(log_probs))
 
 
 def score(rec: Records, policy: Policy, lambda_: float) -> tuple[float, float, float]:
