@@ -37,11 +37,13 @@ from . import catalog
 from .catalog import FAILED, INGESTING, READY, REMOVING
 from .config import DTYPES
 from .errors import StoreChangedError, StoreDamagedError
+from .removal import finish_removals
 from .schema import CODES, VECTOR_TYPES, pairs_schema
 from .vectors import PairsTable, in_list, value_counts
+from .writer import Writer
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .handle import StoreHandle
 
 ERROR, WARNING = "error", "warning"
 
@@ -76,7 +78,7 @@ class CheckReport:
                 "table_rows": self.table_rows, "problems": [p.to_dict() for p in self.problems]}
 
 
-def check(store: "Store", repair: bool = False) -> CheckReport:
+def check(store: "StoreHandle", repair: bool = False) -> CheckReport:
     """Check that the catalog and the vector table agree; with ``repair``, fix what is safe."""
     if not repair:
         return _settled(store)
@@ -91,7 +93,7 @@ def check(store: "Store", repair: bool = False) -> CheckReport:
     return report
 
 
-def _settled(store: "Store", tries: int = 5) -> CheckReport:
+def _settled(store: "StoreHandle", tries: int = 5) -> CheckReport:
     """``_check`` of one state of the store: where another process (a compaction, prune,
     purge, removal) changed the store while it was read, it is read again, so that a change
     under way is never reported as damage."""
@@ -130,7 +132,7 @@ class _Seen:
         return [d for d in self.docs if d.corpus_id == corpus_id]
 
 
-def _check(store: "Store", repair: bool) -> CheckReport:
+def _check(store: "StoreHandle", repair: bool) -> CheckReport:
     report = CheckReport(store=str(store.path))
     store.table.refresh()
     missing = store.table.missing_files()
@@ -172,7 +174,7 @@ def _check(store: "Store", repair: bool) -> CheckReport:
     return report
 
 
-def _unfinished_removals(store: "Store", repair: bool) -> list[Problem]:
+def _unfinished_removals(store: "StoreHandle", repair: bool) -> list[Problem]:
     """Document removals cut short (``knnstore.removal``): finished by repair, before the
     counts are compared."""
     pending = catalog.unfinished_removals(store.engine)
@@ -182,12 +184,12 @@ def _unfinished_removals(store: "Store", repair: bool) -> list[Problem]:
     p = Problem(ERROR, f"{len(pending)} document removal(s) ({documents:,} documents) were cut short",
                 repair="finish them")
     if repair:
-        store.finish_removals()
+        finish_removals(store)
         p.repaired = True
     return [p]
 
 
-def _schema_problems(store: "Store") -> list[Problem]:
+def _schema_problems(store: "StoreHandle") -> list[Problem]:
     """Columns the table lacks, or a key column that is not the store's dim and dtype (or
     codes not of the store's width)."""
     ident, schema, problems = store.identity, store.table.schema, []
@@ -208,13 +210,13 @@ def _schema_problems(store: "Store") -> list[Problem]:
     return problems
 
 
-def leftover_tables(store: "Store") -> list[str]:
+def leftover_tables(store: "StoreHandle") -> list[str]:
     """Tables in the store's LanceDB database other than the one its catalog names (left
     by a compaction cut short, ``knnstore.compaction``)."""
     return sorted(n for n in PairsTable.table_names(store.table.uri) if n != store.table.name)
 
 
-def _leftover_tables(store: "Store", repair: bool) -> list[Problem]:
+def _leftover_tables(store: "StoreHandle", repair: bool) -> list[Problem]:
     names = leftover_tables(store)
     if not names:
         return []
@@ -231,7 +233,7 @@ def _leftover_tables(store: "Store", repair: bool) -> list[Problem]:
     return [p]
 
 
-def _orphan_rows(store: "Store", seen: _Seen, repair: bool) -> list[Problem]:
+def _orphan_rows(store: "StoreHandle", seen: _Seen, repair: bool) -> list[Problem]:
     """Rows of corpora the catalog does not know."""
     problems = []
     for cid, n in sorted(seen.rows_by_corpus.items()):
@@ -255,7 +257,7 @@ def _orphan_rows(store: "Store", seen: _Seen, repair: bool) -> list[Problem]:
     return problems
 
 
-def _corpus_problems(store: "Store", seen: _Seen, repair: bool, writer: bool) -> list[Problem]:
+def _corpus_problems(store: "StoreHandle", seen: _Seen, repair: bool, writer: bool) -> list[Problem]:
     """Each corpus by status: removals and ingests cut short, counts of ready ones."""
     problems = []
     for c in seen.corpora:
@@ -264,7 +266,7 @@ def _corpus_problems(store: "Store", seen: _Seen, repair: bool, writer: bool) ->
             p = Problem(ERROR, f"corpus '{c.name}' was being removed when its writer stopped",
                         repair="finish the removal")
             if repair:
-                store.drop_corpus(c.id)
+                Writer(store).drop_corpus(c.id)
                 p.repaired = True
             problems.append(p)
         elif c.status == INGESTING and writer:
@@ -302,7 +304,7 @@ def _ready_counts(c, in_table: int, seen: _Seen) -> list[Problem]:
     return problems
 
 
-def _stray_documents(store: "Store", seen: _Seen, repair: bool) -> list[Problem]:
+def _stray_documents(store: "StoreHandle", seen: _Seen, repair: bool) -> list[Problem]:
     """Rows of documents the catalog does not know, inside known corpora (unknown corpora
     were reported as orphans)."""
     known_docs = {d.id for d in seen.docs}
@@ -328,7 +330,7 @@ def _stray_documents(store: "Store", seen: _Seen, repair: bool) -> list[Problem]
     return problems
 
 
-def _stale_runs(store: "Store", repair: bool) -> list[Problem]:
+def _stale_runs(store: "StoreHandle", repair: bool) -> list[Problem]:
     """Runs recorded as running while no process writes: their process died."""
     with Session(store.engine) as s:
         stale = list(s.scalars(select(catalog.IngestRun.id).where(catalog.IngestRun.status == "running")))

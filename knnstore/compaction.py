@@ -38,14 +38,15 @@ from .check import leftover_tables
 from .config import ProgressFn, check_number
 from .errors import InputError
 from .faults import crash_point
+from .index_kinds import INDEX_TYPES
 from .projection import FIT_KEYS, KeyProjection
 from .removal import finish_removals
-from .index_kinds import INDEX_TYPES
 from .schema import CODES, key_columns, pairs_schema
 from .vectors import PairsTable
+from .writer import Writer
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .handle import StoreHandle
 
 COPY_BATCH = 65536  # rows projected and written at a time
 
@@ -71,7 +72,7 @@ class Compaction:
                 "key_bits": self.key_bits, "route_dim": self.route_dim}
 
 
-def compact(store: "Store", key_dim: int, progress: ProgressFn | None = None, *, key_bits: int | None = None,
+def compact(store: "StoreHandle", key_dim: int, progress: ProgressFn | None = None, *, key_bits: int | None = None,
             route_dim: int | None = None) -> Compaction:
     """Rewrite the store's keys reduced to ``key_dim`` dimensions, quantised to ``key_bits``
     per dimension if given (see the module's steps)."""
@@ -110,13 +111,13 @@ def compact(store: "Store", key_dim: int, progress: ProgressFn | None = None, *,
         store.use_table(new, projection)
         PairsTable.drop(old.uri, old.name)
         if old.has_vector_index():
-            store.create_index(index_type=index_type)
+            Writer(store).create_index(index_type=index_type)
     store.refresh()
     return Compaction(dim_before, key_dim, rows, bytes_before, store.table.nbytes(),
                       time.perf_counter() - t0, projection.describe(), key_bits, route_dim)
 
 
-def _copy(store: "Store", old: PairsTable, step: KeyProjection, sha: str, progress: ProgressFn | None) -> PairsTable:
+def _copy(store: "StoreHandle", old: PairsTable, step: KeyProjection, sha: str, progress: ProgressFn | None) -> PairsTable:
     """The new table: every row of ``old`` with its key projected by ``step`` (and
     quantised, if it quantises), one commit; its config names the store and ``sha``, the
     projection from model keys to its keys."""

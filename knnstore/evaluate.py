@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,34 @@ from .outputs import atomic_output, check_output_path
 from .scoring import scored_windows
 
 if TYPE_CHECKING:
-    from .adapter import KNNLM
+    from .encoder import Encoder
+    from .handle import StoreHandle
+    from .vectors import Neighbours
+
+
+class Scorer(Protocol):
+    """What scoring a text needs of a kNN-LM (``adapter.KNNLM`` is one): its settings, model
+    and store, its search and retrieval decisions, its policy, and clones of it."""
+
+    settings: KNNSettings
+    encoder: Encoder
+    store: StoreHandle
+
+    def search(self, keys, k: int | None = None) -> Neighbours: ...
+
+    def retrieval_mask(self, lm_log_probs: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    @property
+    def skips_by_trail(self) -> bool: ...
+
+    @property
+    def policy(self) -> adaptive.Policy | None: ...
+
+    def resolve_policy(self, progress: ProgressFn | None = None) -> adaptive.Policy | None: ...
+
+    def with_settings(self, **overrides) -> "Scorer": ...
+
+    def hiding(self, hidden: Callable[[Neighbours], np.ndarray], extra: int | None = None) -> "Scorer": ...
 
 
 @dataclass
@@ -99,7 +126,7 @@ class EvalResult:
         return d
 
 
-def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float] | None = None,
+def evaluate(knnlm: Scorer, text: str | Sequence[int], *, lambdas: Sequence[float] | None = None,
              ks: Sequence[int] | None = None, temperatures: Sequence[float] | None = None,
              max_tokens: int | None = None, window: int = SCORE_WINDOW, stride: int = SCORE_STRIDE,
              batch_size: int = 4, progress: ProgressFn | None = None,
@@ -143,7 +170,7 @@ def evaluate(knnlm: KNNLM, text: str | Sequence[int], *, lambdas: Sequence[float
     return _result(knnlm, grid, tally)
 
 
-def token_ids(knnlm: KNNLM, text: str | Sequence[int], max_tokens: int | None) -> list[int]:
+def token_ids(knnlm: Scorer, text: str | Sequence[int], max_tokens: int | None) -> list[int]:
     """The tokens ``evaluate`` scores: the first ``max_tokens`` + 1 (the first is context
     only); refused under two."""
     if max_tokens is not None:
@@ -177,7 +204,7 @@ class _Tally:
         self.mix_nll, self.ada_nll = np.zeros(self.points), np.zeros(self.points)
 
 
-def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torch.Tensor, grid: list,
+def _score_window(knnlm: Scorer, win, lm_log_probs: torch.Tensor, target_lm: torch.Tensor, grid: list,
                   k_max: int, tally: _Tally, t1: float, records: list | None) -> None:
     """One window: search once at the largest k, then every sweep point from those neighbours."""
     s, policy = knnlm.settings, knnlm.policy
@@ -233,7 +260,7 @@ def _score_window(knnlm: KNNLM, win, lm_log_probs: torch.Tensor, target_lm: torc
     tally.n_retrieved += int(retrieve.sum())
 
 
-def _result(knnlm: KNNLM, grid: list, tally: _Tally) -> EvalResult:
+def _result(knnlm: Scorer, grid: list, tally: _Tally) -> EvalResult:
     policy, n = knnlm.policy, tally.n
     points = [SweepPoint(lambda_, k, t, knn.perplexity(nll, n), knn.perplexity(a, n) if policy is not None else None)
               for (lambda_, k, t), nll, a in zip(grid, tally.mix_nll, tally.ada_nll)]
@@ -308,7 +335,7 @@ def write_sweep(result: EvalResult, prefix: str | Path) -> tuple[Path, ...]:
     return csv_path, png_path
 
 
-def calibrate(knnlm: KNNLM, text: str | Sequence[int], *, kind: str = "logistic",
+def calibrate(knnlm: Scorer, text: str | Sequence[int], *, kind: str = "logistic",
               max_tokens: int | None = None, keep: float = 0.9, holdout: float = 0.2,
               window: int = SCORE_WINDOW, stride: int = SCORE_STRIDE, sharp: bool = adaptive.FIT_SHARP,
               progress: ProgressFn | None = None) -> adaptive.Calibration:
@@ -347,7 +374,7 @@ SELF_MARGIN = 32
 SELF_SOURCE = f"(the store's own text, its document hidden ±{SELF_BAND:,} positions)"  # as the catalog records it
 
 
-def self_records(knnlm: KNNLM, *, tokens: int = SELF_TOKENS, chunk: int = SELF_CHUNK, band: int = SELF_BAND,
+def self_records(knnlm: Scorer, *, tokens: int = SELF_TOKENS, chunk: int = SELF_CHUNK, band: int = SELF_BAND,
                  local: float = SELF_LOCAL, margin: int = SELF_MARGIN, seed: int = 0,
                  progress: ProgressFn | None = None) -> adaptive.Records:
     """Per-position signals and target probabilities (``adaptive.Records``) of the store's
@@ -420,7 +447,7 @@ def _more_documents(rng: np.random.Generator, sizes: np.ndarray, drawn: set[int]
     return chosen
 
 
-def self_calibrate(knnlm: KNNLM, *, kind: str = "logistic", keep: float = 0.9, tokens: int = SELF_TOKENS,
+def self_calibrate(knnlm: Scorer, *, kind: str = "logistic", keep: float = 0.9, tokens: int = SELF_TOKENS,
                    local: float = SELF_LOCAL, sharp: bool = adaptive.FIT_SHARP, seed: int = 0,
                    progress: ProgressFn | None = None) -> adaptive.Calibration | None:
     """Fit the adaptive-λ map on the store's own text (``self_records``; ``local`` and

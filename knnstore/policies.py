@@ -15,15 +15,19 @@ first: generate, explain, evaluate, a decoding step) and the server's ``Watch``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from . import adaptive
 from .config import ProgressFn
 from .errors import KnnstoreError
-from .evaluate import SELF_MIN_TOKENS, SELF_SOURCE, self_calibrate
+from .evaluate import SELF_MIN_TOKENS, SELF_SOURCE, Scorer, self_calibrate
 
-if TYPE_CHECKING:
-    from .adapter import KNNLM
+
+class Adapter(Scorer, Protocol):
+    """What a policy's life cycle needs of an adapter (``adapter.KNNLM`` is one): a ``Scorer``
+    that can be told to work its policy out again."""
+
+    def forget_policy(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class Resolved:
     note: str | None = None
 
 
-def fitting(lm: KNNLM) -> adaptive.Calibration | None:
+def fitting(lm: Adapter) -> adaptive.Calibration | None:
     """The store's newest calibration made at the adapter's k and T (``Calibration.made_for``),
     unless it was made on other content than the store holds now (``Calibration.stale_for``)."""
     s = lm.settings
@@ -42,7 +46,7 @@ def fitting(lm: KNNLM) -> adaptive.Calibration | None:
     return None if not made or made[0].stale_for(lm.store.content()) else made[0]
 
 
-def resolve(lm: KNNLM, *, calibrate: bool = True, progress: ProgressFn | None = None) -> Resolved:
+def resolve(lm: Adapter, *, calibrate: bool = True, progress: ProgressFn | None = None) -> Resolved:
     """The adapter's policy: the calibration that ``fitting`` finds; where there is none, a
     self-calibration made now (``calibrate``: else the cautious rule, ``adaptive.FALLBACK``,
     as where the store is too small for one)."""
@@ -57,7 +61,7 @@ def resolve(lm: KNNLM, *, calibrate: bool = True, progress: ProgressFn | None = 
     return calibrate_self(lm, progress)
 
 
-def calibrate_self(lm: KNNLM, progress: ProgressFn | None = None) -> Resolved:
+def calibrate_self(lm: Adapter, progress: ProgressFn | None = None) -> Resolved:
     """Calibrate on the store's own text (``evaluate.self_calibrate``) and save the fit where
     this process may write (else it serves this adapter only); the cautious rule where the
     store is too small."""
@@ -78,7 +82,7 @@ class Watch:
     longer be the one to use, because the store's content or its newest calibration (made by
     `knnstore calibrate`, or another process) changed since it was last asked."""
 
-    def __init__(self, lm: KNNLM) -> None:
+    def __init__(self, lm: Adapter) -> None:
         self.lm = lm
         self._calibration = lm.store.newest_calibration()
         self._seen = (lm.store.content(), self._calibration)

@@ -47,9 +47,10 @@ from .errors import InputError
 from .faults import crash_point
 from .schema import WEIGHT
 from .vectors import ExactSearch
+from .writer import Writer
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .handle import StoreHandle
 
 DEFAULT_NEIGHBOURS = 16
 SEARCH_BATCH = 4096  # pairs searched at once while pruning
@@ -145,7 +146,7 @@ def mergeable(pair_ids: np.ndarray, document_ids: np.ndarray, near_ids: np.ndarr
     return np.where((near_ids >= 0) & (pair_ids[rows] == near_ids) & same, rows, -1)
 
 
-def prune(store: "Store", corpus: str | None = None, *, neighbours: int = DEFAULT_NEIGHBOURS,
+def prune(store: "StoreHandle", corpus: str | None = None, *, neighbours: int = DEFAULT_NEIGHBOURS,
           exact: bool = False, nprobes: int = 32, dry_run: bool = False,
           progress: ProgressFn | None = None) -> Pruning:
     """Merge each ready corpus's (or ``corpus``'s) neighbouring pairs that share a next
@@ -173,7 +174,7 @@ def prune(store: "Store", corpus: str | None = None, *, neighbours: int = DEFAUL
     return result
 
 
-def _plan(store: "Store", corpus_id: int, neighbours: int, exact: bool, nprobes: int,
+def _plan(store: "StoreHandle", corpus_id: int, neighbours: int, exact: bool, nprobes: int,
           progress: ProgressFn | None) -> pa.Table:
     """The rows of one corpus that stay, with their new weights (columns pair_id, weight)."""
     table = store.table
@@ -207,7 +208,7 @@ def _plan(store: "Store", corpus_id: int, neighbours: int, exact: bool, nprobes:
                      WEIGHT: pa.array(new_weights[kept], pa.int32())})
 
 
-def _commit(store: "Store", info, kept: pa.Table) -> None:
+def _commit(store: "StoreHandle", info, kept: pa.Table) -> None:
     """The intent, one Lance commit (weights and deletions together), then the counts."""
     store.verify_lock()
     store.table.add_weight_column()
@@ -220,4 +221,4 @@ def _commit(store: "Store", info, kept: pa.Table) -> None:
     if store.table.has_vector_index():
         # the merge rewrote the corpus's kept rows: index them (into the trained partitions,
         # no retraining), else every search scans them
-        store.update_index()
+        Writer(store).update_index()

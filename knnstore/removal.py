@@ -43,14 +43,14 @@ from .schema import pair_id
 from .vectors import in_list
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .handle import StoreHandle
 
 DONE = "ok"
 PRUNE = "prune"  # a removals row of ``knnstore prune`` (its corpus id in document_ids[0])
 _COLUMNS = "id, corpus_id, corpus, source, title, n_tokens, n_pairs"
 
 
-def select_documents(store: "Store", where: str, corpus: str | None = None) -> list[dict]:
+def select_documents(store: "StoreHandle", where: str, corpus: str | None = None) -> list[dict]:
     """The ready documents matching ``where`` (an SQL condition over the ``documents``
     view), of corpus ``corpus`` only if given, in the store's latest snapshot."""
     if not isinstance(where, str) or not where.strip():
@@ -67,7 +67,7 @@ def select_documents(store: "Store", where: str, corpus: str | None = None) -> l
     return [r for r in rows if corpus_id is None or r["corpus_id"] == corpus_id]
 
 
-def remove_documents(store: "Store", where: str, corpus: str | None = None,
+def remove_documents(store: "StoreHandle", where: str, corpus: str | None = None,
                      dry_run: bool = False, refuse_above: int | None = None) -> DocumentRemoval:
     """Remove the documents matching ``where`` (see ``select_documents``) and their pairs;
     with ``dry_run``, only say what would go. A condition matching nothing is an error; with
@@ -102,7 +102,7 @@ def remove_documents(store: "Store", where: str, corpus: str | None = None,
     return DocumentRemoval(where, chosen, sum(d["n_pairs"] for d in chosen), dry_run=False)
 
 
-def finish_removals(store: "Store") -> int:
+def finish_removals(store: "StoreHandle") -> int:
     """Finish removals a killed writer left half done (the caller holds the write lock);
     returns how many."""
     pending = catalog.unfinished_removals(store.engine)
@@ -111,7 +111,7 @@ def finish_removals(store: "Store") -> int:
     return len(pending)
 
 
-def record(store: "Store", redactions: dict | None = None, **values) -> catalog.Removal:
+def record(store: "StoreHandle", redactions: dict | None = None, **values) -> catalog.Removal:
     """Step 1: the removal's intent row (``removing``), committed before anything goes
     (``prune`` records its own the same way), in one transaction with the ``redactions``
     of catalog fields (``_catalog_fields``): the text is never kept to redact them later."""
@@ -125,7 +125,7 @@ def record(store: "Store", redactions: dict | None = None, **values) -> catalog.
     return row
 
 
-def finish(store: "Store", removal: catalog.Removal) -> None:
+def finish(store: "StoreHandle", removal: catalog.Removal) -> None:
     """Steps 2 and 3: the pairs (one Lance commit), then the catalog rows and counts (one
     transaction). Both may run again after a crash. Whole documents go with their rows;
     single pairs (``forget``) leave their documents with recounted pairs; a ``prune`` (its
@@ -170,7 +170,7 @@ def _close(s: Session, removal: catalog.Removal) -> None:
     s.execute(update(catalog.Removal).where(catalog.Removal.id == removal.id).values(status=DONE, pair_ids=None))
 
 
-def forget(store: "Store", text: str, *, ignore_case: bool = False, context: int = 0,
+def forget(store: "StoreHandle", text: str, *, ignore_case: bool = False, context: int = 0,
            documents: bool = False, dry_run: bool = False) -> Forgetting:
     """Remove every pair whose next token overlaps an occurrence of ``text`` in a stored
     document (matched on the decoded text, ``occurrences``); with ``context`` N, also the
@@ -221,7 +221,7 @@ CATALOG_FIELDS = {catalog.Document: ("title", "source", "meta"), catalog.Corpus:
                   catalog.IngestRun: ("error",)}
 
 
-def pruned_corpora(store: "Store") -> list[str]:
+def pruned_corpora(store: "StoreHandle") -> list[str]:
     """The ready corpora a ``prune`` merged pairs in: their documents' stored tokens have
     gaps, so a text search cannot see everything they carry."""
     with Session(store.engine) as s:
@@ -230,7 +230,7 @@ def pruned_corpora(store: "Store") -> list[str]:
     return [c.name for c in store.corpora() if c.id in ids and c.status == catalog.READY]
 
 
-def _catalog_fields(store: "Store", text: str, ignore_case: bool) -> dict:
+def _catalog_fields(store: "StoreHandle", text: str, ignore_case: bool) -> dict:
     """Every catalog field that holds ``text``, with its redacted value:
     {model: {row id: {field: value}}} (models with no match left out)."""
     found: dict = {}
@@ -250,7 +250,7 @@ def _counted(fields: dict) -> int:
     return sum(len(values) for rows in fields.values() for values in rows.values())
 
 
-def _forget_plan(store: "Store", text: str, ignore_case: bool, context: int,
+def _forget_plan(store: "StoreHandle", text: str, ignore_case: bool, context: int,
                  documents: bool) -> tuple[Forgetting, list[int]]:
     """Find ``text`` in every ready document (decoded from its stored tokens): what would
     go (as a dry run's ``Forgetting``) and the ids of the pairs that would."""
@@ -310,7 +310,7 @@ def _find_in_document(tokenizer, document_id: int, pos: np.ndarray, tok: np.ndar
     return found, set(int(p) for p in pos)
 
 
-def purge(store: "Store") -> dict[str, int]:
+def purge(store: "StoreHandle") -> dict[str, int]:
     """``knnstore purge``: removed rows off the disk. Finishes cut-short removals, rewrites
     the table's data files that hold deleted rows and drops old table versions
     (``PairsTable.purge``), then vacuums the catalog. Returns what it did, with the store's

@@ -19,21 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
-from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from sqlalchemy.orm import Session
 
 from . import catalog
-from .catalog import FAILED, INGESTING, READY
+from .catalog import READY
 from .config import (
     CATALOG_FILE,
     DEFAULT_MODEL,
     DTYPES,
-    PAIRS_TABLE,
     IngestSettings,
     ProgressFn,
     SourceOptions,
@@ -41,66 +36,29 @@ from .config import (
 )
 from .devices import resolve_compute_dtype, resolve_device
 from .distributed import ray_options
-from .errors import (
-    CorpusNotFoundError,
-    InputError,
-    KnnstoreError,
-    ModelMismatchError,
-    StoreChangedError,
-    StoreDamagedError,
-    StoreLockedError,
-)
+from .errors import InputError, StoreChangedError
+from .handle import StoreHandle
 from .indexing import IndexPlan
-from .layout import (
-    StoreParts,
-    bind_legacy,
-    check_new_store,
-    create_store,
-    open_named_table,
-    open_parts,
-    resolve_catalog_url,
-)
+from .layout import StoreParts, check_new_store, create_store, open_parts, resolve_catalog_url
 from .projection import KeyProjection
-from .results import CorpusInfo, DocumentRef, StoreStats
-from .schema import row_bytes
-from .vectors import ExactSearch, Neighbours, PairsTable
-from .writer import Writer, normalise_name
+from .results import CorpusInfo, StoreStats
+from .vectors import ExactSearch, Neighbours
+from .writer import Writer
 
 if TYPE_CHECKING:
-    import torch
-
     from .encoder import Encoder
-    from .sql import SQLLimits, SQLSession, Views
 
 
-class Store:
-    """A knnstore store: a directory with a SQL catalog and a LanceDB `pairs` table."""
+class Store(StoreHandle):
+    """A knnstore store: a directory with a SQL catalog and a LanceDB `pairs` table. The
+    facade users get: a ``StoreHandle`` (its parts and reader snapshot) with the
+    operations as methods, each delegated to the module that owns it."""
 
     def __init__(self, parts: StoreParts, encoder: Encoder | None = None, *,
                  device: str = "auto", compute_dtype: str = "auto") -> None:
-        self.location = parts.place  # a local directory or an object-store prefix
-        self.catalog_url, self.engine = parts.catalog_url, parts.engine
-        self.identity, self.table = parts.identity, parts.table
-        self.store_id = parts.store_id  # None: a store made before ids, not bound yet
-        self._own_catalog = parts.own_catalog  # the SQLite file inside the store (bindable when legacy)
-        self.projection = parts.projection  # reduced keys (``knnstore.projection``); None: the model's
-        self._encoder = encoder
-        self._rows: list[catalog.Corpus] = []  # the catalog's corpora in this snapshot
-        self._visible: frozenset[int] = frozenset()  # ready corpora in this snapshot
-        self._lock = parts.write_lock()
         self._writer = Writer(self)
-        self._device = device  # where the model runs, and the exact search (resolved on first use)
-        self.compute_dtype = compute_dtype  # the model's float type there ("auto": devices.py)
         self._exact_search: ExactSearch | None = None
-        self.refresh()
-
-    @property
-    def device(self) -> "torch.device":
-        """The torch device of the model and the exact search, resolved on first use (a
-        store opened to be listed or queried with SQL never imports torch)."""
-        if isinstance(self._device, str):
-            self._device = resolve_device(self._device)
-        return self._device
+        super().__init__(parts, encoder, device=device, compute_dtype=compute_dtype)
 
     @property
     def _exact(self) -> ExactSearch:
@@ -108,11 +66,6 @@ class Store:
         if self._exact_search is None or self._exact_search.table is not self.table:
             self._exact_search = ExactSearch(self.table, device=self.device)
         return self._exact_search
-
-    @property
-    def path(self) -> "Path | str":
-        """The store's directory (a Path); for a store on an object store, its URI (a str)."""
-        return self.location.uri if self.location.remote else self.location.path
 
     # --- creating and opening -----------------------------------------------------
 
@@ -195,202 +148,7 @@ class Store:
             store.use_encoder(encoder)
         return store
 
-    @property
-    def bound(self) -> bool:
-        """Whether catalog and table carry this store's id (checked when the store opened)."""
-        return self.store_id is not None
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-    def __enter__(self) -> "Store":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # --- the model ------------------------------------------------------------------
-
-    def use_encoder(self, encoder: Encoder) -> None:
-        """Use an already loaded model, after checking it is the store's."""
-        theirs = encoder.identity(self.identity.dtype)
-        diffs = self.identity.differences(theirs)
-        if diffs:
-            raise ModelMismatchError(
-                f"{self.path} was built with model {self.identity.model} (dim {self.identity.dim}, "
-                f"layer {self.identity.key_layer} {self.identity.key_site}); {encoder.name} differs in "
-                f"{'; '.join(diffs)}. Open the store with its own model"
-            )
-        self._encoder = encoder
-
-    @property
-    def encoder(self) -> Encoder:
-        """The store's model, loaded on first use (on the store handle's device)."""
-        if self._encoder is None:
-            self.use_encoder(self.load_encoder(self.identity.model))
-        return self._encoder
-
-    @property
-    def encoder_loaded(self) -> bool:
-        return self._encoder is not None
-
-    def load_encoder(self, model: str) -> Encoder:
-        """Load ``model`` at this store's key site, on its device and compute dtype."""
-        from .encoder import Encoder
-
-        return Encoder.load(model, key_layer=self.identity.key_layer, key_site=self.identity.key_site,
-                            device=self.device, compute_dtype=self.compute_dtype)
-
     # --- reading ---------------------------------------------------------------------
-
-    def refresh(self) -> None:
-        """Move this handle to the latest committed state of the store (``read_snapshot``)."""
-        self.read_snapshot()
-
-    def read_snapshot(self, read: Callable[[Session], object] | None = None):
-        """Move this handle to one consistent moment of catalog and table, and return what
-        ``read(session)`` reads of the catalog at that moment.
-
-        Catalog, then table, then catalog again (in one read transaction, where ``read``
-        runs too), repeated until the corpora's statuses did not change across the table's
-        snapshot: then every corpus ready in the catalog was ready before the table
-        snapshot (all its pairs are in it) and not yet being removed after it (none gone).
-        Writers change statuses a few times per corpus, so this settles at once.
-        """
-        delay = 0.001
-        for _ in range(200):
-            before = catalog.corpus_states(self.engine)
-            if not self._follow_table():
-                continue  # the catalog switched tables while this looked: read it again
-            with catalog.snapshot_session(self.engine) as s:
-                rows = catalog.corpora(s)
-                result = read(s) if read is not None else None
-            if {c.id: c.status for c in rows} == before:
-                self._rows = rows
-                self._visible = frozenset(c.id for c in rows if c.status == READY)
-                return result
-            time.sleep(delay)
-            delay = min(0.05, delay * 2)
-        raise StoreLockedError(f"{self.path} changed too often to read a consistent state of it; retry")
-
-    def _follow_table(self) -> bool:
-        """Bring this handle to the latest version of the table the catalog names, re-opening
-        it where a compaction (in any process) switched the store to a new one, so that a
-        long-lived reader (a server, a SQL session, an eval) follows the store instead of
-        reading a dropped table. False: the catalog switched again meanwhile (read again)."""
-        named = catalog.named_table(self.engine) or PAIRS_TABLE
-        try:
-            if named != self.table.name:
-                table, projection = open_named_table(self.location, catalog.store_config(self.engine))
-                self._switch_table(table, projection)
-            self.table.refresh()
-        except StoreDamagedError:
-            if (catalog.named_table(self.engine) or PAIRS_TABLE) != named:
-                return False  # dropped by the compaction that replaced it: not damage
-            raise
-        return True
-
-    def moved_on(self) -> bool:
-        """Whether the store has changed past this handle's snapshot: the catalog names
-        another table, or the table has a newer version (what a read that finds its files
-        gone after a compaction, prune or purge checks before calling the store damaged)."""
-        named = catalog.named_table(self.engine) or PAIRS_TABLE
-        return named != self.table.name or self.table.latest_version() != self.table.version
-
-    @contextmanager
-    def following(self) -> Iterator[None]:
-        """Around a read of this handle's snapshot: where it fails because the store moved
-        on and removed the files it was reading (``moved_on``), a ``StoreChangedError``
-        (retry: the store is fine) instead of a ``StoreDamagedError``."""
-        try:
-            yield
-        except StoreDamagedError as exc:
-            try:
-                moved = self.moved_on()
-            except KnnstoreError:
-                moved = False
-            if moved:
-                raise StoreChangedError(f"{self.path} changed while it was read (a compaction, prune, purge or "
-                                        "removal replaced the files being read): retry; the store is not "
-                                        "damaged") from exc
-            raise
-
-    @property
-    def searchable(self) -> bool:
-        """Whether a search can find anything: a ready corpus holds pairs in this snapshot
-        (ready corpora of documents too short for a pair hold none)."""
-        return any(c.n_pairs for c in self._rows if c.id in self._visible)
-
-    @property
-    def visible_corpora(self) -> frozenset[int]:
-        """Ids of the corpora readers see in this snapshot (the ready ones)."""
-        return self._visible
-
-    def writer_active(self) -> bool:
-        """Whether a process (this one included) holds the store's write lock now."""
-        return self._lock.held or self._lock.active_elsewhere()
-
-    def _info(self, c: catalog.Corpus, writer_active: bool) -> CorpusInfo:
-        status, error = c.status, None
-        if status == INGESTING and not writer_active:
-            status = FAILED  # its writer is gone: killed or crashed
-        if status == FAILED:
-            error = catalog.last_run_error(self.engine, c.id) or "interrupted"
-        return CorpusInfo(
-            id=c.id, name=c.name, status=status, source=c.source, documents=c.n_documents,
-            tokens=c.n_tokens, pairs=c.n_pairs,
-            bytes=c.n_pairs * row_bytes(self.identity.stored_dim, self.identity.dtype, self.identity.code_bytes),
-            created_at=c.created_at, ready_at=c.ready_at, error=error,
-            skipped=[list(x) for x in (c.spec or {}).get("skipped", [])],
-        )
-
-    def corpora(self) -> list[CorpusInfo]:
-        """Every corpus of this handle's snapshot, in the order it was added, with its
-        status and counts (``refresh`` moves the snapshot on)."""
-        writer = self.writer_active()
-        return [self._info(c, writer) for c in self._rows]
-
-    def corpus(self, name: str) -> CorpusInfo:
-        """One corpus of this handle's snapshot, by name (spaces around it ignored)."""
-        name = normalise_name(name)
-        row = next((c for c in self._rows if c.name == name), None)
-        if row is None:
-            known = ", ".join(c.name for c in self._rows) or "none"
-            raise CorpusNotFoundError(f"no corpus named {name!r} in {self.path} (corpora: {known})")
-        return self._info(row, self.writer_active())
-
-    def documents(self, corpus: str) -> list[catalog.Document]:
-        """The ready documents of a corpus, in source order."""
-        return catalog.ready_documents(self.engine, self.corpus(corpus).id)
-
-    def ready_documents(self) -> list[catalog.Document]:
-        """Every ready document of the corpora this snapshot shows, corpus by corpus."""
-        return [d for c in self._rows if c.id in self._visible for d in catalog.ready_documents(self.engine, c.id)]
-
-    def content(self) -> dict:
-        """What this snapshot holds, as a calibration records it: the ready corpora's ids
-        and their pairs."""
-        ready = [c for c in self._rows if c.id in self._visible]
-        return {"corpora": sorted(c.id for c in ready), "pairs": sum(c.n_pairs for c in ready)}
-
-    def document_tokens(self, document_id: int) -> np.ndarray:
-        """A stored document's token ids by position, read back from its pairs (each pair
-        gives its token and the next): int64 [positions]; -1 where no stored pair tells
-        (the pairs there were pruned or forgotten)."""
-        rows = self.table.columns(["position", "token", "next_token"], where=f"document_id = {int(document_id)}")
-        pos = rows.column("position").to_numpy().astype(np.int64)
-        out = np.full(int(pos.max()) + 2 if len(pos) else 0, -1, dtype=np.int64)
-        if len(pos):
-            out[pos + 1] = rows.column("next_token").to_numpy()
-            out[pos] = rows.column("token").to_numpy()
-        return out
-
-    def document_refs(self, document_ids: Sequence[int]) -> dict[int, DocumentRef]:
-        """Corpus name, source and title of documents, by id (unknown ids are left out)."""
-        ids = sorted({int(d) for d in document_ids})
-        if not ids:
-            return {}
-        return {r[0]: DocumentRef(*r) for r in catalog.document_sources(self.engine, ids)}
 
     def snippet(self, document_id: int, position: int, before: int = 24, after: int = 8) -> str:
         """Source text around one stored pair, decoded from the stored tokens.
@@ -404,11 +162,11 @@ class Store:
         return f"{decode(left)}{decode([here])}[[{decode([nxt])}]]{decode(right)}"
 
     def stats(self) -> StoreStats:
-        rows = self._rows
+        rows = self.catalog_rows
         ready = [c for c in rows if c.status == READY]
         pairs = sum(c.n_pairs for c in ready)
         nbytes = self.table.nbytes()
-        if self._own_catalog:
+        if self.own_catalog:
             nbytes += sum(p.stat().st_size for p in self.location.path.glob(CATALOG_FILE + "*"))
         ident = self.identity
         return StoreStats(
@@ -444,8 +202,8 @@ class Store:
         def search() -> Neighbours:
             queries = self.stored_keys(vectors)
             if exact or not self.table.has_vector_index():
-                return self._exact.search(queries, k, corpora=self._visible)
-            return self.table.search(queries, k, corpora=self._visible, nprobes=nprobes,
+                return self._exact.search(queries, k, corpora=self.visible_corpora)
+            return self.table.search(queries, k, corpora=self.visible_corpora, nprobes=nprobes,
                                      refine_factor=refine_factor, verify_nearest=verify_nearest)
 
         try:
@@ -464,35 +222,6 @@ class Store:
             raise InputError(f"{self.path} reduces its keys to {self.identity.key_dim} dimensions but has no "
                              "projection yet: it is fitted on the first corpus's keys; add a corpus first")
         return self.projection.apply(keys)
-
-    def set_projection(self, projection: KeyProjection) -> None:
-        """Record the store's key projection, fitted on its first corpus (the caller holds
-        the write lock; the table is still empty). Catalog first, then the table's config; a
-        crash between the two leaves an empty store whose projection is not fitted yet
-        (``layout.check_projection``), fitted again by the next add."""
-        if self.table.count() != 0 or self.projection is not None:
-            raise InputError(f"{self.path} already has keys or a projection: a projection is fitted once")
-        self.verify_lock()
-        catalog.write_projection(self.engine, projection.to_bytes(), projection.sha256)
-        self.table.set_key_projection(projection.sha256)
-        self.table.use_codec(projection)
-        self.projection = projection
-        self.identity = dataclasses.replace(self.identity, key_projection_sha=projection.sha256)
-
-    def use_table(self, table: PairsTable, projection: KeyProjection | None) -> None:
-        """Read and write ``table`` from now on, its keys made by ``projection`` (after a
-        compaction switched the catalog to it; the caller holds the write lock)."""
-        self._switch_table(table, projection)
-        self.refresh()
-
-    def _switch_table(self, table: PairsTable, projection: KeyProjection | None) -> None:
-        self.table, self.projection = table, projection
-        table.use_codec(projection)
-        self.identity = dataclasses.replace(
-            self.identity, key_dim=None if projection is None else projection.key_dim,
-            key_projection_sha=None if projection is None else projection.sha256,
-            key_bits=None if projection is None else projection.bits,
-            route_dim=None if projection is None else projection.route_dim)
 
     def compact(self, key_dim: int, progress: ProgressFn | None = None, *, key_bits: int | None = None,
                 route_dim: int | None = None):
@@ -519,22 +248,6 @@ class Store:
         """
         with self.sql_session() as session, self.following():
             return session.execute(query)
-
-    def sql_session(self, limits: "SQLLimits | None" = None) -> "SQLSession":
-        """A read-only SQL session over the latest consistent snapshot (``sql_views``),
-        each statement within ``limits`` (``sql.SQLLimits``; None: the defaults); close it
-        when done (it is a context manager)."""
-        from .sql import SQLSession
-
-        return SQLSession(self.sql_views(), limits)
-
-    def sql_views(self) -> "Views":
-        """What the SQL views show, read at one moment (``read_snapshot``)."""
-        from .sql import Views, read_catalog
-
-        rows = self.read_snapshot(read_catalog)
-        return Views(rows=rows, statuses={c.id: c.status for c in self.corpora()},
-                     dataset=self.table.dataset(), visible=self.visible_corpora)
 
     def create_index(self, num_partitions: int | None = None, num_sub_vectors: int | None = None,
                      index_type: str | None = None) -> None:
@@ -586,25 +299,6 @@ class Store:
     def clear_calibrations(self) -> int:
         """Delete every calibration (``--adaptive`` falls back to the rule); returns how many."""
         return self._writer.clear_calibrations()
-
-    @contextmanager
-    def write_lock(self, wait_s: float = 5.0) -> Iterator[None]:
-        """Hold the store's one-writer lock (re-entrant within one handle), on the latest
-        state of the store: every write reads what it changes under the lock."""
-        first = self._lock.acquire(wait_s)
-        try:
-            if first:
-                self.table.check_complete(self.location)  # else a write would fail half way through
-                if self.store_id is None and self._own_catalog:  # made before ids: bind it now
-                    self.store_id = bind_legacy(self.location, self.engine, self.table)
-                self.refresh()
-            yield
-        finally:
-            self._lock.release()
-
-    def verify_lock(self) -> None:
-        """Before a commit: this handle still holds its write lock (``knnstore.lock``)."""
-        self._lock.verify()
 
     # --- writing: the protocol lives in writer.py ----------------------------------------
 
@@ -682,17 +376,6 @@ class Store:
 
         return purge(self)
 
-    def finish_removals(self) -> int:
-        """Finish document removals a killed writer left half done (the caller holds the
-        write lock; ``check --repair`` does); returns how many."""
-        from .removal import finish_removals
-
-        return finish_removals(self)
-
-    def drop_corpus(self, corpus_id: int) -> None:
-        """Delete a corpus's pairs, then its catalog rows (the caller holds the write lock)."""
-        self._writer.drop_corpus(corpus_id)
-
     def check_new_corpus(self, name: str, paths: Sequence[str | os.PathLike]) -> tuple[str, list[str]]:
         """Cheap checks of an add, before any model is loaded: name free, paths present.
 
@@ -700,7 +383,3 @@ class Store:
         """
         return self._writer.check_new_corpus(name, paths)
 
-    @property
-    def holds_lock(self) -> bool:
-        """Whether this handle holds the store's write lock now."""
-        return self._lock.held

@@ -43,12 +43,13 @@ from .faults import crash_point
 from .indexing import IndexPlan, IndexPolicy
 from .location import storage_failure
 from .projection import FIT_KEYS, KeyProjection
+from .handle import normalise_name
 from .index_kinds import INDEX_TYPES
 from .schema import key_matrix, pairs_schema, row_bytes
 
 if TYPE_CHECKING:
     from .results import CorpusInfo
-    from .store import Store
+    from .handle import StoreHandle
 
 _MAX_DOCS_PER_COMMIT = 10_000
 
@@ -56,7 +57,7 @@ _MAX_DOCS_PER_COMMIT = 10_000
 class Writer:
     """The writes of one store (``Store.add_corpus`` and friends delegate here)."""
 
-    def __init__(self, store: "Store") -> None:
+    def __init__(self, store: "StoreHandle") -> None:
         self.store = store
 
     def add_corpus(self, name: str, paths: Sequence[str | os.PathLike], *,
@@ -85,7 +86,7 @@ class Writer:
             crash_point("add.after_corpus_row")
             self._ingest(corpus_id, name, "add", scan.n_tokens, progress, ray)
             if index:
-                self.store.maintain_index()
+                self.maintain_index()
         return self.store.corpus(name)
 
     def resume_corpus(self, name: str, progress: ProgressFn | None = None, index: bool = True,
@@ -105,7 +106,7 @@ class Writer:
             self._check_free_space(name, scan.n_tokens - info.tokens)
             self._ingest(info.id, name, "resume", scan.n_tokens, progress, ray)
             if index:
-                self.store.maintain_index()
+                self.maintain_index()
         return self.store.corpus(name)
 
     # --- the ANN index: trained, updated, kept by the policy (``indexing``) -----------------
@@ -599,22 +600,6 @@ def _not_yet_done(group, done: dict[int, str], name: str, counter: _Progress) ->
         kept += len(tokens)
     counter.advance(kept)
     return fresh
-
-
-MAX_NAME_CHARS = 256
-
-
-def normalise_name(name: str) -> str:
-    """A corpus name as every command reads it: spaces around it dropped; empty names,
-    control characters and names over 256 characters refused."""
-    name = str(name).strip()
-    if not name:
-        raise InputError("a corpus needs a non-empty name")
-    if len(name) > MAX_NAME_CHARS:
-        raise InputError(f"a corpus name has at most {MAX_NAME_CHARS} characters, got {len(name):,}")
-    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in name):
-        raise InputError(f"corpus name {name!r} holds control characters: use printable text")
-    return name
 
 
 def _is_disk_full(exc: BaseException) -> bool:

@@ -1,5 +1,6 @@
 """The module layering in docs/architecture.md is the code's: every runtime import of a
-knnstore module is one the table allows, and only of a lower layer (so no cycle)."""
+knnstore module is one the table allows, and only of a lower layer (so no cycle); a
+type-only import (``if TYPE_CHECKING:``) never names a module of its own layer or above."""
 
 import ast
 import re
@@ -18,21 +19,28 @@ def _table() -> dict[str, tuple[int, set[str]]]:
     return rows
 
 
-def _runtime_imports(path: Path) -> set[str]:
+def _imports(path: Path) -> tuple[set[str], set[str]]:
     """knnstore modules that ``path`` imports when it runs (function-level imports
-    included; ``if TYPE_CHECKING:`` blocks left out)."""
-    found: set[str] = set()
+    included), and those it imports for type hints only (``if TYPE_CHECKING:``)."""
+    runtime: set[str] = set()
+    typing: set[str] = set()
 
-    def visit(node):
+    def visit(node, type_only: bool):
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+                visit(child, True)
                 continue
             if isinstance(child, ast.ImportFrom) and child.level == 1:
-                found.update([child.module.split(".")[0]] if child.module else [a.name for a in child.names])
-            visit(child)
+                names = [child.module.split(".")[0]] if child.module else [a.name for a in child.names]
+                (typing if type_only else runtime).update(names)
+            visit(child, type_only)
 
-    visit(ast.parse(path.read_text()))
-    return found - {path.stem}
+    visit(ast.parse(path.read_text()), False)
+    return runtime - {path.stem}, typing - {path.stem}
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    return _imports(path)[0]
 
 
 def test_every_module_is_in_the_layering_table():
@@ -47,3 +55,11 @@ def test_modules_import_only_what_the_table_allows_and_only_lower_layers():
         assert imported <= allowed, f"{module} imports {sorted(imported - allowed)}, not in its row"
         above = {m for m in allowed if table[m][0] >= layer}
         assert not above, f"{module} (layer {layer}) may import {sorted(above)} of its own layer or above"
+
+
+def test_type_hints_never_name_a_module_above():
+    table = _table()
+    for module, (layer, _) in table.items():
+        above = {m for m in _imports(ROOT / "knnstore" / f"{module}.py")[1] if table[m][0] >= layer}
+        assert not above, f"{module} (layer {layer}) imports {sorted(above)} for type hints: of its layer or above"
+
