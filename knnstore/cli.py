@@ -401,7 +401,7 @@ def add_corpus(store, name, paths, split_on_heading, text_field, max_documents, 
                             workers=workers, ray_address=ray_address)
     _print_added(info, as_json)
     if not no_index:
-        _maintain_index(s)
+        s.maintain_index(watch=_index_watch)
 
 
 @cli.command("resume-corpus")
@@ -424,21 +424,24 @@ def resume_corpus(store, name, as_json, workers, ray_address):
     with _progress(f"Resuming {name}") as update:
         info = s.resume_corpus(name, progress=update, index=False, workers=workers, ray_address=ray_address)
     _print_added(info, as_json)
-    _maintain_index(s)
+    s.maintain_index(watch=_index_watch)
 
 
 _INDEX_VERBS = {"train": "Training the index", "retrain": "Re-training the index",
                 "update": "Indexing the new rows"}
 
 
-def _maintain_index(s) -> None:
-    """Apply the index policy after an add, saying what it does (on stderr)."""
-    plan = s.index_plan()
-    if plan.action == "none":
-        return
+@contextmanager
+def _index_watch(plan):
+    """What an index build is doing, on stderr (``indexing.IndexWatch``)."""
     t0 = time.perf_counter()
+    if plan.action == "rebuild":
+        with _status(f"Training the index on {plan.reason}..."):
+            yield
+        err.print(f"Trained the index in {time.perf_counter() - t0:.1f} s")
+        return
     with _status(f"{_INDEX_VERBS[plan.action]} ({plan.reason})..."):
-        s.maintain_index()
+        yield
     err.print(f"{_INDEX_VERBS[plan.action]}: done in {time.perf_counter() - t0:.1f} s ({plan.reason})")
 
 
@@ -854,9 +857,9 @@ def eval_(store, text_path, max_tokens, window, stride, sweep_out, as_json, **kn
         knnstore eval wiki-store --text other-domain.txt --adaptive
     """
     from .evaluate import check_sweep_prefix
+    from .scoring import check_windows
 
-    if stride >= window:
-        raise click.BadParameter(f"must be less than --window ({window}), got {stride}", param_hint="--stride")
+    check_windows(window, stride)  # before the model loads
     sweeping = any(len(knn_opts[key] or []) > 1 for key in ("k", "lambda_", "temperature"))
     if sweeping or click.get_current_context().get_parameter_source("sweep_out").name != "DEFAULT":
         check_sweep_prefix(sweep_out)  # before any scoring: a sweep must be writable
@@ -1107,8 +1110,7 @@ def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature,
         knnstore calibrate wiki-store --text wiki-heldout.txt   # on held-out text
         knnstore eval wiki-store --text test.txt --adaptive
     """
-    from .evaluate import SELF_MIN_TOKENS, SELF_SOURCE, SELF_TOKENS, self_calibrate
-    from .evaluate import calibrate as fit_calibration
+    from .policies import calibrate as calibrate_store
 
     if clear:
         s = _open(store)
@@ -1122,21 +1124,9 @@ def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature,
     opts = {"k": [k] if k else None, "lambda_": [lambda_] if lambda_ is not None else None,
             "temperature": [temperature] if temperature else None, "exact": exact}
     lm = _knnlm(store, opts, single=True, policy=False)
-    if lm.store.stats().pairs == 0:
-        raise click.ClickException("the store has no pairs: add a corpus before calibrating")
-    if text is not None:
-        with _progress("Calibrating") as update:
-            cal = fit_calibration(lm, text, kind=kind, max_tokens=max_tokens or 20000, keep=keep, progress=update)
-        source = str(text_path)
-    else:
-        with _progress("Calibrating on the store's own text") as update:
-            cal = self_calibrate(lm, kind=kind, keep=keep, tokens=max_tokens or SELF_TOKENS, progress=update)
-        if cal is None:
-            raise click.ClickException(
-                f"the store holds too little text to calibrate on itself ({SELF_MIN_TOKENS:,} positions outside "
-                f"the one being scored are needed): give held-out text with --text; nothing was saved")
-        source = SELF_SOURCE
-    cal_id = lm.store.save_calibration(cal, text_source=source, n_tokens=cal.tokens)
+    with _progress("Calibrating" if text is not None else "Calibrating on the store's own text") as update:
+        cal_id, cal = calibrate_store(lm, text, source=str(text_path) if text is not None else None, kind=kind,
+                                      keep=keep, max_tokens=max_tokens, progress=update)
     d = {"id": cal_id, **cal.to_dict()}
     if as_json:
         _echo_json(d)
@@ -1209,19 +1199,10 @@ def index(store, status_only, rebuild, index_type, partitions, sub_vectors, as_j
         knnstore index wiki-store --rebuild  # train now, e.g. on a small store
         knnstore index wiki-store --type ivf_pq --sub-vectors 72
     """
-    from .index_kinds import check_index_params
-
     s = _open(store)
     if not status_only:
-        if rebuild or index_type or partitions or sub_vectors:
-            check_index_params(s.table.count(), s.identity.stored_dim, partitions, sub_vectors)
-            t0 = time.perf_counter()
-            with _status(f"Training the index on {s.table.count():,} rows..."):
-                s.create_index(num_partitions=partitions, num_sub_vectors=sub_vectors,
-                               index_type="ivf_pq" if sub_vectors else index_type)
-            err.print(f"Trained the index in {time.perf_counter() - t0:.1f} s")
-        else:
-            _maintain_index(s)
+        s.index(rebuild=rebuild, index_type=index_type, num_partitions=partitions, num_sub_vectors=sub_vectors,
+                watch=_index_watch)
     plan = s.index_plan()
     state = s.table.index_state()
     if as_json:

@@ -33,7 +33,7 @@ from . import adaptive, knn, mixing
 from .config import SCORE_STRIDE, SCORE_WINDOW, KNNSettings, ProgressFn, check_number
 from .errors import InputError
 from .outputs import atomic_output, check_output_path
-from .scoring import scored_windows
+from .scoring import check_windows, scored_windows
 
 if TYPE_CHECKING:
     from .encoder import Encoder
@@ -145,6 +145,7 @@ def evaluate(knnlm: Scorer, text: str | Sequence[int], *, lambdas: Sequence[floa
             (what ``knnstore calibrate`` fits on).
     """
     s = knnlm.settings
+    check_windows(window, stride)
     ids = token_ids(knnlm, text, max_tokens)
     knnlm.resolve_policy()  # a self-calibration, where the store needs one, before the scoring
     grid = list(itertools.product(lambdas or [s.lambda_], ks or [s.k], temperatures or [s.temperature]))

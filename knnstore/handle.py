@@ -343,6 +343,23 @@ class StoreHandle:
         """Whether this handle holds the store's write lock now."""
         return self._lock.held
 
+    def calibration(self):
+        """The newest adaptive-λ calibration (``adaptive.Calibration``), or None."""
+        from .adaptive import Calibration  # torch: only where a calibration is read
+
+        fit = catalog.newest_calibration_fit(self.engine)
+        return Calibration.from_dict(fit) if fit is not None else None
+
+    def newest_calibration(self) -> int | None:
+        """The id of the newest calibration saved (by any process; None: none)."""
+        return catalog.newest_calibration(self.engine)
+
+    def calibrations(self) -> list:
+        """Every adaptive-λ calibration (``adaptive.Calibration``), newest first."""
+        from .adaptive import Calibration
+
+        return [Calibration.from_dict(fit) for fit in catalog.calibration_fits(self.engine)]
+
     @property
     def catalog_rows(self) -> list[catalog.Corpus]:
         """The catalog's corpora in this snapshot, ready or not (``corpora`` describes them)."""

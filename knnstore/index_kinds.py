@@ -76,6 +76,8 @@ def choose(rows: int, dim: int, index_type: str | None = None, num_partitions: i
         index_type = IvfPq.name if num_sub_vectors is not None else DEFAULT_INDEX_TYPE
     if index_type not in KINDS:
         raise InputError(f"index type must be one of {', '.join(INDEX_TYPES)}, got {index_type!r}")
+    if num_sub_vectors is not None and index_type != IvfPq.name:
+        raise InputError(f"sub-vectors are IVF-PQ's: give --type ivf_pq with them, or leave them out for {index_type}")
     check_index_params(rows, dim, num_partitions, num_sub_vectors)
     partitions = default_partitions(rows) if num_partitions is None else num_partitions
     if index_type == IvfPq.name:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 from .config import env
 
@@ -37,7 +38,7 @@ class IndexPolicy:
 class IndexPlan:
     """What the index policy says to do (``Store.index_plan``)."""
 
-    action: str  # none | train | update | retrain
+    action: str  # none | train | update | retrain; rebuild: a training asked for (``knnstore index --rebuild``)
     reason: str
     rows: int
     trained_rows: int | None
@@ -48,6 +49,11 @@ class IndexPlan:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Around a build the index policy (or a user) asked for: a context manager made from the
+# plan, entered while the build runs (the CLI's status line and timing).
+IndexWatch = Callable[[IndexPlan], ContextManager[None]]
 
 
 def plan(rows: int, has_index: bool, indexed_rows: int, unindexed_rows: int, trained_rows: int | None,

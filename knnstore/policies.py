@@ -19,8 +19,12 @@ from typing import Protocol
 
 from . import adaptive
 from .config import ProgressFn
-from .errors import KnnstoreError
-from .evaluate import SELF_MIN_TOKENS, SELF_SOURCE, Scorer, self_calibrate
+from .errors import InputError, KnnstoreError
+from .evaluate import SELF_MIN_TOKENS, SELF_SOURCE, SELF_TOKENS, Scorer, self_calibrate
+from .evaluate import calibrate as fit_on_text
+from .writer import Writer
+
+TEXT_TOKENS = 20000  # tokens of held-out text a calibration fits on, unless told
 
 
 class Adapter(Scorer, Protocol):
@@ -71,10 +75,33 @@ def calibrate_self(lm: Adapter, progress: ProgressFn | None = None) -> Resolved:
                                            f"({SELF_MIN_TOKENS:,} positions needed): adaptive λ uses the "
                                            f"cautious rule")
     try:
-        lm.store.save_calibration(cal, text_source=SELF_SOURCE, n_tokens=cal.tokens)
+        Writer(lm.store).save_calibration(cal, text_source=SELF_SOURCE, n_tokens=cal.tokens)
     except KnnstoreError as exc:  # read-only, or another process writing: used, not saved
         return Resolved(cal, f"calibrated on the store's own text (not saved: {exc})")
     return Resolved(cal, "calibrated on the store's own text (saved in the store)")
+
+
+def calibrate(lm: Adapter, text: str | None = None, *, source: str | None = None, kind: str = "logistic",
+              keep: float = 0.9, max_tokens: int | None = None,
+              progress: ProgressFn | None = None) -> tuple[int, adaptive.Calibration]:
+    """``knnstore calibrate``: fit the adaptive-λ map on held-out ``text`` of the store's
+    domain (its first ``max_tokens``, default ``TEXT_TOKENS``; ``source`` names it in the
+    catalog), or without text on the store's own text (``max_tokens`` positions, default
+    ``SELF_TOKENS``), and save it. Returns its id in the catalog and the calibration;
+    refuses, before anything is saved, a store with no pairs or too little text of its own."""
+    if not lm.store.searchable:
+        raise InputError("the store has no pairs: add a corpus before calibrating")
+    if text is not None:
+        cal = fit_on_text(lm, text, kind=kind, max_tokens=max_tokens or TEXT_TOKENS, keep=keep, progress=progress)
+        source = source or "(text)"
+    else:
+        cal = self_calibrate(lm, kind=kind, keep=keep, tokens=max_tokens or SELF_TOKENS, progress=progress)
+        if cal is None:
+            raise InputError(f"the store holds too little text to calibrate on itself ({SELF_MIN_TOKENS:,} "
+                             f"positions outside the one being scored are needed): give held-out text with "
+                             f"--text; nothing was saved")
+        source = SELF_SOURCE
+    return Writer(lm.store).save_calibration(cal, text_source=source, n_tokens=cal.tokens), cal
 
 
 class Watch:

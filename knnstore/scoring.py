@@ -26,6 +26,14 @@ class ScoredWindow:
     logits: torch.Tensor  # [S, V] the LM's logits for each target
 
 
+def check_windows(window: int, stride: int) -> None:
+    """Sliding-window scoring settings that work: a window of at least 2 tokens, and a stride
+    of at least 1 that is less than the window (each token is then scored once, with at
+    least window - stride tokens of context)."""
+    check_number("window", window, 2, MAX_WINDOW, integer=True)
+    check_number(f"stride (less than the window, {window})", stride, 1, window - 1, integer=True)
+
+
 def scored_windows(encoder: Encoder, ids: list[int], window: int = SCORE_WINDOW, stride: int = SCORE_STRIDE,
                    batch_size: int = 4) -> Iterator[ScoredWindow]:
     """Sliding-window scoring of one token sequence: every token after the first exactly once.
@@ -35,8 +43,7 @@ def scored_windows(encoder: Encoder, ids: list[int], window: int = SCORE_WINDOW,
     ``window - stride`` tokens of context. A window longer than the model's positions
     allow is shortened to fit.
     """
-    check_number("window", window, 2, MAX_WINDOW, integer=True)
-    check_number("stride", stride, 1, window - 1, integer=True)
+    check_windows(window, stride)
     if encoder.max_length is not None and window > encoder.max_length:
         window, stride = encoder.max_length, min(stride, encoder.max_length * 3 // 4)
     # (begin, end, first scored): token 0 has no context, so it is never a target

@@ -38,7 +38,7 @@ from .devices import resolve_compute_dtype, resolve_device
 from .distributed import ray_options
 from .errors import InputError, StoreChangedError
 from .handle import StoreHandle
-from .indexing import IndexPlan
+from .indexing import IndexPlan, IndexWatch
 from .layout import StoreParts, check_new_store, create_store, open_parts, resolve_catalog_url
 from .projection import KeyProjection
 from .results import CorpusInfo, StoreStats
@@ -269,26 +269,18 @@ class Store(StoreHandle):
         """What the index policy would do now (``indexing.plan``; ``maintain_index`` does it)."""
         return self._writer.index_plan()
 
-    def maintain_index(self) -> IndexPlan:
-        """Apply the index policy (``index_plan``); returns the plan it carried out."""
-        return self._writer.maintain_index()
+    def maintain_index(self, watch: IndexWatch | None = None) -> IndexPlan:
+        """Apply the index policy (``index_plan``); returns the plan it carried out. A build
+        runs inside ``watch(plan)`` (``indexing.IndexWatch``: say what is being done)."""
+        return self._writer.maintain_index(watch)
 
-    def calibration(self):
-        """The newest adaptive-λ calibration (``adaptive.Calibration``), or None."""
-        from .adaptive import Calibration
-
-        fit = catalog.newest_calibration_fit(self.engine)
-        return Calibration.from_dict(fit) if fit is not None else None
-
-    def newest_calibration(self) -> int | None:
-        """The id of the newest calibration saved (by any process; None: none)."""
-        return catalog.newest_calibration(self.engine)
-
-    def calibrations(self) -> list:
-        """Every adaptive-λ calibration (``adaptive.Calibration``), newest first."""
-        from .adaptive import Calibration
-
-        return [Calibration.from_dict(fit) for fit in catalog.calibration_fits(self.engine)]
+    def index(self, *, rebuild: bool = False, index_type: str | None = None, num_partitions: int | None = None,
+              num_sub_vectors: int | None = None, watch: IndexWatch | None = None) -> IndexPlan:
+        """``knnstore index``: train an index now (``rebuild``, or any of its parameters
+        given: ``num_sub_vectors`` implies IVF-PQ), else apply the policy; returns what the
+        policy says afterwards (see ``maintain_index`` for ``watch``)."""
+        return self._writer.index(rebuild=rebuild, index_type=index_type, num_partitions=num_partitions,
+                                  num_sub_vectors=num_sub_vectors, watch=watch)
 
     # --- writing ---------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ Crash points (``faults.crash_point``) name every step for the kill -9 tests.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -40,11 +41,11 @@ from .errors import (
 )
 from .distributed import RayOptions, check_ray, encode_on_ray
 from .faults import crash_point
-from .indexing import IndexPlan, IndexPolicy
+from .handle import normalise_name
+from .index_kinds import INDEX_TYPES, choose
+from .indexing import IndexPlan, IndexPolicy, IndexWatch
 from .location import storage_failure
 from .projection import FIT_KEYS, KeyProjection
-from .handle import normalise_name
-from .index_kinds import INDEX_TYPES
 from .schema import key_matrix, pairs_schema, row_bytes
 
 if TYPE_CHECKING:
@@ -155,19 +156,38 @@ class Writer:
         return indexing.plan(self.store.table.count(), state.has_vector_index, state.indexed_rows,
                              state.unindexed_rows, trained, IndexPolicy.from_env())
 
-    def maintain_index(self) -> IndexPlan:
-        """Apply the index policy (``index_plan``); returns the plan it carried out."""
+    def maintain_index(self, watch: IndexWatch | None = None) -> IndexPlan:
+        """Apply the index policy (``index_plan``); returns the plan it carried out (a build
+        runs inside ``watch(plan)``)."""
         with self.store.write_lock():
             self.store.refresh()
             plan = self.index_plan()
-            if plan.action == "train":
-                self.create_index()
-            elif plan.action == "retrain":  # keep the type the user chose
-                kind = self.store.table.index_type()
-                self.create_index(index_type=kind if kind in INDEX_TYPES else None)
-            elif plan.action == "update":
-                self.update_index()
+            with watch(plan) if watch is not None and plan.action != "none" else contextlib.nullcontext():
+                if plan.action == "train":
+                    self.create_index()
+                elif plan.action == "retrain":  # keep the type the user chose
+                    kind = self.store.table.index_type()
+                    self.create_index(index_type=kind if kind in INDEX_TYPES else None)
+                elif plan.action == "update":
+                    self.update_index()
         return plan
+
+    def index(self, *, rebuild: bool = False, index_type: str | None = None, num_partitions: int | None = None,
+              num_sub_vectors: int | None = None, watch: IndexWatch | None = None) -> IndexPlan:
+        """``knnstore index``: train an index now where asked (``rebuild``, or any of its
+        parameters given, checked before anything runs: ``index_kinds.choose``), else apply
+        the policy (``maintain_index``); a build runs inside ``watch(plan)``. Returns what the
+        policy says afterwards."""
+        if rebuild or index_type or num_partitions or num_sub_vectors:
+            table = self.store.table
+            kind = choose(table.count(), table.dim, index_type, num_partitions, num_sub_vectors)
+            asked = dataclasses.replace(self.index_plan(), action="rebuild", reason=f"{table.count():,} rows")
+            with watch(asked) if watch is not None else contextlib.nullcontext():
+                self.create_index(num_partitions=num_partitions, num_sub_vectors=num_sub_vectors,
+                                  index_type=kind.name)
+        else:
+            self.maintain_index(watch)
+        return self.index_plan()
 
     # --- calibrations (adaptive λ): rows of their own, written under the lock ----------------
 
