@@ -132,10 +132,6 @@ class IndexState:
         """The index types, as ``stats`` and ``index`` print them."""
         return ", ".join(i.type for i in self.indices) or "none (exact search)"
 
-    def __getitem__(self, key: str):
-        """``state["indexed_rows"]``: as when this was a dict (kept for code that reads it so)."""
-        return self.to_dict()[key]
-
     def to_dict(self) -> dict:
         """As ``stats --json`` shows it: indices as {name, type, columns} objects."""
         return {"indices": [{"name": i.name, "type": i.type, "columns": list(i.columns)} for i in self.indices],
