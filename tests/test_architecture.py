@@ -63,3 +63,19 @@ def test_type_hints_never_name_a_module_above():
         above = {m for m in _imports(ROOT / "knnstore" / f"{module}.py")[1] if table[m][0] >= layer}
         assert not above, f"{module} (layer {layer}) imports {sorted(above)} for type hints: of its layer or above"
 
+
+
+def test_each_knn_setting_is_declared_once_and_read_by_the_cli_and_the_server():
+    import dataclasses
+
+    from knnstore.cli import cli
+    from knnstore.config import KNNSettings, settings_of
+    from knnstore.server import KNNFields
+
+    declared = settings_of(KNNSettings)
+    assert [f.name for f, _ in declared] == [f.name for f in dataclasses.fields(KNNSettings)]
+    options = {name for p in cli.commands["eval"].params for name in p.opts}
+    requests = {f.alias or name for name, f in KNNFields.model_fields.items()}
+    for f, setting in declared:
+        assert setting.option in options, f"eval has no {setting.option}"
+        assert setting.request is None or setting.request in requests, f"requests have no {setting.request}"

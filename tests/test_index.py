@@ -1,6 +1,7 @@
 """The ANN index lifecycle: trained past a threshold, new rows indexed incrementally and
 searchable before they are, removed corpora never returned, retrained only after growth."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -110,6 +111,25 @@ def test_cli_index_status_policy_and_rebuild(tmp_path, tiny_model_dir, policy):
     assert result.exit_code == 0 and "Indexing" not in result.output
     status = json.loads(runner.invoke(cli, ["index", path, "--status", "--json"]).stdout)
     assert status["action"] == "update" and status["unindexed_rows"] > 0
+    # sub-vectors are IVF-PQ's: with --type ivf_rq a clear refusal, and no build recorded
+    result = runner.invoke(cli, ["index", path, "--type", "ivf_rq", "--sub-vectors", "2"])
+    assert result.exit_code == 1 and "sub-vectors are IVF-PQ's" in result.output
+
+
+def test_the_library_runs_the_index_policy_inside_the_callers_watch(store, tmp_path, small_settings, policy):
+    watched = []
+
+    @contextlib.contextmanager
+    def watch(plan):
+        watched.append((plan.action, store.table.has_vector_index()))
+        yield
+
+    store.add_corpus("d", [write_docs(tmp_path / "d", 4)], settings=small_settings, index=False)
+    plan = store.maintain_index(watch=watch)  # below KNNSTORE_INDEX_MIN_ROWS: nothing to watch
+    assert plan.action == "none" and watched == []
+    after = store.index(rebuild=True, num_partitions=2, watch=watch)
+    assert watched == [("rebuild", False)] and store.table.index_type() == "ivf_rq"
+    assert after.action == "none" and after.indexed_rows == store.table.count()
 
 
 def test_index_types_rq_by_default_pq_on_request(store, tmp_path, small_settings):

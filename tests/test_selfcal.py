@@ -155,6 +155,9 @@ def test_cli_calibrates_on_the_store_itself(domain_store):
 def test_the_default_calibrates_once_and_again_when_the_content_changes(domain_store, tiny_encoder, tmp_path):
     lm = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, domain_store, k=8, temperature=1.0, exact=True)
     assert lm.settings.adaptive and lm.needs_calibration() and domain_store.calibration() is None
+    with pytest.raises(RuntimeError, match="resolve_policy"):  # a property read never calibrates
+        lm.policy
+    assert domain_store.calibration() is None
     first = lm.resolve_policy()  # the default: a self-calibration, made now and saved
     assert isinstance(first, Calibration) and first.metrics["source"] == "self"
     assert lm.policy_note == "calibrated on the store's own text (saved in the store)"
