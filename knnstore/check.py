@@ -168,7 +168,7 @@ def _check(store: "StoreHandle", repair: bool) -> CheckReport:
     if not writer:
         report.problems += _stale_runs(store, repair)
     state = store.table.index_state()
-    if state.indices and state.unindexed_rows:
+    if state.has_vector_index and state.unindexed_rows:
         report.problems.append(Problem(WARNING, f"{state.unindexed_rows:,} rows are not in the ANN index yet "
                                                 "(searched exactly meanwhile): `knnstore index` folds them in"))
     return report

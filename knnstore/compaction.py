@@ -110,6 +110,7 @@ def compact(store: "StoreHandle", key_dim: int, progress: ProgressFn | None = No
         crash_point("compact.after_switch")
         store.use_table(new, projection)
         PairsTable.drop(old.uri, old.name)
+        store.table.index_pairs()
         if old.has_vector_index():
             Writer(store).create_index(index_type=index_type)
     store.refresh()

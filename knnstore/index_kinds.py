@@ -129,8 +129,9 @@ class IndexState:
         return any("vector" in i.columns for i in self.indices)
 
     def describe(self) -> str:
-        """The index types, as ``stats`` and ``index`` print them."""
-        return ", ".join(i.type for i in self.indices) or "none (exact search)"
+        """The key column's index types, as ``stats`` and ``index`` print them (the scalar
+        index on pair_id, there on every store with pairs, is listed in ``indices`` only)."""
+        return ", ".join(i.type for i in self.indices if "vector" in i.columns) or "none (exact search)"
 
     def to_dict(self) -> dict:
         """As ``stats --json`` shows it: indices as {name, type, columns} objects."""

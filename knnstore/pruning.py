@@ -222,3 +222,4 @@ def _commit(store: "StoreHandle", info, kept: pa.Table) -> None:
         # the merge rewrote the corpus's kept rows: index them (into the trained partitions,
         # no retraining), else every search scans them
         Writer(store).update_index()
+    store.table.index_pairs()  # the rewritten rows, found by id again

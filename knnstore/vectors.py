@@ -27,6 +27,8 @@ from .index_kinds import AUTO_REFINE, CODES_REFINE, IndexInfo, IndexState, choos
 from .location import Location, storage_failure
 from .schema import CODES, RESULT_FIELDS, WEIGHT, key_matrix, pair_id, pairs_schema
 
+PAIR_INDEX = "pair_id_idx"  # the scalar index on pair_id (``PairsTable.index_pairs``)
+
 if TYPE_CHECKING:  # torch is imported where keys are computed on: opening a table needs none
     import torch
 
@@ -600,6 +602,30 @@ class PairsTable:
                 name = {"ivfrq": "ivf_rq", "ivfpq": "ivf_pq"}.get(raw, raw)
             self._index_type = (version, name)
         return self._index_type[1]
+
+    def index_pairs(self) -> None:
+        """Keep the scalar index on ``pair_id`` (``PAIR_INDEX``, a BTREE) over every row, so
+        that pairs by id (``take``: a neighbour's successor, explain's stored context) are
+        found by the index at any store size instead of a scan: made where the table has
+        rows and no such index, brought up to date where rows came since (an add, a prune's
+        rewrite). One commit, no data changed; under the write lock."""
+        if self.count() == 0:
+            return
+        with damage_errors(self.uri):
+            ds = self._lance()
+            names = {index["name"] for index in ds.list_indices()}
+            if PAIR_INDEX not in names:
+                ds.create_scalar_index("pair_id", "BTREE", name=PAIR_INDEX)
+            elif ds.stats.index_stats(PAIR_INDEX)["num_unindexed_rows"]:
+                ds.optimize.optimize_indices(index_names=[PAIR_INDEX])
+        self.refresh()
+
+    def pairs_indexed(self) -> bool:
+        """Whether every row is in the scalar index on pair_id (``index_pairs``)."""
+        ds = self._lance()
+        if PAIR_INDEX not in {index["name"] for index in ds.list_indices()}:
+            return self.count() == 0
+        return ds.stats.index_stats(PAIR_INDEX)["num_unindexed_rows"] == 0
 
     def update_index(self) -> None:
         """Add the rows written since the index was trained to it, without retraining: a

@@ -309,6 +309,7 @@ class Writer:
                 pass
             raise
         self.store.refresh()
+        self.store.table.index_pairs()
 
     def _ingest_on_ray(self, corpus_id: int, name: str, kind: str, total_tokens: int,
                        progress: ProgressFn | None, ray: RayOptions) -> None:

@@ -122,6 +122,7 @@ def test_compact_rewrites_every_key_projected_and_queries_follow(two_corpora, ti
         np.testing.assert_allclose(np.asarray(r["vector"], dtype=np.float32),
                                    store.projection.apply(full_keys[r["pair_id"]]), atol=3e-2, rtol=1e-2)
     assert check(store).ok and not any(n != store.table.name for n in store.table.table_names(store.table.uri))
+    assert store.table.pairs_indexed()  # the new table has its pair index from the start
     # reopened from disk: the same table and projection; a query is a model key, projected
     again = Store.open(store.location.path, encoder=tiny_encoder)
     assert again.table.name == store.table.name and again.projection.sha256 == store.projection.sha256

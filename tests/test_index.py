@@ -15,7 +15,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from knnstore import Store, catalog
+from knnstore.check import check
 from knnstore.cli import cli
+from knnstore.schema import pair_id
 
 from .conftest import write_docs
 
@@ -246,3 +248,20 @@ def test_default_partitions_follow_the_store_past_4096():
     assert default_partitions(16_777_216) == 4096
     assert default_partitions(10**9) == 31_623  # ~1M codes per query at nprobes 32
     assert default_partitions(10**12) == MAX_PARTITIONS
+
+
+def test_pairs_are_found_by_id_through_a_scalar_index_kept_up_to_date(store, tmp_path, small_settings):
+    from knnstore.vectors import PAIR_INDEX
+
+    assert store.table.pairs_indexed()  # an empty table: nothing to index
+    store.add_corpus("d", [write_docs(tmp_path / "d", 3)], settings=small_settings, index=False)
+    assert PAIR_INDEX in {i.name for i in store.table.index_state().indices} and store.table.pairs_indexed()
+    assert store.table.index_state().describe() == "none (exact search)"  # the ANN index is the policy's
+    store.add_corpus("e", [write_docs(tmp_path / "e", 2, template="Other {i}: a quiet harbour. ")],
+                     settings=small_settings, index=False)
+    assert store.table.pairs_indexed()  # the new rows folded in
+    first = store.documents("e")[0]
+    rows = store.table.take([int(pair_id(first.id, 1))], columns=["document_id", "position"]).to_pylist()
+    assert rows == [{"document_id": first.id, "position": 1}]
+    assert check(store).ok
+

@@ -87,6 +87,7 @@ def test_prune_keeps_every_vote_and_the_catalog_agrees(two_corpora):
     assert store.sql("SELECT pair_id FROM pairs WHERE corpus = 'b' ORDER BY pair_id").to_pylist() == other
     report = check(store)
     assert report.ok, report.problems
+    assert store.table.pairs_indexed()  # the rewritten rows are found by id through the index again
     # documents' counts are the table's
     docs = store.documents("a")
     assert {d.id: d.n_pairs for d in docs} == store.table.counts_by_document([d.id for d in docs])
