@@ -264,4 +264,7 @@ def test_pairs_are_found_by_id_through_a_scalar_index_kept_up_to_date(store, tmp
     rows = store.table.take([int(pair_id(first.id, 1))], columns=["document_id", "position"]).to_pylist()
     assert rows == [{"document_id": first.id, "position": 1}]
     assert check(store).ok
+    store.remove_corpus("d")
+    store.purge()  # data files rewritten: Lance remaps the index
+    assert store.table.pairs_indexed() and store.table.take([int(pair_id(first.id, 1))]).num_rows == 1
 
