@@ -42,11 +42,12 @@ from .config import (
     SQL_TIMEOUT_S,
     IngestSettings,
     KNNSettings,
-    settings_of,
     SourceOptions,
     check_number,
     describe_range,
+    settings_of,
     show_number,
+    value_type,
 )
 from .errors import InputError, KnnstoreError
 from .index_kinds import INDEX_TYPES
@@ -753,7 +754,7 @@ def _knn_options(sweep: bool, only: tuple[str, ...] | None = None, helps: dict[s
             continue
         default = "none" if f.default is None else show_number(f.default)
         text = (helps or {}).get(f.name, declared.help).format(default=default, many=many)
-        if f.type == "bool":
+        if value_type(f) is bool:
             flag = f"{declared.option}/--no-{declared.option[2:]}" if declared.negative else declared.option
             switch = {} if declared.negative else {"is_flag": True}
             options.append(click.option(flag, f.name, default=None, help=text, **switch))

@@ -291,6 +291,13 @@ def settings_of(cls) -> list[tuple[dataclasses.Field, Setting]]:
     return [(f, f.metadata["setting"]) for f in dataclasses.fields(cls) if "setting" in f.metadata]
 
 
+def value_type(f: dataclasses.Field) -> type:
+    """What a declared setting holds: ``bool`` (a switch), ``int`` or ``float``."""
+    if f.type in ("bool", bool):
+        return bool
+    return int if f.metadata["setting"].integer else float
+
+
 @dataclass(frozen=True)
 class KNNSettings:
     """How the adapter mixes the store into the LM (the kNN-LM parameters).
@@ -365,8 +372,8 @@ class KNNSettings:
         for f, declared in settings_of(cls):
             value = given.get(f.name)
             if value is None:
-                cast = _flag if f.type in ("bool", bool) else int if declared.integer else float
-                value = env(declared.name, cast, None)
+                kind = value_type(f)
+                value = env(declared.name, _flag if kind is bool else kind, None)
             if value is None and f.name == "adaptive":
                 value = given.get("lambda_") is None and env("lambda", float, None) is None
             values[f.name] = f.default if value is None else value

@@ -50,7 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import policies
 from .adapter import KNNLM
-from .config import KNNSettings, Setting, check_number, settings_of
+from .config import KNNSettings, Setting, check_number, settings_of, value_type
 from .decoding import Row, decode
 from .errors import (
     CorpusNotFoundError,
@@ -142,8 +142,7 @@ class _RequestFields(BaseModel):
 # is OpenAI's sampling temperature; the kNN distribution's is ``knn_temperature``. Types
 # are strict: ``true`` is not a number, ``"5"`` not an integer.
 KNNFields = create_model("KNNFields", __base__=_RequestFields, **{
-    _request_attribute(declared): ((bool if f.type == "bool" else int if declared.integer else float) | None,
-                                   Field(None, alias=declared.request))
+    _request_attribute(declared): (value_type(f) | None, Field(None, alias=declared.request))
     for f, declared in settings_of(KNNSettings) if declared.request is not None})
 
 
