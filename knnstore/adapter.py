@@ -167,12 +167,20 @@ class Step:
 
     log_probs: torch.Tensor  # [N, V] the mixture
     lm_log_probs: torch.Tensor  # [N, V]
-    knn_log_probs: torch.Tensor | None  # [N, V] (rows that skipped: all -inf)
     retrieved: torch.Tensor  # [N] bool
     neighbours: Neighbours  # [N, k]; rows that skipped hold no neighbours
+    view: mixing.View  # what the neighbours said before the rows were gated: p_kNN, signals
     lambdas: float | torch.Tensor = 0.0  # λ, or [N] per row with adaptive interpolation
-    signals: torch.Tensor | None = None  # [N, len(adaptive.SIGNALS)] with adaptive interpolation
-    view: mixing.View | None = None  # what the neighbours said before the rows were gated
+
+    @property
+    def knn_log_probs(self) -> torch.Tensor:
+        """[N, V] log p_kNN (rows that skipped: all -inf)."""
+        return self.view.knn
+
+    @property
+    def signals(self) -> torch.Tensor | None:
+        """[N, len(adaptive.SIGNALS)] with adaptive interpolation, else None."""
+        return self.view.signals
 
     @property
     def has_neighbours(self) -> torch.Tensor:
@@ -357,8 +365,7 @@ class KNNLM:
         lambdas: float | torch.Tensor = v.lambdas
         if policy is not None:
             lambdas = v.lambdas.to(lm_log_probs.dtype) if len(rows) else torch.zeros(n, dtype=lm_log_probs.dtype)
-        return Step(mixing.mixture(lm_log_probs, v, retrieve), lm_log_probs, v.knn, retrieve, neighbours, lambdas,
-                    v.signals, v)
+        return Step(mixing.mixture(lm_log_probs, v, retrieve), lm_log_probs, retrieve, neighbours, v, lambdas)
 
     def text_step(self, keys: torch.Tensor, lm_logits: torch.Tensor, targets: torch.Tensor,
                   previous: torch.Tensor | None = None) -> tuple[Step, torch.Tensor | None]:

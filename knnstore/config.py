@@ -252,7 +252,7 @@ class Setting:
     """How one kNN setting is given and checked: the one declaration that the CLI's options
     (``cli._knn_options``), the server's request fields (``server.KNNFields``), the
     ``KNNSTORE_*`` environment variable (``KNNSettings.resolve``), the validation
-    (``KNNSettings.__post_init__``) and docs/cli.md's table read.
+    (``KNNSettings.__post_init__``) and docs/adapter.md's table (``tools/gen_cli_docs.py``) read.
 
     ``help`` may name ``{default}`` (the field's default) and ``{many}`` (what a list
     does, on ``eval``'s sweepable options)."""

@@ -164,4 +164,3 @@ def perplexity(nll_sum: float, n: int) -> float:
         return float("nan")
     mean = nll_sum / n
     return math.exp(mean) if mean < 700 else float("inf")
-

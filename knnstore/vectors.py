@@ -550,8 +550,7 @@ class PairsTable:
         centroids are trained by ``kmeans`` on ``device`` (a GPU when the store has one)
         from a sample of the keys; Lance assigns every row and encodes it.
         """
-        kind = choose(self.count(), self.schema.field("vector").type.list_size, index_type, num_partitions,
-                      num_sub_vectors)
+        kind = choose(self.count(), self.dim, index_type, num_partitions, num_sub_vectors)
         options = {"metric": "L2", "replace": True, **kind.lance_options(),
                    "ivf_centroids": self.train_centroids(kind.partitions, device).cpu().numpy()}
         with damage_errors(self.uri):
@@ -612,20 +611,24 @@ class PairsTable:
         if self.count() == 0:
             return
         with damage_errors(self.uri):
-            ds = self._lance()
-            names = {index["name"] for index in ds.list_indices()}
-            if PAIR_INDEX not in names:
-                ds.create_scalar_index("pair_id", "BTREE", name=PAIR_INDEX)
-            elif ds.stats.index_stats(PAIR_INDEX)["num_unindexed_rows"]:
-                ds.optimize.optimize_indices(index_names=[PAIR_INDEX])
+            missing = self._rows_outside_pair_index()
+            if missing is None:
+                self._lance().create_scalar_index("pair_id", "BTREE", name=PAIR_INDEX)
+            elif missing:
+                self._lance().optimize.optimize_indices(index_names=[PAIR_INDEX])
         self.refresh()
 
     def pairs_indexed(self) -> bool:
         """Whether every row is in the scalar index on pair_id (``index_pairs``)."""
+        missing = self._rows_outside_pair_index()
+        return self.count() == 0 if missing is None else missing == 0
+
+    def _rows_outside_pair_index(self) -> int | None:
+        """Rows the scalar index on pair_id does not cover yet; None: the table has none."""
         ds = self._lance()
         if PAIR_INDEX not in {index["name"] for index in ds.list_indices()}:
-            return self.count() == 0
-        return ds.stats.index_stats(PAIR_INDEX)["num_unindexed_rows"] == 0
+            return None
+        return int(ds.stats.index_stats(PAIR_INDEX)["num_unindexed_rows"])
 
     def update_index(self) -> None:
         """Add the rows written since the index was trained to it, without retraining: a
