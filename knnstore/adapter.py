@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from . import adaptive, knn, mixing, policies
+from . import adaptive, knn, mixing, policies, reading
 from .config import (
     MAX_BEAMS,
     MAX_K,
@@ -84,6 +84,7 @@ class TokenExplanation:
     retrieved: bool
     sources: list[Source] = field(default_factory=list)
     knn_weight: float = 0.0  # the λ p_kNN was mixed with here (per token when adaptive)
+    read_from: Source | None = None  # the read passage's stored pair whose next token this copies
 
     def top_documents(self, n: int = 3) -> list[tuple[str, float]]:
         """The documents whose neighbours carry the most weight, with their total weight."""
@@ -96,6 +97,7 @@ class TokenExplanation:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["sources"] = [s.to_dict() for s in self.sources]
+        d["read_from"] = self.read_from.to_dict() if self.read_from is not None else None
         return d
 
 
@@ -125,7 +127,11 @@ class Span:
 
 
 def follows(t: TokenExplanation) -> Source | None:
-    """The heaviest neighbour that predicted this very token (None: none did)."""
+    """The read passage's pair this token copies (``TokenExplanation.read_from``: the
+    document the prompt named); else the heaviest neighbour that predicted this very token;
+    None: neither."""
+    if t.read_from is not None:
+        return t.read_from
     return t.sources[0] if t.sources and t.sources[0].next_token == t.token else None
 
 
@@ -154,11 +160,40 @@ class Generation:
     retrieved_fraction: float
     tokens: list[TokenExplanation] = field(default_factory=list)  # with explain=True
     spans: list[Span] = field(default_factory=list)  # with explain=True: copied passages
+    read: list[Passage] = field(default_factory=list)  # what the model read before the prompt
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
                 "retrieved_fraction": self.retrieved_fraction,
-                "tokens": [t.to_dict() for t in self.tokens], "spans": [s.to_dict() for s in self.spans]}
+                "tokens": [t.to_dict() for t in self.tokens], "spans": [s.to_dict() for s in self.spans],
+                "read": [p.to_dict() for p in self.read]}
+
+
+@dataclass
+class Passage:
+    """A stretch of a stored document the model read before the prompt (``KNNLM.read``)."""
+
+    corpus: str
+    document_id: int
+    document: str
+    title: str | None
+    start_position: int  # the stored positions of its first and last token
+    end_position: int
+    text: str
+    score: float  # nats: the LM's surprise at the prompt's phrase the document spells
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Reading:
+    """What the model reads before a prompt, and the prompt's own key (``KNNLM.read``)."""
+
+    passages: list[Passage]  # best first
+    context_ids: list[int]  # the passages' tokens, each followed by a blank line, the best one last
+    tokens: list[tuple[int, list[int]]]  # each passage's first stored position and tokens
+    key: torch.Tensor  # [dim] the key at the prompt's last position, read without the passages
 
 
 @dataclass
@@ -477,13 +512,78 @@ class KNNLM:
                 passage=self.tokenizer.decode(stored)))
         return out
 
+    # --- reading ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def read(self, ids: Sequence[int], room: int | None = None) -> Reading | None:
+        """What the model reads before the prompt ``ids``: the passages of the stored
+        documents that spell its rarest phrases (``reading``: every prompt position searched
+        in one batch), at most ``settings.read``, best first, in ``room`` tokens at most
+        (None: the model's context less the prompt's). None where the settings read nothing
+        (``read`` 0, or λ 0), the store cannot be searched, or no document is named."""
+        s = self.settings
+        if room is None:
+            room = (self.encoder.max_length or len(ids) + reading.MAX_READ_TOKENS) - len(ids)
+        ids = list(ids)[-reading.MAX_PROMPT:]
+        if not s.read or s.lambda_ == 0.0 or not self.store.searchable or len(ids) < 3:
+            return None
+        keys, logits = self.encoder.forward(torch.tensor([ids]), with_logits=True)
+        keys, logits = keys[0], logits[0]
+        targets = torch.tensor(ids[1:])
+        surprise = -torch.log_softmax(logits[:-1], dim=-1)[torch.arange(len(targets)), targets]
+        found = self.search(keys[:-1], min(reading.READ_K, s.k))
+        surprise = surprise.tolist()
+        hits = reading.named(ids[1:], surprise, found.next_tokens, found.document_ids, found.positions,
+                             reading.CANDIDATES * s.read)
+        candidates = []
+        for h in hits:
+            lo, hi = reading.window(h)
+            _, here, nxt, right = self.store.table.tokens_around(h.document_id, lo, 0, hi - lo)
+            if here is not None:
+                read = [t for t in (here, nxt) if t is not None] + right
+                candidates.append((reading.mentions(ids, surprise, read), h, lo, read))
+        candidates.sort(key=lambda c: (-c[0], -c[1].score))
+        refs = self.store.document_refs([c[1].document_id for c in candidates])
+        blank = self.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+        passages, tokens, context = [], [], []
+        for _, h, lo, read in candidates:
+            if len(passages) == s.read:
+                break
+            if len(context) + len(read) + len(blank) > room:
+                continue
+            ref = refs.get(h.document_id)
+            passages.append(Passage(corpus=ref.corpus if ref else "?", document_id=h.document_id,
+                                    document=ref.source if ref else "?", title=ref.title if ref else None,
+                                    start_position=lo, end_position=lo + len(read) - 1,
+                                    text=self.tokenizer.decode(read), score=h.score))
+            tokens.append((lo, read))
+            context = read + blank + context  # the best passage last: next to the prompt
+        return Reading(passages, context, tokens, keys[-1]) if passages else None
+
+    def copied_from(self, got: Reading, prompt_ids: Sequence[int], tokens: Sequence[TokenExplanation]) -> None:
+        """Set ``read_from`` of the explained generated ``tokens`` that copy a read passage
+        (``reading.copies``): the passage's stored pair, as a ``Source`` (distance 0 and
+        weight 0: read, not searched)."""
+        at = reading.copies([t.token for t in tokens], prompt_ids, got.tokens)
+        for t, where in zip(tokens, at):
+            if where is None:
+                continue
+            passage, position = got.passages[where[0]], where[1]
+            t.read_from = Source(next_token=t.token, next_token_text=t.text, distance=0.0, weight=0.0,
+                                 corpus=passage.corpus, document_id=passage.document_id, document=passage.document,
+                                 title=passage.title, position=position,
+                                 snippet=self.store.snippet(passage.document_id, position))
+
     # --- generation -------------------------------------------------------------------
 
-    def logits_processor(self, record: bool = False, trail: torch.Tensor | None = None) -> "KNNLogitsProcessor":
+    def logits_processor(self, record: bool = False, trail: torch.Tensor | None = None,
+                         prompt_keys: torch.Tensor | None = None) -> "KNNLogitsProcessor":
         """A LogitsProcessor for ``model.generate``; use it inside its ``with`` block.
         ``trail``: what each row's previous step passed on (``Step.passed_on``), for rows
-        that continue a decoding paused earlier."""
-        return KNNLogitsProcessor(self, record=record, trail=trail)
+        that continue a decoding paused earlier. ``prompt_keys`` [rows, dim]: the keys the
+        first step searches with instead of the captured ones (a row of NaN: the captured
+        one): the prompts' own keys, where the model reads passages before them."""
+        return KNNLogitsProcessor(self, record=record, trail=trail, prompt_keys=prompt_keys)
 
     @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 40, *, do_sample: bool = False,
@@ -500,9 +600,13 @@ class KNNLM:
                          seed=seed, n_sources=n_sources)
         if seed is not None:
             torch.manual_seed(seed)
-        enc = self.tokenizer(prompt, return_tensors="pt").to(self.encoder.device)
-        if enc["input_ids"].shape[1] == 0:
+        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        if not prompt_ids:
             raise InputError("the prompt is empty: give at least one word")
+        limit = self.encoder.max_length
+        got = self.read(prompt_ids, None if limit is None else limit - len(prompt_ids) - max_new_tokens)
+        ids = torch.tensor([(got.context_ids if got else []) + prompt_ids], device=self.encoder.device)
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         warpers = []
         if do_sample and top_k:
             warpers.append(TopKLogitsWarper(top_k))
@@ -514,7 +618,7 @@ class KNNLM:
         # generate()'s own sampling warpers would run before the mixture: turn them off
         # and apply ours after it.
         sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 0} if do_sample else {}
-        with self.logits_processor(record=explain) as proc:
+        with self.logits_processor(record=explain, prompt_keys=got.key[None] if got else None) as proc:
             out = self.model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
                 logits_processor=LogitsProcessorList([proc, *warpers]), pad_token_id=pad, **sampling,
@@ -522,12 +626,14 @@ class KNNLM:
         new = out[0, enc["input_ids"].shape[1]:].tolist()
         tokens: list[TokenExplanation] = []
         if explain and num_beams == 1:
-            start = enc["input_ids"].shape[1]
+            start = len(prompt_ids)
             for i, (tok, step) in enumerate(zip(new, proc.steps)):
                 tokens.append(self.explain_row(step, 0, start + i, tok, n_sources))
+            if got is not None:
+                self.copied_from(got, prompt_ids, tokens)
         return Generation(prompt=prompt, text=self.tokenizer.decode(new, skip_special_tokens=True),
                           token_ids=new, retrieved_fraction=proc.retrieved_fraction, tokens=tokens,
-                          spans=self.spans(tokens))
+                          spans=self.spans(tokens), read=got.passages if got else [])
 
 
 class KNNLogitsProcessor(LogitsProcessor):
@@ -539,8 +645,9 @@ class KNNLogitsProcessor(LogitsProcessor):
     probabilities of the mixture; sampling warpers passed after it act on the mixture.
     """
 
-    def __init__(self, knnlm: KNNLM, record: bool = False, trail: torch.Tensor | None = None) -> None:
-        self.knnlm, self.record, self._trail = knnlm, record, trail
+    def __init__(self, knnlm: KNNLM, record: bool = False, trail: torch.Tensor | None = None,
+                 prompt_keys: torch.Tensor | None = None) -> None:
+        self.knnlm, self.record, self._trail, self._prompt_keys = knnlm, record, trail, prompt_keys
         self.steps: list[Step] = []  # every step, with record=True
         self.last: Step | None = None  # the latest step
         self._stack: contextlib.ExitStack | None = None
@@ -572,6 +679,9 @@ class KNNLogitsProcessor(LogitsProcessor):
         self.knnlm.resolve_policy()
         keys = self._captured[-1][:, -1, :].float().cpu()  # the last position of each row
         self._captured.clear()
+        if self.last is None and self._prompt_keys is not None:  # the first step: the prompts' own keys
+            given = self._prompt_keys.float().cpu().expand(keys.shape[0], -1)
+            keys = torch.where(given.isnan().any(dim=1, keepdim=True), keys, given)
         if keys.shape[0] != scores.shape[0]:
             raise RuntimeError(f"captured {keys.shape[0]} keys for {scores.shape[0]} rows of scores")
         previous = self._previous(input_ids) if self.knnlm.skips_by_trail else None

@@ -743,14 +743,15 @@ class NumList(Num):
             self.fail(f"{exc.message} (give one number or a comma-separated list)", param, ctx)
 
 
-def _knn_options(sweep: bool, only: tuple[str, ...] | None = None, helps: dict[str, str] | None = None):
-    """The kNN-LM options, one per ``KNNSettings`` field as its ``Setting`` declares it (eval,
-    generate, explain and serve take them all; ``only``: those fields; ``helps``: a
-    command's own wording of some), and ``--fixed-lambda``."""
+def _knn_options(sweep: bool, only: tuple[str, ...] | None = None, helps: dict[str, str] | None = None,
+                 decoding: bool = True):
+    """The kNN-LM options, one per ``KNNSettings`` field as its ``Setting`` declares it (generate
+    and serve take them all, eval and explain all but those of decoding, ``decoding=False``;
+    ``only``: those fields; ``helps``: a command's own wording of some), and ``--fixed-lambda``."""
     many = " (a comma-separated list sweeps)" if sweep else ""
     options = []
     for f, declared in settings_of(KNNSettings):
-        if only is not None and f.name not in only:
+        if (only is not None and f.name not in only) or (declared.decoding and not decoding):
             continue
         default = "none" if f.default is None else show_number(f.default)
         text = (helps or {}).get(f.name, declared.help).format(default=default, many=many)
@@ -834,7 +835,7 @@ def _read_text_arg(path) -> str:
 @_store_argument
 @click.option("--text", "text_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="UTF-8 text file to score (one token stream).")
-@_knn_options(sweep=True)
+@_knn_options(sweep=True, decoding=False)
 @click.option("--max-tokens", type=Num(1), help="Score only the first N tokens of the text.")
 @click.option("--window", default=SCORE_WINDOW, show_default=True, type=Num(2, MAX_WINDOW),
               help="Tokens per scoring window.")
@@ -998,6 +999,9 @@ def generate(store, prompt, max_new_tokens, sample, top_p, num_beams, seed, expl
         _echo_json(g.to_dict())
         return
     out.print(Text(_safe(prompt), style="bold") + Text(_safe(g.text)))
+    for p in g.read:
+        err.print(Text(f"read first: {p.corpus}: {_safe(p.title or p.document)} "
+                       f"(positions {p.start_position}-{p.end_position}, {p.score:.0f} nats)"))
     if explain:
         _print_explanations(g.tokens)
         _print_spans(g.spans)
@@ -1007,7 +1011,7 @@ def generate(store, prompt, max_new_tokens, sample, top_p, num_beams, seed, expl
 @cli.command()
 @_store_argument
 @click.argument("text")
-@_knn_options(sweep=False)
+@_knn_options(sweep=False, decoding=False)
 @click.option("--sources", "n_sources", default=3, show_default=True, type=Num(0, MAX_K),
               help="Neighbours shown per token.")
 @_json_option('Print one JSON object per token, in a list.')
@@ -1163,6 +1167,8 @@ def _print_explanations(tokens) -> None:
         table.add_column(column, justify="right" if column.startswith("p") else "left")
     for t in tokens:
         docs = "; ".join(f"{name} ({w:.2f})" for name, w in t.top_documents(2)) or "-"
+        if t.read_from is not None:  # copied from a passage read before the prompt
+            docs = f"read: {t.read_from.corpus}: {t.read_from.title or t.read_from.document}; {docs}"
         snippet = " ".join(t.sources[0].snippet.split()) if t.sources else ""
         if t.sources and t.sources[0].next_token != t.token:
             snippet = f"(no neighbour has this token; nearest:) {snippet}"

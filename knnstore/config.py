@@ -122,6 +122,8 @@ MAX_REFINE_FACTOR = 100  # candidates re-ranked, times k
 MAX_NEW_TOKENS = 100_000  # tokens one generate() call produces
 MAX_BEAMS = 64
 MAX_SEED = 2**32 - 1
+MAX_READ = 8  # documents read before a prompt (``KNNSettings.read``)
+DEFAULT_READ = 2
 
 
 def show_number(x) -> str:
@@ -267,6 +269,7 @@ class Setting:
     request: str | None = None  # the server's request field (None: a server-wide setting only)
     negative: bool = False  # a switch with an --no- form (else a flag that only turns on)
     shown_default: str | None = None  # the default as the docs' table says it, where the field's is not it
+    decoding: bool = False  # acts on decoding only (generate, serve): not an option of eval or explain
 
     @property
     def option(self) -> str:
@@ -355,6 +358,11 @@ class KNNSettings:
                                   "helps: the store's calibration (`knnstore calibrate`; the store calibrates "
                                   "itself on its own text when it has none). The default unless --lambda is "
                                   "given; --no-adaptive: the plain kNN-LM with a fixed λ.")
+    read: int = setting(0, name="read", lo=0, hi=MAX_READ, integer=True, request="read", decoding=True,
+                        shown_default=f"{DEFAULT_READ} with the adaptive default; 0 with a λ given",
+                        help="Passages of the store's documents the model reads before a prompt (generate, "
+                             "serve): those that spell the prompt's rarest phrases, found by the store's own "
+                             f"search; 0: none [default: {DEFAULT_READ}, 0 with --lambda].")
 
     def __post_init__(self) -> None:
         for f, declared in settings_of(type(self)):
@@ -376,6 +384,8 @@ class KNNSettings:
                 value = env(declared.name, _flag if kind is bool else kind, None)
             if value is None and f.name == "adaptive":
                 value = given.get("lambda_") is None and env("lambda", float, None) is None
+            if value is None and f.name == "read":
+                value = DEFAULT_READ if values["adaptive"] else 0
             values[f.name] = f.default if value is None else value
         return cls(**values)
 
@@ -384,4 +394,5 @@ class KNNSettings:
         plain kNN-LM with that λ, as in ``resolve``."""
         if "lambda_" in given and "adaptive" not in given:
             given["adaptive"] = False
+            given.setdefault("read", 0)
         return dataclasses.replace(self, **given)

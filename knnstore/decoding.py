@@ -23,7 +23,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .adapter import KNNLM, Span, TokenExplanation
+from .adapter import KNNLM, Reading, Span, TokenExplanation
 from .config import MAX_NEW_TOKENS, check_number
 from .errors import InputError
 from .windows import left_padded
@@ -52,6 +52,8 @@ class Row:
     spans: list[Span] = field(default_factory=list)  # with explain, once finished
     retrieved: int = 0  # steps that searched the store
     trail: object = None  # what its last step passed on (a paused row resumes with it)
+    reading: Reading | None = None  # what the model reads before the prompt (``KNNLM.read``)
+    read_asked: bool = False  # whether ``reading`` was worked out (at the row's first decoding)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -158,11 +160,22 @@ def decode(lm: KNNLM, rows: Sequence[Row], on_token: OnToken | None = None,
     eos = eos_ids(lm)
     stop_len = max((len(s) for r in rows for s in r.stop), default=0)
     decode_text = lm.tokenizer.decode
-    ids, mask = left_padded([r.prompt_ids + r.token_ids for r in rows], pad=eos[0])
+    limit = lm.encoder.max_length
+    for r in rows:
+        if not r.read_asked:
+            room = None if limit is None else limit - len(r.prompt_ids) - r.max_tokens
+            r.reading, r.read_asked = lm.read(r.prompt_ids, room), True
+    ids, mask = left_padded([(r.reading.context_ids if r.reading else []) + r.prompt_ids + r.token_ids
+                             for r in rows], pad=eos[0])
     resumed = [r.trail for r in rows if r.trail is not None]
     if resumed and len(resumed) != len(rows):
         raise ValueError("rows resumed from a pause are decoded together, without new ones")
-    proc = lm.logits_processor(trail=torch.stack(resumed) if resumed else None)
+    prompt_keys = None
+    if any(r.reading is not None and not r.token_ids for r in rows):  # their first step: the prompt's own key
+        prompt_keys = torch.stack([r.reading.key if r.reading is not None and not r.token_ids
+                                   else torch.full_like(next(x.reading.key for x in rows if x.reading), float("nan"))
+                                   for r in rows])
+    proc = lm.logits_processor(trail=torch.stack(resumed) if resumed else None, prompt_keys=prompt_keys)
     last_tokens: list[int] = []
 
     def on_step(tokens: list[int]) -> None:
@@ -224,5 +237,7 @@ def decode(lm: KNNLM, rows: Sequence[Row], on_token: OnToken | None = None,
     for r in rows:
         r.finish_reason = r.finish_reason or LENGTH
         if r.explain:
+            if r.reading is not None:  # known once the row is done: streamed tokens come without it
+                lm.copied_from(r.reading, r.prompt_ids, r.tokens)
             r.spans = lm.spans(r.tokens)
     return False

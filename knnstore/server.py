@@ -432,6 +432,11 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+def _read(row: Row) -> list[dict]:
+    """The passages the model read before a row's prompt (``KNNLM.read``)."""
+    return [p.to_dict() for p in row.reading.passages] if row.reading is not None else []
+
+
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -494,7 +499,7 @@ class Server:
         return job
 
     def _knn_info(self, row: Row, req: Sampling) -> dict:
-        info: dict[str, Any] = {"retrieved_fraction": round(row.retrieved_fraction, 4)}
+        info: dict[str, Any] = {"retrieved_fraction": round(row.retrieved_fraction, 4), "read": _read(row)}
         if req.explain:
             info["tokens"] = [t.to_dict() for t in row.tokens]
             info["spans"] = [s.to_dict() for s in row.spans]
@@ -528,7 +533,7 @@ class Server:
                         yield _sse(chunk(j, text, info, None))
                     elif event[0] == "done":
                         for j, row in enumerate(job.rows):
-                            info = {"retrieved_fraction": round(row.retrieved_fraction, 4)}
+                            info = {"retrieved_fraction": round(row.retrieved_fraction, 4), "read": _read(row)}
                             if req.explain:
                                 info["spans"] = [s.to_dict() for s in row.spans]
                             yield _sse(chunk(j, "", info, row.finish_reason))

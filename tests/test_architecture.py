@@ -74,8 +74,14 @@ def test_each_knn_setting_is_declared_once_and_read_by_the_cli_and_the_server():
 
     declared = settings_of(KNNSettings)
     assert [f.name for f, _ in declared] == [f.name for f in dataclasses.fields(KNNSettings)]
-    options = {name for p in cli.commands["eval"].params for name in p.opts}
+    def options(command: str) -> set[str]:
+        return {name for p in cli.commands[command].params for name in p.opts}
+
     requests = {f.alias or name for name, f in KNNFields.model_fields.items()}
     for f, setting in declared:
-        assert setting.option in options, f"eval has no {setting.option}"
+        assert setting.option in options("generate"), f"generate has no {setting.option}"
+        assert setting.option in options("serve"), f"serve has no {setting.option}"
+        # a setting of decoding only is no option of the commands that score a text
+        assert (setting.option in options("eval")) != setting.decoding, f"eval and {setting.option}"
+        assert (setting.option in options("explain")) != setting.decoding, f"explain and {setting.option}"
         assert setting.request is None or setting.request in requests, f"requests have no {setting.request}"

@@ -102,15 +102,15 @@ def run_probe(lm: KNNLM, probe: F.Probe, own_titles: set[str]) -> dict:
     row = dict(person=probe.person, kind=probe.kind, attribute=probe.attribute, answer=probe.answer,
                generated=gen.text, correct=correct, first_lp=lp[0], rest_lp=sum(lp[1:]),
                retrieved=float(np.mean([t.retrieved for t in ans])), lam=float(np.mean([t.knn_weight for t in ans])),
-               answer_tokens=len(ans))
+               answer_tokens=len(ans), read=[p.title or p.document for p in gen.read])
     if correct:
         at = gen.text.lower().find(probe.answer.lower())
         pos, cited = 0, []
         for t in gen.tokens:  # the generated tokens whose text overlaps the answer
             lo, pos = pos, pos + len(t.text)
             if pos > at and lo < at + len(probe.answer):
-                src = follows(t)
-                if src is not None and t.retrieved:
+                src = follows(t)  # a read passage's pair it copies, else a neighbour that searched
+                if src is not None and (t.retrieved or t.read_from is not None):
                     cited.append(src.title or src.document)
         row["citation"] = cited[0] if cited else None
         row["cited_own"] = bool(cited) and cited[0] in own_titles
