@@ -75,8 +75,10 @@ class KNNStoreLM(TemplateLM):
     Args:
         store: the store's path (or ``s3://`` URI).
         k, lambda / lambda_, temperature, exact, adaptive, nprobes, refine_factor,
-            skip_above_prob, skip_below_entropy: kNN settings, as ``KNNSettings.resolve``
-            takes them (a λ given without ``adaptive`` asks for the plain kNN-LM).
+            skip_above_prob, skip_below_entropy, read: kNN settings, as ``KNNSettings.resolve``
+            takes them (a λ given without ``adaptive`` asks for the plain kNN-LM). ``read``
+            acts on generate_until (the passages a prompt names are read before it);
+            loglikelihood scores the text as given.
         batch_size: sequences per forward pass (the harness's ``--batch_size``; "auto" is 4).
         device, dtype: where and in what precision the model runs ("auto").
         cache: the SQLite file of cached answers; "none" for no cache.

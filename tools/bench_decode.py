@@ -12,9 +12,10 @@ skipping saves; generation is:
 
 Generation: greedy continuations of ``--prompts`` prompts (32 tokens each, evenly spaced in
 the text), ``--new-tokens`` each, with the plain LM (λ = 0, no search), the fixed-λ kNN-LM
-(every step searches) and the adaptive default, each run twice (the better kept);
-generated tokens/s and its ratio to the plain LM's, and the fraction of steps that
-searched.
+(every step searches), the adaptive kNN-LM without reading and the default (adaptive,
+reading the passages a prompt names: docs/adapter.md), each run twice (the better kept);
+generated tokens/s and its ratio to the plain LM's, the fraction of steps that searched and
+of prompts that read a passage. ``--generation-only`` skips the perplexity part.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 from knnstore.adapter import KNNLM
+from knnstore.config import DEFAULT_READ
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
 
@@ -35,9 +37,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4000)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--generation-only", action="store_true", help="Only the generation part.")
     args = parser.parse_args()
     lm = KNNLM.from_store(args.store, adaptive=False)  # each setting below says what it adds
     text = Path(args.text).read_text(encoding="utf-8")
+    if args.generation_only:
+        generation(lm.with_settings(exact=not lm.store.table.has_vector_index()), text, args.prompts, args.new_tokens)
+        return
     runs = [("exact, always retrieve", {"exact": True})]
     runs += [(f"exact, skip at LM top p >= {p:g}", {"exact": True, "skip_above_prob": p}) for p in (0.9, 0.5)]
     runs.append(("exact, adaptive (default)", {"exact": True, "adaptive": True}))
@@ -64,25 +70,27 @@ def generation(lm: KNNLM, text: str, prompts: int, new_tokens: int) -> None:
     starts = [i * (len(ids) - 32) // prompts for i in range(prompts)]
     texts = [lm.tokenizer.decode(ids[s:s + 32]) for s in starts]
     runs = (("plain LM (λ=0, no search)", {"lambda_": 0.0}), ("fixed λ=0.15, every step searches", {"lambda_": 0.15}),
-            ("adaptive (default)", {"adaptive": True}))
+            ("adaptive, no reading", {"adaptive": True, "read": 0}),
+            ("adaptive + reading (default)", {"adaptive": True, "read": DEFAULT_READ}))
     search = "exact" if lm.settings.exact else "ANN"
     print(f"\ngeneration: {prompts} prompts x {new_tokens} new tokens, greedy, {search} search")
-    print(f"{'run':36} {'tok/s':>8} {'÷ plain':>8} {'searched':>9}")
+    print(f"{'run':36} {'tok/s':>8} {'÷ plain':>8} {'searched':>9} {'read':>6}")
     plain = None
     for name, settings in runs:
         variant = lm.with_settings(**settings)
         variant.resolve_policy()  # a self-calibration, if one is needed, is not timed
-        best, searched = 0.0, 0.0
+        best, searched, read = 0.0, 0.0, 0
         for _ in range(2):
-            t0, made, found = time.perf_counter(), 0, 0.0
+            t0, made, found, read = time.perf_counter(), 0, 0.0, 0
             for prompt in texts:
                 g = variant.generate(prompt, max_new_tokens=new_tokens)
                 made += len(g.token_ids)
                 found += g.retrieved_fraction * len(g.token_ids)
+                read += bool(g.read)
             best = max(best, made / (time.perf_counter() - t0))
             searched = found / max(1, made)
         plain = plain or best
-        print(f"{name:36} {best:8.1f} {best / plain:8.3f} {100 * searched:8.1f}%", flush=True)
+        print(f"{name:36} {best:8.1f} {best / plain:8.3f} {100 * searched:8.1f}% {read:>3}/{len(texts)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,9 @@ def run_probe(lm: KNNLM, probe: F.Probe, own_titles: set[str]) -> dict:
     """One probe with one adapter: the greedy answer (with its sources) and the answer's
     log-probability when it is given."""
     ids, start = answer_tokens(lm, probe.prompt, probe.answer)
+    got = lm.read(ids[:start])  # what generate reads before the prompt (the default: passages it names)
+    if got is not None:  # scored with them in front, as the model reads them
+        ids, start = got.context_ids + ids, start + len(got.context_ids)
     scored = lm.explain(ids, n_sources=0)  # scored[i] is token i + 1
     ans = scored[start - 1:]
     lp = [math.log(max(t.p, 1e-300)) for t in ans]

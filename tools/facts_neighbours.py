@@ -1,7 +1,7 @@
 """Where a fact's answer stands among the neighbours: for each probe of tools/bench_facts.py,
 one exact search at the position that predicts the answer's first token.
 
-    python tools/facts_neighbours.py STORE [--people 60] [--probe-people 20] [--within]
+    python tools/facts_neighbours.py STORE [--people 60] [--probe-people 20] [--within | --in-context]
 
 STORE is a store tools/bench_facts.py built (WikiText-2 plus the fictional people of the same
 --people and --seed; ``knnstore-cache/facts-store`` before its removal step). Per probe kind:
@@ -10,6 +10,9 @@ k=128 nearest, how often it is the nearest, the median distances (squared L2: th
 the 8th, the person's own), and how often the answer's first token is the top of p_kNN in
 the plain view (T=3) and in the sharp view (T = 0.1 x the nearest distance,
 ``adaptive.SHARP``): an upper bound of what weighting the neighbours can do.
+
+``--in-context``: no search; the base LM with the person's two documents given by hand
+before each probe (what reading, docs/adapter.md, could give at best).
 
 ``--within``: the same queries searched only among the pairs of a few documents, the
 nearest pair's next token taken as the answer: the person's own two documents (an oracle:
@@ -42,9 +45,13 @@ def main() -> None:
     parser.add_argument("--probe-people", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--within", action="store_true", help="search within documents (see above)")
+    parser.add_argument("--in-context", action="store_true", help="the base LM with the documents given (see above)")
     args = parser.parse_args()
     if args.within:
         within(args)
+        return
+    if args.in_context:
+        in_context(args)
         return
     people = F.make_people(args.people, seed=args.seed)
     store = Store.open(args.store)
@@ -80,6 +87,31 @@ def main() -> None:
               f"{sum(x['nearest'] for x in r)} | {np.median([x['d1'] for x in r]):.1f} | "
               f"{np.median([x['d8'] for x in r]):.1f} | {np.median(own) if own else float('nan'):.1f} | "
               f"{sum(x['top_plain'] for x in r)} | {sum(x['top_sharp'] for x in r)} |")
+
+
+def in_context(args) -> None:
+    """The base LM (no search) with the person's two documents given by hand before each
+    probe, as reading puts them (the record, then the biography, a blank line after each):
+    what reading could give at best, were every document it reads the right one."""
+    people = F.make_people(args.people, seed=args.seed)
+    enc = Store.open(args.store).encoder
+    stated: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for p in people[:args.probe_people]:
+        for q in F.probes(p, people):
+            source = people[q.source_person]
+            context = f"{F.record(source).text}\n\n{F.biography(source).text}\n\n"
+            ids = torch.tensor([enc.tokenize(context + q.prompt)], device=enc.device)
+            with torch.inference_mode():
+                out = enc.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                         pad_token_id=enc.tokenizer.eos_token_id)
+            ok = F.states(enc.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), q.answer)
+            for key in (q.kind, f"{q.kind} {q.attribute}"):
+                stated[key][0] += ok
+                stated[key][1] += 1
+    print(f"the base LM with the person's documents given: {args.probe_people} people, greedy, 8 new tokens")
+    print("| probe | stated |\n|---|---|")
+    for key in sorted(stated):
+        print(f"| {key} | {stated[key][0]} of {stated[key][1]} |")
 
 
 def within(args) -> None:

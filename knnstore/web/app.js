@@ -193,7 +193,9 @@ async function generate(event) {
         if (knn.spans) markSpans(knn.spans);
         if (choice.finish_reason) {
           const secs = (performance.now() - started) / 1000;
-          $("status").textContent = `${count} tokens in ${secs.toFixed(1)} s · store searched at ${(100 * (knn.retrieved_fraction || 0)).toFixed(0)}% of steps · ${state.spans.length} copied passage(s) · finish: ${choice.finish_reason}`;
+          const read = (knn.read || []).map((p) => `${p.corpus}: ${p.title || p.document}`);
+          $("status").textContent = `${count} tokens in ${secs.toFixed(1)} s · store searched at ${(100 * (knn.retrieved_fraction || 0)).toFixed(0)}% of steps · ${state.spans.length} copied passage(s)` +
+            (read.length ? ` · read first: ${read.join("; ")}` : "") + ` · finish: ${choice.finish_reason}`;
         }
       }
     }
