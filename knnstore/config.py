@@ -323,6 +323,9 @@ class KNNSettings:
             own text when it has none or its content has changed since), else a fixed rule.
             ``KNNSettings(...)`` is exactly what it is given (False: the plain kNN-LM);
             ``resolve`` gives the defaults users get, adaptive unless λ is given.
+        read: passages of the stored documents a prompt names that the model reads before
+            it (``KNNLM.read``; generate and serve only): ``DEFAULT_READ`` from ``resolve``
+            when adaptive, else 0.
 
     Each field is declared once, with its ``Setting``: a new setting is one field here.
     """
