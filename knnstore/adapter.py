@@ -535,13 +535,13 @@ class KNNLM:
         surprise = surprise.tolist()
         hits = reading.named(ids[1:], surprise, found.next_tokens, found.document_ids, found.positions,
                              reading.CANDIDATES * s.read)
-        candidates = []
+        rare, candidates = reading.rare_wording(ids, surprise), []
         for h in hits:
             lo, hi = reading.window(h)
             _, here, nxt, right = self.store.table.tokens_around(h.document_id, lo, 0, hi - lo)
             if here is not None:
                 read = [t for t in (here, nxt) if t is not None] + right
-                candidates.append((reading.mentions(ids, surprise, read), h, lo, read))
+                candidates.append((reading.mentions(rare, read), h, lo, read))
         candidates.sort(key=lambda c: (-c[0], -c[1].score))
         refs = self.store.document_refs([c[1].document_id for c in candidates])
         blank = self.tokenizer("\n\n", add_special_tokens=False)["input_ids"]

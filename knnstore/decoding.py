@@ -170,11 +170,13 @@ def decode(lm: KNNLM, rows: Sequence[Row], on_token: OnToken | None = None,
     resumed = [r.trail for r in rows if r.trail is not None]
     if resumed and len(resumed) != len(rows):
         raise ValueError("rows resumed from a pause are decoded together, without new ones")
+    # a reading row's first step searches with its prompt's own key; the others with the captured one (NaN)
+    own = [r.reading.key if r.reading is not None and not r.token_ids else None for r in rows]
+    given = [key for key in own if key is not None]
     prompt_keys = None
-    if any(r.reading is not None and not r.token_ids for r in rows):  # their first step: the prompt's own key
-        prompt_keys = torch.stack([r.reading.key if r.reading is not None and not r.token_ids
-                                   else torch.full_like(next(x.reading.key for x in rows if x.reading), float("nan"))
-                                   for r in rows])
+    if given:
+        captured = torch.full_like(given[0], float("nan"))
+        prompt_keys = torch.stack([captured if key is None else key for key in own])
     proc = lm.logits_processor(trail=torch.stack(resumed) if resumed else None, prompt_keys=prompt_keys)
     last_tokens: list[int] = []
 

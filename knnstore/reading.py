@@ -19,7 +19,8 @@ score: the document about the entity before one that mentions it once.
 
 This module is the pure part, on arrays: which documents a prompt names (``named``), the
 stretch of a document to read (``window``), how often a passage repeats the prompt's rare
-wording (``mentions``), and which read tokens the generated ones copy (``copies``). ``KNNLM.read`` runs the search and reads the tokens from the store.
+wording (``rare_wording``, ``mentions``), and which read tokens the generated ones copy
+(``copies``). ``KNNLM.read`` runs the search and reads the tokens from the store.
 
     >>> hits = named(targets=[5, 6, 7], surprise=[9.0, 6.0, 0.1],
     ...              next_tokens=np.array([[5], [6], [7]]), document_ids=np.array([[3], [3], [4]]),
@@ -53,7 +54,6 @@ class Named:
     first: int  # the stored position of its best phrase's first matched pair
     last: int
     score: float  # nats: the LM's surprise at the prompt's tokens its phrases matched, added up
-    best_phrase: float = 0.0  # nats of its best phrase
 
 
 def named(targets: Sequence[int], surprise: Sequence[float], next_tokens: np.ndarray, document_ids: np.ndarray,
@@ -80,28 +80,31 @@ def named(targets: Sequence[int], surprise: Sequence[float], next_tokens: np.nda
             if length >= 2 and score >= MIN_SURPRISE and score > chains.get((doc, first), (0.0, 0))[0]:
                 chains[doc, first] = (score, pos)
         runs = here
-    out: dict[int, Named] = {}
+    phrases: dict[int, list[tuple[float, int, int]]] = {}  # doc -> its phrases' (score, first, last)
     for (doc, first), (score, last) in chains.items():
-        had = out.get(doc)
-        if had is None:
-            out[doc] = Named(doc, first, last, score, score)
-        elif score > had.best_phrase:
-            out[doc] = Named(doc, first, last, had.score + score, score)
-        else:
-            out[doc] = Named(doc, had.first, had.last, had.score + score, had.best_phrase)
-    return sorted(out.values(), key=lambda h: -h.score)[:n]
+        phrases.setdefault(doc, []).append((score, first, last))
+    out = []
+    for doc, found in phrases.items():
+        _, first, last = max(found, key=lambda phrase: phrase[0])  # the best phrase (the first of equals)
+        out.append(Named(doc, first, last, sum(phrase[0] for phrase in found)))
+    return sorted(out, key=lambda h: -h.score)[:n]
 
 
-def mentions(prompt: Sequence[int], surprise: Sequence[float], read: Sequence[int]) -> float:
-    """How often a passage repeats the prompt's rare wording: each pair of consecutive prompt
-    tokens whose second one surprised the LM by ``RARE`` nats or more (``surprise[i]`` is
-    that of ``prompt[i + 1]``), its surprise times the times the passage spells the pair. A
-    document about someone names them in sentence after sentence; one that mentions them
-    once repeats their name once."""
+def rare_wording(prompt: Sequence[int], surprise: Sequence[float]) -> dict[tuple[int, int], float]:
+    """The prompt's rare wording: each pair of consecutive prompt tokens whose second one
+    surprised the LM by ``RARE`` nats or more (``surprise[i]`` is that of ``prompt[i + 1]``),
+    with that surprise."""
     rare: dict[tuple[int, int], float] = {}
     for i in range(len(prompt) - 1):
         if surprise[i] >= RARE:
             rare[prompt[i], prompt[i + 1]] = max(rare.get((prompt[i], prompt[i + 1]), 0.0), float(surprise[i]))
+    return rare
+
+
+def mentions(rare: dict[tuple[int, int], float], read: Sequence[int]) -> float:
+    """How often a passage repeats the prompt's rare wording (``rare_wording``): each rare
+    pair's surprise times the times the passage spells it. A document about someone names
+    them in sentence after sentence; one that mentions them once repeats their name once."""
     return sum(rare.get(pair, 0.0) for pair in zip(read, read[1:]))
 
 
