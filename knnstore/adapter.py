@@ -518,7 +518,8 @@ class KNNLM:
     def read(self, ids: Sequence[int], room: int | None = None) -> Reading | None:
         """What the model reads before the prompt ``ids``: the passages of the stored
         documents that spell its rarest phrases (``reading``: every prompt position searched
-        in one batch), at most ``settings.read``, best first, in ``room`` tokens at most
+        in one batch), at most ``settings.read``, best first, the later ones only where they
+        spell as much of its rare wording as the first, in ``room`` tokens at most
         (None: the model's context less the prompt's). None where the settings read nothing
         (``read`` 0, or λ 0), the store cannot be searched, or no document is named."""
         s = self.settings
@@ -541,14 +542,14 @@ class KNNLM:
             _, here, nxt, right = self.store.table.tokens_around(h.document_id, lo, 0, hi - lo)
             if here is not None:
                 read = [t for t in (here, nxt) if t is not None] + right
-                candidates.append((reading.mentions(rare, read), h, lo, read))
-        candidates.sort(key=lambda c: (-c[0], -c[1].score))
-        refs = self.store.document_refs([c[1].document_id for c in candidates])
+                candidates.append((reading.covers(rare, read), reading.mentions(rare, read), h, lo, read))
+        candidates.sort(key=lambda c: (-c[0], -c[1], -c[2].score))
+        refs = self.store.document_refs([c[2].document_id for c in candidates])
         blank = self.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
         passages, tokens, context = [], [], []
-        for _, h, lo, read in candidates:
-            if len(passages) == s.read:
-                break
+        for cover, _, h, lo, read in candidates:
+            if len(passages) == s.read or cover < reading.SAME_WORDING * candidates[0][0]:
+                break  # enough, or the rest spell less of the prompt's rare wording than the best
             if len(context) + len(read) + len(blank) > room:
                 continue
             ref = refs.get(h.document_id)

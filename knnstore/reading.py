@@ -14,13 +14,17 @@ expect, the store did. Common words never name a document (the LM expects them);
 text's rare words name one only where a stored document spells the same phrase.
 
 The search names ``CANDIDATES`` documents per passage to read; their passages are ranked
-by how often they repeat the prompt's rare wording (``mentions``), then by the search's
-score: the document about the entity before one that mentions it once.
+by how much of the prompt's rare wording they spell (``covers``: the whole name, not a
+namesake's surname), then by how often they repeat it (``mentions``: the document about
+the entity before one that mentions it once), then by the search's score. A passage after
+the first is read only where it covers as much as the first (``SAME_WORDING``): a second
+document about the same entity, never a namesake's beside it (one read passage about
+someone else is enough to make the model answer with their year or teacher, docs/facts.md).
 
 This module is the pure part, on arrays: which documents a prompt names (``named``), the
-stretch of a document to read (``window``), how often a passage repeats the prompt's rare
-wording (``rare_wording``, ``mentions``), and which read tokens the generated ones copy
-(``copies``). ``KNNLM.read`` runs the search and reads the tokens from the store.
+stretch of a document to read (``window``), how much of the prompt's rare wording a passage
+spells and how often (``rare_wording``, ``covers``, ``mentions``), and which read tokens the
+generated ones copy (``copies``). ``KNNLM.read`` runs the search and reads the tokens from the store.
 
     >>> hits = named(targets=[5, 6, 7], surprise=[9.0, 6.0, 0.1],
     ...              next_tokens=np.array([[5], [6], [7]]), document_ids=np.array([[3], [3], [4]]),
@@ -39,7 +43,8 @@ import numpy as np
 READ_K = 32  # neighbours of each prompt position looked at
 MIN_SURPRISE = 8.0  # nats a matched phrase must carry to name its document
 RARE = 4.0  # nats: a prompt token this surprising to the LM is rare wording (``mentions``)
-CANDIDATES = 4  # documents named per one read, then ranked by their passages' mentions
+CANDIDATES = 4  # documents named per one read, then ranked by their passages' wording
+SAME_WORDING = 0.9  # a passage after the first: at least this share of the first's ``covers``
 MAX_PROMPT = 256  # the prompt's last tokens searched
 BEFORE = 32  # tokens read before the first matched position
 PASSAGE_TOKENS = 192  # tokens read of one document at most
@@ -99,6 +104,16 @@ def rare_wording(prompt: Sequence[int], surprise: Sequence[float]) -> dict[tuple
         if surprise[i] >= RARE:
             rare[prompt[i], prompt[i + 1]] = max(rare.get((prompt[i], prompt[i + 1]), 0.0), float(surprise[i]))
     return rare
+
+
+def covers(rare: dict[tuple[int, int], float], read: Sequence[int]) -> float:
+    """The share of the prompt's rare wording (``rare_wording``, weighted by surprise) that a
+    passage spells at least once: 1.0 where it holds the whole name, less where it holds
+    only part of it (a namesake: the same surname, another first name). 0 where the prompt
+    has no rare wording."""
+    total = sum(rare.values())
+    spelled = set(zip(read, read[1:]))
+    return sum(v for pair, v in rare.items() if pair in spelled) / total if total else 0.0
 
 
 def mentions(rare: dict[tuple[int, int], float], read: Sequence[int]) -> float:

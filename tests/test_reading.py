@@ -50,6 +50,20 @@ def test_generated_tokens_copy_where_a_run_of_two_or_more_is_spelled_by_a_passag
     assert reading.copies([1, 2], [], [(0, [1, 2])]) == [None, (0, 0)]
 
 
+
+def test_a_passage_is_ranked_by_how_much_of_the_prompts_rare_wording_it_spells():
+    # prompt "1 2 3 4": first name 1 2 (10 nats), surname 3 4 (5 nats), and 2 -> 3 (6 nats)
+    prompt, surprise = [1, 2, 3, 4], [10.0, 6.0, 5.0]
+    rare = reading.rare_wording(prompt, surprise)
+    own, namesake = [7, 1, 2, 3, 4, 8], [7, 9, 3, 4, 8, 9, 3, 4, 8, 9, 3, 4]
+    assert reading.covers(rare, own) == 1.0
+    assert reading.covers(rare, namesake) == pytest.approx(5.0 / 21.0)
+    # the namesake repeats the surname three times, nearly as many nats of mentions as the
+    # own passage's one full name, but spells less than SAME_WORDING of what it does
+    assert reading.mentions(rare, namesake) == 15.0 and reading.mentions(rare, own) == 21.0
+    assert reading.covers(rare, namesake) < reading.SAME_WORDING * reading.covers(rare, own)
+    assert reading.covers({}, own) == 0.0
+
 @pytest.fixture
 def people_store(store, tmp_path, small_settings):
     docs = write_docs(tmp_path / "people", 4, repeat=2,
