@@ -24,7 +24,8 @@ someone else is enough to make the model answer with their year or teacher, docs
 This module is the pure part, on arrays: which documents a prompt names (``named``), the
 stretch of a document to read (``window``), how much of the prompt's rare wording a passage
 spells and how often (``rare_wording``, ``covers``, ``mentions``), and which read tokens the
-generated ones copy (``copies``). ``KNNLM.read`` runs the search and reads the tokens from the store.
+generated ones copy (``copies``). ``KNNLM.read`` runs the search and reads the tokens from
+the store.
 
     >>> hits = named(targets=[5, 6, 7], surprise=[9.0, 6.0, 0.1],
     ...              next_tokens=np.array([[5], [6], [7]]), document_ids=np.array([[3], [3], [4]]),

@@ -50,7 +50,6 @@ def test_generated_tokens_copy_where_a_run_of_two_or_more_is_spelled_by_a_passag
     assert reading.copies([1, 2], [], [(0, [1, 2])]) == [None, (0, 0)]
 
 
-
 def test_a_passage_is_ranked_by_how_much_of_the_prompts_rare_wording_it_spells():
     # prompt "1 2 3 4": first name 1 2 (10 nats), surname 3 4 (5 nats), and 2 -> 3 (6 nats)
     prompt, surprise = [1, 2, 3, 4], [10.0, 6.0, 5.0]
@@ -63,6 +62,7 @@ def test_a_passage_is_ranked_by_how_much_of_the_prompts_rare_wording_it_spells()
     assert reading.mentions(rare, namesake) == 15.0 and reading.mentions(rare, own) == 21.0
     assert reading.covers(rare, namesake) < reading.SAME_WORDING * reading.covers(rare, own)
     assert reading.covers({}, own) == 0.0
+
 
 @pytest.fixture
 def people_store(store, tmp_path, small_settings):
