@@ -20,6 +20,7 @@ With ``model.generate`` directly, use the processor inside its ``with`` block:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from . import adaptive, knn, mixing, policies, reading
+from . import adaptive, drafting, knn, mixing, policies, reading
 from .config import (
     MAX_BEAMS,
     MAX_K,
@@ -44,6 +45,7 @@ from .config import (
 from .encoder import Encoder
 from .errors import InputError
 from .store import Store
+from .following import Pointers
 from .scoring import scored_windows
 from .vectors import Neighbours
 
@@ -161,10 +163,13 @@ class Generation:
     tokens: list[TokenExplanation] = field(default_factory=list)  # with explain=True
     spans: list[Span] = field(default_factory=list)  # with explain=True: copied passages
     read: list[Passage] = field(default_factory=list)  # what the model read before the prompt
+    # what decoding cost (``drafting.Decoded.report``: searches per token, drafted tokens
+    # proposed and accepted, ...); empty for beam search
+    cost: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
-                "retrieved_fraction": self.retrieved_fraction,
+                "retrieved_fraction": self.retrieved_fraction, **self.cost,
                 "tokens": [t.to_dict() for t in self.tokens], "spans": [s.to_dict() for s in self.spans],
                 "read": [p.to_dict() for p in self.read]}
 
@@ -194,6 +199,9 @@ class Reading:
     context_ids: list[int]  # the passages' tokens, each followed by a blank line, the best one last
     tokens: list[tuple[int, list[int]]]  # each passage's first stored position and tokens
     key: torch.Tensor  # [dim] the key at the prompt's last position, read without the passages
+    # the neighbours [1, READ_K] of the prompt's position before last (their next tokens
+    # predict its last token): where a decoding starts following the store (``following``)
+    lookup: Neighbours | None = None
 
 
 @dataclass
@@ -303,6 +311,11 @@ class KNNLM:
         return clone
 
     @property
+    def hides(self) -> bool:
+        """Whether some stored pairs are kept out of this adapter's searches (``hiding``)."""
+        return self._hidden is not None
+
+    @property
     def policy(self) -> adaptive.Policy | None:
         """The adaptive-λ policy in use (None unless ``settings.adaptive``), as
         ``resolve_policy`` worked it out. Reading it never calibrates nor writes: every entry
@@ -378,10 +391,12 @@ class KNNLM:
                 and self.policy.skip_rule is not None)
 
     def step(self, keys: torch.Tensor, lm_logits: torch.Tensor, previous: torch.Tensor | None = None,
-             retrieve: torch.Tensor | None = None) -> Step:
+             retrieve: torch.Tensor | None = None, found: Neighbours | None = None) -> Step:
         """The kNN-LM distribution for rows of keys [N, dim] and LM logits [N, V]
         (``previous``: what each row's previous step passed on, ``Step.passed_on``;
-        ``retrieve``: [N] bool the rows to search, instead of ``retrieval_mask``'s)."""
+        ``retrieve``: [N] bool the rows to search, instead of ``retrieval_mask``'s;
+        ``found``: the neighbours of the rows that retrieve, instead of a search: pairs
+        followed from the previous position, ``following``)."""
         s, policy = self.settings, self.resolve_policy()
         lm_log_probs = torch.log_softmax(lm_logits.float(), dim=-1)
         n = lm_log_probs.shape[0]
@@ -392,7 +407,7 @@ class KNNLM:
         neighbours = Neighbours.empty(n, s.k)
         rows = retrieve.nonzero().flatten().numpy()
         if len(rows):
-            found = self.search(keys[retrieve])
+            found = self.search(keys[retrieve]) if found is None else found
             for f in dataclasses.fields(Neighbours):
                 getattr(neighbours, f.name)[rows] = getattr(found, f.name)
         v = mixing.view(mixing.Found.of(neighbours), lm_log_probs, lambda_=s.lambda_, temperature=s.temperature,
@@ -559,7 +574,7 @@ class KNNLM:
                                     text=self.tokenizer.decode(read), score=h.score))
             tokens.append((lo, read))
             context = read + blank + context  # the best passage last: next to the prompt
-        return Reading(passages, context, tokens, keys[-1]) if passages else None
+        return Reading(passages, context, tokens, keys[-1], found.rows(len(ids) - 2)) if passages else None
 
     def copied_from(self, got: Reading, prompt_ids: Sequence[int], tokens: Sequence[TokenExplanation]) -> None:
         """Set ``read_from`` of the explained generated ``tokens`` that copy a read passage
@@ -577,14 +592,33 @@ class KNNLM:
 
     # --- generation -------------------------------------------------------------------
 
+    def follower(self, lookup: Neighbours | None = None, last_token: int | None = None,
+                 drafting: bool = False) -> Pointers | None:
+        """The pairs a decoding follows (``following.Pointers``), where it follows the store
+        (``settings.follow``; or, with ``drafting``, drafts from it: ``settings.draft``) and
+        can (λ > 0, a searchable store, no pairs hidden from its searches); started from
+        ``lookup`` [1, k'] (the neighbours of the prompt's position before last, which
+        predicted ``last_token``: ``Reading.lookup``) where given. None where it does not."""
+        s = self.settings
+        if not (s.follow or (drafting and s.draft)) or s.lambda_ == 0.0 or not self.store.searchable or self.hides:
+            return None
+        pointers = Pointers(self.store.table, s.k)
+        if lookup is not None and last_token is not None:
+            pointers.searched(lookup)
+            pointers.advance(last_token)
+        return pointers
+
     def logits_processor(self, record: bool = False, trail: torch.Tensor | None = None,
-                         prompt_keys: torch.Tensor | None = None) -> "KNNLogitsProcessor":
+                         prompt_keys: torch.Tensor | None = None, pointers: list | None = None,
+                         ) -> "KNNLogitsProcessor":
         """A LogitsProcessor for ``model.generate``; use it inside its ``with`` block.
         ``trail``: what each row's previous step passed on (``Step.passed_on``), for rows
         that continue a decoding paused earlier. ``prompt_keys`` [rows, dim]: the keys the
         first step searches with instead of the captured ones (a row of NaN: the captured
-        one): the prompts' own keys, where the model reads passages before them."""
-        return KNNLogitsProcessor(self, record=record, trail=trail, prompt_keys=prompt_keys)
+        one): the prompts' own keys, where the model reads passages before them. ``pointers``:
+        each row's followed pairs (``follower``), where it follows the store; the processor
+        moves them on (``KNNLogitsProcessor.pointers`` holds them afterwards)."""
+        return KNNLogitsProcessor(self, record=record, trail=trail, prompt_keys=prompt_keys, pointers=pointers)
 
     @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 40, *, do_sample: bool = False,
@@ -613,28 +647,47 @@ class KNNLM:
             warpers.append(TopKLogitsWarper(top_k))
         if do_sample and top_p is not None and top_p < 1.0:
             warpers.append(TopPLogitsWarper(top_p))
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            pad = self.tokenizer.eos_token_id
-        # generate()'s own sampling warpers would run before the mixture: turn them off
-        # and apply ours after it.
-        sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 0} if do_sample else {}
-        with self.logits_processor(record=explain, prompt_keys=got.key[None] if got else None) as proc:
-            out = self.model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
-                logits_processor=LogitsProcessorList([proc, *warpers]), pad_token_id=pad, **sampling,
-            )
-        new = out[0, enc["input_ids"].shape[1]:].tolist()
+        if num_beams == 1:  # following the store and drafting from it (``drafting``)
+            choose = drafting.greedy
+            if do_sample:
+                choose = drafting.sampler(lambda scores: _warped(warpers, ids, scores))
+            done = drafting.decode(self, ids[0].tolist(), max_new_tokens, drafting.eos_ids(self), choose=choose,
+                                   prompt_key=got.key if got else None, record=explain,
+                                   pointers=self.follower(got.lookup if got else None, prompt_ids[-1], drafting=True))
+            new, steps, fraction = done.token_ids, done.steps, done.retrieved / max(1, len(done.token_ids))
+        else:
+            pad = self.tokenizer.pad_token_id
+            if pad is None:
+                pad = self.tokenizer.eos_token_id
+            # generate()'s own sampling warpers would run before the mixture: turn them off
+            # and apply ours after it.
+            sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 0} if do_sample else {}
+            follower = self.follower(got.lookup if got else None, prompt_ids[-1])
+            with self.logits_processor(record=explain, prompt_keys=got.key[None] if got else None,
+                                       pointers=[follower] if follower else None) as proc:
+                out = self.model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
+                    logits_processor=LogitsProcessorList([proc, *warpers]), pad_token_id=pad, **sampling,
+                )
+            new, steps, fraction, done = out[0, ids.shape[1]:].tolist(), proc.steps, proc.retrieved_fraction, None
         tokens: list[TokenExplanation] = []
         if explain and num_beams == 1:
             start = len(prompt_ids)
-            for i, (tok, step) in enumerate(zip(new, proc.steps)):
+            for i, (tok, step) in enumerate(zip(new, steps)):
                 tokens.append(self.explain_row(step, 0, start + i, tok, n_sources))
             if got is not None:
                 self.copied_from(got, prompt_ids, tokens)
         return Generation(prompt=prompt, text=self.tokenizer.decode(new, skip_special_tokens=True),
-                          token_ids=new, retrieved_fraction=proc.retrieved_fraction, tokens=tokens,
-                          spans=self.spans(tokens), read=got.passages if got else [])
+                          token_ids=new, retrieved_fraction=fraction, tokens=tokens,
+                          spans=self.spans(tokens), read=got.passages if got else [],
+                          cost=done.report() if done is not None else {})
+
+
+def _warped(warpers: list, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Sampling filters (top-k, top-p: transformers' warpers) applied to scores [1, V]."""
+    for w in warpers:
+        scores = w(ids, scores)
+    return scores
 
 
 class KNNLogitsProcessor(LogitsProcessor):
@@ -647,14 +700,17 @@ class KNNLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, knnlm: KNNLM, record: bool = False, trail: torch.Tensor | None = None,
-                 prompt_keys: torch.Tensor | None = None) -> None:
+                 prompt_keys: torch.Tensor | None = None, pointers: list | None = None) -> None:
         self.knnlm, self.record, self._trail, self._prompt_keys = knnlm, record, trail, prompt_keys
         self.steps: list[Step] = []  # every step, with record=True
         self.last: Step | None = None  # the latest step
         self._stack: contextlib.ExitStack | None = None
         self._captured: list[torch.Tensor] | None = None
         self._retrieved = self._total = 0
-        self._ids: torch.Tensor | None = None  # the previous step's sequences (for ``_previous``)
+        self.followed = self.searched = 0  # rows scored from followed pairs / from a search
+        self._ids: torch.Tensor | None = None  # the previous step's sequences (each row's parent)
+        # each row's followed pairs (``following.Pointers``; None: not following)
+        self.pointers: list | None = pointers if knnlm.settings.follow else None
 
     @property
     def retrieved_fraction(self) -> float:
@@ -677,19 +733,23 @@ class KNNLogitsProcessor(LogitsProcessor):
         if not self._captured:
             raise RuntimeError("no key was captured for this step: is the processor's model "
                                "the one running generate()?")
-        self.knnlm.resolve_policy()
         keys = self._captured[-1][:, -1, :].float().cpu()  # the last position of each row
         self._captured.clear()
+        self.knnlm.resolve_policy()  # after reading the key: a self-calibration runs the model too
         if self.last is None and self._prompt_keys is not None:  # the first step: the prompts' own keys
             given = self._prompt_keys.float().cpu().expand(keys.shape[0], -1)
             keys = torch.where(given.isnan().any(dim=1, keepdim=True), keys, given)
         if keys.shape[0] != scores.shape[0]:
             raise RuntimeError(f"captured {keys.shape[0]} keys for {scores.shape[0]} rows of scores")
-        previous = self._previous(input_ids) if self.knnlm.skips_by_trail else None
+        now = input_ids.detach().cpu()
+        parent = self._parents(now)
+        previous = self._previous(parent, now) if self.knnlm.skips_by_trail else None
         if self.last is None and self._trail is not None:  # the first step of a resumed decoding
             previous = self._trail if self.knnlm.skips_by_trail else None
-            self._ids = input_ids.detach().cpu()
-        step = self.knnlm.step(keys, scores.cpu(), previous)  # the mixture is computed on the CPU
+        retrieve = found = None
+        if self.pointers is not None:
+            retrieve, found = self._follow(parent, now, keys, scores.cpu(), previous)
+        step = self.knnlm.step(keys, scores.cpu(), previous, retrieve=retrieve, found=found)  # on the CPU
         self._retrieved += int(step.retrieved.sum())
         self._total += int(step.retrieved.numel())
         self.last = step
@@ -697,18 +757,64 @@ class KNNLogitsProcessor(LogitsProcessor):
             self.steps.append(step)
         return step.log_probs.to(device=scores.device, dtype=scores.dtype)
 
-    def _previous(self, input_ids: torch.LongTensor) -> torch.Tensor | None:
-        """What the previous step passed on to each row (``Step.passed_on``): a row continues
-        the previous step's row holding its sequence less the last token (the same row when
-        sampling; any beam in beam search); zeros where none does."""
-        last, before = self.last, self._ids
-        now = self._ids = input_ids.detach().cpu()
-        if last is None or before is None or last.signals is None or before.shape[1] != now.shape[1] - 1:
+    def _parents(self, now: torch.Tensor) -> torch.Tensor | None:
+        """Which row of the previous step each row continues (the row holding its sequence
+        less the last token: the same row when sampling, any beam in beam search; -1 where
+        none does); None at the first step."""
+        before, self._ids = self._ids, now
+        if before is None or before.shape[1] != now.shape[1] - 1:
             return None
         same = (now[:, None, :-1] == before[None, :, :]).all(dim=-1)  # [rows now, rows before]
-        parent = same.double().argmax(dim=1)
-        out = last.passed_on(parent, now[:, -1])
-        return torch.where(same.any(dim=1, keepdim=True), out, torch.zeros_like(out))
+        return torch.where(same.any(dim=1), same.double().argmax(dim=1), torch.full((now.shape[0],), -1))
+
+    def _previous(self, parent: torch.Tensor | None, now: torch.Tensor) -> torch.Tensor | None:
+        """What the previous step passed on to each row (``Step.passed_on``); zeros where no
+        row of it is continued."""
+        last = self.last
+        if last is None or parent is None or last.signals is None:
+            return None
+        out = last.passed_on(parent.clamp(min=0), now[:, -1])
+        return torch.where((parent >= 0).unsqueeze(1), out, torch.zeros_like(out))
+
+    def _follow(self, parent: torch.Tensor | None, now: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor,
+                previous: torch.Tensor | None) -> tuple[torch.Tensor | None, Neighbours | None]:
+        """Each row's followed pairs moved on by the token that came, and the rows that
+        retrieve: with their followed pairs where they hold, else from one batched search."""
+        rows, old = now.shape[0], self.pointers
+        if parent is not None:
+            old = [copy.copy(old[int(p)]) if p >= 0 else None for p in parent]
+        elif len(old) != rows:  # beams made from one prompt: each starts where the prompt left it
+            old = [copy.copy(old[0]) for _ in range(rows)] if len(old) == 1 else [None] * rows
+        self.pointers = [p if p is not None else self.knnlm.follower() for p in old]
+        for p, token in zip(self.pointers, now[:, -1].tolist()):
+            if p is not None and p.waiting:
+                p.advance(token)
+        lm = self.knnlm
+        if lm.settings.lambda_ == 0.0 or not lm.store.searchable or any(p is None for p in self.pointers):
+            return None, None
+        retrieve = lm.retrieval_mask(torch.log_softmax(scores.float(), dim=-1), previous)
+        chosen = retrieve.nonzero().flatten().tolist()
+        found = Neighbours.empty(len(chosen), lm.settings.k)
+        queries = lm.store.stored_keys(keys[retrieve].numpy()) if chosen else None
+        need = []
+        for j, i in enumerate(chosen):
+            got = self.pointers[i].candidates(queries[j])
+            if got is None:
+                need.append(j)
+                continue
+            for f in dataclasses.fields(Neighbours):
+                getattr(found, f.name)[j] = getattr(got, f.name)[0]
+        if need:
+            searched = lm.search(keys[retrieve][need])
+            for t, j in enumerate(need):
+                for f in dataclasses.fields(Neighbours):
+                    getattr(found, f.name)[j] = getattr(searched, f.name)[t]
+                self.pointers[chosen[j]].searched(searched.rows(t))
+        self.searched += len(need)
+        self.followed += len(chosen) - len(need)
+        for p in self.pointers:
+            p.waiting = True
+        return retrieve, found
 
 
 def check_generation(*, max_new_tokens: int, top_p: float | None, top_k: int | None, num_beams: int,

@@ -367,6 +367,16 @@ class KNNSettings:
                              "serve): those that spell the prompt's rarest phrases, found by the store's own "
                              f"search; 0: none [default: {DEFAULT_READ}, 0 with --lambda].")
 
+    follow: bool = setting(False, name="follow", negative=True, request="follow", decoding=True,
+                           shown_default="on (`KNNSettings(...)` built by hand: off)",
+                           help="Pointer following: a token scores the stored pairs that follow the previous "
+                                "token's neighbours in their documents instead of searching, where enough of them "
+                                "survive and they are near; --no-follow: search at every token that retrieves.")
+    draft: bool = setting(True, name="draft", negative=True, request="draft", decoding=True, shown_default="on",
+                          help="Drafting: the stored continuation of the followed pairs is checked by the model "
+                               "in one pass and kept as far as the kNN-LM agrees (greedy output unchanged; "
+                               "sampling from the same distribution); --no-draft: one token per model call.")
+
     def __post_init__(self) -> None:
         for f, declared in settings_of(type(self)):
             value = getattr(self, f.name)
@@ -389,6 +399,8 @@ class KNNSettings:
                 value = given.get("lambda_") is None and env("lambda", float, None) is None
             if value is None and f.name == "read":
                 value = DEFAULT_READ if values["adaptive"] else 0
+            if value is None and f.name == "follow":
+                value = True
             values[f.name] = f.default if value is None else value
         return cls(**values)
 

@@ -25,6 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .adapter import KNNLM, Reading, Span, TokenExplanation
 from .config import MAX_NEW_TOKENS, check_number
+from .drafting import eos_ids
 from .errors import InputError
 from .windows import left_padded
 
@@ -54,6 +55,7 @@ class Row:
     trail: object = None  # what its last step passed on (a paused row resumes with it)
     reading: Reading | None = None  # what the model reads before the prompt (``KNNLM.read``)
     read_asked: bool = False  # whether ``reading`` was worked out (at the row's first decoding)
+    pointers: object = None  # the stored pairs it follows (``following.Pointers``; a paused row keeps them)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -119,17 +121,6 @@ class _Steps(BaseStreamer):
         pass
 
 
-def eos_ids(lm: KNNLM) -> list[int]:
-    """The tokens that end a text: the generation config's and the tokenizer's."""
-    ids = getattr(lm.model.generation_config, "eos_token_id", None)
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if lm.tokenizer.eos_token_id is not None and lm.tokenizer.eos_token_id not in ids:
-        ids.append(lm.tokenizer.eos_token_id)
-    if not ids:
-        raise InputError("the model has no end-of-sequence token: it cannot end a text")
-    return ids
-
-
 class _Pause(StoppingCriteria):
     """Ends ``generate`` when ``pause()`` says so (rows not done stay unfinished)."""
 
@@ -165,6 +156,7 @@ def decode(lm: KNNLM, rows: Sequence[Row], on_token: OnToken | None = None,
         if not r.read_asked:
             room = None if limit is None else limit - len(r.prompt_ids) - r.max_tokens
             r.reading, r.read_asked = lm.read(r.prompt_ids, room), True
+            r.pointers = lm.follower(r.reading.lookup if r.reading else None, r.prompt_ids[-1])
     ids, mask = left_padded([(r.reading.context_ids if r.reading else []) + r.prompt_ids + r.token_ids
                              for r in rows], pad=eos[0])
     resumed = [r.trail for r in rows if r.trail is not None]
@@ -177,7 +169,9 @@ def decode(lm: KNNLM, rows: Sequence[Row], on_token: OnToken | None = None,
     if given:
         captured = torch.full_like(given[0], float("nan"))
         prompt_keys = torch.stack([captured if key is None else key for key in own])
-    proc = lm.logits_processor(trail=torch.stack(resumed) if resumed else None, prompt_keys=prompt_keys)
+    following = [r.pointers for r in rows]
+    proc = lm.logits_processor(trail=torch.stack(resumed) if resumed else None, prompt_keys=prompt_keys,
+                               pointers=following if all(p is not None for p in following) else None)
     last_tokens: list[int] = []
 
     def on_step(tokens: list[int]) -> None:
@@ -227,6 +221,9 @@ def decode(lm: KNNLM, rows: Sequence[Row], on_token: OnToken | None = None,
             logits_processor=LogitsProcessorList([proc, RowSampler(rows, eos[0])]),
             stopping_criteria=StoppingCriteriaList([stopper]), streamer=_Steps(on_step),
         )
+    if proc.pointers is not None:
+        for r, p in zip(rows, proc.pointers):
+            r.pointers = p
     if stopper.paused and not all(r.done for r in rows):
         step = proc.last
         for i, r in enumerate(rows):

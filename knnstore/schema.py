@@ -99,6 +99,7 @@ def pairs_batch(schema: pa.Schema, *, document_id, position, corpus_id: int, tok
 # What a search returns of each neighbour besides the distance: column -> Neighbours field.
 RESULT_FIELDS = {"pair_id": "pair_ids", "next_token": "next_tokens", "corpus_id": "corpus_ids",
                  "document_id": "document_ids", "position": "positions"}
+ROW_ID = "_rowid"  # Lance's row id column, returned by a search where asked (``Neighbours.row_ids``)
 
 
 def key_matrix(column: pa.FixedSizeListArray) -> np.ndarray:

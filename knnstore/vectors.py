@@ -25,7 +25,7 @@ from .config import PAIRS_TABLE, available_cpus
 from .errors import StorageError, StoreDamagedError, first_line
 from .index_kinds import AUTO_REFINE, CODES_REFINE, IndexInfo, IndexState, choose
 from .location import Location, storage_failure
-from .schema import CODES, RESULT_FIELDS, WEIGHT, key_matrix, pair_id, pairs_schema
+from .schema import CODES, RESULT_FIELDS, ROW_ID, WEIGHT, key_matrix, pair_id, pairs_schema
 
 PAIR_INDEX = "pair_id_idx"  # the scalar index on pair_id (``PairsTable.index_pairs``)
 
@@ -170,12 +170,20 @@ class Neighbours:
     document_ids: np.ndarray
     positions: np.ndarray
     weights: np.ndarray  # pairs each neighbour stands for (``WEIGHT``); 1 where not pruned
+    # where each neighbour lies in the table's snapshot (Lance's row id; -1: not known): its
+    # successor is most often the next row (``PairsTable.successors``)
+    row_ids: np.ndarray
 
     @classmethod
     def empty(cls, n_queries: int, k: int) -> "Neighbours":
         ints = lambda: np.full((n_queries, k), -1, dtype=np.int64)  # noqa: E731
         return cls(ints(), ints(), np.full((n_queries, k), np.inf, dtype=np.float32),
-                   ints(), ints(), ints(), np.ones((n_queries, k), dtype=np.int64))
+                   ints(), ints(), ints(), np.ones((n_queries, k), dtype=np.int64), ints())
+
+    def rows(self, *rows: int) -> "Neighbours":
+        """These rows, as a ``Neighbours`` of their own."""
+        picked = list(rows)
+        return Neighbours(**{f.name: getattr(self, f.name)[picked] for f in dataclasses.fields(Neighbours)})
 
     def without(self, dropped: np.ndarray, k: int) -> "Neighbours":
         """The first ``k`` neighbours of each row that ``dropped`` [Q, k'] does not mark,
@@ -215,6 +223,7 @@ class PairsTable:
         self._has_index: tuple[int, bool] | None = None
         self._index_type: tuple[int, str | None] | None = None
         self._corpus_ids: tuple[int, frozenset[int]] | None = None
+        self._fragments: tuple[int, dict[int, int]] | None = None  # ``_fragment_rows``
         self._async_table = None  # the same table through LanceDB's async API (split searches)
         self._async_version: int | None = None
 
@@ -472,6 +481,53 @@ class PairsTable:
         """Rows by pair id (any order)."""
         return self.columns(columns, where=in_list("pair_id", pair_ids))
 
+    def successors(self, neighbours: "Neighbours", ahead: int) -> tuple["Neighbours", np.ndarray]:
+        """The ``ahead`` pairs that follow each of n stored pairs in its document (positions
+        +1 to +ahead): ``Neighbours`` [n, ahead] (distances +inf: not measured yet) and their
+        keys as the store searches them, float32 [n, ahead, key dim]. ``neighbours`` is a
+        ``Neighbours`` [n] row (or flattened rows) with pair and row ids, as a search gives.
+
+        Read by row id, not by the pair-id index (one random read per row, ~10x cheaper at
+        these sizes): a document's pairs are written in order, so a pair's successor is
+        almost always the next row. A successor that is not (another fragment, removed, past
+        the document's end, a row id this snapshot does not hold) is missing (pair id -1)."""
+        pair_ids, row_ids = neighbours.pair_ids.reshape(-1), neighbours.row_ids.reshape(-1)
+        n, dim = len(pair_ids), self.dim
+        out, keys = Neighbours.empty(n, ahead), np.zeros((n, ahead, dim), dtype=np.float32)
+        steps = np.arange(1, ahead + 1, dtype=np.int64)
+        wanted = np.where(((pair_ids >= 0) & (row_ids >= 0))[:, None], row_ids[:, None] + steps, -1)
+        fragment, offset = wanted >> 32, wanted & 0xFFFFFFFF
+        sizes = self._fragment_rows()
+        limit = np.array([sizes.get(int(f), 0) for f in fragment.ravel()], dtype=np.int64).reshape(fragment.shape)
+        take = np.unique(wanted[(wanted >= 0) & (offset < limit)])
+        if len(take) == 0:
+            return out, keys
+        fields = self.result_fields()
+        with damage_errors(self.uri):
+            # Lance's take by row id (marked unstable in pylance: the one place it is used)
+            rows = self._lance()._take_rows(take.astype(np.uint64).tolist(), columns=[self.key_column, *fields])
+        got = rows.column("pair_id").to_numpy()
+        order = np.argsort(got)
+        expected = np.where(wanted >= 0, pair_ids[:, None] + steps, -1)
+        at = np.clip(np.searchsorted(got, expected, sorter=order), 0, len(got) - 1)
+        found = (expected >= 0) & (got[order[at]] == expected)
+        source = order[at][found]
+        for name, field in {**fields, ROW_ID: None}.items():
+            if field is None:
+                out.row_ids[found] = wanted[found]
+            else:
+                getattr(out, field)[found] = rows.column(name).to_numpy().astype(np.int64)[source]
+        keys[found] = self.keys_of(rows)[source]
+        return out, keys
+
+    def _fragment_rows(self) -> dict[int, int]:
+        """Each fragment's addressable rows (removed ones included) in this snapshot, by id."""
+        version = self.version
+        if self._fragments is None or self._fragments[0] != version:
+            self._fragments = (version, {f.fragment_id: f.metadata.physical_rows
+                                         for f in self._lance().get_fragments()})
+        return self._fragments[1]
+
     def tokens_around(self, document_id: int, position: int, before: int,
                       after: int) -> tuple[list[int], int | None, int | None, list[int]]:
         """A stored pair's document tokens around it, from the stored pairs: up to ``before``
@@ -582,10 +638,12 @@ class PairsTable:
             return ds.take(picked, columns=[column])
 
     def batches(self, columns: list[str], batch_rows: int = 32768, where: str | None = None,
-                ) -> Iterator[pa.RecordBatch]:
-        """Every row of this snapshot (matching ``where``), these columns, in record batches."""
+                with_row_ids: bool = False) -> Iterator[pa.RecordBatch]:
+        """Every row of this snapshot (matching ``where``), these columns (and ``_rowid``
+        where asked), in record batches."""
         with damage_errors(self.uri):
-            for batch in self._lance().to_batches(columns=columns, batch_size=batch_rows, filter=where):
+            for batch in self._lance().to_batches(columns=columns, batch_size=batch_rows, filter=where,
+                                                  with_row_id=with_row_ids or None):
                 if batch.num_rows:
                     yield batch
 
@@ -664,12 +722,12 @@ class PairsTable:
         self.refresh()
         return {"updated": int(result.num_updated_rows), "deleted": int(result.num_deleted_rows)}
 
-    def scan_vectors(self, batch_rows: int = 32768, where: str | None = None,
+    def scan_vectors(self, batch_rows: int = 32768, where: str | None = None, with_row_ids: bool = False,
                      ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Every row's key (float32 [n, key dim], ``keys_of``) and result columns (of the
-        rows matching ``where``), streamed in batches."""
-        fields = self.result_fields()
-        for batch in self.batches([self.key_column, *fields], batch_rows, where):
+        rows matching ``where``; with ``with_row_ids``, ``_rowid`` too), streamed in batches."""
+        fields = [*self.result_fields(), *([ROW_ID] if with_row_ids else [])]
+        for batch in self.batches([self.key_column, *self.result_fields()], batch_rows, where, with_row_ids):
             yield self.keys_of(batch), {name: batch.column(name).to_numpy() for name in fields}
 
     def search(self, queries: np.ndarray, k: int, corpora: Collection[int] | None = None, *,
@@ -724,8 +782,8 @@ class PairsTable:
         keep = rank < k
         rows, cols = qi[keep], rank[keep]
         out.distances[rows, cols] = dist[order][keep]
-        for name, field in self.result_fields().items():
-            getattr(out, field)[rows, cols] = result.column(name).to_numpy()[order][keep]
+        for name, field in {**self.result_fields(), ROW_ID: "row_ids"}.items():
+            getattr(out, field)[rows, cols] = result.column(name).to_numpy().astype(np.int64)[order][keep]
         if verify_nearest and indexed and not quantised and not refine_factor and k >= 8:
             self._verify_nearest(out, queries, corpora, nprobes)
         return out
@@ -752,10 +810,11 @@ class PairsTable:
         or (a batch big enough to split) ``search_parts()`` of them at once through LanceDB's
         async API (each answered whole in Rust); all on the table's pinned version. ``extra``:
         columns returned besides the result fields and the distance."""
-        cols = [*self.result_fields(), *extra, "_distance"]
+        cols = [*self.result_fields(), *extra, "_distance", ROW_ID]
 
-        def configure(query, **filter_options):  # a sync or async LanceDB vector query
+        def configure(query, asynchronous: bool = False, **filter_options):  # a sync or async LanceDB vector query
             query = query.limit(k)
+            query = query.with_row_id() if asynchronous else query.with_row_id(True)
             if nprobes is not None:
                 query = query.nprobes(nprobes)
                 if refine_factor:
@@ -775,7 +834,7 @@ class PairsTable:
         async def all_parts() -> list[pa.Table]:
             table = await self._async_at(version)
             # async vector queries prefilter by default, like prefilter=True above
-            return await asyncio.gather(*(configure(table.query().nearest_to(list(part))).to_arrow()
+            return await asyncio.gather(*(configure(table.query().nearest_to(list(part)), True).to_arrow()
                                           for part in chunks))
 
         tables = EventLoop.get().run(all_parts())
@@ -831,7 +890,7 @@ class ExactSearch:
             return
         cache: list | None = []
         used = 0
-        for vectors, meta in self.table.scan_vectors(self.batch_rows):
+        for vectors, meta in self.table.scan_vectors(self.batch_rows, with_row_ids=True):
             if not vectors.flags.writeable:  # zero-copy from Arrow (float32 stores)
                 vectors = vectors.copy()
             x = torch.from_numpy(np.ascontiguousarray(vectors)).to(self.device or "cpu")
@@ -859,7 +918,7 @@ class ExactSearch:
         if n_queries == 0 or k <= 0:
             return out
         allowed = np.array(sorted(corpora), dtype=np.int64) if self.table.needs_filter(corpora) else None
-        fields = self.table.result_fields()
+        fields = {**self.table.result_fields(), ROW_ID: "row_ids"}
         best_d = torch.full((n_queries, k), float("inf"), device=dev)
         best_rows = {name: torch.full((n_queries, k), -1, dtype=torch.int64, device=dev) for name in fields}
         q_norm = (q_all * q_all).sum(dim=1, keepdim=True)  # [Q, 1]
