@@ -45,7 +45,7 @@ from .config import (
 from .encoder import Encoder
 from .errors import InputError
 from .store import Store
-from .following import Pointers
+from .following import Pointers, follow_text
 from .scoring import scored_windows
 from .vectors import Neighbours
 
@@ -418,15 +418,29 @@ class KNNLM:
         return Step(mixing.mixture(lm_log_probs, v, retrieve), lm_log_probs, retrieve, neighbours, v, lambdas)
 
     def text_step(self, keys: torch.Tensor, lm_logits: torch.Tensor, targets: torch.Tensor,
-                  previous: torch.Tensor | None = None) -> tuple[Step, torch.Tensor | None]:
+                  previous: torch.Tensor | None = None, pointers: Pointers | None = None,
+                  ) -> tuple[Step, torch.Tensor | None]:
         """``step`` for positions of one text in order, whose next tokens ``targets`` are
         known: where the policy skips by the previous position, every row is searched and
         then decided in order (``Policy.retrieval``; skipped rows get the LM alone), as
-        generating the text would have. Returns the step and what its last row passes on."""
+        generating the text would have. With ``pointers`` (``follower``; they carry over to
+        the next call), a position scores the pairs followed from the previous one where they
+        hold (``following.follow_text``). Returns the step and what its last row passes on."""
         self.resolve_policy()
-        if not self.skips_by_trail or not self.store.searchable or self.settings.lambda_ == 0.0:
-            return self.step(keys, lm_logits), None
-        full = self.step(keys, lm_logits, retrieve=torch.ones(len(targets), dtype=torch.bool))
+        searchable = self.store.searchable and self.settings.lambda_ > 0.0
+        in_order = self.skips_by_trail and searchable
+        if in_order:
+            retrieve = torch.ones(len(targets), dtype=torch.bool)
+        else:
+            retrieve = self.retrieval_mask(torch.log_softmax(lm_logits.float(), dim=-1)) if searchable else None
+        found = None
+        if pointers is not None and retrieve is not None and retrieve.any():
+            found, _ = follow_text(pointers, keys.numpy(), self.search(keys[retrieve]), retrieve.numpy(),
+                                   targets.numpy())
+            found = found.rows(*retrieve.nonzero().flatten().tolist())
+        if not in_order:
+            return self.step(keys, lm_logits, retrieve=retrieve, found=found), None
+        full = self.step(keys, lm_logits, retrieve=retrieve, found=found)
         rows = torch.arange(len(targets))
         retrieved, passed = mixing.in_order(self.policy, full.view, full.lm_log_probs[rows, targets],
                                             full.knn_log_probs[rows, targets], previous)
@@ -504,9 +518,9 @@ class KNNLM:
         check_number("window", window, 2, MAX_WINDOW, integer=True)
         ids = self.explain_ids(text)
         out: list[TokenExplanation] = []
-        previous = None
+        previous, pointers = None, self.follower()
         for win in scored_windows(self.encoder, ids, window=window, stride=max(1, window * 3 // 4)):
-            step, previous = self.text_step(win.keys, win.logits, win.targets, previous)
+            step, previous = self.text_step(win.keys, win.logits, win.targets, previous, pointers)
             for row, (index, token) in enumerate(zip(win.indices.tolist(), win.targets.tolist())):
                 out.append(self.explain_row(step, row, index, token, n_sources))
         return out
@@ -602,7 +616,7 @@ class KNNLM:
         s = self.settings
         if not (s.follow or (drafting and s.draft)) or s.lambda_ == 0.0 or not self.store.searchable or self.hides:
             return None
-        pointers = Pointers(self.store.table, s.k)
+        pointers = Pointers(self.store.table, s.k, project=self.store.stored_keys)
         if lookup is not None and last_token is not None:
             pointers.searched(lookup)
             pointers.advance(last_token)
@@ -795,10 +809,9 @@ class KNNLogitsProcessor(LogitsProcessor):
         retrieve = lm.retrieval_mask(torch.log_softmax(scores.float(), dim=-1), previous)
         chosen = retrieve.nonzero().flatten().tolist()
         found = Neighbours.empty(len(chosen), lm.settings.k)
-        queries = lm.store.stored_keys(keys[retrieve].numpy()) if chosen else None
         need = []
         for j, i in enumerate(chosen):
-            got = self.pointers[i].candidates(queries[j])
+            got = self.pointers[i].candidates(keys[i].numpy())
             if got is None:
                 need.append(j)
                 continue

@@ -909,8 +909,9 @@ def _print_eval(r, files) -> None:
     change = 100 * (r.knn_ppl / r.base_ppl - 1)
     out.print(f"{r.tokens:,} tokens, {r.search} search; kNN-LM perplexity {change:+.1f}% vs base; "
               f"target among the neighbours' next tokens at {100 * r.knn_coverage:.1f}% of positions; "
-              f"retrieved at {100 * r.retrieved_fraction:.1f}% of positions; "
-              f"throughput kNN-LM ÷ base = {r.speed_ratio:.2f}")
+              f"retrieved at {100 * r.retrieved_fraction:.1f}% of positions"
+              + (f" ({100 * r.followed_fraction:.1f}% of them from followed pairs)" if r.followed_fraction else "")
+              + f"; throughput kNN-LM ÷ base = {r.speed_ratio:.2f}")
     if r.sweep:
         table = Table(title="sweep")
         columns = ("lambda", "k", "T", "perplexity") + (("adaptive",) if r.adaptive else ())
@@ -1005,7 +1006,11 @@ def generate(store, prompt, max_new_tokens, sample, top_p, num_beams, seed, expl
     if explain:
         _print_explanations(g.tokens)
         _print_spans(g.spans)
-    err.print(f"retrieved at {100 * g.retrieved_fraction:.0f}% of steps")
+    cost = g.cost
+    drafted = (f"; {cost['drafted_accepted']} of {cost['drafted_proposed']} drafted tokens kept, "
+               f"{cost['tokens_per_model_call']:.2f} tokens per model call" if cost.get("drafted_proposed") else "")
+    searched = f", {cost['searches_per_token']:.2f} searches per token" if cost else ""
+    err.print(f"retrieved at {100 * g.retrieved_fraction:.0f}% of steps{searched}{drafted}")
 
 
 @cli.command()
@@ -1088,7 +1093,7 @@ def serve(store, host, port, api_key, max_batch, max_queue, **knn_opts):
 @click.option("--keep", type=Num(0.0, 1.0, integer=False, lo_open=True), default=0.9, show_default=True,
               help="Skip retrieval wherever that keeps this fraction of the best fixed λ's gain "
                    "on the text.")
-@_knn_options(sweep=False, only=("k", "lambda_", "temperature", "exact"),
+@_knn_options(sweep=False, only=("k", "lambda_", "temperature", "exact", "follow"),
               helps={"lambda_": "The fixed λ to start from and compare with [default: {default}].",
                      "temperature": "T of p_kNN [default: {default}].",
                      "exact": "Brute-force search instead of the ANN index."})
@@ -1096,7 +1101,7 @@ def serve(store, host, port, api_key, max_batch, max_queue, **knn_opts):
                                            "store's own text again at its next use).")
 @_json_option()
 @_device_options
-def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature, exact, clear, as_json):
+def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature, exact, follow, clear, as_json):
     """Fit adaptive interpolation (--adaptive) for STORE, on held-out text or on the
     store's own text, and save it.
 
@@ -1127,7 +1132,7 @@ def calibrate(store, text_path, max_tokens, kind, keep, k, lambda_, temperature,
         return
     text = _read_text_arg(text_path) if text_path is not None else None
     opts = {"k": [k] if k else None, "lambda_": [lambda_] if lambda_ is not None else None,
-            "temperature": [temperature] if temperature else None, "exact": exact}
+            "temperature": [temperature] if temperature else None, "exact": exact, "follow": follow}
     lm = _knnlm(store, opts, single=True, policy=False)
     with _progress("Calibrating" if text is not None else "Calibrating on the store's own text") as update:
         cal_id, cal = calibrate_store(lm, text, source=str(text_path) if text is not None else None, kind=kind,

@@ -277,7 +277,7 @@ def _position(lm, j: int, keys: torch.Tensor, logits: torch.Tensor, trail, point
         return lm.step(row_keys, row_logits, trail, retrieve=retrieve)
     found = None
     if follow and pointers is not None:
-        found = pointers.candidates(lm.store.stored_keys(row_keys.numpy())[0])
+        found = pointers.candidates(row_keys[0].numpy())
     if found is not None:
         out.followed += 1
         return lm.step(row_keys, row_logits, trail, retrieve=retrieve, found=found)

@@ -32,11 +32,13 @@ import torch
 from . import adaptive, knn, mixing
 from .config import SCORE_STRIDE, SCORE_WINDOW, KNNSettings, ProgressFn, check_number
 from .errors import InputError
+from .following import follow_text
 from .outputs import atomic_output, check_output_path
 from .scoring import check_windows, scored_windows
 
 if TYPE_CHECKING:
     from .encoder import Encoder
+    from .following import Pointers
     from .handle import StoreHandle
     from .vectors import Neighbours
 
@@ -64,6 +66,8 @@ class Scorer(Protocol):
     def with_settings(self, **overrides) -> "Scorer": ...
 
     def hiding(self, hidden: Callable[[Neighbours], np.ndarray], extra: int | None = None) -> "Scorer": ...
+
+    def follower(self) -> Pointers | None: ...
 
 
 @dataclass
@@ -101,6 +105,10 @@ class EvalResult:
     adaptive: str | None = None
     fixed_knn_ppl: float | None = None
     mean_lambda: float | None = None
+    # of the positions that retrieved, the share scored from pairs followed from the previous
+    # position instead of a search's (``following``): the searches a decoding saves (eval
+    # itself searches every such position in one batch, which costs less than following)
+    followed_fraction: float = 0.0
 
     @property
     def speed_ratio(self) -> float:
@@ -152,7 +160,8 @@ def evaluate(knnlm: Scorer, text: str | Sequence[int], *, lambdas: Sequence[floa
     for lambda_, k, t in grid:
         dataclasses.replace(s, lambda_=lambda_, k=k, temperature=t)  # validates each point
     k_max = max([k for _, k, _ in grid] + [s.k])
-    tally = _Tally(len(grid))
+    # following depends on k (how many neighbours survive): a sweep over k searches at every point
+    tally = _Tally(len(grid), pointers=knnlm.follower() if len({k for _, k, _ in grid}) == 1 else None)
     windows = scored_windows(knnlm.encoder, ids, window=window, stride=stride, batch_size=batch_size)
     while True:
         t0 = time.perf_counter()
@@ -198,6 +207,8 @@ class _Tally:
     t_base: float = 0.0
     t_knn: float = 0.0
     previous: torch.Tensor | None = None  # what the last position passed on (adaptive.trail)
+    pointers: Pointers | None = None  # the pairs followed (``following``), from window to window
+    n_followed: int = 0  # retrieving positions scored from followed pairs: the searches a decoding saves
     mix_nll: np.ndarray = field(init=False)  # [points]: the fixed-λ mixture at each sweep point
     ada_nll: np.ndarray = field(init=False)  # [points]: the adaptive mixture
 
@@ -221,12 +232,19 @@ def _score_window(knnlm: Scorer, win, lm_log_probs: torch.Tensor, target_lm: tor
     nt = torch.full((rows, k_max), -1, dtype=torch.long)
     w = torch.ones((rows, k_max), dtype=torch.long)
     pos = torch.full((rows, k_max), -1, dtype=torch.long)
+    followed = torch.zeros(rows, dtype=torch.bool)
     if search.any():
         found = knnlm.search(win.keys[search], k=k_max)
+        if tally.pointers is not None:  # where followed pairs hold, they replace the search's
+            found, used = follow_text(tally.pointers, win.keys.numpy(), found, search.numpy(), win.targets.numpy())
+            followed, search = torch.from_numpy(used), torch.ones(rows, dtype=torch.bool)
         d[search] = torch.from_numpy(found.distances)
         nt[search] = torch.from_numpy(found.next_tokens).long()
         w[search] = torch.from_numpy(found.weights).long()
         pos[search] = torch.from_numpy(found.positions).long()
+    elif tally.pointers is not None:
+        for token in win.targets.tolist():
+            tally.pointers.advance(token)
     neighbours = mixing.Found(d, nt, w, pos)
 
     @functools.cache
@@ -259,6 +277,7 @@ def _score_window(knnlm: Scorer, win, lm_log_probs: torch.Tensor, target_lm: tor
         sig = view_at(k, t, True).signals if policy is not None else mixing.signals(near, lm_log_probs, t)
         records.append(adaptive.Records(sig, target_lm, plain.knn, plain.has, mixing.sharp_target(near, win.targets)))
     tally.n_retrieved += int(retrieve.sum())
+    tally.n_followed += int((retrieve & followed).sum())
 
 
 def _result(knnlm: Scorer, grid: list, tally: _Tally) -> EvalResult:
@@ -282,6 +301,7 @@ def _result(knnlm: Scorer, grid: list, tally: _Tally) -> EvalResult:
         adaptive=policy.describe() if policy is not None else None,
         fixed_knn_ppl=best.knn_ppl if policy is not None else None,
         mean_lambda=tally.lambda_sum / n if policy is not None and n else None,
+        followed_fraction=tally.n_followed / tally.n_retrieved if tally.n_retrieved else 0.0,
     )
 
 

@@ -17,6 +17,8 @@ positions read nothing; the same runs are the stored continuation a draft is tak
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from .vectors import Neighbours, PairsTable
@@ -24,6 +26,7 @@ from .vectors import Neighbours, PairsTable
 AHEAD = 8  # successors read at once after each followed pair
 MAX_POINTERS = 16  # pairs followed at most: the nearest survivors
 MIN_POINTERS = 8  # fewer followed pairs than this at a position: it searches (RetoMaton's min_knns)
+# (at least 8: ``adaptive.recognised`` compares the nearest with the eighth)
 # a position follows only where its nearest followed pair is no farther than this times the
 # median distance of the last search's neighbours (the store's own scale here; farther, the
 # text has left what the followed documents say, and a search finds nearer pairs)
@@ -38,10 +41,13 @@ class Pointers:
     where the sequence is now: the candidates of the next position to score.
     """
 
-    def __init__(self, table: PairsTable, k: int, min_pointers: int | None = None) -> None:
+    def __init__(self, table: PairsTable, k: int, project: Callable[[np.ndarray], np.ndarray] | None = None,
+                 min_pointers: int | None = None) -> None:
         self.table, self.k = table, k
-        # MIN_POINTERS, or a quarter of k where k is small
-        self.min_pointers = min(MIN_POINTERS, max(1, k // 4)) if min_pointers is None else min_pointers
+        self.project = project  # model keys -> keys as the table holds them (``Store.stored_keys``)
+        # never fewer than MIN_POINTERS (k smaller than that: never): the adaptive policy reads
+        # a context stored verbatim off its nearest standing out from the eighth
+        self.min_pointers = MIN_POINTERS if min_pointers is None else min_pointers
         self.run: Neighbours | None = None
         self.keys: np.ndarray | None = None  # [n, AHEAD, key dim]
         self.col = 0
@@ -59,16 +65,19 @@ class Pointers:
             return 0
         return int((self.run.pair_ids[:, self.col] >= 0).sum())
 
-    def candidates(self, query: np.ndarray) -> Neighbours | None:
-        """The followed pairs as the neighbours [1, k] of the current position's key
-        ``query`` (as the table holds keys: projected where the store reduces them), with
-        exact squared distances, nearest first; None where fewer than ``min_pointers`` are
-        followed or the nearest is farther than ``radius`` (the position searches)."""
+    def candidates(self, key: np.ndarray) -> Neighbours | None:
+        """The followed pairs as the neighbours [1, k] of the current position's model key
+        ``key`` [dim], with exact squared distances, nearest first; None where fewer than
+        ``min_pointers`` are followed or the nearest is farther than ``radius`` (the
+        position searches)."""
         if self.count < self.min_pointers:
             return None
+        query = np.asarray(key, dtype=np.float32).reshape(1, -1)
+        if self.project is not None:
+            query = self.project(query)
         live = np.flatnonzero(self.run.pair_ids[:, self.col] >= 0)
         keys = self.keys[live, self.col]
-        d = ((keys - np.asarray(query, dtype=np.float32).reshape(1, -1)) ** 2).sum(axis=1)
+        d = ((keys - query) ** 2).sum(axis=1)
         if not d.min() <= self.radius:
             return None
         by_distance = np.argsort(d, kind="stable")
@@ -150,6 +159,32 @@ class Pointers:
         self.run, self.keys = self.table.successors(pairs, AHEAD)
         self.col = 0
         self.reads += 1
+
+
+def follow_text(pointers: Pointers, keys: np.ndarray, searched: Neighbours, retrieves: np.ndarray,
+                targets: np.ndarray) -> tuple[Neighbours, np.ndarray]:
+    """The neighbours N positions of a text (in order; the next tokens ``targets`` known)
+    score with where they follow the store: at each position that ``retrieves`` [N] bool,
+    the followed pairs where they hold, else its row of ``searched`` [M, k'] (one row per
+    such position, in order: a batch search of all of them, made before, as ``evaluate``
+    does); ``pointers`` carries over to the next call. Returns the neighbours [N, k']
+    (empty where a position does not retrieve) and which positions followed [N] bool."""
+    n, width = len(targets), searched.pair_ids.shape[1]
+    out, followed = Neighbours.empty(n, width), np.zeros(n, dtype=bool)
+    at = np.cumsum(retrieves) - 1  # each retrieving position's row of ``searched``
+    for i, token in enumerate(np.asarray(targets).tolist()):
+        if retrieves[i]:
+            got = pointers.candidates(keys[i])
+            if got is None:
+                got = searched.rows(int(at[i]))
+                pointers.searched(got)
+            else:
+                followed[i] = True
+            shown = min(width, got.pair_ids.shape[1])
+            for name in _ALL:
+                getattr(out, name)[i, :shown] = getattr(got, name)[0, :shown]
+        pointers.advance(int(token))
+    return out, followed
 
 
 _FIELDS = ("pair_ids", "next_tokens", "corpus_ids", "document_ids", "positions", "weights", "row_ids")

@@ -175,7 +175,9 @@ class KNNStoreLM(TemplateLM):
                 n, m = len(rows[row]), len(conts[row])
                 at = torch.arange(n - m, n)
                 targets = torch.tensor(conts[row])
-                step, _ = self.knnlm.text_step(found_keys[row, at], logits[row, at], targets)
+                # the continuation scored as the kNN-LM decodes it: following the store from its first token
+                step, _ = self.knnlm.text_step(found_keys[row, at], logits[row, at], targets,
+                                               pointers=self.knnlm.follower())
                 chosen = step.log_probs[torch.arange(m), targets]
                 answers[i] = (float(chosen.sum()), bool((step.log_probs.argmax(dim=-1) == targets).all()))
                 self._store(keys[i], answers[i])
@@ -194,11 +196,12 @@ class KNNStoreLM(TemplateLM):
             cached = self._cached(key)
             if cached is None:
                 ids = [self.prefix_token_id] + self.tok_encode(text)
-                total, previous = 0.0, None
+                total, previous, pointers = 0.0, None, self.knnlm.follower()
                 if len(ids) > 1:
                     for win in scored_windows(self.knnlm.encoder, ids, window=window, stride=stride,
                                               batch_size=self.batch_size):
-                        step, previous = self.knnlm.text_step(win.keys, win.logits, win.targets, previous)
+                        step, previous = self.knnlm.text_step(win.keys, win.logits, win.targets, previous,
+                                                              pointers)
                         total += float(step.log_probs[torch.arange(len(win.targets)), win.targets].sum())
                 cached = total
                 self._store(key, cached)

@@ -146,6 +146,13 @@ VERIFY_NEAREST = 10.0
 # (measured on 2 CPUs: 2.0x the queries/s of one batch, docs/performance.md).
 SEARCH_PARTS: int | None = None  # None: one per thread of Lance's CPU pool
 MIN_PART_QUERIES = 16
+# A batch smaller than this (a decoding step, a draft's verification) is searched through
+# Lance's own nearest-neighbour query on the dataset: the same index and the same neighbours
+# (distances agree with LanceDB's to ~1e-4), without importing LanceDB, which costs a
+# process ~1-4 s at its first search (issue 33). Bigger batches go through LanceDB, whose
+# async API runs their sub-batches at the same time (Lance's own query on a thread pool
+# answered 512-query batches at 0.57x its queries/s, 2026-12-07).
+DIRECT_MAX = 2 * MIN_PART_QUERIES
 
 
 def search_parts() -> int:
@@ -224,6 +231,7 @@ class PairsTable:
         self._index_type: tuple[int, str | None] | None = None
         self._corpus_ids: tuple[int, frozenset[int]] | None = None
         self._fragments: tuple[int, dict[int, int]] | None = None  # ``_fragment_rows``
+        self._reader = None  # the Lance dataset at the LanceDB table's version (``_lance``)
         self._async_table = None  # the same table through LanceDB's async API (split searches)
         self._async_version: int | None = None
 
@@ -286,8 +294,13 @@ class PairsTable:
         return table
 
     def _lance(self):
-        """The Lance dataset at this handle's version."""
-        return self._ds if self._lancedb is None else self._lancedb.to_lance()
+        """The Lance dataset at this handle's version (through an open LanceDB table: opened
+        once per version, since searches read it)."""
+        if self._lancedb is None:
+            return self._ds
+        if self._reader is None or self._reader.version != self._lancedb.version:
+            self._reader = self._lancedb.to_lance()
+        return self._reader
 
     def store_id(self) -> str | None:
         """The id of the store this table belongs to (in the table's config; None: unbound)."""
@@ -823,10 +836,20 @@ class PairsTable:
                 query = query.where(where, **filter_options)
             return query.select(cols)
 
+        if len(queries) < DIRECT_MAX:  # through Lance itself: see DIRECT_MAX
+            nearest = {"column": "vector", "q": queries if len(queries) > 1 else queries[0], "k": k}
+            if nprobes is not None:  # the index, with exactly nprobes partitions (LanceDB's nprobes)
+                nearest.update(minimum_nprobes=nprobes, maximum_nprobes=nprobes)
+                if refine_factor:
+                    nearest["refine_factor"] = refine_factor
+            else:  # no index: an exact scan
+                nearest["use_index"] = False
+            result = self._lance().to_table(columns=[c for c in cols if c != ROW_ID], nearest=nearest,
+                                            filter=where, prefilter=where is not None, with_row_id=True)
+            return result, _query_index(result)
         parts = min(search_parts(), len(queries) // MIN_PART_QUERIES)
         if parts <= 1:
-            result = configure(self._table.search(queries if len(queries) > 1 else queries[0]),
-                               prefilter=True).to_arrow()
+            result = configure(self._table.search(queries), prefilter=True).to_arrow()
             return result, _query_index(result)
         chunks = np.array_split(queries, parts)
         version = self.version

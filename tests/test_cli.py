@@ -177,6 +177,14 @@ def test_generate_and_explain_show_the_sources(runner, filled_store):
     g = json.loads(runner.invoke(cli, ["generate", str(filled_store), "To be, or", "--max-new-tokens", "3",
                                        "--sample", "--seed", "1", "--json"]).stdout)
     assert len(g["token_ids"]) == 3 and len(g["tokens"]) == 3
+    assert {"searches_per_token", "drafted_proposed", "drafted_accepted", "tokens_per_model_call"} <= g.keys()
+    greedy = [json.loads(runner.invoke(cli, ["generate", str(filled_store), "To be, or", "--max-new-tokens", "8",
+                                             "--json", *flags]).stdout)
+              for flags in ((), ("--no-draft",), ("--follow",))]
+    assert greedy[0]["token_ids"] == greedy[1]["token_ids"]  # drafts never change greedy output
+    assert greedy[1]["drafted_proposed"] == 0 and greedy[2]["followed_tokens"] >= 0
+    assert "searches per token" in runner.invoke(cli, ["generate", str(filled_store), "To be",
+                                                       "--max-new-tokens", "2"]).stderr
     assert {"corpus", "document", "title", "position", "snippet", "weight", "distance"} <= g["tokens"][0]["sources"][0].keys()
     ex = runner.invoke(cli, ["explain", str(filled_store), "First Citizen: Before we", "--json"])
     assert ex.exit_code == 0, ex.output

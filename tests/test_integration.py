@@ -111,6 +111,23 @@ def test_real_generation_continues_a_stored_article_and_cites_it(real_store, tex
     assert cited and sum(c.endswith("0.txt") for c in cited) / len(cited) > 0.8
 
 
+def test_real_drafting_gives_the_tokens_of_decoding_without_it(real_store, texts, smollm):
+    """Drafts (from the followed pairs and the context) never change greedy output, on the
+    real model: a stored article's own words, and text of another kind."""
+    from knnstore import KNNLM
+
+    store, _, _ = real_store
+    lm = KNNLM(smollm.model, smollm.tokenizer, store, adaptive=True)
+    article = (texts / "wiki" / "0.txt").read_text()
+    kept = 0
+    for prompt in (" ".join(article.split(" ")[:40]), "The recipe calls for two cups of flour and"):
+        plain = lm.with_settings(draft=False).generate(prompt, max_new_tokens=24)
+        fast = lm.generate(prompt, max_new_tokens=24)
+        assert fast.token_ids == plain.token_ids, prompt
+        kept += fast.cost["drafted_accepted"]
+    assert kept > 0
+
+
 def test_a_removed_corpus_never_comes_back_from_search(real_store):
     store, wiki, bard = real_store
     table = store.table.dataset().to_table()
