@@ -505,8 +505,8 @@ class PairsTable:
         almost always the next row. A successor that is not (another fragment, removed, past
         the document's end, a row id this snapshot does not hold) is missing (pair id -1)."""
         pair_ids, row_ids = neighbours.pair_ids.reshape(-1), neighbours.row_ids.reshape(-1)
-        n, dim = len(pair_ids), self.dim
-        out, keys = Neighbours.empty(n, ahead), np.zeros((n, ahead, dim), dtype=np.float32)
+        n = len(pair_ids)
+        out, keys = Neighbours.empty(n, ahead), np.zeros((n, ahead, self.dim), dtype=np.float32)
         steps = np.arange(1, ahead + 1, dtype=np.int64)
         wanted = np.where(((pair_ids >= 0) & (row_ids >= 0))[:, None], row_ids[:, None] + steps, -1)
         fragment, offset = wanted >> 32, wanted & 0xFFFFFFFF
@@ -530,7 +530,9 @@ class PairsTable:
                 out.row_ids[found] = wanted[found]
             else:
                 getattr(out, field)[found] = rows.column(name).to_numpy().astype(np.int64)[source]
-        keys[found] = self.keys_of(rows)[source]
+        decoded = self.keys_of(rows)  # a quantised table's keys are wider than its routing key
+        keys = np.zeros((n, ahead, decoded.shape[1]), dtype=np.float32)
+        keys[found] = decoded[source]
         return out, keys
 
     def _fragment_rows(self) -> dict[int, int]:

@@ -122,3 +122,20 @@ def test_context_draft_and_draft_length():
     for _ in range(40):
         rate.drafted(8, 8)
     assert rate.length(100) == 8 and rate.length(3) == 3
+
+
+def test_a_quantised_store_is_followed_by_its_decoded_keys(tmp_path, tiny_encoder, small_settings):
+    from .conftest import write_docs
+
+    s = Store.create(tmp_path / "q", model=tiny_encoder.name, encoder=tiny_encoder, key_dim=16, key_bits=4,
+                     route_dim=8)
+    s.add_corpus("a", [write_docs(tmp_path / "a", 5, repeat=5)], settings=small_settings)
+    lm = KNNLM(tiny_encoder.model, tiny_encoder.tokenizer, s, k=16, lambda_=0.7, temperature=1.0)
+    prompt = "Document 3: the lobsters are"
+    plain = lm.with_settings(follow=True, draft=False).generate(prompt, max_new_tokens=16)
+    fast = lm.with_settings(follow=True, draft=True).generate(prompt, max_new_tokens=16)
+    assert fast.token_ids == plain.token_ids
+    found = s.search(tiny_encoder.forward(torch.tensor([tiny_encoder.tokenize(prompt)]))[0][0, -1:].numpy(), k=4)
+    run, keys = s.table.successors(found.rows(0), 3)
+    assert keys.shape == (4, 3, 16)  # the decoded keys (16), not the routing key (8)
+    s.close()
