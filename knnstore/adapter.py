@@ -45,7 +45,7 @@ from .config import (
 from .encoder import Encoder
 from .errors import InputError
 from .store import Store
-from .following import Pointers, follow_text
+from .following import DRAFT_POINTERS, MAX_POINTERS, Pointers, follow_text
 from .scoring import scored_windows
 from .vectors import Neighbours
 
@@ -616,7 +616,8 @@ class KNNLM:
         s = self.settings
         if not (s.follow or (drafting and s.draft)) or s.lambda_ == 0.0 or not self.store.searchable or self.hides:
             return None
-        pointers = Pointers(self.store.table, s.k, project=self.store.stored_keys)
+        pointers = Pointers(self.store.table, s.k, project=self.store.stored_keys,
+                            max_pointers=MAX_POINTERS if s.follow else DRAFT_POINTERS)
         if lookup is not None and last_token is not None:
             pointers.searched(lookup)
             pointers.advance(last_token)

@@ -25,6 +25,7 @@ from .vectors import Neighbours, PairsTable
 
 AHEAD = 8  # successors read at once after each followed pair
 MAX_POINTERS = 16  # pairs followed at most: the nearest survivors
+DRAFT_POINTERS = 4  # where pairs are followed only for drafts (a draft takes the nearest's continuation)
 MIN_POINTERS = 8  # fewer followed pairs than this at a position: it searches (RetoMaton's min_knns)
 # (at least 8: ``adaptive.recognised`` compares the nearest with the eighth)
 # a position follows only where its nearest followed pair is no farther than this times the
@@ -42,8 +43,8 @@ class Pointers:
     """
 
     def __init__(self, table: PairsTable, k: int, project: Callable[[np.ndarray], np.ndarray] | None = None,
-                 min_pointers: int | None = None) -> None:
-        self.table, self.k = table, k
+                 min_pointers: int | None = None, max_pointers: int = MAX_POINTERS) -> None:
+        self.table, self.k, self.max_pointers = table, k, max_pointers
         self.project = project  # model keys -> keys as the table holds them (``Store.stored_keys``)
         # never fewer than MIN_POINTERS (k smaller than that: never): the adaptive policy reads
         # a context stored verbatim off its nearest standing out from the eighth
@@ -107,7 +108,7 @@ class Pointers:
             return
         row = searched.pair_ids[0]
         keep = np.flatnonzero((searched.next_tokens[0] == token) & (row >= 0) & (searched.row_ids[0] >= 0))
-        keep = keep[:MAX_POINTERS]
+        keep = keep[:self.max_pointers]
         self._read(_transposed(_part(searched, slice(0, 1), keep)))
 
     def draft(self, n: int) -> list[int]:
