@@ -65,8 +65,9 @@ def main() -> None:
         kinds = [(name, prompts_of(lm, Path(path).read_text(encoding="utf-8"), args.prompts))
                  for name, path in (("(a) stored", args.stored), ("(b) held-out", args.text),
                                     ("(c) other", args.other))]
+        where = lambda path: f"{Path(path).parent.name}/{Path(path).name}"  # noqa: E731
         print(f"store {args.store}: {lm.store.stats().pairs:,} pairs; {args.prompts} prompts of 32 tokens each from "
-              f"{Path(args.stored).name} (a), {Path(args.text).name} (b), {Path(args.other).name} (c)")
+              f"{where(args.stored)} (a), {where(args.text)} (b), {where(args.other)} (c)")
         faster(lm, kinds, args.new_tokens, args.rounds)
         return
     lm = KNNLM.from_store(args.store, adaptive=False)  # each setting below says what it adds
