@@ -1061,7 +1061,7 @@ def serve(store, host, port, api_key, max_batch, max_queue, **knn_opts):
 
     \b
     Endpoints: POST /v1/completions, POST /v1/chat/completions (stream, n, seed, stop;
-    kNN fields lambda, k, knn_temperature, adaptive, read, explain), GET /v1/models, GET /health,
+    kNN fields lambda, k, knn_temperature, adaptive, read, follow, explain), GET /v1/models, GET /health,
     read-only GET /v1/store, /v1/store/corpora, /v1/store/documents, POST /v1/store/sql.
     The kNN options below are the defaults of requests that do not set them.
 
