@@ -194,7 +194,7 @@ class _Model:
 @torch.inference_mode()
 def decode(lm, ids: Sequence[int], max_new_tokens: int, eos: Sequence[int], *, choose: Choose = greedy,
            prompt_key: torch.Tensor | None = None, record: bool = False,
-           on_token: Callable[[int], None] | None = None, pointers: Pointers | None = None) -> Decoded:
+           pointers: Pointers | None = None) -> Decoded:
     """Continue ``ids`` (the whole context: passages read, then the prompt) by up to
     ``max_new_tokens`` tokens with the kNN-LM ``lm``, stopping after a token of ``eos``.
     ``prompt_key`` [dim]: the key the first position searches with (the prompt's own, where
@@ -235,8 +235,6 @@ def decode(lm, ids: Sequence[int], max_new_tokens: int, eos: Sequence[int], *, c
                          if lm.skips_by_trail and step.signals is not None else None)
                 if pointers is not None:
                     pointers.advance(token)
-                if on_token is not None:
-                    on_token(token)
                 if token in eos or len(out.token_ids) >= max_new_tokens or proposal is None or token != proposal:
                     break
                 out.accepted += 1
