@@ -407,9 +407,7 @@ class KNNLM:
         neighbours = Neighbours.empty(n, s.k)
         rows = retrieve.nonzero().flatten().numpy()
         if len(rows):
-            found = self.search(keys[retrieve]) if found is None else found
-            for f in dataclasses.fields(Neighbours):
-                getattr(neighbours, f.name)[rows] = getattr(found, f.name)
+            neighbours.put(rows, self.search(keys[retrieve]) if found is None else found)
         v = mixing.view(mixing.Found.of(neighbours), lm_log_probs, lambda_=s.lambda_, temperature=s.temperature,
                         policy=policy)
         lambdas: float | torch.Tensor = v.lambdas
@@ -722,7 +720,6 @@ class KNNLogitsProcessor(LogitsProcessor):
         self._stack: contextlib.ExitStack | None = None
         self._captured: list[torch.Tensor] | None = None
         self._retrieved = self._total = 0
-        self.followed = self.searched = 0  # rows scored from followed pairs / from a search
         self._ids: torch.Tensor | None = None  # the previous step's sequences (each row's parent)
         # each row's followed pairs (``following.Pointers``; None: not following)
         self.pointers: list | None = pointers if knnlm.settings.follow else None
@@ -815,17 +812,13 @@ class KNNLogitsProcessor(LogitsProcessor):
             got = self.pointers[i].candidates(keys[i].numpy())
             if got is None:
                 need.append(j)
-                continue
-            for f in dataclasses.fields(Neighbours):
-                getattr(found, f.name)[j] = getattr(got, f.name)[0]
+            else:
+                found.put([j], got)
         if need:
             searched = lm.search(keys[retrieve][need])
+            found.put(need, searched)
             for t, j in enumerate(need):
-                for f in dataclasses.fields(Neighbours):
-                    getattr(found, f.name)[j] = getattr(searched, f.name)[t]
                 self.pointers[chosen[j]].searched(searched.rows(t))
-        self.searched += len(need)
-        self.followed += len(chosen) - len(need)
         for p in self.pointers:
             p.waiting = True
         return retrieve, found

@@ -53,7 +53,6 @@ class Pointers:
         self.keys: np.ndarray | None = None  # [n, AHEAD, key dim]
         self.col = 0
         self.radius = np.inf  # FAR x the median neighbour distance of the last search
-        self.reads = 0  # successor reads from the table
         self.pending: Neighbours | None = None  # the current position's searched neighbours (``searched``)
         # a position was scored and the token that came after it is not known yet: a
         # decoding that learns it one call later (``KNNLogitsProcessor``) advances first
@@ -146,7 +145,6 @@ class Pointers:
         """Runs that start at the current column and go ``AHEAD`` pairs past it."""
         here = _part(self.run, slice(None), slice(self.col, self.col + 1))
         run, keys = self.table.successors(here, AHEAD)
-        self.reads += 1
         for name in _ALL:
             setattr(run, name, np.concatenate([getattr(here, name), getattr(run, name)], axis=1))
         self.run, self.keys = run, np.concatenate([self.keys[:, self.col:self.col + 1], keys], axis=1)
@@ -159,7 +157,6 @@ class Pointers:
             return
         self.run, self.keys = self.table.successors(pairs, AHEAD)
         self.col = 0
-        self.reads += 1
 
 
 def follow_text(pointers: Pointers, keys: np.ndarray, searched: Neighbours, retrieves: np.ndarray,

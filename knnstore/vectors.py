@@ -192,6 +192,11 @@ class Neighbours:
         picked = list(rows)
         return Neighbours(**{f.name: getattr(self, f.name)[picked] for f in dataclasses.fields(Neighbours)})
 
+    def put(self, rows, other: "Neighbours") -> None:
+        """Set ``rows`` (indices, or a mask) of every field to ``other``'s rows, in order (in place)."""
+        for f in dataclasses.fields(Neighbours):
+            getattr(self, f.name)[rows] = getattr(other, f.name)
+
     def without(self, dropped: np.ndarray, k: int) -> "Neighbours":
         """The first ``k`` neighbours of each row that ``dropped`` [Q, k'] does not mark,
         still nearest first (slots past what is left are empty)."""
@@ -812,8 +817,7 @@ class PairsTable:
         if len(rows) == 0:
             return
         exact = self.search(queries[rows], out.distances.shape[1], corpora, nprobes=nprobes, refine_factor=1)
-        for f in dataclasses.fields(Neighbours):
-            getattr(out, f.name)[rows] = getattr(exact, f.name)
+        out.put(rows, exact)
 
     def _code_distances(self, result: pa.Table, queries: np.ndarray, qi: np.ndarray) -> np.ndarray:
         """Squared L2 from each candidate's decoded codes to its query (float32)."""
